@@ -1,0 +1,1 @@
+//! REST API (see issue 5).

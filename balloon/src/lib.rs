@@ -1,0 +1,1 @@
+//! virtio-balloon and virtio-mem devices (see issues 3 and 4).

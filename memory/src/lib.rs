@@ -1,0 +1,1 @@
+//! Host-side guest-memory manager (see issue 2).

@@ -1,0 +1,130 @@
+//! The contract between a virtio device and the VMM's virtio-mmio transport.
+//!
+//! `vmm` owns the transport (registers, queue setup, interrupts, ioeventfds); the device crates
+//! (`balloon`) own the device logic. Both depend on this crate and on nothing of each other, which
+//! keeps the direction of design.md section 2: `vmm -> {balloon, memory}`, `balloon -> memory`.
+//!
+//! Life of a device, as the transport drives it (virtio 1.2 section 3.1):
+//! 1. The driver reads [`VirtioDevice::avail_features`] and writes the features it accepts; at
+//!    FEATURES_OK the transport calls [`VirtioDevice::ack_features`].
+//! 2. The driver sets up queues. Only queues the driver marked ready are handed over.
+//! 3. At DRIVER_OK the transport calls [`VirtioDevice::activate`] with guest memory, the ready queues
+//!    and their notification eventfds, and the [`Interrupt`] to signal the guest with.
+//! 4. A write of 0 to the status register resets: [`VirtioDevice::reset`].
+//!
+//! Devices run their queue processing on the VMM's event loop (event-manager). Activation happens
+//! on a vCPU thread, so a device typically records the activation and wakes its own event-loop
+//! subscriber with [`ActivationEvent`] to register the queue eventfds from there.
+
+pub mod mmio;
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use virtio_queue::{Queue, QueueT};
+
+/// Guest memory as the devices see it: every RAM region of the guest, hot-add regions included.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Feature bit shared by all modern devices (virtio 1.2 section 6).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Device status bits (virtio 1.2 section 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Device IDs (virtio 1.2 section 5).
+pub mod device_type {
+    pub const BALLOON: u32 = 5;
+    pub const MEM: u32 = 24;
+}
+
+/// How a device tells the guest that something happened.
+pub trait Interrupt: Send + Sync {
+    /// Buffers were returned on a used ring.
+    fn notify_used(&self);
+    /// The device configuration space changed.
+    fn notify_config(&self);
+}
+
+/// One queue the driver made ready, handed to the device at activation.
+pub struct ActiveQueue {
+    /// Queue index as the driver numbered it (QueueSel).
+    pub index: usize,
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue (by KVM ioeventfd, or the transport itself).
+    pub notify: EventFd,
+}
+
+/// Everything a device needs to start serving its queues.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<ActiveQueue>,
+    pub interrupt: Arc<dyn Interrupt>,
+    /// Features the driver accepted (already intersected with the device's offer).
+    pub acked_features: u64,
+}
+
+/// Why a device refused to start; the transport sets DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {index} is required but the driver did not make it ready")]
+    MissingQueue { index: usize },
+    #[error("queue {index} is not valid in guest memory")]
+    InvalidQueue { index: usize },
+    #[error("device could not start: {0}")]
+    Other(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Device ID (virtio 1.2 section 5), e.g. [`device_type::BALLOON`].
+    fn device_type(&self) -> u32;
+    /// Maximum size of every queue the device can have, in queue-index order for the largest
+    /// feature set it offers. The driver may make fewer ready.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers, VERSION_1 included.
+    fn avail_features(&self) -> u64;
+    /// The driver accepted `features` (a subset of the offer) and set FEATURES_OK.
+    fn ack_features(&mut self, features: u64);
+    /// Read from the device configuration space. Out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write to the device configuration space. Writes to read-only fields are the device's to
+    /// count and refuse.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver reset the device: drop queues, return to the pre-negotiation state.
+    fn reset(&mut self);
+}
+
+/// An eventfd a device registers with the event loop at start-up, so that an activation that
+/// happened on a vCPU thread can be finished on the event-loop thread (where queue eventfds can be
+/// added to the epoll set).
+pub struct ActivationEvent(EventFd);
+
+impl ActivationEvent {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+    }
+    /// Wake the event loop (called from `activate`).
+    pub fn trigger(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::error!("cannot signal device activation: {e}");
+        }
+    }
+    /// Consume the wake-up (called from the subscriber's `process`).
+    pub fn consume(&self) {
+        let _ = self.0.read();
+    }
+    pub fn fd(&self) -> &EventFd {
+        &self.0
+    }
+}
