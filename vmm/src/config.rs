@@ -1,0 +1,208 @@
+//! What the user asks for: command-line flags and an equivalent JSON file, merged and validated
+//! into one [`VmConfig`]. Every error names the flag or field and what is allowed.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Default kernel command line: console on COM1, reset through the keyboard controller, reboot
+/// (and so exit) at once on panic, no PCI bus to probe.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// Largest boot RAM we lay out (1 TiB); the host may well refuse less.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// MADT APIC IDs are 8-bit and 0xff is broadcast.
+pub const MAX_VCPUS: u8 = 254;
+
+/// Command line of the `vmm` binary.
+#[derive(Parser, Debug, Default)]
+#[command(name = "vmm", version, about = "A KVM virtual machine monitor", long_about = None)]
+pub struct Cli {
+    /// JSON file with the same fields as the flags (kernel, initramfs, cmdline, vcpus,
+    /// memory_mib, serial); flags given as well override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Guest kernel: an x86-64 bzImage or ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (cpio, optionally compressed) for the guest.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (1..=254, and no more than KVM allows).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u8>,
+    /// Boot RAM in MiB.
+    #[arg(long = "memory-mib", value_name = "N")]
+    pub memory_mib: Option<u64>,
+    /// Where the guest's serial console goes: `stdout` or a file path.
+    #[arg(long, value_name = "stdout|PATH")]
+    pub serial: Option<String>,
+}
+
+/// The JSON config file. Unknown fields are an error, so a typo is not silently ignored.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub vcpus: Option<u8>,
+    pub memory_mib: Option<u64>,
+    pub serial: Option<String>,
+}
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOut {
+    Stdout,
+    File(PathBuf),
+}
+
+/// A validated VM description.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub serial: SerialOut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    FileUnreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {detail}")]
+    FileInvalid { path: String, detail: String },
+    #[error("no kernel given: pass --kernel PATH (or \"kernel\" in --config), or build the default guest with `{build}`")]
+    NoKernel { build: String },
+    #[error("vcpus is {0}; it must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u8),
+    #[error("memory_mib is {0}; it must be between 1 and {MAX_MEMORY_MIB}")]
+    Memory(u64),
+    #[error("serial is empty; use `stdout` or a file path")]
+    Serial,
+}
+
+impl VmConfig {
+    /// Merge the config file (if any) with the flags, flags winning, and validate.
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let kernel = match cli.kernel.or(file.kernel) {
+            Some(k) => k,
+            None => default_guest_file("bzImage").ok_or_else(|| ConfigError::NoKernel {
+                build: "resources/build-guest.sh".into(),
+            })?,
+        };
+        let initramfs = cli.initramfs.or(file.initramfs).or_else(|| {
+            // The default guest comes with its initramfs.
+            let d = default_guest_file("bzImage")?;
+            (d == kernel).then(|| default_guest_file("initramfs.cpio.gz"))?
+        });
+        let vcpus = cli.vcpus.or(file.vcpus).unwrap_or(1);
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(vcpus));
+        }
+        let memory_mib = cli
+            .memory_mib
+            .or(file.memory_mib)
+            .unwrap_or(DEFAULT_MEMORY_MIB);
+        if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::Memory(memory_mib));
+        }
+        let serial = match cli.serial.or(file.serial).as_deref() {
+            None | Some("stdout") => SerialOut::Stdout,
+            Some("") => return Err(ConfigError::Serial),
+            Some(p) => SerialOut::File(PathBuf::from(p)),
+        };
+        Ok(Self {
+            kernel,
+            initramfs,
+            cmdline: cli
+                .cmdline
+                .or(file.cmdline)
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            vcpus,
+            memory_mib,
+            serial,
+        })
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
+        path: path.display().to_string(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ConfigError::FileInvalid {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// A file of the default guest image built by `resources/build-guest.sh`, if it exists.
+/// Looked up beside the binary's source tree and in `$VMM_GUEST_DIR`.
+pub fn default_guest_file(name: &str) -> Option<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Ok(d) = std::env::var("VMM_GUEST_DIR") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest"));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.exists())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["vmm"];
+        v.extend_from_slice(args);
+        Cli::parse_from(v)
+    }
+
+    #[test]
+    fn flags_are_validated_with_the_allowed_range() {
+        let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--vcpus", "0"])).unwrap_err();
+        assert_eq!(e.to_string(), "vcpus is 0; it must be between 1 and 254");
+        let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--memory-mib", "0"])).unwrap_err();
+        assert!(e.to_string().contains("memory_mib is 0"));
+        let c = VmConfig::from_cli(cli(&["--kernel", "/k", "--serial", "/tmp/s"])).unwrap();
+        assert_eq!(c.serial, SerialOut::File("/tmp/s".into()));
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("vmm-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.json");
+        std::fs::write(&f, r#"{"kernel": "/k", "memory_mb": 5}"#).unwrap();
+        let e = VmConfig::from_cli(cli(&["--config", f.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("memory_mb"), "{e}");
+        std::fs::write(&f, r#"{"kernel": "/k", "vcpus": "two"}"#).unwrap();
+        let e = VmConfig::from_cli(cli(&["--config", f.to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        std::fs::write(&f, r#"{"kernel": "/k", "vcpus": 2, "memory_mib": 512}"#).unwrap();
+        let c =
+            VmConfig::from_cli(cli(&["--config", f.to_str().unwrap(), "--vcpus", "3"])).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (3, 512), "flags override the file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

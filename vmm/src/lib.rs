@@ -1,0 +1,15 @@
+//! The VMM: a KVM machine that boots Linux, with virtio-mmio devices for memory resizing.
+//!
+//! `main.rs` parses the command line; [`vm::Vm`] narrates the boot sequence. The guest physical
+//! map is in [`layout`].
+
+pub mod acpi;
+pub mod arch;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod event_loop;
+pub mod layout;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,344 @@
+//! Building and running one virtual machine, step by step:
+//! 1. open KVM, create the VM with its in-kernel IOAPIC/PIC/LAPIC and PIT;
+//! 2. create guest RAM and register it as KVM memory slots;
+//! 3. put the platform devices (serial, power, keyboard controller) on the port I/O bus and the
+//!    virtio-mmio devices on the MMIO bus, with irqfds and ioeventfds;
+//! 4. write the ACPI tables, then the kernel, initramfs, command line and boot information;
+//! 5. create and configure the vCPUs and start their threads;
+//! 6. run the event loop until the guest powers off, resets, fails, or a signal arrives.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use log::info;
+use virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use virtio::VirtioDevice;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{self, MmioDeviceInfo};
+use crate::boot;
+use crate::bus::{Bus, BusDevice};
+use crate::config::{SerialOut, VmConfig};
+use crate::devices::power::{AcpiPower, ExitHandle, ExitReason, I8042};
+use crate::devices::serial::SerialConsole;
+use crate::event_loop::Control;
+use crate::layout::{
+    self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
+};
+use crate::vcpu::{self, VcpuContext};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have access to it?)")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{asked} vCPUs asked, but this host's KVM allows at most {max}")]
+    TooManyVcpus { asked: u8, max: usize },
+    #[error("cannot allocate {mib} MiB of guest memory: {detail} (the host cannot map that much)")]
+    Memory { mib: u64, detail: String },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Regs(#[from] crate::arch::regs::RegsError),
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("no free virtio-mmio slot: at most {0} devices")]
+    TooManyDevices(usize),
+    #[error("device set-up failed: {0}")]
+    Device(String),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("system error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A VM being built: everything before the vCPUs start.
+pub struct Vm {
+    config: VmConfig,
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    mmio: Bus,
+    virtio: Vec<MmioDeviceInfo>,
+    serial: Arc<Mutex<SerialConsole>>,
+    exit: Arc<ExitHandle>,
+    event_manager: EventManager<Subscriber>,
+}
+
+impl Vm {
+    /// Steps 1 to 3 for the platform devices. Virtio devices are added with
+    /// [`Vm::add_virtio_device`] before [`Vm::run`].
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        let max = kvm.get_max_vcpus();
+        if config.vcpus as usize > max {
+            return Err(VmError::TooManyVcpus {
+                asked: config.vcpus,
+                max,
+            });
+        }
+        let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("set the identity map address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("create the in-kernel interrupt controllers"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+
+        let mem = create_guest_memory(config.memory_mib)?;
+        register_memory(&vm_fd, &mem)?;
+
+        let exit = ExitHandle::new()?;
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK)?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("register the serial irqfd"))?;
+        let out: Box<dyn Write + Send> = match &config.serial {
+            SerialOut::Stdout => Box::new(std::io::stdout()),
+            SerialOut::File(p) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| VmError::SerialFile {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
+            ),
+        };
+        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
+        insert(&mut pio, serial.clone(), COM1_PORT as u64, 8)?;
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_PORT as u64,
+            5,
+        )?;
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(AcpiPower::new(exit.clone()))),
+            ACPI_SLEEP_PORT as u64,
+            2,
+        )?;
+
+        let event_manager =
+            EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        Ok(Self {
+            config,
+            kvm,
+            vm_fd: Arc::new(vm_fd),
+            mem,
+            pio,
+            mmio: Bus::new(),
+            virtio: Vec::new(),
+            serial,
+            exit,
+            event_manager,
+        })
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Put a virtio device behind a virtio-mmio window: bus, ioeventfds on QueueNotify, irqfd.
+    /// `subscriber` is the same device as an event-loop subscriber.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        subscriber: Subscriber,
+    ) -> Result<(), VmError> {
+        let index = self.virtio.len();
+        let gsi = *layout::VIRTIO_IRQS
+            .get(index)
+            .ok_or(VmError::TooManyDevices(layout::VIRTIO_IRQS.len()))?;
+        let addr = layout::virtio_mmio_addr(index);
+        let transport = MmioTransport::new(device, self.mem.clone())?;
+        for (q, fd) in transport.queue_notify_fds().iter().enumerate() {
+            self.vm_fd
+                .register_ioevent(
+                    fd.as_ref(),
+                    &IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_err("register a queue ioeventfd"))?;
+        }
+        self.vm_fd
+            .register_irqfd(transport.interrupt().fd(), gsi)
+            .map_err(kvm_err("register a virtio irqfd"))?;
+        insert(
+            &mut self.mmio,
+            Arc::new(Mutex::new(TransportOnBus(transport))),
+            addr,
+            MMIO_WINDOW_SIZE,
+        )?;
+        self.event_manager.add_subscriber(subscriber);
+        self.virtio.push(MmioDeviceInfo {
+            addr,
+            len: MMIO_WINDOW_SIZE,
+            gsi,
+        });
+        Ok(())
+    }
+
+    /// Add an event-loop subscriber that is not a virtio device (e.g. the API bridge).
+    pub fn add_subscriber(&mut self, s: Subscriber) {
+        self.event_manager.add_subscriber(s);
+    }
+
+    /// Steps 4 to 6. Returns why the VM stopped.
+    pub fn run(mut self) -> Result<ExitReason, VmError> {
+        let tables = acpi::build(self.config.vcpus, &self.virtio)?;
+        tables.write(&self.mem)?;
+        let boot = boot::load(
+            &self.mem,
+            self.config.memory_bytes(),
+            &self.config.kernel,
+            self.config.initramfs.as_deref(),
+            &self.config.cmdline,
+            tables.rsdp_addr,
+        )?;
+
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report supported CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..self.config.vcpus {
+            let fd = self
+                .vm_fd
+                .create_vcpu(id as u64)
+                .map_err(kvm_err("create a vCPU"))?;
+            vcpu::configure(
+                &fd,
+                id,
+                self.config.vcpus,
+                &supported,
+                &self.mem,
+                boot.entry,
+            )?;
+            vcpus.push(fd);
+        }
+
+        let control = Arc::new(Mutex::new(Control::new(
+            self.exit.clone(),
+            self.serial.clone(),
+        )?));
+        self.event_manager.add_subscriber(control.clone());
+
+        let ctx = Arc::new(VcpuContext {
+            pio: Arc::new(std::mem::take(&mut self.pio)),
+            mmio: Arc::new(std::mem::take(&mut self.mmio)),
+            exit: self.exit.clone(),
+        });
+        info!(
+            "starting {} vCPU(s) with {} MiB, entry {:?}",
+            self.config.vcpus, self.config.memory_mib, boot.entry
+        );
+        for (id, fd) in vcpus.into_iter().enumerate() {
+            vcpu::spawn(id as u8, fd, ctx.clone())?;
+        }
+
+        loop {
+            self.event_manager
+                .run()
+                .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+            if let Some(reason) = self.exit.reason() {
+                self.serial
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .flush();
+                return Ok(reason);
+            }
+        }
+    }
+}
+
+fn insert(
+    bus: &mut Bus,
+    dev: Arc<Mutex<dyn BusDevice>>,
+    base: u64,
+    len: u64,
+) -> Result<(), VmError> {
+    bus.insert(dev, base, len)
+        .map_err(|e| VmError::Device(e.to_string()))
+}
+
+/// The transport as a bus device.
+struct TransportOnBus(MmioTransport);
+
+impl BusDevice for TransportOnBus {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data)
+    }
+}
+
+/// Boot RAM, private anonymous memory, split around the MMIO hole.
+fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mib << 20)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+        mib,
+        detail: e.to_string(),
+    })
+}
+
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory {
+                mib: region.len() >> 20,
+                detail: e.to_string(),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps (through the
+        // `Vm` and every device's clone) for as long as the VM file descriptor exists; its host
+        // address and length come from that mapping.
+        unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(())
+}
