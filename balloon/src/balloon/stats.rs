@@ -1,0 +1,142 @@
+//! Memory statistics (virtio 1.2 section 5.5.6.3): the driver keeps one buffer of packed
+//! `{le16 tag; le64 val}` entries on statsq; the device returns it to ask for fresh values.
+
+use std::time::{Duration, Instant};
+
+/// Bytes per statistics entry on the wire.
+pub const ENTRY_SIZE: usize = 10;
+/// Entries read from one buffer at most (16 tags are defined; a driver repeating tags gets some
+/// slack, anything longer is truncated and counted).
+pub const MAX_ENTRIES: usize = 64;
+
+/// Statistics tags: 0..=9 from the spec, 10..=15 added by Linux 6.12.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum StatTag {
+    SwapIn = 0,
+    SwapOut = 1,
+    MajorFaults = 2,
+    MinorFaults = 3,
+    FreeMemory = 4,
+    TotalMemory = 5,
+    AvailableMemory = 6,
+    DiskCaches = 7,
+    HugetlbAllocations = 8,
+    HugetlbFailures = 9,
+    OomKills = 10,
+    AllocStalls = 11,
+    AsyncScans = 12,
+    DirectScans = 13,
+    AsyncReclaims = 14,
+    DirectReclaims = 15,
+}
+
+impl StatTag {
+    pub const ALL: [StatTag; 16] = [
+        StatTag::SwapIn,
+        StatTag::SwapOut,
+        StatTag::MajorFaults,
+        StatTag::MinorFaults,
+        StatTag::FreeMemory,
+        StatTag::TotalMemory,
+        StatTag::AvailableMemory,
+        StatTag::DiskCaches,
+        StatTag::HugetlbAllocations,
+        StatTag::HugetlbFailures,
+        StatTag::OomKills,
+        StatTag::AllocStalls,
+        StatTag::AsyncScans,
+        StatTag::DirectScans,
+        StatTag::AsyncReclaims,
+        StatTag::DirectReclaims,
+    ];
+
+    pub fn from_wire(tag: u16) -> Option<StatTag> {
+        StatTag::ALL.get(usize::from(tag)).copied()
+    }
+
+    /// Name as Firecracker's and Cloud Hypervisor's APIs spell it, for the REST layer.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            StatTag::SwapIn => "swap_in",
+            StatTag::SwapOut => "swap_out",
+            StatTag::MajorFaults => "major_faults",
+            StatTag::MinorFaults => "minor_faults",
+            StatTag::FreeMemory => "free_memory",
+            StatTag::TotalMemory => "total_memory",
+            StatTag::AvailableMemory => "available_memory",
+            StatTag::DiskCaches => "disk_caches",
+            StatTag::HugetlbAllocations => "hugetlb_allocations",
+            StatTag::HugetlbFailures => "hugetlb_failures",
+            StatTag::OomKills => "oom_kills",
+            StatTag::AllocStalls => "alloc_stalls",
+            StatTag::AsyncScans => "async_scans",
+            StatTag::DirectScans => "direct_scans",
+            StatTag::AsyncReclaims => "async_reclaims",
+            StatTag::DirectReclaims => "direct_reclaims",
+        }
+    }
+}
+
+/// The latest statistics the guest reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalloonStats {
+    /// Value per tag, indexed by the tag number; `None` if the guest did not report it.
+    pub values: [Option<u64>; 16],
+    /// When the device received them.
+    pub received_at: Instant,
+    /// Entries with tags the device does not know (ignored).
+    pub unknown_tags: u32,
+}
+
+impl BalloonStats {
+    pub fn get(&self, tag: StatTag) -> Option<u64> {
+        self.values[tag as usize]
+    }
+
+    /// How old the values are.
+    pub fn age(&self) -> Duration {
+        self.received_at.elapsed()
+    }
+
+    /// Parses packed entries; a trailing partial entry is ignored (the caller counts it). The last
+    /// value of a repeated tag wins.
+    pub fn parse(bytes: &[u8], received_at: Instant) -> Self {
+        let mut values = [None; 16];
+        let mut unknown_tags = 0;
+        for entry in bytes.chunks_exact(ENTRY_SIZE) {
+            let tag = u16::from_le_bytes([entry[0], entry[1]]);
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&entry[2..10]);
+            match StatTag::from_wire(tag) {
+                Some(t) => values[t as usize] = Some(u64::from_le_bytes(v)),
+                None => unknown_tags += 1,
+            }
+        }
+        BalloonStats {
+            values,
+            received_at,
+            unknown_tags,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_and_ignores_unknown() {
+        let mut b = Vec::new();
+        for (tag, val) in [(4u16, 100u64), (99, 5), (15, 7), (4, 200)] {
+            b.extend_from_slice(&tag.to_le_bytes());
+            b.extend_from_slice(&val.to_le_bytes());
+        }
+        b.extend_from_slice(&[1, 2, 3]);
+        let s = BalloonStats::parse(&b, Instant::now());
+        assert_eq!(s.get(StatTag::FreeMemory), Some(200));
+        assert_eq!(s.get(StatTag::DirectReclaims), Some(7));
+        assert_eq!(s.get(StatTag::SwapIn), None);
+        assert_eq!(s.unknown_tags, 1);
+    }
+}

@@ -1,0 +1,226 @@
+//! virtio-mem (virtio 1.2 section 5.15), device side.
+//!
+//! - `mod.rs` (this file): spec constants, wire layout, configuration, errors, counters.
+//! - [`device`]: block states, request rules, config space, control API.
+//! - [`event_handler`]: the glue to the VMM's event loop.
+//!
+//! Conventions: a "block" is `block_size` bytes of the device region, aligned to `block_size`
+//! from guest physical address 0; a "memory block" is Linux's hot-(un)plug unit, 128 MiB on
+//! x86-64 below 64 GiB of RAM. The usable region always starts at `addr`.
+
+pub mod device;
+pub mod event_handler;
+
+pub use device::VirtioMem;
+
+/// Feature bits (virtio 1.2 section 5.15.3).
+pub mod features {
+    /// node_id is an ACPI PXM (not offered: the VMM builds no SRAT).
+    pub const ACPI_PXM: u32 = 0;
+    /// The driver does not read unplugged memory, so the host may protect it.
+    pub const UNPLUGGED_INACCESSIBLE: u32 = 1;
+    pub const VERSION_1: u32 = virtio::VIRTIO_F_VERSION_1;
+}
+
+/// Request types (virtio 1.2 section 5.15.6).
+pub mod request {
+    pub const PLUG: u16 = 0;
+    pub const UNPLUG: u16 = 1;
+    pub const UNPLUG_ALL: u16 = 2;
+    pub const STATE: u16 = 3;
+    /// Size of a request on the wire: le16 type, 3 x le16 padding, le64 addr, le16 nb_blocks,
+    /// 3 x le16 padding.
+    pub const SIZE: usize = 24;
+}
+
+/// Response types and states.
+pub mod response {
+    pub const ACK: u16 = 0;
+    pub const NACK: u16 = 1;
+    pub const BUSY: u16 = 2;
+    pub const ERROR: u16 = 3;
+    pub const STATE_PLUGGED: u16 = 0;
+    pub const STATE_UNPLUGGED: u16 = 1;
+    pub const STATE_MIXED: u16 = 2;
+    /// Size of a response on the wire: le16 type, 3 x le16 padding, le16 state.
+    pub const SIZE: usize = 10;
+}
+
+/// Config space layout (virtio 1.2 section 5.15.4); every field is read-only for the driver.
+pub mod config_offsets {
+    pub const BLOCK_SIZE: u64 = 0;
+    pub const NODE_ID: u64 = 8;
+    pub const ADDR: u64 = 16;
+    pub const REGION_SIZE: u64 = 24;
+    pub const USABLE_REGION_SIZE: u64 = 32;
+    pub const PLUGGED_SIZE: u64 = 40;
+    pub const REQUESTED_SIZE: u64 = 48;
+    pub const SIZE: u64 = 56;
+}
+
+/// Linux's memory block size on x86-64 (below 64 GiB of boot RAM): the unit Linux hot-adds.
+pub const LINUX_MEMORY_BLOCK_SIZE: u64 = 128 << 20;
+
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 128;
+
+/// How the VMM configures the device (`--hotplug total_mib=..,block_mib=..`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemConfig {
+    /// Guest physical address of the hot-add region (aligned to 128 MiB by the VMM).
+    pub addr: u64,
+    /// Size of the region in bytes.
+    pub region_size: u64,
+    /// Plug granularity: a power of two, at least 4 KiB (the CLI asks for at least 2 MiB).
+    pub block_size: u64,
+    /// NUMA node (only meaningful with ACPI_PXM, which is not offered).
+    pub node_id: u16,
+    /// Initial requested size in bytes.
+    pub requested_size: u64,
+    /// Offer UNPLUGGED_INACCESSIBLE.
+    pub unplugged_inaccessible: bool,
+    pub queue_size: u16,
+}
+
+impl MemConfig {
+    /// A region at `addr` of `region_size` bytes with 2 MiB blocks, nothing requested.
+    pub fn new(addr: u64, region_size: u64) -> Self {
+        MemConfig {
+            addr,
+            region_size,
+            block_size: 2 << 20,
+            node_id: 0,
+            requested_size: 0,
+            unplugged_inaccessible: true,
+            queue_size: QUEUE_SIZE,
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), MemError> {
+        let bs = self.block_size;
+        if bs < 4096 || !bs.is_power_of_two() {
+            return Err(MemError::BadBlockSize(bs));
+        }
+        if self.addr % bs != 0 {
+            return Err(MemError::UnalignedAddr {
+                addr: self.addr,
+                block_size: bs,
+            });
+        }
+        if self.region_size == 0 || self.region_size % bs != 0 {
+            return Err(MemError::BadRegionSize {
+                size: self.region_size,
+                block_size: bs,
+            });
+        }
+        if self.addr.checked_add(self.region_size).is_none() {
+            return Err(MemError::RegionOverflow {
+                addr: self.addr,
+                size: self.region_size,
+            });
+        }
+        let qs = self.queue_size;
+        if qs == 0 || qs > 32768 || !qs.is_power_of_two() {
+            return Err(MemError::BadQueueSize(qs));
+        }
+        check_requested(self.requested_size, self.region_size, bs)
+    }
+}
+
+pub(crate) fn check_requested(
+    size: u64,
+    region_size: u64,
+    block_size: u64,
+) -> Result<(), MemError> {
+    if size % block_size != 0 {
+        return Err(MemError::UnalignedRequest { size, block_size });
+    }
+    if size > region_size {
+        return Err(MemError::RequestTooLarge { size, region_size });
+    }
+    Ok(())
+}
+
+/// Errors of the configuration and control API.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemError {
+    #[error("block size {0:#x} is not a power of two of at least 4 KiB")]
+    BadBlockSize(u64),
+    #[error("region address {addr:#x} is not aligned to the block size {block_size:#x}")]
+    UnalignedAddr { addr: u64, block_size: u64 },
+    #[error("region size {size:#x} is not a non-zero multiple of the block size {block_size:#x}")]
+    BadRegionSize { size: u64, block_size: u64 },
+    #[error("region {addr:#x}+{size:#x} overflows the address space")]
+    RegionOverflow { addr: u64, size: u64 },
+    #[error("requested size {size:#x} is not a multiple of the block size {block_size:#x}")]
+    UnalignedRequest { size: u64, block_size: u64 },
+    #[error("requested size {size:#x} exceeds the region size {region_size:#x}")]
+    RequestTooLarge { size: u64, region_size: u64 },
+    #[error("queue size {0} is not a power of two in 1..=32768")]
+    BadQueueSize(u16),
+    #[error("cannot set up the device: {0}")]
+    Io(String),
+}
+
+/// A snapshot of the device's sizes, as the config space shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemState {
+    pub addr: u64,
+    pub region_size: u64,
+    pub block_size: u64,
+    pub usable_region_size: u64,
+    pub plugged_size: u64,
+    pub requested_size: u64,
+}
+
+/// Counters the VMM reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemCounters {
+    pub plug_requests: u64,
+    pub unplug_requests: u64,
+    pub unplug_all_requests: u64,
+    pub state_requests: u64,
+    pub unknown_requests: u64,
+    pub acks: u64,
+    pub nacks: u64,
+    pub busy: u64,
+    pub errors: u64,
+    /// Chains the device could not answer (no room for a response, wrong direction,
+    /// unreadable request); returned with length 0.
+    pub malformed_buffers: u64,
+    pub config_writes_refused: u64,
+    pub backend_errors: u64,
+    pub config_interrupts: u64,
+}
+
+/// A guest mistake, counted and logged (rate limited).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MemFault {
+    #[error("request {kind} {addr:#x}+{nb_blocks} blocks: {reason}")]
+    BadRequest {
+        kind: u16,
+        addr: u64,
+        nb_blocks: u16,
+        reason: &'static str,
+    },
+    #[error("unknown request type {0}")]
+    UnknownRequest(u16),
+    #[error("request chain unusable: {0}")]
+    BadChain(String),
+    #[error("config write of {len} bytes at offset {offset:#x}: the config space is read-only")]
+    ReadOnlyConfig { offset: u64, len: usize },
+}
+
+impl MemFault {
+    pub fn kind(&self) -> usize {
+        match self {
+            MemFault::BadRequest { .. } => 0,
+            MemFault::UnknownRequest(_) => 1,
+            MemFault::BadChain(_) => 2,
+            MemFault::ReadOnlyConfig { .. } => 3,
+        }
+    }
+}
+
+pub(crate) const FAULT_KINDS: usize = 4;

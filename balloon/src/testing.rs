@@ -1,0 +1,497 @@
+//! A virtio driver for tests: lays out real split virtqueues (descriptor table, avail ring, used
+//! ring) in mmap'd guest memory, writes buffers and descriptors, publishes them, and reads the used
+//! ring back — the same bytes a Linux guest would write. Also fake backends that record every call
+//! and panic if a device ever passes a range outside guest RAM or in the wrong shape.
+//!
+//! Used by the unit and integration tests, the fuzz targets and the benchmark.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use virtio::{ActiveQueue, GuestMemoryMmap, Interrupt, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRange};
+
+/// Descriptor flags (virtio 1.2 section 2.7.5).
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+/// Guest RAM from `(start, size)` pairs.
+pub fn guest_memory(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
+    let r: Vec<(GuestAddress, usize)> = ranges.iter().map(|&(a, s)| (GuestAddress(a), s)).collect();
+    GuestMemoryMmap::from_ranges(&r).expect("test guest memory")
+}
+
+/// Counts interrupts.
+#[derive(Default, Debug)]
+pub struct TestInterrupt {
+    pub used: AtomicUsize,
+    pub config: AtomicUsize,
+}
+
+impl TestInterrupt {
+    pub fn used_count(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+    pub fn config_count(&self) -> usize {
+        self.config.load(Ordering::SeqCst)
+    }
+}
+
+impl Interrupt for TestInterrupt {
+    fn notify_used(&self) {
+        self.used.fetch_add(1, Ordering::SeqCst);
+    }
+    fn notify_config(&self) {
+        self.config.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One descriptor of a chain to write.
+#[derive(Clone, Copy, Debug)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    /// Device-writable (VIRTQ_DESC_F_WRITE).
+    pub write: bool,
+}
+
+impl Desc {
+    pub fn read(addr: u64, len: u32) -> Self {
+        Desc {
+            addr,
+            len,
+            write: false,
+        }
+    }
+    pub fn write(addr: u64, len: u32) -> Self {
+        Desc {
+            addr,
+            len,
+            write: true,
+        }
+    }
+}
+
+/// The driver's view of one split virtqueue placed at `base` in guest memory.
+#[derive(Debug)]
+pub struct DriverQueue {
+    pub size: u16,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl DriverQueue {
+    /// Bytes a queue of `size` takes from `base` (tables and rings).
+    pub fn footprint(size: u16) -> u64 {
+        let s = u64::from(size);
+        let desc = 16 * s;
+        let avail = 6 + 2 * s;
+        let used = 6 + 8 * s;
+        (desc + avail).next_multiple_of(4) + used
+    }
+
+    /// Lays out a queue at `base` (16-byte aligned) and zeroes its rings.
+    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let s = u64::from(size);
+        let desc_table = base;
+        let avail_ring = base + 16 * s;
+        let used_ring = (avail_ring + 6 + 2 * s).next_multiple_of(4);
+        let zeros = vec![0u8; Self::footprint(size) as usize];
+        mem.write_slice(&zeros, GuestAddress(base))
+            .expect("queue area");
+        DriverQueue {
+            size,
+            desc_table,
+            avail_ring,
+            used_ring,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    /// The device's `Queue`, as the transport would hand it over at DRIVER_OK.
+    pub fn device_queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).expect("queue size");
+        q.set_size(self.size);
+        q.set_desc_table_address(
+            Some(self.desc_table as u32),
+            Some((self.desc_table >> 32) as u32),
+        );
+        q.set_avail_ring_address(
+            Some(self.avail_ring as u32),
+            Some((self.avail_ring >> 32) as u32),
+        );
+        q.set_used_ring_address(
+            Some(self.used_ring as u32),
+            Some((self.used_ring >> 32) as u32),
+        );
+        q.set_ready(true);
+        q
+    }
+
+    /// An `ActiveQueue` with a fresh notification eventfd.
+    pub fn active_queue(&self, index: usize) -> ActiveQueue {
+        ActiveQueue {
+            index,
+            queue: self.device_queue(),
+            notify: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        }
+    }
+
+    /// Writes descriptor `index` verbatim.
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = self.desc_table + 16 * u64::from(index % self.size);
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&d, GuestAddress(at))
+            .expect("descriptor table");
+    }
+
+    /// Writes a chain into free descriptor slots (round robin) and returns its head, without
+    /// publishing it.
+    pub fn write_chain(&mut self, mem: &GuestMemoryMmap, descs: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let idx = (head + i as u16) % self.size;
+            let next = (idx + 1) % self.size;
+            let mut flags = if d.write { VIRTQ_DESC_F_WRITE } else { 0 };
+            if i + 1 < descs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            self.write_desc(mem, idx, d.addr, d.len, flags, next);
+        }
+        self.next_desc = (head + descs.len().max(1) as u16) % self.size;
+        head
+    }
+
+    /// Puts `head` on the avail ring and bumps avail idx.
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = self.avail_ring + 4 + 2 * u64::from(self.avail_idx % self.size);
+        mem.write_obj(head.to_le(), GuestAddress(slot))
+            .expect("avail ring");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(mem, self.avail_idx);
+    }
+
+    /// Writes avail idx verbatim (to test a driver that lies about it).
+    pub fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        mem.store(
+            idx.to_le(),
+            GuestAddress(self.avail_ring + 2),
+            std::sync::atomic::Ordering::Release,
+        )
+        .expect("avail idx");
+    }
+
+    /// Writes and publishes a chain; returns the head.
+    pub fn add(&mut self, mem: &GuestMemoryMmap, descs: &[Desc]) -> u16 {
+        let head = self.write_chain(mem, descs);
+        self.publish(mem, head);
+        head
+    }
+
+    /// The used idx the device last wrote.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        u16::from_le(
+            mem.read_obj(GuestAddress(self.used_ring + 2))
+                .expect("used ring"),
+        )
+    }
+
+    /// New used-ring entries `(id, len)` since the last call.
+    pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx = self.used_idx(mem);
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let at = self.used_ring + 4 + 8 * u64::from(self.used_seen % self.size);
+            let id: u32 = mem.read_obj(GuestAddress(at)).expect("used elem");
+            let len: u32 = mem.read_obj(GuestAddress(at + 4)).expect("used elem");
+            out.push((u32::from_le(id), u32::from_le(len)));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+}
+
+/// A bump allocator for buffers in a data area of guest memory.
+#[derive(Debug)]
+pub struct BufferArea {
+    next: u64,
+    end: u64,
+}
+
+impl BufferArea {
+    pub fn new(start: u64, end: u64) -> Self {
+        BufferArea { next: start, end }
+    }
+
+    /// Writes `bytes` to a fresh 16-byte aligned buffer and returns its guest address.
+    pub fn put(&mut self, mem: &GuestMemoryMmap, bytes: &[u8]) -> u64 {
+        let at = self.alloc(bytes.len() as u64);
+        mem.write_slice(bytes, GuestAddress(at))
+            .expect("buffer area");
+        at
+    }
+
+    /// Reserves `len` bytes.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let at = self.next.next_multiple_of(16);
+        assert!(at + len <= self.end, "test buffer area exhausted");
+        self.next = at + len;
+        at
+    }
+
+    /// Starts again from `start` (buffers already used by the device may be reused).
+    pub fn reset(&mut self, start: u64) {
+        self.next = start;
+    }
+}
+
+/// Little-endian bytes of a PFN array.
+pub fn pfn_bytes(pfns: &[u32]) -> Vec<u8> {
+    pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+/// One call a fake backend received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Inflate(Vec<PageRange>),
+    Deflate(Vec<PageRange>),
+    ReportFree(Vec<PageRange>),
+    DeflateAll,
+    Plug(PageRange),
+    Unplug(PageRange),
+}
+
+fn check_shape(ram: &[PageRange], ranges: &[PageRange]) {
+    for w in ranges.windows(2) {
+        assert!(
+            w[0].end() < w[1].start.0,
+            "ranges not sorted/coalesced: {ranges:?}"
+        );
+    }
+    for r in ranges {
+        assert!(r.count > 0, "empty range passed: {ranges:?}");
+        assert!(
+            ram.iter()
+                .any(|m| m.start.0 <= r.start.0 && r.end() <= m.end())
+                || inside_union(ram, *r),
+            "device passed {r} outside guest RAM {ram:?}"
+        );
+    }
+}
+
+fn inside_union(ram: &[PageRange], r: PageRange) -> bool {
+    let mut cur = r.start.0;
+    while cur < r.end() {
+        match ram.iter().find(|m| m.contains(cur)) {
+            Some(m) => cur = m.end(),
+            None => return false,
+        }
+    }
+    true
+}
+
+#[derive(Debug, Default)]
+struct FakeBalloonState {
+    ballooned: BTreeSet<u64>,
+    reported: BTreeSet<u64>,
+    calls: Vec<Call>,
+    fail_next: bool,
+}
+
+/// A [`BalloonBackend`] that keeps ballooned pages in a set, records calls and panics when given
+/// ranges outside guest RAM or not sorted and coalesced.
+#[derive(Debug)]
+pub struct FakeBalloonBackend {
+    ram: Vec<PageRange>,
+    state: Mutex<FakeBalloonState>,
+}
+
+impl FakeBalloonBackend {
+    /// `ram`: the guest RAM the device may name.
+    pub fn new(ram: Vec<PageRange>) -> Self {
+        FakeBalloonBackend {
+            ram,
+            state: Mutex::default(),
+        }
+    }
+    pub fn from_memory(mem: &GuestMemoryMmap) -> Self {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        Self::new(
+            mem.iter()
+                .map(|r| PageRange::new(r.start_addr().0 >> 12, r.len() >> 12))
+                .collect(),
+        )
+    }
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeBalloonState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn ballooned(&self) -> Vec<u64> {
+        self.state().ballooned.iter().copied().collect()
+    }
+    pub fn reported(&self) -> Vec<u64> {
+        self.state().reported.iter().copied().collect()
+    }
+    pub fn calls(&self) -> Vec<Call> {
+        self.state().calls.clone()
+    }
+    /// Makes the next call fail as a host error would.
+    pub fn fail_next(&self) {
+        self.state().fail_next = true;
+    }
+    fn apply(
+        &self,
+        ranges: &[PageRange],
+        call: Call,
+        f: impl Fn(&mut FakeBalloonState, u64) -> bool,
+    ) -> Result<Outcome, BackendError> {
+        check_shape(&self.ram, ranges);
+        let mut s = self.state();
+        s.calls.push(call);
+        if std::mem::take(&mut s.fail_next) {
+            return Err(BackendError::Manager("injected failure".into()));
+        }
+        let mut o = Outcome::default();
+        for r in ranges {
+            for p in r.start.0..r.end() {
+                if f(&mut s, p) {
+                    o.changed += 1;
+                } else {
+                    o.unchanged += 1;
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+impl BalloonBackend for FakeBalloonBackend {
+    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        self.apply(ranges, Call::Inflate(ranges.to_vec()), |s, p| {
+            s.ballooned.insert(p)
+        })
+    }
+    fn deflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        self.apply(ranges, Call::Deflate(ranges.to_vec()), |s, p| {
+            s.ballooned.remove(&p)
+        })
+    }
+    fn report_free(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        self.apply(ranges, Call::ReportFree(ranges.to_vec()), |s, p| {
+            !s.ballooned.contains(&p) && {
+                s.reported.insert(p);
+                true
+            }
+        })
+    }
+    fn deflate_all(&self) -> Result<Outcome, BackendError> {
+        let mut s = self.state();
+        s.calls.push(Call::DeflateAll);
+        let n = s.ballooned.len() as u64;
+        s.ballooned.clear();
+        Ok(Outcome {
+            changed: n,
+            ..Outcome::default()
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct FakeMemState {
+    plugged: BTreeSet<u64>,
+    calls: Vec<Call>,
+    fail_next: bool,
+}
+
+/// A [`MemBackend`] over a region that records calls, tracks plugged pages, and panics if a
+/// device plugs what is plugged, unplugs what is not, or leaves the region.
+#[derive(Debug)]
+pub struct FakeMemBackend {
+    region: PageRange,
+    state: Mutex<FakeMemState>,
+}
+
+impl FakeMemBackend {
+    pub fn new(region: PageRange) -> Self {
+        FakeMemBackend {
+            region,
+            state: Mutex::default(),
+        }
+    }
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeMemState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn plugged_pages(&self) -> u64 {
+        self.state().plugged.len() as u64
+    }
+    pub fn is_plugged(&self, pfn: u64) -> bool {
+        self.state().plugged.contains(&pfn)
+    }
+    pub fn calls(&self) -> Vec<Call> {
+        self.state().calls.clone()
+    }
+    pub fn fail_next(&self) {
+        self.state().fail_next = true;
+    }
+    fn check(&self, range: PageRange) {
+        assert!(range.count > 0, "empty range");
+        assert!(
+            self.region.start.0 <= range.start.0 && range.end() <= self.region.end(),
+            "device passed {range} outside its region {}",
+            self.region
+        );
+    }
+}
+
+impl MemBackend for FakeMemBackend {
+    fn plug(&self, range: PageRange) -> Result<(), BackendError> {
+        self.check(range);
+        let mut s = self.state();
+        s.calls.push(Call::Plug(range));
+        if std::mem::take(&mut s.fail_next) {
+            return Err(BackendError::Manager("injected failure".into()));
+        }
+        for p in range.start.0..range.end() {
+            assert!(s.plugged.insert(p), "page {p:#x} plugged twice");
+        }
+        Ok(())
+    }
+    fn unplug(&self, range: PageRange) -> Result<(), BackendError> {
+        self.check(range);
+        let mut s = self.state();
+        s.calls.push(Call::Unplug(range));
+        if std::mem::take(&mut s.fail_next) {
+            return Err(BackendError::Manager("injected failure".into()));
+        }
+        for p in range.start.0..range.end() {
+            assert!(
+                s.plugged.remove(&p),
+                "page {p:#x} unplugged while not plugged"
+            );
+        }
+        Ok(())
+    }
+}
