@@ -121,7 +121,8 @@ pub fn load(
     cmd.push(0);
     mem.write_slice(&cmd, GuestAddress(CMDLINE_ADDR))?;
 
-    let kernel_end = loaded.kernel_load.raw_value() + loaded.kernel_end;
+    // linux-loader reports the end as an absolute guest address for both formats.
+    let kernel_end = loaded.kernel_end;
     let initrd_limit = loaded
         .setup_header
         .map(|h| h.initrd_addr_max as u64)

@@ -116,6 +116,14 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
+        if let Some(host_mib) = host_memory_mib() {
+            if config.memory_mib > host_mib {
+                return Err(VmError::Memory {
+                    mib: config.memory_mib,
+                    detail: format!("the host has only {host_mib} MiB of RAM"),
+                });
+            }
+        }
         let mem = create_guest_memory(config.memory_mib)?;
         register_memory(&vm_fd, &mem)?;
 
@@ -306,6 +314,14 @@ impl BusDevice for TransportOnBus {
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.0.write(offset, data)
     }
+}
+
+/// The host's physical memory (MemTotal), if /proc/meminfo says.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
 }
 
 /// Boot RAM, private anonymous memory, split around the MMIO hole.
