@@ -1,0 +1,191 @@
+//! A small HTTP/1.1 client over the Unix socket, keeping one connection open (keep-alive).
+//! Used by `vmmctl`, `api-bench` and the tests. Needs a tokio runtime.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::routes::FaultBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to the API socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP error talking to the API: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("invalid request: {0}")]
+    Request(String),
+    /// The server answered with an error status.
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Status {
+        method: Method,
+        path: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("cannot decode the answer to {path}: {source}")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A response: status and body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: Option<String>,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The `fault_message` of an error body, if it is one.
+    pub fn fault_message(&self) -> Option<String> {
+        serde_json::from_slice::<FaultBody>(&self.body)
+            .ok()
+            .map(|f| f.fault_message)
+    }
+}
+
+/// One keep-alive connection to the API socket, reopened when the server closed it.
+pub struct Client {
+    path: PathBuf,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Client {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            sender: None,
+        }
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn connect(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ClientError> {
+        let reusable = matches!(&self.sender, Some(s) if !s.is_closed());
+        if !reusable {
+            let stream = tokio::net::UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.sender = Some(sender);
+        }
+        let sender = self.sender.as_mut().expect("connected above");
+        sender.ready().await?;
+        Ok(sender)
+    }
+
+    /// Sends any request and returns whatever the server answered, error statuses included.
+    pub async fn raw(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost");
+        if body.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let sender = self.connect().await?;
+        let resp = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.sender = None;
+                return Err(e.into());
+            }
+        };
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            content_type,
+            headers,
+            body,
+        })
+    }
+
+    /// Sends a request and turns an error status into [`ClientError::Status`].
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        let reply = self.raw(method.clone(), path, body).await?;
+        if reply.status.is_client_error() || reply.status.is_server_error() {
+            let message = reply
+                .fault_message()
+                .unwrap_or_else(|| String::from_utf8_lossy(&reply.body).into_owned());
+            return Err(ClientError::Status {
+                method,
+                path: path.to_owned(),
+                status: reply.status,
+                message,
+            });
+        }
+        Ok(reply)
+    }
+
+    /// `GET` and decode JSON.
+    pub async fn get<T: DeserializeOwned>(&mut self, path: &str) -> Result<T, ClientError> {
+        let reply = self.call(Method::GET, path, None).await?;
+        serde_json::from_slice(&reply.body).map_err(|source| ClientError::Decode {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// `GET` a text body.
+    pub async fn get_text(&mut self, path: &str) -> Result<String, ClientError> {
+        let reply = self.call(Method::GET, path, None).await?;
+        Ok(String::from_utf8_lossy(&reply.body).into_owned())
+    }
+
+    /// `PUT` or `PATCH` a JSON body.
+    pub async fn send<T: Serialize>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: &T,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Decode {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.call(method, path, Some(body)).await.map(|_| ())
+    }
+}

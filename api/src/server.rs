@@ -1,0 +1,301 @@
+//! The HTTP server: its own thread, a single-threaded tokio runtime, a Unix socket and optionally
+//! a TCP listener.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::bridge::ApiMessage;
+use crate::metrics::ApiMetrics;
+use crate::routes::{router, Shared, WakeFn};
+
+/// Default largest request body. Our bodies are a few hundred bytes.
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
+/// Default time the server waits for the VMM's answer before replying 504.
+pub const DEFAULT_VMM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on requests waiting for the VMM; beyond it the server replies 503.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// How long shutdown waits for requests in progress after the VMM timeout.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The Unix socket to create (mode 0600).
+    pub socket_path: PathBuf,
+    /// Also listen on TCP, only when the user names an address. No authentication: use loopback.
+    pub tcp_addr: Option<SocketAddr>,
+    /// Largest request body; larger ones get 413.
+    pub body_limit: usize,
+    /// How long a request waits for the VMM before the client gets 504.
+    pub vmm_timeout: Duration,
+    /// Most requests waiting for the VMM at once; more get 503.
+    pub max_in_flight: usize,
+}
+
+impl ServerConfig {
+    pub fn new(socket_path: impl Into<PathBuf>) -> Self {
+        Self {
+            socket_path: socket_path.into(),
+            tcp_addr: None,
+            body_limit: DEFAULT_BODY_LIMIT,
+            vmm_timeout: DEFAULT_VMM_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+/// Why the server did not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("API socket {0} is in use by a live server")]
+    SocketInUse(PathBuf),
+    #[error("API socket path {0} exists and is not a socket; refusing to remove it")]
+    NotASocket(PathBuf),
+    #[error("API socket {path}: {what}: {source}")]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("API TCP listener on {addr}: {source}")]
+    Tcp {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the API runtime or thread: {0}")]
+    Runtime(#[source] io::Error),
+    #[error("the API server thread panicked")]
+    ThreadPanicked,
+}
+
+fn socket_err(path: &Path, what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::Socket { path, what, source }
+}
+
+/// Refuses a path held by a live server or by a non-socket file; removes a stale socket.
+fn clear_socket_path(path: &Path) -> Result<(), Error> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(socket_err(path, "cannot inspect the path")(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::NotASocket(path.to_owned()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(Error::SocketInUse(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(socket_err(path, "cannot remove the stale socket"))
+        }
+        Err(e) => Err(socket_err(path, "cannot probe the existing socket")(e)),
+    }
+}
+
+/// Binds `path` with mode 0600 and no window in which it is reachable with wider permissions:
+/// bind inside a fresh 0700 directory beside it, chmod, then rename into place.
+fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp_dir = parent.join(format!(
+        ".api-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp_dir)
+        .map_err(socket_err(
+            path,
+            "cannot create a private directory beside it",
+        ))?;
+    let tmp_sock = tmp_dir.join("s");
+    let result = (|| {
+        let listener = UnixListener::bind(&tmp_sock).map_err(socket_err(path, "cannot bind"))?;
+        std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
+            .map_err(socket_err(path, "cannot set mode 0600"))?;
+        std::fs::rename(&tmp_sock, path).map_err(socket_err(path, "cannot move into place"))?;
+        let meta = std::fs::symlink_metadata(path).map_err(socket_err(path, "cannot stat"))?;
+        Ok((listener, (meta.dev(), meta.ino())))
+    })();
+    let _ = std::fs::remove_file(&tmp_sock);
+    let _ = std::fs::remove_dir(&tmp_dir);
+    result
+}
+
+/// A running server. Dropping it shuts it down too; [`ServerHandle::shutdown`] reports errors.
+pub struct ServerHandle {
+    socket_path: PathBuf,
+    socket_id: (u64, u64),
+    tcp_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// The bound TCP address (with the real port when the config asked for port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// Stops accepting, lets requests in progress finish (bounded by the VMM timeout), joins the
+    /// thread and removes the socket file if it is still ours.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), Error> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let _ = self.stop.send(true);
+        let joined = thread.join();
+        if let Ok(meta) = std::fs::symlink_metadata(&self.socket_path) {
+            if (meta.dev(), meta.ino()) == self.socket_id {
+                let _ = std::fs::remove_file(&self.socket_path);
+            }
+        }
+        joined.map_err(|_| Error::ThreadPanicked)
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Starts the API server on its own thread.
+///
+/// Each request becomes an [`ApiMessage`] sent on `tx`, followed by a call to `wake` (the VMM
+/// passes a closure that writes its eventfd). Sockets are bound before this returns, so errors
+/// (socket in use, bad TCP address) come back here.
+pub fn spawn_server(
+    cfg: ServerConfig,
+    tx: Sender<ApiMessage>,
+    wake: WakeFn,
+) -> Result<ServerHandle, Error> {
+    clear_socket_path(&cfg.socket_path)?;
+    let tcp = match cfg.tcp_addr {
+        Some(addr) => {
+            Some(std::net::TcpListener::bind(addr).map_err(|source| Error::Tcp { addr, source })?)
+        }
+        None => None,
+    };
+    let tcp_addr = match &tcp {
+        Some(l) => Some(l.local_addr().map_err(|source| Error::Tcp {
+            addr: cfg.tcp_addr.expect("tcp listener implies an address"),
+            source,
+        })?),
+        None => None,
+    };
+    let (unix, socket_id) = bind_private(&cfg.socket_path)?;
+    let cleanup = |e: Error| {
+        let _ = std::fs::remove_file(&cfg.socket_path);
+        e
+    };
+    unix.set_nonblocking(true)
+        .map_err(|e| cleanup(Error::Runtime(e)))?;
+    if let Some(l) = &tcp {
+        l.set_nonblocking(true)
+            .map_err(|e| cleanup(Error::Runtime(e)))?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| cleanup(Error::Runtime(e)))?;
+
+    let shared = Arc::new(Shared {
+        tx,
+        wake,
+        vmm_timeout: cfg.vmm_timeout,
+        body_limit: cfg.body_limit,
+        in_flight: Semaphore::new(cfg.max_in_flight),
+        max_in_flight: cfg.max_in_flight,
+        metrics: ApiMetrics::default(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let grace = cfg.vmm_timeout + SHUTDOWN_GRACE;
+
+    let thread = std::thread::Builder::new()
+        .name("vmm-api".into())
+        .spawn(move || {
+            runtime.block_on(serve(unix, tcp, shared, stop_rx, grace));
+        })
+        .map_err(|e| cleanup(Error::Runtime(e)))?;
+
+    Ok(ServerHandle {
+        socket_path: cfg.socket_path,
+        socket_id,
+        tcp_addr,
+        stop: stop_tx,
+        thread: Some(thread),
+    })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the handle is gone: stop too.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn serve(
+    unix: UnixListener,
+    tcp: Option<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let app = router(shared);
+    let unix = match tokio::net::UnixListener::from_std(unix) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmm-api: cannot register the Unix socket with the runtime: {e}");
+            return;
+        }
+    };
+    let unix_app = app.clone();
+    let unix_server = async {
+        axum::serve(unix, unix_app)
+            .with_graceful_shutdown(stopped(stop.clone()))
+            .await
+    };
+    let tcp_server = async {
+        let Some(tcp) = tcp else { return Ok(()) };
+        let tcp = tokio::net::TcpListener::from_std(tcp)?;
+        axum::serve(tcp, app)
+            .with_graceful_shutdown(stopped(stop.clone()))
+            .await
+    };
+    let servers = async { tokio::join!(unix_server, tcp_server) };
+    let deadline = async {
+        stopped(stop.clone()).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        (u, t) = servers => {
+            if let Err(e) = u { eprintln!("vmm-api: Unix socket server failed: {e}"); }
+            if let Err(e) = t { eprintln!("vmm-api: TCP server failed: {e}"); }
+        }
+        _ = deadline => {}
+    }
+}

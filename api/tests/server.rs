@@ -1,0 +1,192 @@
+//! The server's sockets, thread, timeouts and shutdown.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::client::Client;
+use api::fake::FakeVmmConfig;
+use api::{spawn_server, ApiRequest, ApiResponse, Error, ServerConfig};
+use common::{expect_fault, req, Harness, TempDir};
+
+#[test]
+fn socket_is_0600_and_removed_on_shutdown() {
+    let h = Harness::start();
+    let meta = std::fs::metadata(&h.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Nothing left beside it from the private bind.
+    let names: Vec<_> = std::fs::read_dir(h.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("api.sock")]);
+    let mut h = h;
+    h.server.take().unwrap().shutdown().unwrap();
+    assert!(!h.socket.exists());
+}
+
+#[test]
+fn refuses_a_live_socket_and_replaces_a_stale_one() {
+    let h = Harness::start();
+    let (tx, _rx) = mpsc::channel();
+    let err = spawn_server(ServerConfig::new(&h.socket), tx.clone(), Arc::new(|| {}))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::SocketInUse(_)), "{err}");
+    assert!(err.to_string().contains("in use by a live server"));
+
+    // Stale: a socket file nobody listens on.
+    let dir = TempDir::new();
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let server = spawn_server(ServerConfig::new(&stale), tx.clone(), Arc::new(|| {})).unwrap();
+    assert!(std::os::unix::net::UnixStream::connect(&stale).is_ok());
+    server.shutdown().unwrap();
+
+    // Not a socket: left alone.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = spawn_server(ServerConfig::new(&file), tx, Arc::new(|| {}))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::NotASocket(_)), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
+#[tokio::test]
+async fn tcp_only_when_asked() {
+    let h = Harness::start();
+    assert!(h.server.as_ref().unwrap().tcp_addr().is_none());
+    let h = Harness::start_with(
+        |c| c.tcp_addr = Some("127.0.0.1:0".parse().unwrap()),
+        Default::default(),
+    );
+    let addr = h.server.as_ref().unwrap().tcp_addr().unwrap();
+    assert_ne!(addr.port(), 0);
+    // A plain HTTP/1.1 request over TCP.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"state\":\"Not started\""), "{out}");
+}
+
+#[tokio::test]
+async fn slow_vmm_gives_504_without_blocking_other_clients() {
+    let h = Harness::start_with(
+        |c| c.vmm_timeout = Duration::from_millis(300),
+        FakeVmmConfig {
+            reply_delay: Duration::from_millis(1500),
+            ..Default::default()
+        },
+    );
+    let t0 = Instant::now();
+    let path = h.socket.clone();
+    let a = tokio::spawn(async move {
+        let mut c = Client::new(path);
+        req(&mut c, "GET", "/balloon", None).await
+    });
+    let path = h.socket.clone();
+    let b = tokio::spawn(async move {
+        let mut c = Client::new(path);
+        req(&mut c, "GET", "/", None).await
+    });
+    // While the VMM is stuck, requests that need no VMM answer at once.
+    let mut c = h.client();
+    let t1 = Instant::now();
+    expect_fault(&mut c, "GET", "/nope", None, 404, &[]).await;
+    expect_fault(&mut c, "PUT", "/balloon", Some("{"), 400, &[]).await;
+    assert!(
+        t1.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        t1.elapsed()
+    );
+    let (sa, va) = a.await.unwrap();
+    let (sb, _) = b.await.unwrap();
+    assert_eq!((sa, sb), (504, 504));
+    assert!(va["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("did not answer within 300 ms"));
+    // Both timed out in parallel, not one after the other.
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn vmm_gone_is_503_and_wrong_answers_are_500() {
+    let dir = TempDir::new();
+    // A VMM that has exited: the receiver is dropped.
+    let (tx, rx) = mpsc::channel();
+    drop(rx);
+    let sock = dir.path().join("gone.sock");
+    let _server = spawn_server(ServerConfig::new(&sock), tx, Arc::new(|| {})).unwrap();
+    let mut c = Client::new(&sock);
+    expect_fault(
+        &mut c,
+        "GET",
+        "/balloon",
+        None,
+        503,
+        &["not taking requests"],
+    )
+    .await;
+
+    // A buggy VMM: answers Empty to everything, or drops requests.
+    let (tx, rx) = mpsc::channel::<api::ApiMessage>();
+    std::thread::spawn(move || {
+        for msg in rx {
+            if msg.request == ApiRequest::GetResize {
+                drop(msg);
+            } else {
+                msg.respond(Ok(ApiResponse::Empty));
+            }
+        }
+    });
+    let sock = dir.path().join("buggy.sock");
+    let _server = spawn_server(ServerConfig::new(&sock), tx, Arc::new(|| {})).unwrap();
+    let mut c = Client::new(&sock);
+    expect_fault(&mut c, "GET", "/balloon", None, 500, &["expects Balloon"]).await;
+    expect_fault(
+        &mut c,
+        "GET",
+        "/vm/resize",
+        None,
+        500,
+        &["without answering"],
+    )
+    .await;
+    let (s, _) = req(&mut c, "PATCH", "/balloon", Some(r#"{"amount_mib": 1}"#)).await;
+    assert_eq!(s, 204);
+}
+
+#[test]
+fn shutdown_is_prompt_with_idle_clients_connected() {
+    let h = Harness::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = h.client();
+    rt.block_on(async {
+        let (s, _) = req(&mut c, "GET", "/", None).await;
+        assert_eq!(s, 200);
+    });
+    // `c` keeps its keep-alive connection open.
+    let mut h = h;
+    let t0 = Instant::now();
+    h.server.take().unwrap().shutdown().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}
