@@ -41,6 +41,10 @@ pub struct Cli {
     /// Where the guest's serial console goes: `stdout` or a file path.
     #[arg(long, value_name = "stdout|PATH")]
     pub serial: Option<String>,
+    /// Add a virtio-balloon: `amount_mib=N,deflate_on_oom=BOOL,stats_interval_s=N,
+    /// free_page_reporting=BOOL` (every key optional; `--balloon ""` for the defaults).
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    pub balloon: Option<String>,
 }
 
 /// The JSON config file. Unknown fields are an error, so a typo is not silently ignored.
@@ -53,6 +57,86 @@ pub struct FileConfig {
     pub vcpus: Option<u8>,
     pub memory_mib: Option<u64>,
     pub serial: Option<String>,
+    pub balloon: Option<BalloonOptions>,
+}
+
+/// virtio-balloon settings (`--balloon` or `"balloon"` in the config file).
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonOptions {
+    /// Initial target: MiB the guest should give back.
+    #[serde(default)]
+    pub amount_mib: u64,
+    /// Let the guest take pages back under memory pressure.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics requests; 0 disables statistics.
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_s: u64,
+    /// Free page reporting: the guest reports free pages, the host releases them.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+fn default_stats_interval() -> u64 {
+    1
+}
+
+impl Default for BalloonOptions {
+    fn default() -> Self {
+        Self {
+            amount_mib: 0,
+            deflate_on_oom: false,
+            stats_interval_s: default_stats_interval(),
+            free_page_reporting: false,
+        }
+    }
+}
+
+impl BalloonOptions {
+    const KEYS: &'static str = "amount_mib, deflate_on_oom, stats_interval_s, free_page_reporting";
+
+    /// Parse `key=value,...`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let mut o = Self::default();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Option {
+                flag: "--balloon",
+                detail: format!("`{item}` is not KEY=VALUE; keys are {}", Self::KEYS),
+            })?;
+            let bad = |what: &str| ConfigError::Option {
+                flag: "--balloon",
+                detail: format!("{k}={v}: expected {what}"),
+            };
+            match k {
+                "amount_mib" => o.amount_mib = v.parse().map_err(|_| bad("a number of MiB"))?,
+                "stats_interval_s" => {
+                    o.stats_interval_s = v.parse().map_err(|_| bad("a number of seconds"))?
+                }
+                "deflate_on_oom" => {
+                    o.deflate_on_oom = parse_bool(v).ok_or_else(|| bad("true or false"))?
+                }
+                "free_page_reporting" => {
+                    o.free_page_reporting = parse_bool(v).ok_or_else(|| bad("true or false"))?
+                }
+                _ => {
+                    return Err(ConfigError::Option {
+                        flag: "--balloon",
+                        detail: format!("unknown key `{k}`; keys are {}", Self::KEYS),
+                    })
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "true" | "on" | "1" => Some(true),
+        "false" | "off" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 /// Where the guest console goes.
@@ -71,6 +155,7 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub serial: SerialOut,
+    pub balloon: Option<BalloonOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +175,10 @@ pub enum ConfigError {
     Memory(u64),
     #[error("serial is empty; use `stdout` or a file path")]
     Serial,
+    #[error("{flag}: {detail}")]
+    Option { flag: &'static str, detail: String },
+    #[error("balloon amount_mib is {amount}; it must be below the guest's memory_mib ({memory})")]
+    BalloonTooLarge { amount: u64, memory: u64 },
 }
 
 impl VmConfig {
@@ -126,7 +215,20 @@ impl VmConfig {
             Some("") => return Err(ConfigError::Serial),
             Some(p) => SerialOut::File(PathBuf::from(p)),
         };
+        let balloon = match cli.balloon {
+            Some(s) => Some(BalloonOptions::parse(&s)?),
+            None => file.balloon,
+        };
+        if let Some(b) = &balloon {
+            if b.amount_mib >= memory_mib {
+                return Err(ConfigError::BalloonTooLarge {
+                    amount: b.amount_mib,
+                    memory: memory_mib,
+                });
+            }
+        }
         Ok(Self {
+            balloon,
             kernel,
             initramfs,
             cmdline: cli
@@ -186,6 +288,41 @@ mod tests {
         assert_eq!(c.serial, SerialOut::File("/tmp/s".into()));
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.balloon, None);
+    }
+
+    #[test]
+    fn balloon_option_parsing() {
+        let c = VmConfig::from_cli(cli(&[
+            "--kernel",
+            "/k",
+            "--balloon",
+            "amount_mib=64,deflate_on_oom=true,free_page_reporting=on",
+        ]))
+        .unwrap();
+        let b = c.balloon.unwrap();
+        assert_eq!(
+            (b.amount_mib, b.deflate_on_oom, b.free_page_reporting),
+            (64, true, true)
+        );
+        assert_eq!(b.stats_interval_s, 1);
+        let e = BalloonOptions::parse("amount=3").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key `amount`") && e.contains("amount_mib"),
+            "{e}"
+        );
+        let e = BalloonOptions::parse("deflate_on_oom=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("true or false"), "{e}");
+        let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--balloon", "amount_mib=256"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("below the guest's memory_mib (256)"), "{e}");
+        assert_eq!(
+            BalloonOptions::parse("").unwrap(),
+            BalloonOptions::default()
+        );
     }
 
     #[test]

@@ -10,6 +10,10 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use balloon::discard::DiscardBackend;
+use balloon::{Balloon, BalloonConfig};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
@@ -25,7 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, MmioDeviceInfo};
 use crate::boot;
 use crate::bus::{Bus, BusDevice};
-use crate::config::{SerialOut, VmConfig};
+use crate::config::{BalloonOptions, SerialOut, VmConfig};
 use crate::devices::power::{AcpiPower, ExitHandle, ExitReason, I8042};
 use crate::devices::serial::SerialConsole;
 use crate::event_loop::Control;
@@ -86,6 +90,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     exit: Arc<ExitHandle>,
     event_manager: EventManager<Subscriber>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
 }
 
 impl Vm {
@@ -163,7 +168,8 @@ impl Vm {
 
         let event_manager =
             EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-        Ok(Self {
+        let balloon_opts = config.balloon.clone();
+        let mut vm = Self {
             config,
             kvm,
             vm_fd: Arc::new(vm_fd),
@@ -174,7 +180,36 @@ impl Vm {
             serial,
             exit,
             event_manager,
-        })
+            balloon: None,
+        };
+        if let Some(opts) = balloon_opts {
+            vm.add_balloon(&opts)?;
+        }
+        Ok(vm)
+    }
+
+    /// The virtio-balloon, releasing memory through the host discard backend.
+    fn add_balloon(&mut self, opts: &BalloonOptions) -> Result<(), VmError> {
+        let cfg = BalloonConfig {
+            amount_mib: opts.amount_mib,
+            stats: opts.stats_interval_s > 0,
+            stats_interval: Duration::from_secs(opts.stats_interval_s),
+            deflate_on_oom: opts.deflate_on_oom,
+            free_page_reporting: opts.free_page_reporting,
+            ..BalloonConfig::default()
+        };
+        let backend = Arc::new(DiscardBackend::new(self.mem.clone()));
+        let mut dev = Balloon::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
+        dev.set_guest_ram_bytes(self.config.memory_bytes());
+        let dev = Arc::new(Mutex::new(dev));
+        self.add_virtio_device(dev.clone(), dev.clone())?;
+        self.balloon = Some(dev);
+        Ok(())
+    }
+
+    /// The balloon device, if configured.
+    pub fn balloon(&self) -> Option<Arc<Mutex<Balloon>>> {
+        self.balloon.clone()
     }
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {

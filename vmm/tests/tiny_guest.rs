@@ -224,3 +224,25 @@ fn bad_input_gets_a_clear_error_and_exit_code_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("unknown field `memory`"), "{stderr}");
 }
+
+#[test]
+fn virtio_mmio_window_answers_with_magic_and_device_id() {
+    let mut code = vec![
+        0xbb, 0x00, 0x00, 0x00, 0xd0, // mov ebx, 0xd0000000 (first virtio-mmio window)
+        0x8b, 0x03, // mov eax, [rbx]: MagicValue
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al
+        0xc1, 0xe8, 0x08, 0xee, // shr eax, 8; out
+        0xc1, 0xe8, 0x08, 0xee, 0xc1, 0xe8, 0x08, 0xee, 0x8b, 0x43,
+        0x08, // mov eax, [rbx + 8]: DeviceID
+        0x04, b'0', // add al, '0'
+        0xee,
+    ];
+    code.extend(outb(0x3c0, &[(5 << 2) | (1 << 5)]));
+    code.extend_from_slice(&HALT);
+    let Some(r) = run_tiny("virtio-mmio", &code, &["--balloon", "amount_mib=4"]) else {
+        return;
+    };
+    assert_eq!(r.console, "virt5", "stderr: {}", r.stderr);
+    assert_eq!(r.code, 0);
+}
