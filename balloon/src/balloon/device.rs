@@ -353,10 +353,12 @@ impl Balloon {
         self.pfns.clear();
         let mut excess = 0usize;
         let mut usable = false;
+        let mut faulted = false;
         for desc in chain {
             let (addr, len) = (desc.addr().0, desc.len());
             if desc.is_write_only() {
                 self.note(GuestFault::WrongDirection { queue, addr, len });
+                faulted = true;
                 continue;
             }
             if len % 4 != 0 {
@@ -365,6 +367,7 @@ impl Balloon {
                     len,
                     unit: 4,
                 });
+                faulted = true;
             }
             let n = (len / 4) as usize;
             let take = n.min(MAX_PFNS_PER_BUFFER - self.pfns.len());
@@ -372,6 +375,7 @@ impl Balloon {
             let buf = &mut bytes[..take * 4];
             if mem.read_slice(buf, desc.addr()).is_err() {
                 self.note(GuestFault::Unreadable { queue, addr, len });
+                faulted = true;
                 continue;
             }
             usable |= n > 0;
@@ -389,7 +393,7 @@ impl Balloon {
                 refused: excess,
             });
         }
-        if !usable {
+        if !usable && !faulted {
             self.note(GuestFault::EmptyBuffer { queue });
         }
         if inflate {
@@ -465,6 +469,7 @@ impl Balloon {
         let mut bytes = [0u8; MAX_BYTES];
         let mut filled = 0usize;
         let mut total: u64 = 0;
+        let mut faulted = false;
         for desc in chain {
             let (addr, len) = (desc.addr().0, desc.len());
             if desc.is_write_only() {
@@ -473,6 +478,7 @@ impl Balloon {
                     addr,
                     len,
                 });
+                faulted = true;
                 continue;
             }
             total += u64::from(len);
@@ -486,16 +492,19 @@ impl Balloon {
                     addr,
                     len,
                 });
+                faulted = true;
                 continue;
             }
             filled += take;
         }
         let len = u32::try_from(total).unwrap_or(u32::MAX);
         if total == 0 {
-            self.note(GuestFault::BadStatsBuffer {
-                len,
-                reason: "empty",
-            });
+            if !faulted {
+                self.note(GuestFault::BadStatsBuffer {
+                    len,
+                    reason: "empty",
+                });
+            }
         } else if total > MAX_BYTES as u64 {
             self.note(GuestFault::BadStatsBuffer {
                 len,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use log::{error, info, warn};
 use virtio::{device_type, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -176,6 +176,7 @@ impl VirtioMem {
         let Some(mut active) = self.active.take() else {
             return 0;
         };
+        let usable_before = self.usable_region_size;
         let mut returned = 0;
         for handled in 0.. {
             if handled == MAX_CHAINS_PER_EVENT {
@@ -200,8 +201,11 @@ impl VirtioMem {
         if returned > 0 {
             active.interrupt.notify_used();
         }
-        // A request may have changed the config (UNPLUG_ALL shrinks the usable region).
+        // UNPLUG_ALL may have shrunk the usable region: tell the driver.
         self.active = Some(active);
+        if self.usable_region_size != usable_before {
+            self.config_changed();
+        }
         returned
     }
 
@@ -251,6 +255,13 @@ impl VirtioMem {
             )));
             return 0;
         };
+        if !GuestMemoryBackend::check_range(mem, resp_at, response::SIZE) {
+            self.note(MemFault::BadChain(format!(
+                "response at {:#x} is not in guest memory",
+                resp_at.0
+            )));
+            return 0;
+        }
         let (kind, state) = if have < request::SIZE {
             self.note(MemFault::BadChain(format!(
                 "request of {have} bytes, expected {}",
@@ -330,11 +341,8 @@ impl VirtioMem {
                 if let Err(e) = self.unplug_all() {
                     return self.backend_failed("unplug all", &e);
                 }
-                let shrunk = self.usable_for(self.requested_size);
-                if shrunk != self.usable_region_size {
-                    self.usable_region_size = shrunk;
-                    self.config_changed();
-                }
+                // The config-change interrupt follows in `process_queue`.
+                self.usable_region_size = self.usable_for(self.requested_size);
                 (response::ACK, 0)
             }
             request::STATE => {
