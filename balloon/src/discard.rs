@@ -2,17 +2,31 @@
 //! pages per guest RAM region and one `madvise(MADV_DONTNEED)` (or, for file-backed regions,
 //! one `fallocate(PUNCH_HOLE)`) per coalesced run.
 //!
+//! Two modes:
+//! - [`DiscardBackend::new`]: inflate releases the memory before it returns (the guest's ack waits
+//!   for the system calls).
+//! - [`DiscardBackend::deferred`]: inflate only marks the pages ballooned and queues the ranges;
+//!   a worker thread releases them. The ack no longer waits for the kernel. A deflate of a page
+//!   still waiting for release clears its bit first, and the worker discards, under the same
+//!   lock, only pages still ballooned, so a page the guest took back is never discarded.
+//!   Free page reports stay synchronous: the guest reuses reported pages as soon as the buffer
+//!   comes back, so their discard must happen before the ack.
+//!
 //! It is the benchmark's "real memory backend" and a stand-in for the VMM until memory/'s
-//! manager is wired in (see [`crate::manager`]); it does not know about hot-add regions.
+//! manager is wired in; it does not know about hot-add regions.
 
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::backend::{BackendError, BalloonBackend, Outcome, PageRange, PAGE_SHIFT, PAGE_SIZE};
 
 type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Ranges the worker takes the lock for at a time (bounds how long a deflate can wait).
+const WORKER_CHUNK: usize = 64;
 
 struct RegionBits {
     start_pfn: u64,
@@ -21,13 +35,39 @@ struct RegionBits {
     bits: Vec<u64>,
 }
 
-/// Ballooned-page bitmap over guest RAM plus real discard of host backing.
-pub struct DiscardBackend {
+impl RegionBits {
+    fn get(&self, page: u64) -> bool {
+        self.bits[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    ranges: Vec<PageRange>,
+    in_flight: bool,
+    shutdown: bool,
+}
+
+struct Inner {
     mem: GuestMemoryMmap,
     regions: Mutex<Vec<RegionBits>>,
+    pending: Mutex<Pending>,
+    work: Condvar,
+    idle: Condvar,
+}
+
+/// Ballooned-page bitmap over guest RAM plus real discard of host backing.
+pub struct DiscardBackend {
+    inner: Arc<Inner>,
+    worker: Option<JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DiscardBackend {
+    /// Synchronous release: inflate returns once the memory is released.
     pub fn new(mem: GuestMemoryMmap) -> Self {
         let regions = mem
             .iter()
@@ -41,19 +81,51 @@ impl DiscardBackend {
             })
             .collect();
         Self {
-            mem,
-            regions: Mutex::new(regions),
+            inner: Arc::new(Inner {
+                mem,
+                regions: Mutex::new(regions),
+                pending: Mutex::default(),
+                work: Condvar::new(),
+                idle: Condvar::new(),
+            }),
+            worker: None,
         }
+    }
+
+    /// Deferred release on a worker thread (see the module documentation).
+    pub fn deferred(mem: GuestMemoryMmap) -> std::io::Result<Self> {
+        let mut b = Self::new(mem);
+        let inner = b.inner.clone();
+        b.worker = Some(
+            std::thread::Builder::new()
+                .name("balloon-discard".into())
+                .spawn(move || inner.worker_loop())?,
+        );
+        Ok(b)
     }
 
     /// Pages currently ballooned.
     pub fn ballooned_pages(&self) -> u64 {
-        let regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
-        regions
+        lock(&self.inner.regions)
             .iter()
             .flat_map(|r| r.bits.iter())
             .map(|w| u64::from(w.count_ones()))
             .sum()
+    }
+
+    /// Whether `pfn` is ballooned.
+    pub fn is_ballooned(&self, pfn: u64) -> bool {
+        lock(&self.inner.regions)
+            .iter()
+            .any(|r| pfn >= r.start_pfn && pfn < r.start_pfn + r.pages && r.get(pfn - r.start_pfn))
+    }
+
+    /// Waits until every queued release is done (deferred mode; immediate otherwise).
+    pub fn flush(&self) {
+        let mut p = lock(&self.inner.pending);
+        while !p.ranges.is_empty() || p.in_flight {
+            p = self.inner.idle.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Applies `f(region bits, first page index, count)` to each region part of `range`; parts
@@ -73,6 +145,51 @@ impl DiscardBackend {
             }
         }
         range.count - covered
+    }
+}
+
+impl Drop for DiscardBackend {
+    fn drop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            lock(&self.inner.pending).shutdown = true;
+            self.inner.work.notify_all();
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Inner {
+    fn worker_loop(&self) {
+        loop {
+            let batch = {
+                let mut p = lock(&self.pending);
+                while p.ranges.is_empty() && !p.shutdown {
+                    p = self.work.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                if p.ranges.is_empty() {
+                    return;
+                }
+                p.in_flight = true;
+                std::mem::take(&mut p.ranges)
+            };
+            for chunk in batch.chunks(WORKER_CHUNK) {
+                // Under the bitmap lock: a concurrent deflate either cleared its bits before
+                // (its pages are skipped) or waits until these discards are done.
+                let regions = lock(&self.regions);
+                for &range in chunk {
+                    for run in ballooned_runs(&regions, range) {
+                        if let Err(e) = self.discard(run) {
+                            log::error!("balloon: deferred release failed: {e}");
+                        }
+                    }
+                }
+            }
+            let mut p = lock(&self.pending);
+            p.in_flight = false;
+            if p.ranges.is_empty() {
+                self.idle.notify_all();
+            }
+        }
     }
 
     fn discard(&self, range: PageRange) -> Result<(), BackendError> {
@@ -104,6 +221,24 @@ impl DiscardBackend {
         }
         Ok(())
     }
+}
+
+/// Maximal runs of `range` whose pages are ballooned.
+fn ballooned_runs(regions: &[RegionBits], range: PageRange) -> Vec<PageRange> {
+    let mut runs: Vec<PageRange> = Vec::new();
+    for r in regions {
+        let lo = range.start.0.max(r.start_pfn);
+        let hi = range.end().min(r.start_pfn + r.pages);
+        for pfn in lo..hi {
+            if r.get(pfn - r.start_pfn) {
+                match runs.last_mut() {
+                    Some(run) if run.end() == pfn => run.count += 1,
+                    _ => runs.push(PageRange::new(pfn, 1)),
+                }
+            }
+        }
+    }
+    runs
 }
 
 /// `madvise(MADV_DONTNEED)`: private anonymous pages read as zero afterwards.
@@ -151,26 +286,30 @@ fn test_and_set(r: &mut RegionBits, first: u64, count: u64, set: bool) -> u64 {
 impl BalloonBackend for DiscardBackend {
     fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         let mut out = Outcome::default();
-        {
-            let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
-            for &range in ranges {
-                out.refused += Self::for_each_part(&mut regions, range, |r, first, count| {
-                    let c = test_and_set(r, first, count, true);
-                    out.changed += c;
-                    out.unchanged += count - c;
-                });
-            }
-        }
-        // One system call per run; discarding an already discarded page is harmless.
+        let mut regions = lock(&self.inner.regions);
         for &range in ranges {
-            self.discard(range)?;
+            out.refused += Self::for_each_part(&mut regions, range, |r, first, count| {
+                let c = test_and_set(r, first, count, true);
+                out.changed += c;
+                out.unchanged += count - c;
+            });
+        }
+        if self.worker.is_some() {
+            drop(regions);
+            lock(&self.inner.pending).ranges.extend_from_slice(ranges);
+            self.inner.work.notify_one();
+        } else {
+            // One system call per run; discarding an already discarded page is harmless.
+            for &range in ranges {
+                self.inner.discard(range)?;
+            }
         }
         Ok(out)
     }
 
     fn deflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         let mut out = Outcome::default();
-        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regions = lock(&self.inner.regions);
         for &range in ranges {
             out.refused += Self::for_each_part(&mut regions, range, |r, first, count| {
                 let c = test_and_set(r, first, count, false);
@@ -183,43 +322,39 @@ impl BalloonBackend for DiscardBackend {
 
     fn report_free(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         let mut out = Outcome::default();
+        // Held across the discards: a ballooned page cannot be deflated (and reused) while its
+        // neighbours are being released.
+        let mut regions = lock(&self.inner.regions);
         let mut runs = Vec::new();
-        {
-            let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
-            for &range in ranges {
-                out.refused += Self::for_each_part(&mut regions, range, |r, first, count| {
-                    // Discard the runs of pages that are not ballooned (ballooned ones are
-                    // already discarded and stay counted as ballooned).
-                    let mut run: Option<(u64, u64)> = None;
-                    for p in first..first + count {
-                        let ballooned = r.bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
-                        if ballooned {
-                            out.unchanged += 1;
-                            if let Some((s, n)) = run.take() {
-                                runs.push(PageRange::new(r.start_pfn + s, n));
+        for &range in ranges {
+            out.refused += Self::for_each_part(&mut regions, range, |r, first, count| {
+                // Discard the pages that are not ballooned (ballooned ones are discarded already
+                // and stay counted as ballooned).
+                for p in first..first + count {
+                    if r.get(p) {
+                        out.unchanged += 1;
+                    } else {
+                        out.changed += 1;
+                        let pfn = r.start_pfn + p;
+                        match runs.last_mut() {
+                            Some(PageRange { start, count }) if start.0 + *count == pfn => {
+                                *count += 1
                             }
-                        } else {
-                            out.changed += 1;
-                            match run.as_mut() {
-                                Some((_, n)) => *n += 1,
-                                None => run = Some((p, 1)),
-                            }
+                            _ => runs.push(PageRange::new(pfn, 1)),
                         }
                     }
-                    if let Some((s, n)) = run {
-                        runs.push(PageRange::new(r.start_pfn + s, n));
-                    }
-                });
-            }
+                }
+            });
         }
         for range in runs {
-            self.discard(range)?;
+            self.inner.discard(range)?;
         }
+        drop(regions);
         Ok(out)
     }
 
     fn deflate_all(&self) -> Result<Outcome, BackendError> {
-        let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regions = lock(&self.inner.regions);
         let mut out = Outcome::default();
         for r in regions.iter_mut() {
             for w in r.bits.iter_mut() {
@@ -228,5 +363,86 @@ impl BalloonBackend for DiscardBackend {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    fn resident(mem: &GuestMemoryMmap, pfn: u64) -> bool {
+        let host = mem.get_host_address(GuestAddress(pfn << 12)).unwrap();
+        let mut vec = [0u8; 1];
+        // SAFETY: mincore on one page of a live mapping, writing one byte into `vec`.
+        let ret = unsafe { libc::mincore(host.cast(), 4096, vec.as_mut_ptr()) };
+        assert_eq!(ret, 0);
+        vec[0] & 1 != 0
+    }
+
+    fn touch(mem: &GuestMemoryMmap, pfn: u64, v: u8) {
+        mem.write_obj(v, GuestAddress(pfn << 12)).unwrap();
+    }
+
+    fn read(mem: &GuestMemoryMmap, pfn: u64) -> u8 {
+        mem.read_obj(GuestAddress(pfn << 12)).unwrap()
+    }
+
+    #[test]
+    fn inflate_releases_and_deflate_keeps_zeroes() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap();
+        let b = DiscardBackend::new(mem.clone());
+        for p in 10..20 {
+            touch(&mem, p, 7);
+        }
+        let o = b.inflate(&[PageRange::new(10, 5)]).unwrap();
+        assert_eq!(o.changed, 5);
+        assert!(!resident(&mem, 10));
+        assert!(resident(&mem, 15));
+        assert_eq!(read(&mem, 12), 0, "discarded pages read as zero");
+        assert_eq!(b.deflate(&[PageRange::new(10, 10)]).unwrap().changed, 5);
+        assert_eq!(b.ballooned_pages(), 0);
+    }
+
+    #[test]
+    fn report_free_skips_ballooned_and_counts_discarded() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap();
+        let b = DiscardBackend::new(mem.clone());
+        b.inflate(&[PageRange::new(11, 1)]).unwrap();
+        for p in 10..14 {
+            touch(&mem, p, 1);
+        }
+        let o = b.report_free(&[PageRange::new(10, 4)]).unwrap();
+        assert_eq!((o.changed, o.unchanged), (3, 1));
+        assert!(!resident(&mem, 10));
+        assert!(b.is_ballooned(11));
+        assert!(!b.is_ballooned(10));
+    }
+
+    #[test]
+    fn deferred_release_never_discards_a_page_taken_back() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 24)]).unwrap();
+        let b = DiscardBackend::deferred(mem.clone()).unwrap();
+        for round in 0..200u64 {
+            let base = 16 + (round % 50) * 64;
+            for p in base..base + 64 {
+                touch(&mem, p, 3);
+            }
+            b.inflate(&[PageRange::new(base, 64)]).unwrap();
+            // The guest takes half back at once and writes to it, racing the worker.
+            b.deflate(&[PageRange::new(base, 32)]).unwrap();
+            for p in base..base + 32 {
+                touch(&mem, p, 9);
+            }
+            b.flush();
+            for p in base..base + 32 {
+                assert_eq!(read(&mem, p), 9, "round {round}: page {p} lost its data");
+            }
+            for p in base + 32..base + 64 {
+                assert!(!resident(&mem, p));
+            }
+            b.deflate(&[PageRange::new(base + 32, 32)]).unwrap();
+        }
     }
 }
