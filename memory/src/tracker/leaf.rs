@@ -1,0 +1,333 @@
+//! Bitmap leaves: 64 slots of 64 pages each, one bit per page (4096 pages, 16 MiB of guest RAM).
+//!
+//! Marks cost nothing while every page in the leaf carries the same marks (`uniform`); only a leaf
+//! whose pages carry different marks gets a `MarkMaps` box with one bitmap per mark.
+
+use super::fbox::FBox;
+use super::{Delta, Marks, Op, Pool, MARK_COUNT};
+
+/// Pages per leaf (log2).
+pub const LEAF_SHIFT: u32 = 12;
+pub const LEAF_PAGES: u64 = 1 << LEAF_SHIFT;
+pub const WORDS: usize = 64;
+
+/// One bitmap per mark, each a subset of the leaf's presence bits.
+#[derive(Debug, Clone)]
+pub struct MarkMaps(pub [[u64; WORDS]; MARK_COUNT]);
+
+#[derive(Debug)]
+pub struct Leaf {
+    pub bits: [u64; WORDS],
+    /// Present pages.
+    pub count: u16,
+    /// Present pages carrying each mark.
+    pub mcount: [u16; MARK_COUNT],
+    /// The marks of every present page, when `mixed` is `None`.
+    pub uniform: Marks,
+    pub mixed: Option<FBox<MarkMaps>>,
+}
+
+/// Bit mask of positions `lo..hi` within one word, `lo < hi <= 64`.
+#[inline]
+pub fn word_mask(lo: u32, hi: u32) -> u64 {
+    let upper = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
+    upper & !((1u64 << lo) - 1)
+}
+
+/// Calls `f(word, mask)` for each word touched by page offsets `lo..hi` within a leaf.
+#[inline]
+fn for_words(lo: u64, hi: u64, mut f: impl FnMut(usize, u64)) {
+    let first = (lo >> 6) as usize;
+    let last = ((hi - 1) >> 6) as usize;
+    for w in first..=last {
+        let a = if w == first { (lo & 63) as u32 } else { 0 };
+        let b = if w == last {
+            ((hi - 1) & 63) as u32 + 1
+        } else {
+            64
+        };
+        f(w, word_mask(a, b));
+    }
+}
+
+impl Leaf {
+    pub fn empty() -> Self {
+        Leaf {
+            bits: [0; WORDS],
+            count: 0,
+            mcount: [0; MARK_COUNT],
+            uniform: Marks::NONE,
+            mixed: None,
+        }
+    }
+
+    /// Re-initialises a (pooled) leaf as a fully present one with uniform `marks`.
+    pub fn set_full(&mut self, marks: Marks) {
+        self.bits = [u64::MAX; WORDS];
+        self.count = LEAF_PAGES as u16;
+        self.uniform = marks;
+        for k in 0..MARK_COUNT {
+            self.mcount[k] = if marks.has(k) { LEAF_PAGES as u16 } else { 0 };
+        }
+        self.mixed = None;
+    }
+
+    pub fn set_empty(&mut self) {
+        self.bits = [0; WORDS];
+        self.count = 0;
+        self.uniform = Marks::NONE;
+        self.mcount = [0; MARK_COUNT];
+        self.mixed = None;
+    }
+
+    pub fn is_full_uniform(&self) -> Option<Marks> {
+        (u64::from(self.count) == LEAF_PAGES && self.mixed.is_none()).then_some(self.uniform)
+    }
+
+    /// Marks carried by at least one page.
+    pub fn any_marks(&self) -> Marks {
+        let mut m = Marks::NONE;
+        for k in 0..MARK_COUNT {
+            if self.mcount[k] > 0 {
+                m = m.with(k);
+            }
+        }
+        m
+    }
+
+    #[inline]
+    pub fn contains(&self, off: u64) -> bool {
+        self.bits[(off >> 6) as usize] & (1 << (off & 63)) != 0
+    }
+
+    pub fn marks_at(&self, off: u64) -> Marks {
+        match &self.mixed {
+            None => self.uniform,
+            Some(maps) => {
+                let (w, b) = ((off >> 6) as usize, off & 63);
+                let mut m = Marks::NONE;
+                for k in 0..MARK_COUNT {
+                    if maps.0[k][w] & (1 << b) != 0 {
+                        m = m.with(k);
+                    }
+                }
+                m
+            }
+        }
+    }
+
+    /// Bits of word `w` whose pages carry mark `k`.
+    #[inline]
+    pub fn mark_word(&self, k: usize, w: usize) -> u64 {
+        match &self.mixed {
+            None if self.uniform.has(k) => self.bits[w],
+            None => 0,
+            Some(maps) => maps.0[k][w],
+        }
+    }
+
+    /// Bits of word `w` whose pages carry exactly `marks`.
+    #[inline]
+    pub fn exact_word(&self, marks: Marks, w: usize) -> u64 {
+        match &self.mixed {
+            None if self.uniform == marks => self.bits[w],
+            None => 0,
+            Some(maps) => {
+                let mut e = self.bits[w];
+                for k in 0..MARK_COUNT {
+                    e &= if marks.has(k) {
+                        maps.0[k][w]
+                    } else {
+                        !maps.0[k][w]
+                    };
+                }
+                e
+            }
+        }
+    }
+
+    /// Would applying `op` to `lo..hi` need a `MarkMaps` box? (Used to reserve ahead.)
+    pub fn needs_maps(&self, op: Op, lo: u64, hi: u64) -> bool {
+        if self.mixed.is_some() || self.count == 0 {
+            return false;
+        }
+        match op {
+            Op::Insert(m) => {
+                if m == self.uniform || u64::from(self.count) == LEAF_PAGES {
+                    return false;
+                }
+                let mut absent = 0u32;
+                for_words(lo, hi, |w, mask| {
+                    absent += (mask & !self.bits[w]).count_ones()
+                });
+                absent != 0
+            }
+            Op::Remove => false,
+            Op::SetMark(k) | Op::ClearMark(k) => {
+                let has = self.uniform.has(k);
+                if matches!(op, Op::SetMark(_)) == has {
+                    return false;
+                }
+                let mut sel = 0u32;
+                for_words(lo, hi, |w, mask| sel += (self.bits[w] & mask).count_ones());
+                sel != 0 && sel != u32::from(self.count)
+            }
+        }
+    }
+
+    fn make_mixed(&mut self, pool: &mut Pool) {
+        let mut maps = pool.take_maps();
+        for k in 0..MARK_COUNT {
+            maps.0[k] = if self.uniform.has(k) {
+                self.bits
+            } else {
+                [0; WORDS]
+            };
+        }
+        self.mixed = Some(maps);
+    }
+
+    /// Drops the mark bitmaps once every mark is on all present pages or on none.
+    fn normalise(&mut self) {
+        if self.mixed.is_none() {
+            return;
+        }
+        let mut u = Marks::NONE;
+        for k in 0..MARK_COUNT {
+            if self.mcount[k] == self.count && self.count > 0 {
+                u = u.with(k);
+            } else if self.mcount[k] != 0 {
+                return;
+            }
+        }
+        self.uniform = u;
+        self.mixed = None;
+    }
+
+    /// Applies `op` to page offsets `lo..hi` (`lo < hi <= LEAF_PAGES`).
+    pub fn apply(&mut self, op: Op, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
+        let mut d = Delta::default();
+        match op {
+            Op::Insert(m) => {
+                let mut new = 0u32;
+                for_words(lo, hi, |w, mask| new += (mask & !self.bits[w]).count_ones());
+                if new == 0 {
+                    return d;
+                }
+                if self.count == 0 {
+                    self.uniform = m;
+                } else if self.mixed.is_none() && self.uniform != m {
+                    self.make_mixed(pool);
+                }
+                let mixed = &mut self.mixed;
+                let bits = &mut self.bits;
+                for_words(lo, hi, |w, mask| {
+                    let add = mask & !bits[w];
+                    bits[w] |= add;
+                    if let Some(maps) = mixed {
+                        for k in 0..MARK_COUNT {
+                            if m.has(k) {
+                                maps.0[k][w] |= add;
+                            }
+                        }
+                    }
+                });
+                self.count += new as u16;
+                d.present = i64::from(new);
+                for k in 0..MARK_COUNT {
+                    if m.has(k) {
+                        self.mcount[k] += new as u16;
+                        d.marks[k] = i64::from(new);
+                    }
+                }
+                self.normalise();
+            }
+            Op::Remove => {
+                let mut gone_marks = [0u32; MARK_COUNT];
+                let mut gone = 0u32;
+                let uniform = self.uniform;
+                let mixed = &mut self.mixed;
+                let bits = &mut self.bits;
+                for_words(lo, hi, |w, mask| {
+                    let g = bits[w] & mask;
+                    if g == 0 {
+                        return;
+                    }
+                    bits[w] &= !g;
+                    let n = g.count_ones();
+                    gone += n;
+                    match mixed {
+                        None => {
+                            for (k, gm) in gone_marks.iter_mut().enumerate() {
+                                if uniform.has(k) {
+                                    *gm += n;
+                                }
+                            }
+                        }
+                        Some(maps) => {
+                            for (k, gm) in gone_marks.iter_mut().enumerate() {
+                                *gm += (maps.0[k][w] & g).count_ones();
+                                maps.0[k][w] &= !g;
+                            }
+                        }
+                    }
+                });
+                self.count -= gone as u16;
+                d.present = -i64::from(gone);
+                for (k, gm) in gone_marks.iter().enumerate() {
+                    self.mcount[k] -= *gm as u16;
+                    d.marks[k] = -i64::from(*gm);
+                }
+                if self.count == 0 {
+                    self.set_empty();
+                } else {
+                    self.normalise();
+                }
+            }
+            Op::SetMark(k) | Op::ClearMark(k) => {
+                let set = matches!(op, Op::SetMark(_));
+                if self.mixed.is_none() {
+                    if self.uniform.has(k) == set {
+                        return d;
+                    }
+                    let mut sel = 0u32;
+                    for_words(lo, hi, |w, mask| sel += (self.bits[w] & mask).count_ones());
+                    if sel == 0 {
+                        return d;
+                    }
+                    if sel == u32::from(self.count) {
+                        self.uniform = if set {
+                            self.uniform.with(k)
+                        } else {
+                            self.uniform.without(k)
+                        };
+                        self.mcount[k] = if set { self.count } else { 0 };
+                        d.marks[k] = if set { i64::from(sel) } else { -i64::from(sel) };
+                        return d;
+                    }
+                    self.make_mixed(pool);
+                }
+                let mut changed = 0u32;
+                if let Some(maps) = &mut self.mixed {
+                    let bits = &self.bits;
+                    let map = &mut maps.0[k];
+                    for_words(lo, hi, |w, mask| {
+                        let sel = bits[w] & mask;
+                        let before = map[w];
+                        map[w] = if set { before | sel } else { before & !sel };
+                        changed += (before ^ map[w]).count_ones();
+                    });
+                }
+                if set {
+                    self.mcount[k] += changed as u16;
+                    d.marks[k] = i64::from(changed);
+                } else {
+                    self.mcount[k] -= changed as u16;
+                    d.marks[k] = -i64::from(changed);
+                }
+                self.normalise();
+            }
+        }
+        d
+    }
+}

@@ -1,0 +1,986 @@
+//! The offline-page tracker: an xarray-like radix tree over guest page frame numbers.
+//!
+//! # Conventions in this module
+//! - `index`/`start`/`count`: page frame numbers (4 KiB pages) and page counts, plain `u64` as in
+//!   xarray; the manager wraps them in `Pfn`/`PageRange`.
+//! - `level`: 0 is a leaf (a 4096-page bitmap); a node at level `L >= 1` has 64 slots, each covering
+//!   `1 << slot_shift(L)` pages. The root's level is the tree's `height`.
+//! - `lo..hi`: a half-open page range relative to the base of the node or leaf being worked on.
+//! - `k`: a mark index (see [`Mark`]); `Marks` is a set of marks.
+//!
+//! # Shape
+//! Every node slot is *empty*, *full* (a multi-index entry: every page of the slot's aligned range
+//! is present with the same marks, at no cost beyond the slot's bits), or points at a child. A node
+//! keeps `present`, `full` and one summary bitmap per mark: for a full slot the mark bit says whether
+//! its pages carry the mark, for a child whether any page below does. Searches for a mark follow the
+//! summary bits only, so empty subtrees are never visited. Children are stored densely in slot order
+//! (`present & !full` says which slots have one), so a node of only full slots costs 64 bytes.
+//!
+//! # Allocation
+//! Every operation first works out exactly which nodes, leaves and mark bitmaps it will need,
+//! allocates them fallibly into a pool (and reserves room in the child vectors it will grow), and
+//! only then changes the tree. A failed allocation returns [`TrackerError::NoMemory`] with the tree
+//! untouched; [`Tracker::reserve`] lets a caller allocate ahead of time, like xarray's reserve.
+
+mod cursor;
+pub mod fbox;
+mod leaf;
+
+pub use cursor::{Chunk, Chunks, MarkedRuns, Run, Runs};
+use fbox::{AllocError, FBox};
+use leaf::{Leaf, MarkMaps, LEAF_SHIFT, WORDS};
+
+/// Number of marks per entry.
+pub const MARK_COUNT: usize = 3;
+
+/// Largest page frame number the tracker accepts: 52 bits of PFN cover the whole 64-bit guest
+/// physical address space at 4 KiB pages.
+pub const MAX_INDEX: u64 = (1 << 52) - 1;
+
+const SLOT_SHIFT: u32 = 6;
+const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
+
+/// Why a tracked page is offline, or what has been done to it. Used as a mark index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mark {
+    Ballooned = 0,
+    Unplugged = 1,
+    /// The host backing of the page has been released.
+    Discarded = 2,
+}
+
+/// A set of [`Mark`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Marks(pub u8);
+
+impl Marks {
+    pub const NONE: Marks = Marks(0);
+
+    pub fn of(marks: &[Mark]) -> Marks {
+        marks.iter().fold(Marks::NONE, |m, &k| m.with(k as usize))
+    }
+    #[inline]
+    pub fn has(self, k: usize) -> bool {
+        self.0 & (1 << k) != 0
+    }
+    #[inline]
+    pub fn contains(self, mark: Mark) -> bool {
+        self.has(mark as usize)
+    }
+    #[inline]
+    pub fn with(self, k: usize) -> Marks {
+        Marks(self.0 | (1 << k))
+    }
+    #[inline]
+    pub fn without(self, k: usize) -> Marks {
+        Marks(self.0 & !(1 << k))
+    }
+}
+
+impl From<Mark> for Marks {
+    fn from(m: Mark) -> Marks {
+        Marks(1 << m as usize)
+    }
+}
+
+/// Errors of the tracker. The tree is unchanged whenever one is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TrackerError {
+    #[error("page range 0x{start:x}+0x{count:x} goes past the largest trackable PFN 0x{max:x}")]
+    OutOfRange { start: u64, count: u64, max: u64 },
+    #[error("out of memory growing the offline-page tracker ({bytes} bytes requested)")]
+    NoMemory { bytes: usize },
+}
+
+impl From<AllocError> for TrackerError {
+    fn from(e: AllocError) -> Self {
+        TrackerError::NoMemory { bytes: e.bytes }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Insert(Marks),
+    Remove,
+    SetMark(usize),
+    ClearMark(usize),
+}
+
+/// Change in the number of present pages and of pages carrying each mark.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Delta {
+    present: i64,
+    marks: [i64; MARK_COUNT],
+}
+
+impl Delta {
+    fn add(&mut self, o: Delta) {
+        self.present += o.present;
+        for k in 0..MARK_COUNT {
+            self.marks[k] += o.marks[k];
+        }
+    }
+    fn whole(sign: i64, pages: u64, marks: Marks) -> Delta {
+        let mut d = Delta {
+            present: sign * pages as i64,
+            ..Delta::default()
+        };
+        for k in 0..MARK_COUNT {
+            if marks.has(k) {
+                d.marks[k] = sign * pages as i64;
+            }
+        }
+        d
+    }
+}
+
+#[derive(Debug)]
+enum Child {
+    Leaf(FBox<Leaf>),
+    Node(FBox<Node>),
+}
+
+#[derive(Debug)]
+struct Node {
+    present: u64,
+    full: u64,
+    marks: [u64; MARK_COUNT],
+    children: Vec<Child>,
+}
+
+#[inline]
+fn below(i: u32) -> u64 {
+    (1u64 << i) - 1
+}
+
+/// Log2 of the pages covered by one slot of a node at `level` (>= 1).
+#[inline]
+fn slot_shift(level: u32) -> u32 {
+    LEAF_SHIFT + SLOT_SHIFT * (level - 1)
+}
+
+/// Log2 of the pages covered by a node at `level` (0 = leaf).
+#[inline]
+fn span_shift(level: u32) -> u32 {
+    LEAF_SHIFT + SLOT_SHIFT * level
+}
+
+/// Slots `first..=last` of a node, as a mask.
+#[inline]
+fn slot_range_mask(first: u32, last: u32) -> u64 {
+    leaf::word_mask(first, last + 1)
+}
+
+impl Node {
+    fn empty() -> Node {
+        Node {
+            present: 0,
+            full: 0,
+            marks: [0; MARK_COUNT],
+            children: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn child_index(&self, i: u32) -> usize {
+        (self.present & !self.full & below(i)).count_ones() as usize
+    }
+
+    fn slot_marks(&self, i: u32) -> Marks {
+        let mut m = Marks::NONE;
+        for k in 0..MARK_COUNT {
+            if self.marks[k] & (1 << i) != 0 {
+                m = m.with(k);
+            }
+        }
+        m
+    }
+
+    fn set_slot_marks(&mut self, i: u32, m: Marks) {
+        for k in 0..MARK_COUNT {
+            if m.has(k) {
+                self.marks[k] |= 1 << i;
+            } else {
+                self.marks[k] &= !(1 << i);
+            }
+        }
+    }
+
+    fn any_marks(&self) -> Marks {
+        let mut m = Marks::NONE;
+        for k in 0..MARK_COUNT {
+            if self.marks[k] != 0 {
+                m = m.with(k);
+            }
+        }
+        m
+    }
+
+    fn is_full_uniform(&self) -> Option<Marks> {
+        if self.full != u64::MAX {
+            return None;
+        }
+        let mut m = Marks::NONE;
+        for k in 0..MARK_COUNT {
+            match self.marks[k] {
+                0 => {}
+                u64::MAX => m = m.with(k),
+                _ => return None,
+            }
+        }
+        Some(m)
+    }
+
+    fn set_full(&mut self, marks: Marks) {
+        self.present = u64::MAX;
+        self.full = u64::MAX;
+        for k in 0..MARK_COUNT {
+            self.marks[k] = if marks.has(k) { u64::MAX } else { 0 };
+        }
+        self.children.clear();
+    }
+
+    /// Exact heap bytes below and including this node's child vector (not the node itself).
+    fn heap_bytes(&self) -> usize {
+        let mut b = self.children.capacity() * std::mem::size_of::<Child>();
+        for c in &self.children {
+            b += match c {
+                Child::Leaf(l) => {
+                    std::mem::size_of::<Leaf>()
+                        + l.mixed
+                            .as_ref()
+                            .map_or(0, |_| std::mem::size_of::<MarkMaps>())
+                }
+                Child::Node(n) => std::mem::size_of::<Node>() + n.heap_bytes(),
+            };
+        }
+        b
+    }
+
+    /// Puts `child` (just worked on) back into slot `i`, collapsing it into a full slot or dropping
+    /// it when it became uniform-full or empty.
+    fn settle_child(&mut self, i: u32, idx: usize) {
+        let bit = 1u64 << i;
+        let (empty, full, any) = match &self.children[idx] {
+            Child::Leaf(l) => (l.count == 0, l.is_full_uniform(), l.any_marks()),
+            Child::Node(n) => (n.present == 0, n.is_full_uniform(), n.any_marks()),
+        };
+        if empty {
+            self.children.remove(idx);
+            self.present &= !bit;
+            self.set_slot_marks(i, Marks::NONE);
+        } else if let Some(m) = full {
+            self.children.remove(idx);
+            self.full |= bit;
+            self.set_slot_marks(i, m);
+        } else {
+            self.set_slot_marks(i, any);
+        }
+    }
+
+    /// Applies `op` to pages `lo..hi` relative to this node (at `level` >= 1).
+    fn apply(&mut self, level: u32, lo: u64, hi: u64, op: Op, pool: &mut Pool) -> Delta {
+        let sshift = slot_shift(level);
+        let sspan = 1u64 << sshift;
+        let first = (lo >> sshift) as u32;
+        let last = ((hi - 1) >> sshift) as u32;
+        let mut d = Delta::default();
+        for i in first..=last {
+            let base = u64::from(i) << sshift;
+            let s_lo = lo.max(base) - base;
+            let s_hi = hi.min(base + sspan) - base;
+            let whole = s_lo == 0 && s_hi == sspan;
+            let bit = 1u64 << i;
+            if self.present & bit == 0 {
+                let Op::Insert(m) = op else { continue };
+                if whole {
+                    self.present |= bit;
+                    self.full |= bit;
+                    self.set_slot_marks(i, m);
+                    d.add(Delta::whole(1, sspan, m));
+                    continue;
+                }
+                let idx = self.child_index(i);
+                let child = if level == 1 {
+                    Child::Leaf(pool.take_leaf())
+                } else {
+                    Child::Node(pool.take_node())
+                };
+                self.children.insert(idx, child);
+                self.present |= bit;
+            } else if self.full & bit != 0 {
+                let fm = self.slot_marks(i);
+                let effective = match op {
+                    Op::Insert(_) => false,
+                    Op::Remove => true,
+                    Op::SetMark(k) => !fm.has(k),
+                    Op::ClearMark(k) => fm.has(k),
+                };
+                if !effective {
+                    continue;
+                }
+                if whole {
+                    match op {
+                        Op::Remove => {
+                            self.present &= !bit;
+                            self.full &= !bit;
+                            self.set_slot_marks(i, Marks::NONE);
+                            d.add(Delta::whole(-1, sspan, fm));
+                        }
+                        Op::SetMark(k) => {
+                            self.marks[k] |= bit;
+                            d.marks[k] += sspan as i64;
+                        }
+                        Op::ClearMark(k) => {
+                            self.marks[k] &= !bit;
+                            d.marks[k] -= sspan as i64;
+                        }
+                        Op::Insert(_) => unreachable!(),
+                    }
+                    continue;
+                }
+                // Split the multi-index entry: a child that is fully present with `fm`.
+                self.full &= !bit;
+                let idx = self.child_index(i);
+                let child = if level == 1 {
+                    let mut l = pool.take_leaf();
+                    l.set_full(fm);
+                    Child::Leaf(l)
+                } else {
+                    let mut n = pool.take_node();
+                    n.set_full(fm);
+                    Child::Node(n)
+                };
+                self.children.insert(idx, child);
+            }
+            let idx = self.child_index(i);
+            let cd = match &mut self.children[idx] {
+                Child::Leaf(l) => l.apply(op, s_lo, s_hi, pool),
+                Child::Node(n) => n.apply(level - 1, s_lo, s_hi, op, pool),
+            };
+            d.add(cd);
+            self.settle_child(i, idx);
+        }
+        d
+    }
+
+    /// Before `apply`: reserves room in the child vectors that will grow and counts the nodes,
+    /// leaves and mark bitmaps the operation will take from the pool.
+    fn prepare(
+        &mut self,
+        level: u32,
+        lo: u64,
+        hi: u64,
+        op: Op,
+        need: &mut Need,
+    ) -> Result<(), AllocError> {
+        let sshift = slot_shift(level);
+        let sspan = 1u64 << sshift;
+        let first = (lo >> sshift) as u32;
+        let last = ((hi - 1) >> sshift) as u32;
+        let mut grow = 0usize;
+        for i in first..=last {
+            let base = u64::from(i) << sshift;
+            let s_lo = lo.max(base) - base;
+            let s_hi = hi.min(base + sspan) - base;
+            let whole = s_lo == 0 && s_hi == sspan;
+            let bit = 1u64 << i;
+            if self.present & bit == 0 {
+                if matches!(op, Op::Insert(_)) && !whole {
+                    grow += 1;
+                    need.subtree(level - 1, s_lo, s_hi, false);
+                }
+            } else if self.full & bit != 0 {
+                let fm = self.slot_marks(i);
+                let effective = match op {
+                    Op::Insert(_) => false,
+                    Op::Remove => true,
+                    Op::SetMark(k) => !fm.has(k),
+                    Op::ClearMark(k) => fm.has(k),
+                };
+                if effective && !whole {
+                    grow += 1;
+                    let maps = matches!(op, Op::SetMark(_) | Op::ClearMark(_));
+                    need.subtree(level - 1, s_lo, s_hi, maps);
+                }
+            } else {
+                // Inside a whole child only inserts can need memory (mark bitmaps of leaves
+                // whose pages get different marks); removals and mark changes only at the edges.
+                if whole && !matches!(op, Op::Insert(_)) {
+                    continue;
+                }
+                let idx = self.child_index(i);
+                match &mut self.children[idx] {
+                    Child::Leaf(l) => {
+                        if l.needs_maps(op, s_lo, s_hi) {
+                            need.maps += 1;
+                        }
+                    }
+                    Child::Node(n) => n.prepare(level - 1, s_lo, s_hi, op, need)?,
+                }
+            }
+        }
+        if grow > 0 {
+            self.children.try_reserve(grow).map_err(|_| AllocError {
+                bytes: grow * std::mem::size_of::<Child>(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Allocations an operation will take from the pool.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    pub nodes: usize,
+    pub leaves: usize,
+    pub maps: usize,
+}
+
+impl Need {
+    /// A new subtree at `level` (0 = leaf) materialised for the partial range `lo..hi`: one node
+    /// per level along each edge of the range, and a leaf at the bottom of each.
+    fn subtree(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
+        if level == 0 {
+            self.leaves += 1;
+            if maps {
+                self.maps += 1;
+            }
+            return;
+        }
+        self.nodes += 1;
+        self.edges(level, lo, hi, maps);
+    }
+
+    /// The new subtrees for the partially covered edge slots of `lo..hi` in a node at `level`.
+    fn edges(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
+        let sshift = slot_shift(level);
+        let sspan = 1u64 << sshift;
+        let first = lo >> sshift;
+        let last = (hi - 1) >> sshift;
+        let n = if first == last { 1 } else { 2 };
+        for i in [first, last].into_iter().take(n) {
+            let base = i << sshift;
+            let s_lo = lo.max(base) - base;
+            let s_hi = hi.min(base + sspan) - base;
+            if !(s_lo == 0 && s_hi == sspan) {
+                self.subtree(level - 1, s_lo, s_hi, maps);
+            }
+        }
+    }
+}
+
+/// Nodes, leaves and mark bitmaps allocated ahead of the changes that use them.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    nodes: Vec<FBox<Node>>,
+    leaves: Vec<FBox<Leaf>>,
+    maps: Vec<FBox<MarkMaps>>,
+}
+
+impl Pool {
+    fn reserve(&mut self, need: Need) -> Result<(), AllocError> {
+        if self.nodes.len() < need.nodes {
+            self.nodes
+                .try_reserve(need.nodes - self.nodes.len())
+                .map_err(|_| AllocError {
+                    bytes: need.nodes * 8,
+                })?;
+        }
+        while self.nodes.len() < need.nodes {
+            let mut n = FBox::try_new(Node::empty())?;
+            // Room for the children a new node gets within one operation: two partial edges,
+            // plus the old root when it becomes the top of a taller tree.
+            n.children.try_reserve_exact(3).map_err(|_| AllocError {
+                bytes: 2 * std::mem::size_of::<Child>(),
+            })?;
+            self.nodes.push(n);
+        }
+        if self.leaves.len() < need.leaves {
+            self.leaves
+                .try_reserve(need.leaves - self.leaves.len())
+                .map_err(|_| AllocError {
+                    bytes: need.leaves * 8,
+                })?;
+        }
+        while self.leaves.len() < need.leaves {
+            self.leaves.push(FBox::try_new(Leaf::empty())?);
+        }
+        if self.maps.len() < need.maps {
+            self.maps
+                .try_reserve(need.maps - self.maps.len())
+                .map_err(|_| AllocError {
+                    bytes: need.maps * 8,
+                })?;
+        }
+        while self.maps.len() < need.maps {
+            self.maps
+                .push(FBox::try_new(MarkMaps([[0; WORDS]; MARK_COUNT]))?);
+        }
+        Ok(())
+    }
+
+    /// Frees the spare lists' own storage once they are empty.
+    fn release_empty(&mut self) {
+        if self.nodes.is_empty() && self.nodes.capacity() != 0 {
+            self.nodes = Vec::new();
+        }
+        if self.leaves.is_empty() && self.leaves.capacity() != 0 {
+            self.leaves = Vec::new();
+        }
+        if self.maps.is_empty() && self.maps.capacity() != 0 {
+            self.maps = Vec::new();
+        }
+    }
+
+    fn take_node(&mut self) -> FBox<Node> {
+        match self.nodes.pop() {
+            Some(n) => n,
+            None => panic!("tracker pool ran out of nodes: reservation miscounted"),
+        }
+    }
+    pub(crate) fn take_leaf(&mut self) -> FBox<Leaf> {
+        match self.leaves.pop() {
+            Some(mut l) => {
+                l.set_empty();
+                l
+            }
+            None => panic!("tracker pool ran out of leaves: reservation miscounted"),
+        }
+    }
+    pub(crate) fn take_maps(&mut self) -> FBox<MarkMaps> {
+        match self.maps.pop() {
+            Some(m) => m,
+            None => panic!("tracker pool ran out of mark bitmaps: reservation miscounted"),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.nodes.capacity() * 8
+            + self.leaves.capacity() * 8
+            + self.maps.capacity() * 8
+            + self
+                .nodes
+                .iter()
+                .map(|n| {
+                    std::mem::size_of::<Node>()
+                        + n.children.capacity() * std::mem::size_of::<Child>()
+                })
+                .sum::<usize>()
+            + self.leaves.len() * std::mem::size_of::<Leaf>()
+            + self.maps.len() * std::mem::size_of::<MarkMaps>()
+    }
+}
+
+/// The set of offline pages, each with its marks.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    root: Option<FBox<Node>>,
+    height: u32,
+    count: u64,
+    mark_count: [u64; MARK_COUNT],
+    pool: Pool,
+}
+
+/// Height needed for index `last` to be in the tree (>= 1).
+fn height_for(last: u64) -> u32 {
+    let mut h = 1;
+    while h < MAX_HEIGHT && last >> span_shift(h) != 0 {
+        h += 1;
+    }
+    h
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker::default()
+    }
+
+    /// Number of tracked pages, O(1).
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Number of tracked pages carrying `mark`, O(1).
+    pub fn count_marked(&self, mark: Mark) -> u64 {
+        self.mark_count[mark as usize]
+    }
+
+    fn check(start: u64, count: u64) -> Result<u64, TrackerError> {
+        match start.checked_add(count) {
+            Some(end) if end - 1 <= MAX_INDEX => Ok(end),
+            _ => Err(TrackerError::OutOfRange {
+                start,
+                count,
+                max: MAX_INDEX,
+            }),
+        }
+    }
+
+    fn run(&mut self, start: u64, count: u64, op: Op) -> Result<Delta, TrackerError> {
+        if count == 0 {
+            return Ok(Delta::default());
+        }
+        let end = Self::check(start, count)?;
+        let insert = matches!(op, Op::Insert(_));
+        let (hi, need_h) = if insert {
+            (end, height_for(end - 1).max(self.height))
+        } else {
+            if self.root.is_none() {
+                return Ok(Delta::default());
+            }
+            let span_end = 1u64 << span_shift(self.height);
+            if start >= span_end {
+                return Ok(Delta::default());
+            }
+            (end.min(span_end), self.height)
+        };
+        // Phase 1: everything that can fail.
+        let mut need = Need::default();
+        match &mut self.root {
+            // A fresh root at `need_h` and the chains below it.
+            None => need.subtree(need_h, start, hi, false),
+            Some(root) => {
+                let old_end = 1u64 << span_shift(self.height);
+                if start < old_end {
+                    root.prepare(self.height, start, old_end.min(hi), op, &mut need)?;
+                }
+                // Growth: one new node per level, the old root hanging at slot 0 of the chain;
+                // the part of the range in slots 1.. of each new node lands in fresh subtrees.
+                for lvl in self.height + 1..=need_h {
+                    need.nodes += 1;
+                    let sshift = slot_shift(lvl);
+                    let a = start.max(1u64 << sshift);
+                    let b = hi.min(1u64 << span_shift(lvl));
+                    if a < b {
+                        need.edges(lvl, a, b, false);
+                    }
+                }
+            }
+        }
+        let prior = self.reserved();
+        self.pool.reserve(Need {
+            nodes: prior.nodes.max(need.nodes),
+            leaves: prior.leaves.max(need.leaves),
+            maps: prior.maps.max(need.maps),
+        })?;
+
+        // Phase 2: the changes, which cannot fail.
+        if self.root.is_none() {
+            self.root = Some(self.pool.take_node());
+            self.height = need_h;
+        }
+        while self.height < need_h {
+            let old = self.root.take().expect("root present");
+            let mut top = self.pool.take_node();
+            if old.present != 0 {
+                top.present = 1;
+                if let Some(m) = old.is_full_uniform() {
+                    top.full = 1;
+                    top.set_slot_marks(0, m);
+                } else {
+                    top.set_slot_marks(0, old.any_marks());
+                    top.children.push(Child::Node(old));
+                }
+            }
+            self.root = Some(top);
+            self.height += 1;
+        }
+        let root = self.root.as_mut().expect("root present");
+        let d = root.apply(self.height, start, hi, op, &mut self.pool);
+        self.count = (self.count as i64 + d.present) as u64;
+        for k in 0..MARK_COUNT {
+            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
+        }
+        self.shrink();
+        self.pool.release_empty();
+        debug_assert_eq!(
+            self.reserved(),
+            Need {
+                nodes: prior.nodes.max(need.nodes) - need.nodes,
+                leaves: prior.leaves.max(need.leaves) - need.leaves,
+                maps: prior.maps.max(need.maps) - need.maps,
+            },
+            "reservation miscounted for {op:?} on 0x{start:x}..0x{hi:x}"
+        );
+        Ok(d)
+    }
+
+    fn shrink(&mut self) {
+        let Some(root) = &self.root else { return };
+        if root.present == 0 {
+            self.root = None;
+            self.height = 0;
+            return;
+        }
+        while self.height > 1 {
+            let root = self.root.as_mut().expect("root present");
+            if root.present != 1 || root.full & 1 != 0 {
+                break;
+            }
+            let Some(Child::Node(child)) = root.children.pop() else {
+                unreachable!("slot 0 of a node above level 1 holds a node")
+            };
+            self.root = Some(child);
+            self.height -= 1;
+        }
+    }
+
+    /// Adds pages `start..start+count` with `marks`; pages already present keep their marks.
+    /// Returns how many pages were added.
+    pub fn insert_range(
+        &mut self,
+        start: u64,
+        count: u64,
+        marks: Marks,
+    ) -> Result<u64, TrackerError> {
+        Ok(self.run(start, count, Op::Insert(marks))?.present as u64)
+    }
+
+    /// Adds one page; returns whether it was absent.
+    pub fn insert(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
+        Ok(self.insert_range(index, 1, marks)? == 1)
+    }
+
+    /// Removes pages `start..start+count`; returns how many were present.
+    pub fn remove_range(&mut self, start: u64, count: u64) -> Result<u64, TrackerError> {
+        Ok((-self.run(start, count, Op::Remove)?.present) as u64)
+    }
+
+    /// Removes one page; returns whether it was present.
+    pub fn remove(&mut self, index: u64) -> Result<bool, TrackerError> {
+        Ok(self.remove_range(index, 1)? == 1)
+    }
+
+    /// Sets `mark` on the present pages of the range; returns how many did not have it.
+    pub fn set_mark(&mut self, start: u64, count: u64, mark: Mark) -> Result<u64, TrackerError> {
+        let k = mark as usize;
+        Ok(self.run(start, count, Op::SetMark(k))?.marks[k] as u64)
+    }
+
+    /// Clears `mark` on the pages of the range; returns how many had it.
+    pub fn clear_mark(&mut self, start: u64, count: u64, mark: Mark) -> Result<u64, TrackerError> {
+        let k = mark as usize;
+        Ok((-self.run(start, count, Op::ClearMark(k))?.marks[k]) as u64)
+    }
+
+    /// Marks of a present page, `None` if the page is absent.
+    pub fn get(&self, index: u64) -> Option<Marks> {
+        let mut node = self.root.as_deref()?;
+        if index >> span_shift(self.height) != 0 {
+            return None;
+        }
+        let mut level = self.height;
+        loop {
+            let sshift = slot_shift(level);
+            let i = ((index >> sshift) & 63) as u32;
+            let bit = 1u64 << i;
+            if node.present & bit == 0 {
+                return None;
+            }
+            if node.full & bit != 0 {
+                return Some(node.slot_marks(i));
+            }
+            match &node.children[node.child_index(i)] {
+                Child::Node(n) => {
+                    node = n;
+                    level -= 1;
+                }
+                Child::Leaf(l) => {
+                    let off = index & (leaf::LEAF_PAGES - 1);
+                    return l.contains(off).then(|| l.marks_at(off));
+                }
+            }
+        }
+    }
+
+    pub fn contains(&self, index: u64) -> bool {
+        self.get(index).is_some()
+    }
+
+    /// Whether the page is present and carries `mark`.
+    pub fn test_mark(&self, index: u64, mark: Mark) -> bool {
+        self.get(index).is_some_and(|m| m.contains(mark))
+    }
+
+    /// Whether every page of the range is present.
+    pub fn contains_range(&self, start: u64, count: u64) -> bool {
+        let Some(end) = start.checked_add(count) else {
+            return false;
+        };
+        let mut pos = start;
+        for r in self.runs(None, Some((start, end))) {
+            if r.start != pos {
+                return false;
+            }
+            pos = r.start + r.len;
+        }
+        pos == end
+    }
+
+    /// First present page at or after `from` (carrying `filter` if given).
+    pub fn next(&self, from: u64, filter: Option<Mark>) -> Option<u64> {
+        Chunks::new(self, filter, false, from, u64::MAX)
+            .next()
+            .map(|c| c.start)
+    }
+
+    /// Last present page at or before `from` (carrying `filter` if given).
+    pub fn prev(&self, from: u64, filter: Option<Mark>) -> Option<u64> {
+        let root = self.root.as_deref()?;
+        let last = from.min((1u64 << span_shift(self.height)) - 1);
+        prev_in(root, self.height, 0, last, filter.map(|m| m as usize))
+    }
+
+    /// Coalesced runs of present pages (carrying `filter` if given), optionally within the
+    /// half-open range `within = (lo, hi)`, in increasing order.
+    pub fn runs(&self, filter: Option<Mark>, within: Option<(u64, u64)>) -> Runs<'_> {
+        let (lo, hi) = within.unwrap_or((0, u64::MAX));
+        Runs::new(Chunks::new(self, filter, false, lo, hi))
+    }
+
+    /// Coalesced runs of pages carrying exactly the same marks, within `within` if given.
+    pub fn marked_runs(&self, within: Option<(u64, u64)>) -> MarkedRuns<'_> {
+        let (lo, hi) = within.unwrap_or((0, u64::MAX));
+        MarkedRuns::new(Chunks::new(self, None, true, lo, hi))
+    }
+
+    /// Removes every page and frees all nodes (the reserve pool too).
+    pub fn clear(&mut self) {
+        *self = Tracker::default();
+    }
+
+    /// Exact bytes of heap the tracker holds: its nodes, leaves, mark bitmaps, child vectors
+    /// and reserved spares (allocator bookkeeping not included).
+    pub fn heap_bytes(&self) -> usize {
+        self.root
+            .as_ref()
+            .map_or(0, |r| std::mem::size_of::<Node>() + r.heap_bytes())
+            + self.pool.heap_bytes()
+    }
+
+    /// Allocates ahead the nodes, leaves and mark bitmaps for later operations, so that they do
+    /// not allocate (as xarray's `xa_reserve`). Operations draw from these spares first.
+    pub fn reserve(&mut self, need: Need) -> Result<(), TrackerError> {
+        let cur = Need {
+            nodes: self.pool.nodes.len(),
+            leaves: self.pool.leaves.len(),
+            maps: self.pool.maps.len(),
+        };
+        self.pool.reserve(Need {
+            nodes: cur.nodes.max(need.nodes),
+            leaves: cur.leaves.max(need.leaves),
+            maps: cur.maps.max(need.maps),
+        })?;
+        Ok(())
+    }
+
+    /// Spares currently reserved.
+    pub fn reserved(&self) -> Need {
+        Need {
+            nodes: self.pool.nodes.len(),
+            leaves: self.pool.leaves.len(),
+            maps: self.pool.maps.len(),
+        }
+    }
+
+    /// A batch of updates with a sticky error, checked once at the end (as xarray's `xas`).
+    pub fn batch(&mut self) -> Batch<'_> {
+        Batch {
+            tracker: self,
+            error: None,
+            changed: 0,
+        }
+    }
+}
+
+/// Batched updates: after the first error the remaining operations are skipped, and
+/// [`Batch::finish`] reports it. Every operation before the error has been applied completely.
+pub struct Batch<'a> {
+    tracker: &'a mut Tracker,
+    error: Option<TrackerError>,
+    changed: u64,
+}
+
+impl Batch<'_> {
+    pub fn insert_range(&mut self, start: u64, count: u64, marks: Marks) -> &mut Self {
+        if self.error.is_none() {
+            match self.tracker.insert_range(start, count, marks) {
+                Ok(n) => self.changed += n,
+                Err(e) => self.error = Some(e),
+            }
+        }
+        self
+    }
+    pub fn remove_range(&mut self, start: u64, count: u64) -> &mut Self {
+        if self.error.is_none() {
+            match self.tracker.remove_range(start, count) {
+                Ok(n) => self.changed += n,
+                Err(e) => self.error = Some(e),
+            }
+        }
+        self
+    }
+    pub fn error(&self) -> Option<TrackerError> {
+        self.error
+    }
+    /// Pages changed by the applied operations, or the first error.
+    pub fn finish(self) -> Result<u64, TrackerError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.changed),
+        }
+    }
+}
+
+fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>) -> Option<u64> {
+    let sshift = slot_shift(level);
+    let top = ((last - base) >> sshift) as u32;
+    let cand = match filter {
+        Some(k) => node.marks[k],
+        None => node.present,
+    } & slot_range_mask(0, top);
+    let mut c = cand;
+    while c != 0 {
+        let i = 63 - c.leading_zeros();
+        c &= !(1u64 << i);
+        let sbase = base + (u64::from(i) << sshift);
+        let s_last = last.min(sbase + (1 << sshift) - 1);
+        if node.full & (1 << i) != 0 {
+            return Some(s_last);
+        }
+        let found = match &node.children[node.child_index(i)] {
+            Child::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
+            Child::Leaf(l) => {
+                let off = s_last - sbase;
+                let mut w = (off >> 6) as usize;
+                let mut mask = leaf::word_mask(0, (off & 63) as u32 + 1);
+                loop {
+                    let e = match filter {
+                        Some(k) => l.mark_word(k, w),
+                        None => l.bits[w],
+                    } & mask;
+                    if e != 0 {
+                        break Some(sbase + ((w as u64) << 6) + u64::from(63 - e.leading_zeros()));
+                    }
+                    if w == 0 {
+                        break None;
+                    }
+                    w -= 1;
+                    mask = u64::MAX;
+                }
+            }
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The vocabulary of the manager's API: page numbers, ranges, reasons, regions, outcomes, stats.
+
+use std::fmt;
+
+/// Size of a guest page frame.
+pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;
+/// Size of a huge page on hugetlbfs-backed regions.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// A 4 KiB guest page frame number.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pfn(pub u64);
+
+impl Pfn {
+    /// The frame holding guest physical address `addr`.
+    pub fn from_addr(addr: u64) -> Pfn {
+        Pfn(addr >> PAGE_SHIFT)
+    }
+    /// Guest physical address of the frame's first byte.
+    pub fn addr(self) -> u64 {
+        self.0 << PAGE_SHIFT
+    }
+}
+
+impl fmt::Debug for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pfn(0x{:x})", self.0)
+    }
+}
+
+impl fmt::Display for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0x{:x}", self.0)
+    }
+}
+
+/// `count` pages starting at `start`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PageRange {
+    pub start: Pfn,
+    pub count: u64,
+}
+
+impl PageRange {
+    pub fn new(start: u64, count: u64) -> PageRange {
+        PageRange {
+            start: Pfn(start),
+            count,
+        }
+    }
+    /// One page.
+    pub fn page(pfn: u64) -> PageRange {
+        PageRange::new(pfn, 1)
+    }
+    /// The pages covering guest physical bytes `addr..addr+len` (both page-aligned).
+    pub fn from_addr(addr: u64, len: u64) -> PageRange {
+        PageRange::new(addr >> PAGE_SHIFT, len >> PAGE_SHIFT)
+    }
+    /// One past the last page, saturating at `u64::MAX`.
+    pub fn end(self) -> u64 {
+        self.start.0.saturating_add(self.count)
+    }
+}
+
+impl fmt::Debug for PageRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0x{:x}+0x{:x}", self.start.0, self.count)
+    }
+}
+
+/// Why a page is offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Given to the host by the balloon driver.
+    Ballooned,
+    /// Part of a hot-add region that is not plugged (never plugged, or unplugged again).
+    Unplugged,
+}
+
+/// What a request did, page by page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// Pages that changed state.
+    pub changed: u64,
+    /// Pages refused: outside guest RAM, or not in a state or region the request applies to.
+    pub refused: u64,
+    /// Pages already in the asked state.
+    pub unchanged: u64,
+}
+
+impl Outcome {
+    pub fn total(&self) -> u64 {
+        self.changed + self.refused + self.unchanged
+    }
+}
+
+impl std::ops::AddAssign for Outcome {
+    fn add_assign(&mut self, o: Outcome) {
+        self.changed += o.changed;
+        self.refused += o.refused;
+        self.unchanged += o.unchanged;
+    }
+}
+
+/// How a region's memory is provided by the host; decides the call that gives pages back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backing {
+    /// `MAP_PRIVATE | MAP_ANONYMOUS`; discarded with `madvise(MADV_DONTNEED)`.
+    PrivateAnonymous,
+    /// A memfd mapped `MAP_SHARED` (what vhost-user needs); discarded with
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` at the file offset.
+    SharedMemfd,
+    /// `MAP_SHARED | MAP_ANONYMOUS`; discarded with `madvise(MADV_REMOVE)`.
+    SharedAnonymous,
+    /// A memfd on hugetlbfs (2 MiB pages); punch-hole, and only for whole huge pages.
+    HugetlbFs,
+}
+
+/// What a region is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegionKind {
+    /// RAM present at boot, registered with KVM as one slot and online.
+    BootRam,
+    /// Hot-add (virtio-mem) memory: address space reserved, born offline (unplugged), plugged
+    /// and unplugged in blocks of `block_size` bytes, each block its own KVM slot while plugged.
+    Hotplug { block_size: u64 },
+}
+
+/// One guest RAM region to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionSpec {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub backing: Backing,
+    pub kind: RegionKind,
+}
+
+/// A region as the manager holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub backing: Backing,
+    pub kind: RegionKind,
+    /// Host virtual address of the mapping.
+    pub host_addr: usize,
+    /// KVM slot of boot RAM, or of the region's first block for hot-add memory.
+    pub first_slot: u32,
+    /// Bytes usable by the guest: all of boot RAM, plugged blocks of hot-add memory.
+    pub plugged_bytes: u64,
+}
+
+/// Accounting, in bytes unless named otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryStats {
+    /// All guest RAM regions, boot and hot-add.
+    pub total_bytes: u64,
+    /// Usable by the guest: total minus offline.
+    pub online_bytes: u64,
+    /// Offline because ballooned.
+    pub ballooned_bytes: u64,
+    /// Offline because unplugged (hot-add memory not plugged).
+    pub unplugged_bytes: u64,
+    /// Offline pages whose host backing has been released.
+    pub discarded_bytes: u64,
+    /// Offline pages whose backing is still held (deferred discard not flushed yet, or pieces of
+    /// huge pages that are not wholly offline).
+    pub pending_discard_bytes: u64,
+    /// Size of all hot-add regions, and the plugged part of them.
+    pub hotplug_total_bytes: u64,
+    pub hotplug_plugged_bytes: u64,
+    /// Online pages the guest reported free and whose backing was released (cumulative).
+    pub free_reported_bytes: u64,
+    /// Pages refused, per request kind (cumulative).
+    pub refused_offline_pages: u64,
+    pub refused_online_pages: u64,
+    pub refused_free_pages: u64,
+    pub refused_plug_pages: u64,
+    /// Discard system calls made (cumulative): one per coalesced run.
+    pub discard_calls: u64,
+    /// Heap bytes held by the offline-page tracker.
+    pub tracker_heap_bytes: u64,
+}
+
+/// When the host backing of newly offline pages is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiscardPolicy {
+    /// Inside `offline`/`unplug`, before they return.
+    #[default]
+    Immediate,
+    /// Queued by `offline`; released by [`crate::MemoryManager::flush_discards`]. A page that
+    /// comes back online before the flush is not discarded.
+    Deferred,
+}

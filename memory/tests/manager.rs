@@ -1,0 +1,473 @@
+//! The manager on real mappings: what the balloon, virtio-mem and free page reporting devices do,
+//! checked the way an operator would (resident memory by mincore, file blocks, guest reads).
+
+mod common;
+
+use common::*;
+use memory::{
+    Backing, DiscardPolicy, Error, MemoryManager, Outcome, PageRange, Pfn, Reason, PAGE_SIZE,
+};
+
+fn pages(addr: u64, len: u64) -> PageRange {
+    PageRange::from_addr(addr, len)
+}
+
+#[test]
+fn manager_is_send() {
+    fn send<T: Send>() {}
+    send::<MemoryManager>();
+}
+
+#[test]
+fn inflate_frees_resident_memory_and_deflate_reads_zeros() {
+    let (mut m, slots) = manager(&[boot(0, 64 * MIB, Backing::PrivateAnonymous)]);
+    assert_eq!(
+        slots.calls.lock().unwrap().len(),
+        1,
+        "boot RAM slot registered"
+    );
+    touch(&m, 0, 64 * MIB, 0xa5);
+    let before = m.resident_bytes().unwrap();
+    assert!(before >= 64 * MIB, "all touched: {before}");
+
+    let out = m
+        .offline(&[pages(16 * MIB, 16 * MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!(
+        out,
+        Outcome {
+            changed: 4096,
+            refused: 0,
+            unchanged: 0
+        }
+    );
+    assert_eq!(m.stats().discard_calls, 1, "one madvise for one run");
+    let after = m.resident_bytes().unwrap();
+    assert_eq!(
+        before - after,
+        16 * MIB,
+        "RSS dropped by the ballooned pages"
+    );
+    let s = m.stats();
+    assert_eq!(s.ballooned_bytes, 16 * MIB);
+    assert_eq!(s.discarded_bytes, 16 * MIB);
+    assert_eq!(s.online_bytes, 48 * MIB);
+
+    // Asking again changes nothing.
+    let again = m
+        .offline(&[pages(16 * MIB, 16 * MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!(again.unchanged, 4096);
+    assert_eq!(again.changed, 0);
+
+    let out = m
+        .online(&[pages(16 * MIB, 16 * MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!(out.changed, 4096);
+    assert_eq!(read_u64(&m, 20 * MIB), 0, "a discarded page reads as zeros");
+    assert_eq!(read_u64(&m, 40 * MIB), 0xa5a5_a5a5_a5a5_a5a5, "others kept");
+    assert_eq!(m.stats().online_bytes, 64 * MIB);
+    assert!(m.tracker().is_empty());
+}
+
+#[test]
+fn refused_pages_are_counted_and_never_discarded() {
+    let (mut m, _) = manager(&[
+        boot(0, 16 * MIB, Backing::PrivateAnonymous),
+        boot(32 * MIB, 16 * MIB, Backing::PrivateAnonymous),
+    ]);
+    touch(&m, 0, 16 * MIB, 1);
+    touch(&m, 32 * MIB, 16 * MIB, 1);
+    let before = m.resident_bytes().unwrap();
+    // The hole between the regions, pages past the end, and the top of the PFN space.
+    let req = [
+        pages(16 * MIB, 16 * MIB),
+        pages(48 * MIB, 4 * MIB),
+        PageRange::new(u64::MAX - 3, 10),
+    ];
+    let out = m.offline(&req, Reason::Ballooned).unwrap();
+    assert_eq!(out.changed, 0);
+    assert_eq!(out.refused, 4096 + 1024 + 10);
+    assert_eq!(m.resident_bytes().unwrap(), before, "nothing discarded");
+    assert_eq!(m.stats().refused_offline_pages, out.refused);
+    assert_eq!(m.stats().discard_calls, 0);
+
+    // A run straddling the end of the first region: only the inside part is taken.
+    let out = m
+        .offline(&[pages(15 * MIB, 2 * MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!((out.changed, out.refused), (256, 256));
+    assert_eq!(m.resident_bytes().unwrap(), before - MIB);
+
+    let err = m.validate(PageRange::new(0x12345, 1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "PFN 0x12345 lies outside guest RAM (0x0..0x3000)"
+    );
+}
+
+#[test]
+fn duplicate_and_overlapping_pages_count_once_and_coalesce() {
+    let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::PrivateAnonymous)]);
+    let req: Vec<PageRange> = [5u64, 3, 4, 4, 6, 100, 7]
+        .iter()
+        .map(|&p| PageRange::page(p))
+        .collect();
+    let out = m.offline(&req, Reason::Ballooned).unwrap();
+    assert_eq!(out.changed, 6);
+    assert_eq!(
+        m.stats().discard_calls,
+        2,
+        "3..8 and 100: two runs, two calls"
+    );
+    let runs = m.offline_runs(None, None, 10);
+    assert_eq!(
+        runs,
+        vec![
+            (PageRange::new(3, 5), Reason::Ballooned),
+            (PageRange::new(100, 1), Reason::Ballooned)
+        ]
+    );
+    assert_eq!(m.offline_runs(None, None, 1).len(), 1, "limit");
+}
+
+/// A mapping placed right after the region in the host address space keeps its contents and
+/// stays resident when the guest names pages just past the region's end.
+#[test]
+fn canary_beside_region_is_untouched() {
+    // The address right after a new mapping is often taken (mappings are packed top-down and
+    // other tests map memory concurrently): keep trying with fresh managers until it is free.
+    let mut keep = Vec::new();
+    let (mut m, mut canary) = loop {
+        let (m, _) = manager(&[boot(0, 8 * MIB, Backing::PrivateAnonymous)]);
+        let info = &m.regions()[0];
+        let end = info.host_addr + info.size as usize;
+        if let Some(c) = Canary::at(end, 4) {
+            break (m, c);
+        }
+        keep.push(m);
+        assert!(keep.len() < 64, "never found a free page after a region");
+    };
+    drop(keep);
+    let info = &m.regions()[0];
+    assert_eq!(canary.addr, info.host_addr + info.size as usize);
+    canary.fill(0x5a);
+    touch(&m, 0, 8 * MIB, 1);
+    let out = m
+        .offline(
+            &[
+                pages(8 * MIB, 4 * PAGE_SIZE),
+                pages(8 * MIB - PAGE_SIZE, 2 * PAGE_SIZE),
+            ],
+            Reason::Ballooned,
+        )
+        .unwrap();
+    assert_eq!((out.changed, out.refused), (1, 4));
+    let out = m.discard_free(&[pages(8 * MIB, 4 * PAGE_SIZE)]).unwrap();
+    assert_eq!(out.refused, 4);
+    assert!(canary.all(0x5a), "canary contents intact");
+    assert_eq!(canary.resident(), 4, "canary still resident");
+}
+
+#[test]
+fn memfd_punch_hole_frees_file_blocks() {
+    let (mut m, _) = manager(&[boot(0, 32 * MIB, Backing::SharedMemfd)]);
+    touch(&m, 0, 32 * MIB, 7);
+    let full = m.region_file_blocks(0).unwrap().unwrap() * 512;
+    assert!(full >= 32 * MIB, "file fully allocated: {full}");
+    let out = m
+        .offline(&[pages(8 * MIB, 8 * MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!(out.changed, 2048);
+    let after = m.region_file_blocks(0).unwrap().unwrap() * 512;
+    assert_eq!(full - after, 8 * MIB, "punch-hole released the blocks");
+    m.online(&[pages(8 * MIB, 8 * MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!(read_u64(&m, 10 * MIB), 0);
+    assert_eq!(read_u64(&m, 20 * MIB), 0x0707_0707_0707_0707);
+}
+
+#[test]
+fn shared_anonymous_uses_madv_remove() {
+    let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::SharedAnonymous)]);
+    touch(&m, 0, 16 * MIB, 3);
+    let before = m.resident_bytes().unwrap();
+    m.offline(&[pages(0, 4 * MIB)], Reason::Ballooned).unwrap();
+    assert_eq!(before - m.resident_bytes().unwrap(), 4 * MIB);
+    m.online(&[pages(0, 4 * MIB)], Reason::Ballooned).unwrap();
+    assert_eq!(read_u64(&m, 0), 0);
+}
+
+#[test]
+fn free_page_reporting_discards_but_does_not_track() {
+    let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::PrivateAnonymous)]);
+    touch(&m, 0, 16 * MIB, 9);
+    m.offline(&[pages(0, MIB)], Reason::Ballooned).unwrap();
+    let before = m.resident_bytes().unwrap();
+    let out = m.discard_free(&[pages(0, 4 * MIB)]).unwrap();
+    assert_eq!((out.changed, out.unchanged), (768, 256));
+    assert_eq!(before - m.resident_bytes().unwrap(), 3 * MIB);
+    assert_eq!(m.tracker().len(), 256, "reported pages are not offline");
+    assert_eq!(m.stats().free_reported_bytes, 3 * MIB);
+    assert_eq!(read_u64(&m, 2 * MIB), 0);
+}
+
+#[test]
+fn hot_add_is_born_offline_and_costs_nothing_until_written() {
+    let block = 128 * MIB;
+    let (mut m, slots) = manager(&[
+        boot(0, 64 * MIB, Backing::PrivateAnonymous),
+        hotplug(4 * GIB, 64 * GIB, Backing::PrivateAnonymous, block),
+    ]);
+    let s = m.stats();
+    assert_eq!(s.unplugged_bytes, 64 * GIB);
+    assert_eq!(s.online_bytes, 64 * MIB);
+    assert_eq!(s.hotplug_plugged_bytes, 0);
+    assert!(
+        s.tracker_heap_bytes < 1024,
+        "born-offline 64 GiB region costs {} bytes",
+        s.tracker_heap_bytes
+    );
+    assert_eq!(m.resident_bytes().unwrap(), 0, "nothing touched");
+    assert_eq!(slots.calls.lock().unwrap().len(), 1, "only boot RAM mapped");
+
+    // Ballooning unplugged memory is refused.
+    let out = m
+        .offline(&[pages(4 * GIB, MIB)], Reason::Ballooned)
+        .unwrap();
+    assert_eq!(out.refused, 256);
+
+    // Plug two blocks, with a partial block on each side refused.
+    let out = m
+        .plug(pages(4 * GIB + block - MIB, 2 * block + 2 * MIB))
+        .unwrap();
+    assert_eq!((out.changed, out.refused), (2 * 32768, 512));
+    let calls = slots.calls.lock().unwrap().clone();
+    let host = m.regions()[1].host_addr;
+    assert_eq!(
+        calls[1],
+        SlotCall::Map {
+            slot: 2,
+            guest_addr: 4 * GIB + block,
+            size: block,
+            host_addr: host + block as usize
+        }
+    );
+    assert_eq!(m.stats().hotplug_plugged_bytes, 2 * block);
+    assert_eq!(m.resident_bytes().unwrap(), 0, "plugging touches nothing");
+    touch(&m, 4 * GIB + block, block, 1);
+    assert_eq!(m.resident_bytes().unwrap(), block);
+
+    // Balloon part of a plugged block, then unplug it: all of it becomes unplugged again.
+    m.offline(&[pages(4 * GIB + block, MIB)], Reason::Ballooned)
+        .unwrap();
+    let out = m.unplug(pages(4 * GIB + block, block)).unwrap();
+    assert_eq!(out.changed, 32768);
+    assert_eq!(m.resident_bytes().unwrap(), 0, "unplug released the block");
+    let s = m.stats();
+    assert_eq!(s.ballooned_bytes, 0);
+    assert_eq!(s.unplugged_bytes, 64 * GIB - block);
+    assert_eq!(s.discarded_bytes, 64 * GIB - block);
+    assert_eq!(
+        slots.calls.lock().unwrap().last().unwrap(),
+        &SlotCall::Unmap {
+            slot: 2,
+            guest_addr: 4 * GIB + block,
+            size: block
+        }
+    );
+    // Unplugged pages cannot be onlined page by page; plugged ones can go and come back.
+    let out = m
+        .online(&[pages(4 * GIB + block, MIB)], Reason::Unplugged)
+        .unwrap();
+    assert_eq!(out.refused, 256);
+    let out = m
+        .offline(&[pages(4 * GIB + 2 * block, MIB)], Reason::Unplugged)
+        .unwrap();
+    assert_eq!(out.changed, 256);
+    let out = m
+        .online(&[pages(4 * GIB + 2 * block, MIB)], Reason::Unplugged)
+        .unwrap();
+    assert_eq!(out.changed, 256);
+    assert_eq!(
+        m.offline_runs(Some(Reason::Unplugged), None, 8),
+        vec![
+            (PageRange::from_addr(4 * GIB, 2 * block), Reason::Unplugged),
+            (
+                PageRange::from_addr(4 * GIB + 3 * block, 64 * GIB - 3 * block),
+                Reason::Unplugged
+            ),
+        ]
+    );
+}
+
+#[test]
+fn failed_slot_map_leaves_block_unplugged() {
+    let (mut m, slots) = manager(&[hotplug(0, 256 * MIB, Backing::PrivateAnonymous, 128 * MIB)]);
+    *slots.fail_next.lock().unwrap() = true;
+    let err = m.plug(pages(0, 128 * MIB)).unwrap_err();
+    assert!(matches!(err, Error::Slot { slot: 0, .. }), "{err}");
+    assert_eq!(m.stats().hotplug_plugged_bytes, 0);
+    assert_eq!(m.tracker().len(), 65536);
+    assert_eq!(m.plug(pages(0, 128 * MIB)).unwrap().changed, 32768);
+}
+
+#[test]
+fn deferred_discard_skips_pages_back_online() {
+    let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::PrivateAnonymous)]);
+    m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
+    touch(&m, 0, 16 * MIB, 0x11);
+    let before = m.resident_bytes().unwrap();
+    m.offline(&[pages(0, 4 * MIB)], Reason::Ballooned).unwrap();
+    assert_eq!(m.resident_bytes().unwrap(), before, "nothing discarded yet");
+    assert_eq!(m.stats().pending_discard_bytes, 4 * MIB);
+    // The guest takes 1 MiB back and writes to it before the flush.
+    m.online(&[pages(MIB, MIB)], Reason::Ballooned).unwrap();
+    touch(&m, MIB, MIB, 0x22);
+    let done = m.flush_discards().unwrap();
+    assert_eq!(done, 768);
+    assert_eq!(read_u64(&m, MIB), 0x2222_2222_2222_2222, "online page kept");
+    assert_eq!(before - m.resident_bytes().unwrap(), 3 * MIB);
+    let s = m.stats();
+    assert_eq!((s.pending_discard_bytes, s.discarded_bytes), (0, 3 * MIB));
+    assert_eq!(m.flush_discards().unwrap(), 0, "queue drained");
+}
+
+#[test]
+fn hugetlbfs_discards_only_whole_huge_pages() {
+    let huge = 2 * MIB;
+    let Ok((mut m, _)) = std::panic::catch_unwind(|| {
+        MemoryManager::new(
+            &[boot(0, 8 * MIB, Backing::HugetlbFs)],
+            Box::new(FakeSlots::default()),
+        )
+        .map(|m| (m, ()))
+    })
+    .unwrap_or_else(|_| Err(Error::NoRegions)) else {
+        eprintln!("skipped: no 2 MiB huge pages available on this host");
+        return;
+    };
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| touch(&m, 0, 8 * MIB, 1))).is_err()
+    {
+        eprintln!("skipped: huge pages could not be faulted in");
+        return;
+    }
+    let calls0 = m.stats().discard_calls;
+    // Half a huge page: tracked, not discarded.
+    m.offline(&[pages(0, MIB)], Reason::Ballooned).unwrap();
+    assert_eq!(m.stats().discard_calls, calls0);
+    assert_eq!(m.stats().pending_discard_bytes, MIB);
+    // The other half: now the whole huge page goes.
+    m.offline(&[pages(MIB, MIB)], Reason::Ballooned).unwrap();
+    assert_eq!(m.stats().discard_calls, calls0 + 1);
+    assert_eq!(m.stats().discarded_bytes, huge);
+    // One piece back online: the huge page is backed again when touched.
+    m.online(&[PageRange::page(0)], Reason::Ballooned).unwrap();
+    assert_eq!(m.stats().discarded_bytes, 0);
+    assert_eq!(read_u64(&m, 0), 0);
+}
+
+#[test]
+fn invalid_layouts_are_explained() {
+    let slots = || Box::new(FakeSlots::default());
+    let e = MemoryManager::new(
+        &[
+            boot(0, 16 * MIB, Backing::PrivateAnonymous),
+            boot(8 * MIB, 16 * MIB, Backing::PrivateAnonymous),
+        ],
+        slots(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "region at 0x0..0x1000000 overlaps region at 0x800000..0x1800000"
+    );
+    let e = MemoryManager::new(
+        &[boot(0x1001, 16 * MIB, Backing::PrivateAnonymous)],
+        slots(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("0x1001"), "{e}");
+    let e = MemoryManager::new(
+        &[hotplug(0, 100 * MIB, Backing::PrivateAnonymous, 64 * MIB)],
+        slots(),
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("block size"), "{e}");
+    assert!(matches!(
+        MemoryManager::new(&[], slots()).err().unwrap(),
+        Error::NoRegions
+    ));
+}
+
+#[test]
+fn pfn_helpers() {
+    assert_eq!(Pfn::from_addr(0x12345678).0, 0x12345);
+    assert_eq!(format!("{:?}", PageRange::new(0x10, 2)), "0x10+0x2");
+    assert_eq!(PageRange::new(u64::MAX, 5).end(), u64::MAX);
+}
+
+/// A test-only mapping used as a canary beside guest memory.
+struct Canary {
+    addr: usize,
+    pages: usize,
+}
+
+impl Canary {
+    fn at(addr: usize, pages: usize) -> Option<Canary> {
+        Self::map(addr, pages, libc::MAP_FIXED_NOREPLACE)
+    }
+    fn map(addr: usize, pages: usize, extra: i32) -> Option<Canary> {
+        let len = pages * PAGE_SIZE as usize;
+        // SAFETY: a fresh anonymous mapping; with MAP_FIXED_NOREPLACE the kernel refuses to
+        // replace anything already mapped there.
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(Canary {
+            addr: p as usize,
+            pages,
+        })
+    }
+    fn fill(&mut self, b: u8) {
+        // SAFETY: the mapping is ours, live until drop, readable and writable, and only this
+        // test thread touches it.
+        unsafe { std::ptr::write_bytes(self.addr as *mut u8, b, self.pages * 4096) }
+    }
+    fn all(&self, b: u8) -> bool {
+        // SAFETY: as in `fill`; the slice does not outlive `self`.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.pages * 4096) };
+        bytes.iter().all(|&x| x == b)
+    }
+    fn resident(&self) -> usize {
+        let mut v = vec![0u8; self.pages];
+        // SAFETY: the range is our live mapping and `v` has one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                self.addr as *mut libc::c_void,
+                self.pages * 4096,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        v.iter().filter(|&&x| x & 1 != 0).count()
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value created.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.pages * 4096) };
+    }
+}

@@ -1,0 +1,230 @@
+//! Property tests: random sequences of every tracker operation against a `BTreeMap<u64, Marks>`
+//! model, comparing every observable result (return values, lookups, counts, runs, neighbours).
+//!
+//! Cases: 96 by default; set `PROPTEST_CASES` for more (e.g. `PROPTEST_CASES=5000`).
+
+use std::collections::BTreeMap;
+
+use memory::tracker::{Mark, Marks, Tracker, MAX_INDEX};
+use proptest::prelude::*;
+
+const MARKS: [Mark; 3] = [Mark::Ballooned, Mark::Unplugged, Mark::Discarded];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(u64, u64, u8),
+    Remove(u64, u64),
+    SetMark(u64, u64, usize),
+    ClearMark(u64, u64, usize),
+    Get(u64),
+    Next(u64, Option<usize>),
+    Prev(u64, Option<usize>),
+    Runs(Option<usize>, Option<(u64, u64)>),
+    MarkedRuns(Option<(u64, u64)>),
+    ContainsRange(u64, u64),
+}
+
+/// Page numbers clustered around the interesting places: 0, leaf and node boundaries at every
+/// level, and the top of the trackable range.
+fn index() -> impl Strategy<Value = u64> {
+    let anchors = prop_oneof![
+        Just(0u64),
+        Just(1u64 << 12),
+        Just(3u64 << 12),
+        Just(1u64 << 18),
+        Just(5u64 << 18),
+        Just(1u64 << 24),
+        Just(1u64 << 30),
+        Just(1u64 << 42),
+        Just(1u64 << 48),
+        Just(MAX_INDEX - 6000),
+    ];
+    (anchors, -3000i64..9000).prop_map(|(a, d)| (a as i64 + d).clamp(0, MAX_INDEX as i64) as u64)
+}
+
+fn count() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => 1u64..4,
+        4 => 1u64..200,
+        2 => 1u64..9000,
+        1 => Just(4096u64),
+        1 => Just(8192u64),
+    ]
+}
+
+fn window() -> impl Strategy<Value = Option<(u64, u64)>> {
+    prop_oneof![
+        Just(None),
+        (index(), 0u64..20000).prop_map(|(a, n)| Some((a, a + n))),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let filt = prop_oneof![Just(None), (0usize..3).prop_map(Some)];
+    prop_oneof![
+        6 => (index(), count(), 0u8..8).prop_map(|(a, n, m)| Op::Insert(a, n, m)),
+        4 => (index(), count()).prop_map(|(a, n)| Op::Remove(a, n)),
+        2 => (index(), count(), 0usize..3).prop_map(|(a, n, k)| Op::SetMark(a, n, k)),
+        2 => (index(), count(), 0usize..3).prop_map(|(a, n, k)| Op::ClearMark(a, n, k)),
+        2 => index().prop_map(Op::Get),
+        2 => (index(), filt.clone()).prop_map(|(a, f)| Op::Next(a, f)),
+        2 => (index(), filt.clone()).prop_map(|(a, f)| Op::Prev(a, f)),
+        1 => (filt, window()).prop_map(|(f, w)| Op::Runs(f, w)),
+        1 => window().prop_map(Op::MarkedRuns),
+        1 => (index(), count()).prop_map(|(a, n)| Op::ContainsRange(a, n)),
+    ]
+}
+
+fn clip(start: u64, n: u64) -> u64 {
+    n.min(MAX_INDEX + 1 - start)
+}
+
+fn model_runs(
+    m: &BTreeMap<u64, Marks>,
+    filter: Option<usize>,
+    w: Option<(u64, u64)>,
+    by_marks: bool,
+) -> Vec<(u64, u64, Marks)> {
+    let (lo, hi) = w.unwrap_or((0, u64::MAX));
+    let mut out: Vec<(u64, u64, Marks)> = Vec::new();
+    for (&p, &mk) in m.range(lo..hi) {
+        if let Some(k) = filter {
+            if !mk.has(k) {
+                continue;
+            }
+        }
+        if let Some(last) = out.last_mut() {
+            if last.0 + last.1 == p && (!by_marks || last.2 == mk) {
+                last.1 += 1;
+                continue;
+            }
+        }
+        out.push((p, 1, mk));
+    }
+    out
+}
+
+fn check_counts(t: &Tracker, m: &BTreeMap<u64, Marks>) -> Result<(), TestCaseError> {
+    prop_assert_eq!(t.len(), m.len() as u64);
+    for (k, mark) in MARKS.iter().enumerate() {
+        let want = m.values().filter(|v| v.has(k)).count() as u64;
+        prop_assert_eq!(t.count_marked(*mark), want, "count of {:?}", mark);
+    }
+    Ok(())
+}
+
+fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut t = Tracker::new();
+    let mut m: BTreeMap<u64, Marks> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::Insert(a, n, mk) => {
+                let n = clip(a, n);
+                let got = t.insert_range(a, n, Marks(mk)).unwrap();
+                let mut want = 0;
+                for p in a..a + n {
+                    if let std::collections::btree_map::Entry::Vacant(e) = m.entry(p) {
+                        e.insert(Marks(mk));
+                        want += 1;
+                    }
+                }
+                prop_assert_eq!(got, want, "insert 0x{:x}+{}", a, n);
+            }
+            Op::Remove(a, n) => {
+                let n = clip(a, n);
+                let got = t.remove_range(a, n).unwrap();
+                let keys: Vec<u64> = m.range(a..a + n).map(|(&k, _)| k).collect();
+                for k in &keys {
+                    m.remove(k);
+                }
+                prop_assert_eq!(got, keys.len() as u64, "remove 0x{:x}+{}", a, n);
+            }
+            Op::SetMark(a, n, k) | Op::ClearMark(a, n, k) => {
+                let set = matches!(op, Op::SetMark(..));
+                let n = clip(a, n);
+                let got = if set {
+                    t.set_mark(a, n, MARKS[k]).unwrap()
+                } else {
+                    t.clear_mark(a, n, MARKS[k]).unwrap()
+                };
+                let mut want = 0;
+                for (_, v) in m.range_mut(a..a + n) {
+                    if v.has(k) != set {
+                        *v = if set { v.with(k) } else { v.without(k) };
+                        want += 1;
+                    }
+                }
+                prop_assert_eq!(got, want, "{:?}", op);
+            }
+            Op::Get(a) => {
+                prop_assert_eq!(t.get(a), m.get(&a).copied());
+                prop_assert_eq!(t.contains(a), m.contains_key(&a));
+            }
+            Op::Next(a, f) => {
+                let want = m
+                    .range(a..)
+                    .find(|(_, v)| f.is_none_or(|k| v.has(k)))
+                    .map(|(&k, _)| k);
+                prop_assert_eq!(t.next(a, f.map(|k| MARKS[k])), want, "next 0x{:x}", a);
+            }
+            Op::Prev(a, f) => {
+                let want = m
+                    .range(..=a)
+                    .rev()
+                    .find(|(_, v)| f.is_none_or(|k| v.has(k)))
+                    .map(|(&k, _)| k);
+                prop_assert_eq!(t.prev(a, f.map(|k| MARKS[k])), want, "prev 0x{:x}", a);
+            }
+            Op::Runs(f, w) => {
+                let got: Vec<(u64, u64)> = t
+                    .runs(f.map(|k| MARKS[k]), w)
+                    .map(|r| (r.start, r.len))
+                    .collect();
+                let want: Vec<(u64, u64)> = model_runs(&m, f, w, false)
+                    .into_iter()
+                    .map(|r| (r.0, r.1))
+                    .collect();
+                prop_assert_eq!(got, want);
+            }
+            Op::MarkedRuns(w) => {
+                let got: Vec<(u64, u64, Marks)> = t
+                    .marked_runs(w)
+                    .map(|c| (c.start, c.len, c.marks))
+                    .collect();
+                prop_assert_eq!(got, model_runs(&m, None, w, true));
+            }
+            Op::ContainsRange(a, n) => {
+                let n = clip(a, n);
+                let want = (a..a + n).all(|p| m.contains_key(&p));
+                prop_assert_eq!(t.contains_range(a, n), want);
+            }
+        }
+        check_counts(&t, &m)?;
+    }
+    // Everything, at the end: all runs by marks, and emptying the tree frees all memory.
+    let got: Vec<(u64, u64, Marks)> = t
+        .marked_runs(None)
+        .map(|c| (c.start, c.len, c.marks))
+        .collect();
+    prop_assert_eq!(got, model_runs(&m, None, None, true));
+    let removed = t.remove_range(0, MAX_INDEX + 1).unwrap();
+    prop_assert_eq!(removed, m.len() as u64);
+    prop_assert_eq!(t.heap_bytes(), 0);
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(96)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn tracker_matches_btreemap_model(ops in prop::collection::vec(op(), 1..60)) {
+        run_ops(ops)?;
+    }
+}
