@@ -11,5 +11,6 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
+pub mod slots;
 pub mod vcpu;
 pub mod vm;

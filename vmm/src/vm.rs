@@ -1,6 +1,6 @@
 //! Building and running one virtual machine, step by step:
 //! 1. open KVM, create the VM with its in-kernel IOAPIC/PIC/LAPIC and PIT;
-//! 2. create guest RAM and register it as KVM memory slots;
+//! 2. create guest RAM through the memory manager, which registers it as KVM memory slots;
 //! 3. put the platform devices (serial, power, keyboard controller) on the port I/O bus and the
 //!    virtio-mmio devices on the MMIO bus, with irqfds and ioeventfds;
 //! 4. write the ACPI tables, then the kernel, initramfs, command line and boot information;
@@ -16,14 +16,13 @@ use balloon::discard::DiscardBackend;
 use balloon::{Balloon, BalloonConfig};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use log::info;
+use memory::{Backing, MemoryManager, RegionKind, RegionSpec};
 use virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use virtio::VirtioDevice;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, MmioDeviceInfo};
@@ -36,6 +35,7 @@ use crate::event_loop::Control;
 use crate::layout::{
     self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
 };
+use crate::slots::KvmSlots;
 use crate::vcpu::{self, VcpuContext};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,7 @@ pub struct Vm {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    manager: Arc<Mutex<MemoryManager>>,
     pio: Bus,
     mmio: Bus,
     virtio: Vec<MmioDeviceInfo>,
@@ -129,8 +130,25 @@ impl Vm {
                 });
             }
         }
-        let mem = create_guest_memory(config.memory_mib)?;
-        register_memory(&vm_fd, &mem)?;
+        let vm_fd = Arc::new(vm_fd);
+        let specs: Vec<RegionSpec> = layout::ram_ranges(config.memory_bytes())
+            .into_iter()
+            .map(|(guest_addr, size)| RegionSpec {
+                guest_addr,
+                size,
+                backing: Backing::PrivateAnonymous,
+                kind: RegionKind::BootRam,
+            })
+            .collect();
+        let manager =
+            MemoryManager::new(&specs, Box::new(KvmSlots::new(vm_fd.clone()))).map_err(|e| {
+                VmError::Memory {
+                    mib: config.memory_mib,
+                    detail: e.to_string(),
+                }
+            })?;
+        let mem = manager.guest_memory().clone();
+        let manager = Arc::new(Mutex::new(manager));
 
         let exit = ExitHandle::new()?;
         let mut pio = Bus::new();
@@ -172,8 +190,9 @@ impl Vm {
         let mut vm = Self {
             config,
             kvm,
-            vm_fd: Arc::new(vm_fd),
+            vm_fd,
             mem,
+            manager,
             pio,
             mmio: Bus::new(),
             virtio: Vec::new(),
@@ -214,6 +233,11 @@ impl Vm {
 
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The guest-memory manager (offline tracking, discard, hot-add).
+    pub fn memory_manager(&self) -> Arc<Mutex<MemoryManager>> {
+        self.manager.clone()
     }
 
     /// Put a virtio device behind a virtio-mmio window: bus, ioeventfds on QueueNotify, irqfd.
@@ -357,39 +381,4 @@ fn host_memory_mib() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib >> 10)
-}
-
-/// Boot RAM, private anonymous memory, split around the MMIO hole.
-fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mib << 20)
-        .into_iter()
-        .map(|(start, size)| (GuestAddress(start), size as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-        mib,
-        detail: e.to_string(),
-    })
-}
-
-fn register_memory(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmError::Memory {
-                mib: region.len() >> 20,
-                detail: e.to_string(),
-            })?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps (through the
-        // `Vm` and every device's clone) for as long as the VM file descriptor exists; its host
-        // address and length come from that mapping.
-        unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
-    }
-    Ok(())
 }
