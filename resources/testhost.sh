@@ -1,0 +1,93 @@
+#!/bin/bash
+# Starts the nested test host: QEMU in TCG mode with an SVM-capable EPYC CPU (so kvm_amd works
+# inside), booting build/testhost/ (resources/build-testhost.sh) plus an overlay archive made here
+# with the VMM binary, the test agent, their shared libraries and, with --run, the VMM arguments.
+#
+# The agent (tests/src/bin/testhost-agent.rs) listens on port 7000 inside; QEMU's user-mode
+# network forwards 127.0.0.1:PORT on this machine to it. A NIC rather than a serial channel: each
+# test request is its own TCP connection, so console streams, stdin writes, signals and HTTP
+# proxying need no multiplexing protocol, and the console of the test host stays free for people.
+#
+# Usage: resources/testhost.sh [--port PORT] [--log FILE] [--vmm PATH|none] [--agent PATH|none]
+#                              [--mem SIZE] [--smp N] [--run -- VMM-ARGS...]
+#   --log FILE   console to FILE, no terminal (the harness uses this); default: the terminal
+#   --run ...    run "vmm VMM-ARGS..." on the test host console once /dev/kvm is up, then power
+#                off when it exits. Guest files are in /guest/ (bzImage, vmlinux, initramfs.cpio.gz).
+# Environment: TESTHOST_MEM (default 6G), TESTHOST_SMP (default 2).
+. "$(dirname "$0")/lib.sh"
+
+port=7000 logfile="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
+smp="${TESTHOST_SMP:-2}" run=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --port) port=$2; shift 2 ;;
+        --log) logfile=$2; shift 2 ;;
+        --vmm) vmm=$2; shift 2 ;;
+        --agent) agent=$2; shift 2 ;;
+        --mem) mem=$2; shift 2 ;;
+        --smp) smp=$2; shift 2 ;;
+        --run) run=1; shift; [ "${1:-}" = "--" ] && shift; break ;;
+        -h|--help) sed -n '2,/^\. /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+
+need_cmd qemu-system-x86_64 qemu-system-x86
+"$RES/build-testhost.sh" >&2
+T="$BUILD/testhost"
+
+if [ "$vmm" != none ] && [ ! -x "$vmm" ]; then
+    [ "$vmm" = "$ROOT/target/release/vmm" ] || die "no VMM binary at $vmm"
+    log "building the VMM: cargo build --release -p vmm"
+    (cd "$ROOT" && cargo build --release -p vmm >&2)
+fi
+if [ -z "$agent" ]; then
+    for a in "$ROOT/target/release/testhost-agent" "$ROOT/target/debug/testhost-agent"; do
+        [ -x "$a" ] && { [ -z "$agent" ] || [ "$a" -nt "$agent" ]; } && agent=$a
+    done
+    if [ -z "$agent" ]; then
+        log "building the agent: cargo build --release -p e2e --bin testhost-agent"
+        (cd "$ROOT" && cargo build --release -p e2e --bin testhost-agent >&2)
+        agent="$ROOT/target/release/testhost-agent"
+    fi
+fi
+
+# The overlay: binaries (debug info stripped: smaller, same symbols), every library ldd names and
+# the dynamic loader, at the same paths as here (the test host's kernel runs this glibc fine).
+OV="$T/overlay-$port"
+rm -rf "$OV"; mkdir -p "$OV/bin" "$OV/etc"
+add_binary() {
+    local src=$1 name=$2 lib
+    objcopy --strip-debug "$src" "$OV/bin/$name" 2>/dev/null || cp "$src" "$OV/bin/$name"
+    chmod 755 "$OV/bin/$name"
+    for lib in $(ldd "$src" 2>/dev/null | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p; s/^[[:space:]]*\(\/[^ ]*\) (.*/\1/p'); do
+        mkdir -p "$OV$(dirname "$lib")"
+        [ -e "$OV$lib" ] || cp -L "$lib" "$OV$lib"
+    done
+}
+[ "$vmm" != none ] && add_binary "$vmm" vmm
+[ "$agent" != none ] && add_binary "$agent" testhost-agent
+if [ $run = 1 ]; then
+    [ "$vmm" != none ] || die "--run needs a VMM"
+    printf '%s\n' "$@" > "$OV/etc/vmm-args"
+fi
+# The kernel unpacks concatenated archives in order; later files win.
+(cd "$OV" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$T/overlay-$port.cpio"
+cat "$T/initramfs.cpio.gz" "$T/overlay-$port.cpio" > "$T/initrd-$port.img"
+rm -rf "$OV" "$T/overlay-$port.cpio"
+
+# TCG's TSC runs at this machine's rate; telling the kernel avoids a failed calibration under load.
+khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
+args=(
+    -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem" -no-reboot
+    -kernel "$T/bzImage" -initrd "$T/initrd-$port.img"
+    -append "console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz"
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7000" -device virtio-net-pci,netdev=n0
+)
+if [ -n "$logfile" ]; then
+    args+=(-display none -monitor none -serial "file:$logfile")
+else
+    args+=(-nographic)
+fi
+log "starting the test host: agent on 127.0.0.1:$port, memory $mem, $smp CPUs${logfile:+, console in $logfile}"
+exec qemu-system-x86_64 "${args[@]}"
