@@ -231,6 +231,13 @@ impl Node {
         Some(m)
     }
 
+    /// Frees the child vector of a node left with only full or empty slots.
+    fn release_children(&mut self) {
+        if self.children.is_empty() && self.children.capacity() != 0 {
+            self.children = Vec::new();
+        }
+    }
+
     fn set_full(&mut self, marks: Marks) {
         self.present = u64::MAX;
         self.full = u64::MAX;
@@ -261,9 +268,12 @@ impl Node {
     /// it when it became uniform-full or empty.
     fn settle_child(&mut self, i: u32, idx: usize) {
         let bit = 1u64 << i;
-        let (empty, full, any) = match &self.children[idx] {
+        let (empty, full, any) = match &mut self.children[idx] {
             Child::Leaf(l) => (l.count == 0, l.is_full_uniform(), l.any_marks()),
-            Child::Node(n) => (n.present == 0, n.is_full_uniform(), n.any_marks()),
+            Child::Node(n) => {
+                n.release_children();
+                (n.present == 0, n.is_full_uniform(), n.any_marks())
+            }
         };
         if empty {
             self.children.remove(idx);
@@ -692,6 +702,7 @@ impl Tracker {
         }
         let root = self.root.as_mut().expect("root present");
         let d = root.apply(self.height, start, hi, op, &mut self.pool);
+        root.release_children();
         self.count = (self.count as i64 + d.present) as u64;
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;

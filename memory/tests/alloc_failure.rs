@@ -1,0 +1,209 @@
+//! The tracker under a failing allocator (deterministic, like xarray's test harness): every
+//! allocation an operation makes is made to fail in turn; each failure must leave the tree exactly
+//! as it was, and the retry must succeed. The same counting allocator checks that `heap_bytes()` is
+//! exact.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use memory::tracker::{Mark, Marks, Need, Tracker, TrackerError, MAX_INDEX};
+
+struct Failing;
+
+thread_local! {
+    /// Allocations still allowed on this thread before they start failing (`None`: unlimited).
+    static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Bytes currently allocated by this thread (through this allocator).
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+fn live() -> isize {
+    LIVE.with(|l| l.get())
+}
+
+// SAFETY: forwards to the system allocator; the bookkeeping only touches const-initialised
+// thread-locals (no allocation), via `try_with` so a thread being torn down is not a problem.
+unsafe impl GlobalAlloc for Failing {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let allowed = BUDGET
+            .try_with(|b| match b.get() {
+                None => true,
+                Some(0) => false,
+                Some(n) => {
+                    b.set(Some(n - 1));
+                    true
+                }
+            })
+            .unwrap_or(true);
+        if !allowed {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: same contract as ours.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let _ = LIVE.try_with(|l| l.set(l.get() + layout.size() as isize));
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = LIVE.try_with(|l| l.set(l.get() - layout.size() as isize));
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Failing = Failing;
+
+/// Runs `f` with only `n` allocations allowed on this thread.
+fn with_budget<T>(n: usize, f: impl FnOnce() -> T) -> T {
+    BUDGET.with(|b| b.set(Some(n)));
+    let r = f();
+    BUDGET.with(|b| b.set(None));
+    r
+}
+
+type Snapshot = (u64, [u64; 3], Vec<(u64, u64, Marks)>);
+
+fn snapshot(t: &Tracker) -> Snapshot {
+    (
+        t.len(),
+        [
+            t.count_marked(Mark::Ballooned),
+            t.count_marked(Mark::Unplugged),
+            t.count_marked(Mark::Discarded),
+        ],
+        t.marked_runs(None)
+            .map(|c| (c.start, c.len, c.marks))
+            .collect(),
+    )
+}
+
+const BAL: Marks = Marks(1);
+const UNP: Marks = Marks(2);
+
+/// A tree with every kind of slot: full multi-index entries at several levels, uniform and mixed
+/// leaves, and pages near the top of the index space.
+fn populated() -> Tracker {
+    let mut t = Tracker::new();
+    t.insert_range(0, 1 << 18, UNP).unwrap(); // a full 1 GiB slot
+    t.insert_range(1 << 24, 1 << 24, UNP).unwrap(); // a full 64 GiB slot
+    for p in (300_000..340_000).step_by(7) {
+        t.insert(p, BAL).unwrap();
+    }
+    t.insert_range(400_000, 5000, BAL).unwrap();
+    t.insert_range(402_000, 10, UNP).unwrap();
+    t.set_mark(400_100, 50, Mark::Discarded).unwrap();
+    t.insert(MAX_INDEX, BAL).unwrap();
+    t
+}
+
+type Operation = fn(&mut Tracker) -> Result<u64, TrackerError>;
+
+/// Every operation that can allocate, on the populated tree.
+fn operations() -> Vec<(&'static str, Operation)> {
+    vec![
+        ("insert one page in a new leaf", |t| {
+            t.insert_range(1 << 40, 1, BAL)
+        }),
+        ("insert one page, other marks, into a uniform leaf", |t| {
+            t.insert_range(300_001, 1, UNP)
+        }),
+        ("insert a run across many leaves with other marks", |t| {
+            t.insert_range(290_000, 60_000, UNP)
+        }),
+        ("insert growing the tree from the middle", |t| {
+            t.insert_range((1 << 44) - 3, 9000, BAL)
+        }),
+        ("remove one page from a 64 GiB entry", |t| {
+            t.remove_range((1 << 24) + 123_456, 1)
+        }),
+        ("remove a run from inside a 1 GiB entry", |t| {
+            t.remove_range(5000, 3)
+        }),
+        ("set a mark on part of a 1 GiB entry", |t| {
+            t.set_mark(70_000, 100, Mark::Ballooned)
+        }),
+        ("clear a mark on part of a 64 GiB entry", |t| {
+            t.clear_mark((1 << 24) + 9, 5, Mark::Unplugged)
+        }),
+        ("set a mark on part of a uniform leaf", |t| {
+            t.set_mark(300_007, 1, Mark::Discarded)
+        }),
+    ]
+}
+
+#[test]
+fn failed_updates_leave_the_tree_unchanged_and_retries_succeed() {
+    for (name, op) in operations() {
+        // What the operation does with memory to spare.
+        let mut reference = populated();
+        let want = op(&mut reference).unwrap();
+        let want_state = snapshot(&reference);
+
+        let mut t = populated();
+        let before = snapshot(&t);
+        let mut failures = 0;
+        for budget in 0.. {
+            let r = with_budget(budget, || op(&mut t));
+            match r {
+                Err(TrackerError::NoMemory { .. }) => {
+                    failures += 1;
+                    assert_eq!(
+                        snapshot(&t),
+                        before,
+                        "{name}: failure #{budget} changed the tree"
+                    );
+                }
+                Err(e) => panic!("{name}: unexpected {e}"),
+                Ok(n) => {
+                    assert_eq!(n, want, "{name}: retry result");
+                    assert_eq!(snapshot(&t), want_state, "{name}: retry state");
+                    break;
+                }
+            }
+            assert!(budget < 1000, "{name}: never succeeded");
+        }
+        assert!(
+            failures > 0,
+            "{name}: expected the operation to need memory"
+        );
+    }
+}
+
+#[test]
+fn reserved_spares_let_an_insert_succeed_without_allocating() {
+    let mut t = Tracker::new();
+    t.reserve(Need {
+        nodes: 8,
+        leaves: 1,
+        maps: 0,
+    })
+    .unwrap();
+    let added = with_budget(0, || t.insert_range(0x1234_5678, 3, BAL)).unwrap();
+    assert_eq!(added, 3);
+    assert!(t.contains(0x1234_5679));
+    // Nothing reserved any more: the next one needs the allocator.
+    let r = with_budget(0, || t.insert(0x40_0000_0000, BAL));
+    assert!(matches!(r, Err(TrackerError::NoMemory { .. })));
+}
+
+#[test]
+fn heap_bytes_is_exact() {
+    let base = live();
+    let mut t = populated();
+    assert_eq!(live() - base, t.heap_bytes() as isize, "populated");
+    for p in (0..2_000_000u64).step_by(997) {
+        t.insert(p * 31, BAL).unwrap();
+        if p % 3 == 0 {
+            t.remove(p * 29).unwrap();
+        }
+    }
+    t.set_mark(0, 1 << 30, Mark::Discarded).unwrap();
+    t.clear_mark(1 << 20, 1 << 22, Mark::Unplugged).unwrap();
+    assert_eq!(live() - base, t.heap_bytes() as isize, "after churn");
+    t.remove_range(0, MAX_INDEX + 1).unwrap();
+    assert_eq!(t.heap_bytes(), 0);
+    assert_eq!(live() - base, 0, "emptied tree holds nothing");
+    drop(t);
+}
