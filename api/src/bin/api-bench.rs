@@ -1,0 +1,355 @@
+//! `api-bench`: API latency under concurrent clients, and a fake VMM to run it against.
+//!
+//! ```text
+//! api-bench serve-fake --socket /tmp/vmm.sock            # a fake VMM behind the real server
+//! api-bench run --socket /tmp/vmm.sock --setup --clients 50 --seconds 10
+//! api-bench run --fake --clients 50 --seconds 10         # both in one process
+//! ```
+//!
+//! Each client keeps one connection and alternates `GET /balloon` and `PATCH /balloon`, timing
+//! each request from send to the last byte of the answer.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::client::Client;
+use api::fake::{FakeVmm, FakeVmmConfig};
+use api::{spawn_server, ServerConfig};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+
+#[derive(Parser, Debug)]
+#[command(name = "api-bench", about = "API latency benchmark and fake VMM")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the API with a fake VMM behind it until interrupted.
+    ServeFake {
+        #[arg(long)]
+        socket: PathBuf,
+        /// MiB the fake balloon moves per 20 ms tick.
+        #[arg(long, default_value_t = 16)]
+        balloon_mib_per_tick: u64,
+    },
+    /// Run the load and report latency percentiles.
+    Run {
+        /// API socket of a running VMM (or of `serve-fake`).
+        #[arg(long, required_unless_present = "fake")]
+        socket: Option<PathBuf>,
+        /// Start a fake VMM and server in this process instead.
+        #[arg(long, conflicts_with = "socket")]
+        fake: bool,
+        /// Configure and boot the (fake) VM first: boot source, 1024 MiB, a balloon, start.
+        #[arg(long)]
+        setup: bool,
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Client runtime worker threads.
+        #[arg(long, default_value_t = 1)]
+        client_threads: usize,
+        /// Upper balloon target the PATCH requests alternate with 0 (MiB).
+        #[arg(long, default_value_t = 64)]
+        patch_mib: u64,
+        /// Requests per second per client (paced, open loop); 0 sends the next request as soon
+        /// as the answer arrives (closed loop: measures saturation, latency = clients/throughput).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::ServeFake {
+            socket,
+            balloon_mib_per_tick,
+        } => serve_fake(socket, balloon_mib_per_tick),
+        Cmd::Run {
+            socket,
+            fake,
+            setup,
+            clients,
+            seconds,
+            client_threads,
+            patch_mib,
+            rate,
+        } => run(RunArgs {
+            rate,
+            socket,
+            fake,
+            setup,
+            clients,
+            seconds,
+            client_threads,
+            patch_mib,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("api-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_fake(socket: PathBuf, balloon_mib_per_tick: u64) -> Result<(), String> {
+    let fake = FakeVmm::spawn(FakeVmmConfig {
+        balloon_mib_per_tick,
+        ..Default::default()
+    });
+    let server = spawn_server(ServerConfig::new(&socket), fake.sender(), fake.wake_fn())
+        .map_err(|e| e.to_string())?;
+    eprintln!("api-bench: fake VMM serving on {}", socket.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, String>(())
+    })?;
+    server.shutdown().map_err(|e| e.to_string())?;
+    eprintln!("api-bench: stopped after {} requests", fake.handled());
+    Ok(())
+}
+
+struct RunArgs {
+    socket: Option<PathBuf>,
+    fake: bool,
+    setup: bool,
+    clients: usize,
+    seconds: f64,
+    client_threads: usize,
+    patch_mib: u64,
+    rate: f64,
+}
+
+/// Latencies of one kind of request, in nanoseconds.
+#[derive(Default)]
+struct Samples {
+    ns: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Samples {
+    fn merge(&mut self, other: Samples) {
+        self.ns.extend(other.ns);
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn percentile(sorted: &[u64], p: f64) -> u64 {
+        if sorted.is_empty() {
+            return 0;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    }
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.0}", ns as f64 / 1000.0)
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    if args.clients == 0 || !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        return Err("--clients and --seconds must be positive".into());
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        return Err("--rate must be a non-negative number".into());
+    }
+    let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
+    // An in-process fake on a temporary socket, when asked.
+    let mut _fake_parts = None;
+    let socket = match (args.socket, args.fake) {
+        (Some(s), _) => s,
+        (None, _) => {
+            let dir = std::env::temp_dir().join(format!("api-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let sock = dir.join("api.sock");
+            let fake = FakeVmm::spawn(FakeVmmConfig::default());
+            let server = spawn_server(ServerConfig::new(&sock), fake.sender(), fake.wake_fn())
+                .map_err(|e| e.to_string())?;
+            _fake_parts = Some((server, fake, dir));
+            sock
+        }
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let (get, patch, elapsed) = rt.block_on(async {
+        if args.setup {
+            setup(&socket).await?;
+        }
+        // Check the target answers before loading it.
+        let mut probe = Client::new(&socket);
+        probe
+            .call(Method::GET, "/balloon", None)
+            .await
+            .map_err(|e| format!("GET /balloon before the run: {e}"))?;
+
+        let start = Arc::new(tokio::sync::Barrier::new(args.clients + 1));
+        let mut tasks = Vec::new();
+        for id in 0..args.clients {
+            let socket = socket.clone();
+            let start = start.clone();
+            let patch_mib = args.patch_mib;
+            tasks.push(tokio::spawn(async move {
+                let mut c = Client::new(&socket);
+                let mut get = Samples::default();
+                let mut patch = Samples::default();
+                start.wait().await;
+                let t0 = Instant::now();
+                let mut i = id as u64;
+                // Paced clients start spread over one period, not all at once.
+                let mut next = period.map(|p| {
+                    tokio::time::Instant::now() + p.mul_f64(id as f64 / args.clients as f64)
+                });
+                while t0.elapsed() < duration {
+                    if let (Some(n), Some(p)) = (next.as_mut(), period) {
+                        tokio::time::sleep_until(*n).await;
+                        *n += p;
+                    }
+                    let is_get = i % 2 == 0;
+                    let (method, body) = if is_get {
+                        (Method::GET, None)
+                    } else {
+                        let mib = if (i / 2) % 2 == 0 { patch_mib } else { 0 };
+                        (
+                            Method::PATCH,
+                            Some(format!("{{\"amount_mib\": {mib}}}").into_bytes()),
+                        )
+                    };
+                    let t = Instant::now();
+                    let r = c.call(method, "/balloon", body).await;
+                    let ns = t.elapsed().as_nanos() as u64;
+                    let s = if is_get { &mut get } else { &mut patch };
+                    match r {
+                        Ok(_) => s.ns.push(ns),
+                        Err(e) => {
+                            s.errors += 1;
+                            s.first_error.get_or_insert_with(|| e.to_string());
+                            // A fresh connection after an error.
+                            c = Client::new(&socket);
+                        }
+                    }
+                    i += 1;
+                }
+                (get, patch)
+            }));
+        }
+        start.wait().await;
+        let t0 = Instant::now();
+        let mut get = Samples::default();
+        let mut patch = Samples::default();
+        for t in tasks {
+            let (g, p) = t.await.map_err(|e| e.to_string())?;
+            get.merge(g);
+            patch.merge(p);
+        }
+        Ok::<_, String>((get, patch, t0.elapsed()))
+    })?;
+
+    let pacing = match period {
+        Some(_) => format!("{} req/s per client", args.rate),
+        None => "closed loop".to_owned(),
+    };
+    println!(
+        "{} clients ({pacing}), {:.1} s, socket {}{}",
+        args.clients,
+        elapsed.as_secs_f64(),
+        socket.display(),
+        if args.fake {
+            " (in-process fake VMM)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<14} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
+    );
+    for (name, mut s) in [("GET /balloon", get), ("PATCH /balloon", patch)] {
+        s.ns.sort_unstable();
+        println!(
+            "{:<14} {:>9} {:>7} {:>9.0} {:>9} {:>9} {:>9} {:>9}",
+            name,
+            s.ns.len(),
+            s.errors,
+            s.ns.len() as f64 / elapsed.as_secs_f64(),
+            us(Samples::percentile(&s.ns, 50.0)),
+            us(Samples::percentile(&s.ns, 90.0)),
+            us(Samples::percentile(&s.ns, 99.0)),
+            us(s.ns.last().copied().unwrap_or(0)),
+        );
+        if let Some(e) = s.first_error {
+            println!("  first error: {e}");
+        }
+    }
+    if let Some((server, _fake, dir)) = _fake_parts.take() {
+        let _ = server.shutdown();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+/// Configures and boots a VM with a balloon; steps the VM refuses as already done (409) are fine.
+async fn setup(socket: &std::path::Path) -> Result<(), String> {
+    let mut c = Client::new(socket);
+    for (method, path, body) in [
+        (
+            Method::PUT,
+            "/boot-source",
+            r#"{"kernel_image_path": "/bench/vmlinuz"}"#,
+        ),
+        (
+            Method::PUT,
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 1024}"#,
+        ),
+        (
+            Method::PUT,
+            "/balloon",
+            r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+        ),
+        (
+            Method::PUT,
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+        ),
+    ] {
+        let reply = c
+            .raw(method.clone(), path, Some(body.as_bytes().to_vec()))
+            .await
+            .map_err(|e| e.to_string())?;
+        if !reply.status.is_success() && reply.status.as_u16() != 409 {
+            return Err(format!(
+                "setup {method} {path}: {} {}",
+                reply.status,
+                reply.fault_message().unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
+}
