@@ -45,6 +45,16 @@ pub struct Cli {
     /// free_page_reporting=BOOL` (every key optional; `--balloon ""` for the defaults).
     #[arg(long, value_name = "KEY=VALUE,...")]
     pub balloon: Option<String>,
+    /// Add a hot-add region served by virtio-mem: `total_mib=N[,block_mib=M][,requested_mib=R]`.
+    /// total_mib is a multiple of 128 (the Linux memory block); block_mib a power of two >= 2.
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    pub hotplug: Option<String>,
+    /// Serve the REST API on this Unix socket (created with mode 0600).
+    #[arg(long = "api-socket", value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Also serve the REST API over TCP on this address (e.g. 127.0.0.1:8080). Off unless given.
+    #[arg(long = "api-tcp", value_name = "ADDR")]
+    pub api_tcp: Option<std::net::SocketAddr>,
 }
 
 /// The JSON config file. Unknown fields are an error, so a typo is not silently ignored.
@@ -58,6 +68,95 @@ pub struct FileConfig {
     pub memory_mib: Option<u64>,
     pub serial: Option<String>,
     pub balloon: Option<BalloonOptions>,
+    pub hotplug: Option<HotplugOptions>,
+}
+
+/// Hot-add memory settings (`--hotplug` or `"hotplug"` in the config file).
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HotplugOptions {
+    /// Size of the hot-add region, MiB: a multiple of 128.
+    pub total_mib: u64,
+    /// Plug granularity, MiB: a power of two, at least 2.
+    #[serde(default = "default_block_mib")]
+    pub block_mib: u64,
+    /// Initially requested size, MiB.
+    #[serde(default)]
+    pub requested_mib: u64,
+}
+
+fn default_block_mib() -> u64 {
+    2
+}
+
+impl HotplugOptions {
+    const KEYS: &'static str = "total_mib, block_mib, requested_mib";
+
+    /// Parse `key=value,...`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let mut total = None;
+        let mut o = Self {
+            total_mib: 0,
+            block_mib: default_block_mib(),
+            requested_mib: 0,
+        };
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Option {
+                flag: "--hotplug",
+                detail: format!("`{item}` is not KEY=VALUE; keys are {}", Self::KEYS),
+            })?;
+            let n: u64 = v.parse().map_err(|_| ConfigError::Option {
+                flag: "--hotplug",
+                detail: format!("{k}={v}: expected a number of MiB"),
+            })?;
+            match k {
+                "total_mib" => total = Some(n),
+                "block_mib" => o.block_mib = n,
+                "requested_mib" => o.requested_mib = n,
+                _ => {
+                    return Err(ConfigError::Option {
+                        flag: "--hotplug",
+                        detail: format!("unknown key `{k}`; keys are {}", Self::KEYS),
+                    })
+                }
+            }
+        }
+        o.total_mib = total.ok_or_else(|| ConfigError::Option {
+            flag: "--hotplug",
+            detail: "total_mib is required".into(),
+        })?;
+        Ok(o)
+    }
+
+    /// The rules of the issue and of Linux's virtio-mem driver.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |detail: String| {
+            Err(ConfigError::Option {
+                flag: "--hotplug",
+                detail,
+            })
+        };
+        if self.block_mib < 2 || !self.block_mib.is_power_of_two() || self.block_mib > 1024 {
+            return err(format!(
+                "block_mib is {}; it must be a power of two from 2 to 1024",
+                self.block_mib
+            ));
+        }
+        let align = self.block_mib.max(128);
+        if self.total_mib == 0 || self.total_mib % align != 0 || self.total_mib > MAX_MEMORY_MIB {
+            return err(format!(
+                "total_mib is {}; it must be a positive multiple of {align} up to {MAX_MEMORY_MIB}",
+                self.total_mib
+            ));
+        }
+        if self.requested_mib > self.total_mib || self.requested_mib % self.block_mib != 0 {
+            return err(format!(
+                "requested_mib is {}; it must be a multiple of block_mib ({}) up to total_mib ({})",
+                self.requested_mib, self.block_mib, self.total_mib
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// virtio-balloon settings (`--balloon` or `"balloon"` in the config file).
@@ -156,6 +255,7 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub serial: SerialOut,
     pub balloon: Option<BalloonOptions>,
+    pub hotplug: Option<HotplugOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,8 +327,16 @@ impl VmConfig {
                 });
             }
         }
+        let hotplug = match cli.hotplug {
+            Some(s) => Some(HotplugOptions::parse(&s)?),
+            None => file.hotplug,
+        };
+        if let Some(h) = &hotplug {
+            h.validate()?;
+        }
         Ok(Self {
             balloon,
+            hotplug,
             kernel,
             initramfs,
             cmdline: cli

@@ -12,8 +12,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use balloon::discard::DiscardBackend;
-use balloon::{Balloon, BalloonConfig};
+use balloon::{Balloon, BalloonConfig, MemConfig, VirtioMem};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -28,13 +27,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, MmioDeviceInfo};
 use crate::boot;
 use crate::bus::{Bus, BusDevice};
-use crate::config::{BalloonOptions, SerialOut, VmConfig};
+use crate::config::{BalloonOptions, HotplugOptions, SerialOut, VmConfig};
 use crate::devices::power::{AcpiPower, ExitHandle, ExitReason, I8042};
 use crate::devices::serial::SerialConsole;
 use crate::event_loop::Control;
 use crate::layout::{
     self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
 };
+use crate::memory_backend::ManagerBackend;
 use crate::slots::KvmSlots;
 use crate::vcpu::{self, VcpuContext};
 
@@ -92,6 +92,7 @@ pub struct Vm {
     exit: Arc<ExitHandle>,
     event_manager: EventManager<Subscriber>,
     balloon: Option<Arc<Mutex<Balloon>>>,
+    virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
 }
 
 impl Vm {
@@ -131,7 +132,7 @@ impl Vm {
             }
         }
         let vm_fd = Arc::new(vm_fd);
-        let specs: Vec<RegionSpec> = layout::ram_ranges(config.memory_bytes())
+        let mut specs: Vec<RegionSpec> = layout::ram_ranges(config.memory_bytes())
             .into_iter()
             .map(|(guest_addr, size)| RegionSpec {
                 guest_addr,
@@ -140,6 +141,17 @@ impl Vm {
                 kind: RegionKind::BootRam,
             })
             .collect();
+        // The hot-add region: reserved address space only, born offline (design.md section 3).
+        if let Some(h) = &config.hotplug {
+            specs.push(RegionSpec {
+                guest_addr: layout::hotplug_base(config.memory_bytes()),
+                size: h.total_mib << 20,
+                backing: Backing::PrivateAnonymous,
+                kind: RegionKind::Hotplug {
+                    block_size: h.block_mib << 20,
+                },
+            });
+        }
         let manager =
             MemoryManager::new(&specs, Box::new(KvmSlots::new(vm_fd.clone()))).map_err(|e| {
                 VmError::Memory {
@@ -187,6 +199,7 @@ impl Vm {
         let event_manager =
             EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
         let balloon_opts = config.balloon.clone();
+        let hotplug_opts = config.hotplug;
         let mut vm = Self {
             config,
             kvm,
@@ -200,14 +213,39 @@ impl Vm {
             exit,
             event_manager,
             balloon: None,
+            virtio_mem: None,
         };
         if let Some(opts) = balloon_opts {
             vm.add_balloon(&opts)?;
         }
+        if let Some(opts) = hotplug_opts {
+            vm.add_virtio_mem(&opts)?;
+        }
         Ok(vm)
     }
 
-    /// The virtio-balloon, releasing memory through the host discard backend.
+    /// The virtio-mem device over the hot-add region.
+    fn add_virtio_mem(&mut self, opts: &HotplugOptions) -> Result<(), VmError> {
+        let mut cfg = MemConfig::new(
+            layout::hotplug_base(self.config.memory_bytes()),
+            opts.total_mib << 20,
+        );
+        cfg.block_size = opts.block_mib << 20;
+        cfg.requested_size = opts.requested_mib << 20;
+        let backend = Arc::new(ManagerBackend(self.manager.clone()));
+        let dev = VirtioMem::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
+        let dev = Arc::new(Mutex::new(dev));
+        self.add_virtio_device(dev.clone(), dev.clone())?;
+        self.virtio_mem = Some(dev);
+        Ok(())
+    }
+
+    /// The virtio-mem device, if configured.
+    pub fn virtio_mem(&self) -> Option<Arc<Mutex<VirtioMem>>> {
+        self.virtio_mem.clone()
+    }
+
+    /// The virtio-balloon, releasing memory through the memory manager.
     fn add_balloon(&mut self, opts: &BalloonOptions) -> Result<(), VmError> {
         let cfg = BalloonConfig {
             amount_mib: opts.amount_mib,
@@ -217,7 +255,7 @@ impl Vm {
             free_page_reporting: opts.free_page_reporting,
             ..BalloonConfig::default()
         };
-        let backend = Arc::new(DiscardBackend::new(self.mem.clone()));
+        let backend = Arc::new(ManagerBackend(self.manager.clone()));
         let mut dev = Balloon::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
         dev.set_guest_ram_bytes(self.config.memory_bytes());
         let dev = Arc::new(Mutex::new(dev));
