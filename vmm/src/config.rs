@@ -143,13 +143,13 @@ impl HotplugOptions {
             ));
         }
         let align = self.block_mib.max(128);
-        if self.total_mib == 0 || self.total_mib % align != 0 || self.total_mib > MAX_MEMORY_MIB {
+        if self.total_mib == 0 || !self.total_mib.is_multiple_of(align) || self.total_mib > MAX_MEMORY_MIB {
             return err(format!(
                 "total_mib is {}; it must be a positive multiple of {align} up to {MAX_MEMORY_MIB}",
                 self.total_mib
             ));
         }
-        if self.requested_mib > self.total_mib || self.requested_mib % self.block_mib != 0 {
+        if self.requested_mib > self.total_mib || !self.requested_mib.is_multiple_of(self.block_mib) {
             return err(format!(
                 "requested_mib is {}; it must be a multiple of block_mib ({}) up to total_mib ({})",
                 self.requested_mib, self.block_mib, self.total_mib
