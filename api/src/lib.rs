@@ -22,7 +22,7 @@
 //! ```
 //!
 //! Layout: [`requests`] (what clients send, with validation), [`responses`] (what the VMM fills),
-//! [`bridge`] (the channel messages), [`server`] (sockets, thread, shutdown), [`routes`] (HTTP <->
+//! [`bridge`] (the channel messages), [`server`] (sockets, thread, shutdown), [`mod@routes`] (HTTP <->
 //! bridge), [`metrics`] (Prometheus text), [`client`] (a small client over the Unix socket, used by
 //! `vmmctl` and `api-bench`), [`fake`] (a fake VMM thread for tests and benchmarks).
 
@@ -42,7 +42,7 @@ pub use bridge::{
 pub use requests::*;
 pub use responses::*;
 pub use routes::{routes, Fault, FaultBody, WakeFn};
-pub use server::{spawn_server, Error, ServerConfig, ServerHandle};
+pub use server::{spawn_server, ApiArgs, Error, ServerConfig, ServerHandle};
 
 /// The OpenAPI document, the contract of this API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");

@@ -1,6 +1,6 @@
 //! The router: HTTP method and path -> [`ApiRequest`], and the VMM's answer -> HTTP response.
 //!
-//! Every route is registered through [`RouteTable::add`], which records it; [`routes`] returns that
+//! Every route is registered through `RouteTable::add`, which records it; [`routes()`] returns that
 //! record so a test can compare the router with `openapi.yaml` both ways.
 
 use std::sync::mpsc::Sender;

@@ -54,6 +54,35 @@ impl ServerConfig {
     }
 }
 
+/// The VMM's command-line options for the API, to `#[command(flatten)]` into its own clap parser.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// Serve the REST API on this Unix socket (created with mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address (no authentication: use loopback).
+    #[arg(long, value_name = "ADDR", requires = "api_socket")]
+    pub api_tcp: Option<SocketAddr>,
+    /// Largest request body in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BODY_LIMIT)]
+    pub api_body_limit: usize,
+    /// Milliseconds a request waits for the VMM before the client gets 504.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_VMM_TIMEOUT.as_millis() as u64)]
+    pub api_timeout_ms: u64,
+}
+
+impl ApiArgs {
+    /// The server configuration, or `None` when no `--api-socket` was given.
+    pub fn server_config(&self) -> Option<ServerConfig> {
+        let socket = self.api_socket.as_ref()?;
+        let mut cfg = ServerConfig::new(socket);
+        cfg.tcp_addr = self.api_tcp;
+        cfg.body_limit = self.api_body_limit;
+        cfg.vmm_timeout = Duration::from_millis(self.api_timeout_ms);
+        Some(cfg)
+    }
+}
+
 /// Why the server did not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -297,5 +326,38 @@ async fn serve(
             if let Err(e) = t { eprintln!("vmm-api: TCP server failed: {e}"); }
         }
         _ = deadline => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Vmm {
+        #[command(flatten)]
+        api: ApiArgs,
+    }
+
+    #[test]
+    fn api_args_flatten_into_a_vmm_parser() {
+        let v = Vmm::parse_from(["vmm"]);
+        assert!(v.api.server_config().is_none());
+        let v = Vmm::parse_from([
+            "vmm",
+            "--api-socket",
+            "/run/vmm.sock",
+            "--api-tcp",
+            "127.0.0.1:8080",
+            "--api-timeout-ms",
+            "2000",
+        ]);
+        let cfg = v.api.server_config().unwrap();
+        assert_eq!(cfg.socket_path, PathBuf::from("/run/vmm.sock"));
+        assert_eq!(cfg.tcp_addr, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(cfg.vmm_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.body_limit, DEFAULT_BODY_LIMIT);
+        assert!(Vmm::try_parse_from(["vmm", "--api-tcp", "127.0.0.1:1"]).is_err());
     }
 }
