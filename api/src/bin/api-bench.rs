@@ -231,11 +231,11 @@ fn run(args: RunArgs) -> Result<(), String> {
                         tokio::time::sleep_until(*n).await;
                         *n += p;
                     }
-                    let is_get = i % 2 == 0;
+                    let is_get = i & 1 == 0;
                     let (method, body) = if is_get {
                         (Method::GET, None)
                     } else {
-                        let mib = if (i / 2) % 2 == 0 { patch_mib } else { 0 };
+                        let mib = if (i >> 1) & 1 == 0 { patch_mib } else { 0 };
                         (
                             Method::PATCH,
                             Some(format!("{{\"amount_mib\": {mib}}}").into_bytes()),

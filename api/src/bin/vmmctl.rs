@@ -366,7 +366,7 @@ fn human_bytes(n: u64) -> String {
     for (unit, size) in UNITS {
         if n >= size {
             let v = n as f64 / size as f64;
-            return if n % size == 0 {
+            return if n & (size - 1) == 0 {
                 format!("{} {unit}", n / size)
             } else {
                 format!("{v:.1} {unit}")
