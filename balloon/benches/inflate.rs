@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange};
 use balloon::discard::{madvise_dontneed, DiscardBackend};
-use balloon::testing::{guest_memory, BalloonRig, Desc, BUFFER_BASE};
+use balloon::testing::{guest_memory, pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const RAM: usize = 260 << 20;
 /// Ballooned pages come from 4 MiB upward (queues and buffers live below).
@@ -32,11 +32,12 @@ impl BalloonBackend for NaiveBackend {
         let mut o = Outcome::default();
         for r in ranges {
             for p in r.start.0..r.end() {
-                let host = self.mem.get_host_address(GuestAddress(p << 12)).map_err(|_| {
-                    BackendError::NotManaged {
+                let host = self
+                    .mem
+                    .get_host_address(GuestAddress(p << 12))
+                    .map_err(|_| BackendError::NotManaged {
                         range: PageRange::new(p, 1),
-                    }
-                })?;
+                    })?;
                 madvise_dontneed(host, 4096).map_err(|source| BackendError::Discard {
                     range: PageRange::new(p, 1),
                     host_addr: host as u64,
@@ -97,14 +98,26 @@ fn contiguous(round: u32) -> Vec<u32> {
     (0..256u32).rev().map(|i| base + i).collect()
 }
 
+/// What the timed part waits for after the used-ring update.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Nothing: the figure is the guest-visible ack latency.
+    Ack,
+    /// Until the deferred release is done: the figure gives pages released per second.
+    Released,
+}
+
 fn bench_case(
     c: &mut Criterion,
     name: &str,
-    make_backend: &dyn Fn(GuestMemoryMmap) -> Arc<dyn BalloonBackend>,
+    make_backend: &dyn Fn(
+        GuestMemoryMmap,
+    ) -> (Arc<dyn BalloonBackend>, Option<Arc<DiscardBackend>>),
     pattern: fn(u32) -> Vec<u32>,
+    wait: Wait,
 ) {
     let mem = guest_memory(&[(0, RAM)]);
-    let backend = make_backend(mem.clone());
+    let (backend, deferred) = make_backend(mem.clone());
     let config = BalloonConfig {
         stats: false,
         ..BalloonConfig::default()
@@ -116,6 +129,12 @@ fn bench_case(
     group.warm_up_time(Duration::from_secs(1));
     group.sample_size(60);
     let mut round = 0u32;
+    let BalloonRig {
+        dev,
+        queues,
+        buffers,
+        ..
+    } = &mut rig;
     group.bench_function(name, |b| {
         b.iter_batched(
             || {
@@ -123,14 +142,26 @@ fn bench_case(
                 round = round.wrapping_add(1);
                 let pfns = pattern(round);
                 for &p in &pfns {
-                    mem.write_obj(0xa5u8, GuestAddress(u64::from(p) << 12)).unwrap();
+                    mem.write_obj(0xa5u8, GuestAddress(u64::from(p) << 12))
+                        .unwrap();
                 }
-                let d: Desc = rig.pfn_desc(&pfns);
-                rig.buffers.reset(BUFFER_BASE);
-                rig.queues[0].add(&rig.mem, &[d]);
+                let bytes = pfn_bytes(&pfns);
+                buffers.reset(BUFFER_BASE);
+                let at = buffers.put(&mem, &bytes);
+                queues[0].add(&mem, &[Desc::read(at, bytes.len() as u32)]);
+                // Let the previous request's deferred release finish off the clock.
+                if let Some(b) = &deferred {
+                    b.flush();
+                }
             },
-            // Timed: notification to used-ring update.
-            |_| rig.dev.process_queue(0),
+            // Timed: notification to used-ring update (and, for `Released`, the release).
+            |_| {
+                let n = dev.process_queue(0);
+                if let (Wait::Released, Some(b)) = (wait, &deferred) {
+                    b.flush();
+                }
+                n
+            },
             BatchSize::PerIteration,
         )
     });
@@ -140,15 +171,29 @@ fn bench_case(
 }
 
 fn benches(c: &mut Criterion) {
-    let discard = |m: GuestMemoryMmap| Arc::new(DiscardBackend::new(m)) as Arc<dyn BalloonBackend>;
-    let naive = |m: GuestMemoryMmap| Arc::new(NaiveBackend { mem: m }) as Arc<dyn BalloonBackend>;
-    let null = |_: GuestMemoryMmap| Arc::new(NullBackend) as Arc<dyn BalloonBackend>;
-    bench_case(c, "scattered/coalesced_madvise", &discard, scattered);
-    bench_case(c, "scattered/naive_per_page_madvise", &naive, scattered);
-    bench_case(c, "scattered/device_only_no_release", &null, scattered);
-    bench_case(c, "contiguous/coalesced_madvise", &discard, contiguous);
-    bench_case(c, "contiguous/naive_per_page_madvise", &naive, contiguous);
-    bench_case(c, "contiguous/device_only_no_release", &null, contiguous);
+    type Made = (Arc<dyn BalloonBackend>, Option<Arc<DiscardBackend>>);
+    let sync = |m: GuestMemoryMmap| -> Made { (Arc::new(DiscardBackend::new(m)), None) };
+    let deferred = |m: GuestMemoryMmap| -> Made {
+        let b = Arc::new(DiscardBackend::deferred(m).unwrap());
+        (b.clone(), Some(b))
+    };
+    let naive = |m: GuestMemoryMmap| -> Made { (Arc::new(NaiveBackend { mem: m }), None) };
+    let null = |_: GuestMemoryMmap| -> Made { (Arc::new(NullBackend), None) };
+    for (pattern_name, pattern) in [
+        ("scattered", scattered as fn(u32) -> Vec<u32>),
+        ("contiguous", contiguous),
+    ] {
+        let cases: [(&str, &dyn Fn(GuestMemoryMmap) -> Made, Wait); 5] = [
+            ("naive_per_page_madvise", &naive, Wait::Ack),
+            ("coalesced_madvise", &sync, Wait::Ack),
+            ("deferred_ack", &deferred, Wait::Ack),
+            ("deferred_until_released", &deferred, Wait::Released),
+            ("device_only_no_release", &null, Wait::Ack),
+        ];
+        for (name, make, wait) in cases {
+            bench_case(c, &format!("{pattern_name}/{name}"), make, pattern, wait);
+        }
+    }
 }
 
 criterion_group!(inflate, benches);

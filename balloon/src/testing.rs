@@ -762,7 +762,11 @@ pub mod fuzz {
     fn write_desc(inp: &mut Input, mem: &GuestMemoryMmap, q: &DriverQueue) {
         let idx = u16::from(inp.u8()) % QSIZE;
         let a = addr(inp);
-        let len = if inp.u8() % 8 == 0 { inp.u32() } else { u32::from(inp.u16() % 1200) };
+        let len = if inp.u8() % 8 == 0 {
+            inp.u32()
+        } else {
+            u32::from(inp.u16() % 1200)
+        };
         let flags = u16::from(inp.u8() & 7);
         let next = u16::from(inp.u8() % (QSIZE as u8 + 2));
         q.write_desc(mem, idx, a, len, flags, next);
@@ -802,11 +806,17 @@ pub mod fuzz {
         let activate = |dev: &mut Balloon, inp: &mut Input, queues: &mut Vec<DriverQueue>| {
             let accepted = dev.avail_features() & (u64::from(inp.u8()) | (1 << 32));
             let n = queue_roles(accepted).len();
-            *queues = (0..n).map(|i| DriverQueue::new(&mem, 0x1000 * (i as u64 + 1), QSIZE)).collect();
+            *queues = (0..n)
+                .map(|i| DriverQueue::new(&mem, 0x1000 * (i as u64 + 1), QSIZE))
+                .collect();
             dev.ack_features(accepted);
             let _ = dev.activate(virtio::Activation {
                 mem: mem.clone(),
-                queues: queues.iter().enumerate().map(|(i, q)| q.active_queue(i)).collect(),
+                queues: queues
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| q.active_queue(i))
+                    .collect(),
                 interrupt: interrupt.clone(),
                 acked_features: accepted,
             });
@@ -872,7 +882,10 @@ pub mod fuzz {
             queue_size: QSIZE,
             ..MemConfig::new(region_addr, region_size)
         };
-        let backend = Arc::new(FakeMemBackend::new(PageRange::new(region_addr >> 12, region_size >> 12)));
+        let backend = Arc::new(FakeMemBackend::new(PageRange::new(
+            region_addr >> 12,
+            region_size >> 12,
+        )));
         let mut dev = VirtioMem::new(config, backend.clone()).expect("virtio-mem");
         let interrupt = Arc::new(TestInterrupt::default());
         let mut q = DriverQueue::new(&mem, 0x1000, QSIZE);
@@ -901,11 +914,22 @@ pub mod fuzz {
                             .wrapping_add(u64::from(inp.u16()).wrapping_mul(bs / 2))
                             .wrapping_sub(bs),
                     };
-                    let nb = if inp.u8() % 8 == 0 { inp.u16() } else { u16::from(inp.u8() % 40) };
+                    let nb = if inp.u8() % 8 == 0 {
+                        inp.u16()
+                    } else {
+                        u16::from(inp.u8() % 40)
+                    };
                     let at = DATA + u64::from(inp.u16() % 0x7000);
                     let _ = mem.write_slice(&mem_request_bytes(kind, a, nb), GuestAddress(at));
-                    let resp_len = if inp.u8() % 8 == 0 { u32::from(inp.u8() % 16) } else { 10 };
-                    q.add(&mem, &[Desc::read(at, 24), Desc::write(at + 0x100, resp_len)]);
+                    let resp_len = if inp.u8() % 8 == 0 {
+                        u32::from(inp.u8() % 16)
+                    } else {
+                        10
+                    };
+                    q.add(
+                        &mem,
+                        &[Desc::read(at, 24), Desc::write(at + 0x100, resp_len)],
+                    );
                     dev.process_queue();
                 }
                 4 => {
@@ -933,11 +957,18 @@ pub mod fuzz {
                 }
             }
             let s = dev.state();
-            assert_eq!(s.plugged_size, backend.plugged_pages() * 4096, "device and backend disagree");
+            assert_eq!(
+                s.plugged_size,
+                backend.plugged_pages() * 4096,
+                "device and backend disagree"
+            );
             assert!(s.usable_region_size <= s.region_size);
             assert_eq!(s.usable_region_size % bs, 0);
             if let Some(last) = dev.plugged_ranges().last() {
-                assert!(last.end() << 12 <= region_addr + s.usable_region_size, "plugged past usable");
+                assert!(
+                    last.end() << 12 <= region_addr + s.usable_region_size,
+                    "plugged past usable"
+                );
             }
         }
     }

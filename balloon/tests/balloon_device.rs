@@ -512,3 +512,14 @@ fn event_loop_activation_queue_and_stats_timer() {
     em.run_with_timeout(10).unwrap();
     em.run_with_timeout(10).unwrap();
 }
+
+#[test]
+fn shares_as_the_vmm_needs() {
+    fn send<T: Send>() {}
+    send::<Balloon>();
+    send::<balloon::VirtioMem>();
+    let (rig, _) = BalloonRig::new(config_all());
+    let dev = Arc::new(Mutex::new(rig.dev));
+    let _transport: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+    let _event_loop: Arc<Mutex<dyn MutEventSubscriber + Send>> = dev;
+}
