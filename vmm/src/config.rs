@@ -16,7 +16,7 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const MAX_VCPUS: u8 = 254;
 
 /// Command line of the `vmm` binary.
-#[derive(Parser, Debug, Default)]
+#[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "A KVM virtual machine monitor", long_about = None)]
 pub struct Cli {
     /// JSON file with the same fields as the flags (kernel, initramfs, cmdline, vcpus,
@@ -49,18 +49,17 @@ pub struct Cli {
     /// total_mib is a multiple of 128 (the Linux memory block); block_mib a power of two >= 2.
     #[arg(long, value_name = "KEY=VALUE,...")]
     pub hotplug: Option<String>,
-    /// Serve the REST API on this Unix socket (created with mode 0600).
-    #[arg(long = "api-socket", value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-    /// Also serve the REST API over TCP on this address (e.g. 127.0.0.1:8080). Off unless given.
-    #[arg(long = "api-tcp", value_name = "ADDR")]
-    pub api_tcp: Option<std::net::SocketAddr>,
+    /// The REST API (`--api-socket PATH`, `--api-tcp ADDR`, ...).
+    #[command(flatten)]
+    pub api: api::server::ApiArgs,
 }
 
-/// The JSON config file. Unknown fields are an error, so a typo is not silently ignored.
-#[derive(Deserialize, Debug, Default)]
+/// A VM description still being assembled: the JSON config file's shape, then flags and REST API
+/// calls fill it in, then [`VmConfig::from_partial`] validates it. Unknown fields in the file are
+/// an error, so a typo is not silently ignored.
+#[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct PartialConfig {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: Option<String>,
@@ -143,13 +142,17 @@ impl HotplugOptions {
             ));
         }
         let align = self.block_mib.max(128);
-        if self.total_mib == 0 || !self.total_mib.is_multiple_of(align) || self.total_mib > MAX_MEMORY_MIB {
+        if self.total_mib == 0
+            || !self.total_mib.is_multiple_of(align)
+            || self.total_mib > MAX_MEMORY_MIB
+        {
             return err(format!(
                 "total_mib is {}; it must be a positive multiple of {align} up to {MAX_MEMORY_MIB}",
                 self.total_mib
             ));
         }
-        if self.requested_mib > self.total_mib || !self.requested_mib.is_multiple_of(self.block_mib) {
+        if self.requested_mib > self.total_mib || !self.requested_mib.is_multiple_of(self.block_mib)
+        {
             return err(format!(
                 "requested_mib is {}; it must be a multiple of block_mib ({}) up to total_mib ({})",
                 self.requested_mib, self.block_mib, self.total_mib
@@ -284,42 +287,36 @@ pub enum ConfigError {
 impl VmConfig {
     /// Merge the config file (if any) with the flags, flags winning, and validate.
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
-        let file = match &cli.config {
-            Some(p) => load_file(p)?,
-            None => FileConfig::default(),
-        };
-        let kernel = match cli.kernel.or(file.kernel) {
+        Self::from_partial(PartialConfig::from_cli(cli)?)
+    }
+
+    /// Validate a partial description, filling defaults (the default guest when no kernel).
+    pub fn from_partial(p: PartialConfig) -> Result<Self, ConfigError> {
+        let kernel = match p.kernel {
             Some(k) => k,
             None => default_guest_file("bzImage").ok_or_else(|| ConfigError::NoKernel {
                 build: "resources/build-guest.sh".into(),
             })?,
         };
-        let initramfs = cli.initramfs.or(file.initramfs).or_else(|| {
+        let initramfs = p.initramfs.or_else(|| {
             // The default guest comes with its initramfs.
             let d = default_guest_file("bzImage")?;
             (d == kernel).then(|| default_guest_file("initramfs.cpio.gz"))?
         });
-        let vcpus = cli.vcpus.or(file.vcpus).unwrap_or(1);
+        let vcpus = p.vcpus.unwrap_or(1);
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(vcpus));
         }
-        let memory_mib = cli
-            .memory_mib
-            .or(file.memory_mib)
-            .unwrap_or(DEFAULT_MEMORY_MIB);
+        let memory_mib = p.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
         if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
             return Err(ConfigError::Memory(memory_mib));
         }
-        let serial = match cli.serial.or(file.serial).as_deref() {
+        let serial = match p.serial.as_deref() {
             None | Some("stdout") => SerialOut::Stdout,
             Some("") => return Err(ConfigError::Serial),
-            Some(p) => SerialOut::File(PathBuf::from(p)),
+            Some(path) => SerialOut::File(PathBuf::from(path)),
         };
-        let balloon = match cli.balloon {
-            Some(s) => Some(BalloonOptions::parse(&s)?),
-            None => file.balloon,
-        };
-        if let Some(b) = &balloon {
+        if let Some(b) = &p.balloon {
             if b.amount_mib >= memory_mib {
                 return Err(ConfigError::BalloonTooLarge {
                     amount: b.amount_mib,
@@ -327,22 +324,15 @@ impl VmConfig {
                 });
             }
         }
-        let hotplug = match cli.hotplug {
-            Some(s) => Some(HotplugOptions::parse(&s)?),
-            None => file.hotplug,
-        };
-        if let Some(h) = &hotplug {
+        if let Some(h) = &p.hotplug {
             h.validate()?;
         }
         Ok(Self {
-            balloon,
-            hotplug,
+            balloon: p.balloon,
+            hotplug: p.hotplug,
             kernel,
             initramfs,
-            cmdline: cli
-                .cmdline
-                .or(file.cmdline)
-                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            cmdline: p.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             vcpus,
             memory_mib,
             serial,
@@ -354,7 +344,30 @@ impl VmConfig {
     }
 }
 
-fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+impl PartialConfig {
+    /// The config file (if any) with the flags laid over it.
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let mut p = match &cli.config {
+            Some(path) => load_file(path)?,
+            None => PartialConfig::default(),
+        };
+        p.kernel = cli.kernel.or(p.kernel);
+        p.initramfs = cli.initramfs.or(p.initramfs);
+        p.cmdline = cli.cmdline.or(p.cmdline);
+        p.vcpus = cli.vcpus.or(p.vcpus);
+        p.memory_mib = cli.memory_mib.or(p.memory_mib);
+        p.serial = cli.serial.or(p.serial);
+        if let Some(b) = cli.balloon {
+            p.balloon = Some(BalloonOptions::parse(&b)?);
+        }
+        if let Some(h) = cli.hotplug {
+            p.hotplug = Some(HotplugOptions::parse(&h)?);
+        }
+        Ok(p)
+    }
+}
+
+fn load_file(path: &Path) -> Result<PartialConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
         path: path.display().to_string(),
         source,
@@ -431,6 +444,35 @@ mod tests {
             BalloonOptions::parse("").unwrap(),
             BalloonOptions::default()
         );
+    }
+
+    #[test]
+    fn hotplug_option_rules() {
+        let h = HotplugOptions::parse("total_mib=2048,block_mib=4").unwrap();
+        assert_eq!((h.total_mib, h.block_mib, h.requested_mib), (2048, 4, 0));
+        h.validate().unwrap();
+        let e = HotplugOptions::parse("block_mib=4")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("total_mib is required"), "{e}");
+        let e = HotplugOptions::parse("total_mib=100")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("multiple of 128"), "{e}");
+        let e = HotplugOptions::parse("total_mib=256,block_mib=3")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("power of two"), "{e}");
+        let e = HotplugOptions::parse("total_mib=256,requested_mib=512")
+            .unwrap()
+            .validate();
+        assert!(e.is_err());
+        let e = HotplugOptions::parse("total_mib=256,size=1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `size`"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! map is in [`layout`].
 
 pub mod acpi;
+pub mod api_bridge;
 pub mod arch;
 pub mod boot;
 pub mod bus;

@@ -319,12 +319,27 @@ impl Vm {
     }
 
     /// Add an event-loop subscriber that is not a virtio device (e.g. the API bridge).
+    /// The exit request shared by vCPUs and devices.
+    pub fn exit_handle(&self) -> Arc<ExitHandle> {
+        self.exit.clone()
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
     pub fn add_subscriber(&mut self, s: Subscriber) {
         self.event_manager.add_subscriber(s);
     }
 
     /// Steps 4 to 6. Returns why the VM stopped.
     pub fn run(mut self) -> Result<ExitReason, VmError> {
+        self.start()?;
+        self.run_until_exit()
+    }
+
+    /// Steps 4 and 5: load the guest and start the vCPUs. A failure leaves no vCPU running.
+    pub fn start(&mut self) -> Result<(), VmError> {
         let tables = acpi::build(self.config.vcpus, &self.virtio)?;
         tables.write(&self.mem)?;
         let boot = boot::load(
@@ -375,7 +390,11 @@ impl Vm {
         for (id, fd) in vcpus.into_iter().enumerate() {
             vcpu::spawn(id as u8, fd, ctx.clone())?;
         }
+        Ok(())
+    }
 
+    /// Step 6: serve devices, the API and signals until the VM stops; returns why.
+    pub fn run_until_exit(mut self) -> Result<ExitReason, VmError> {
         loop {
             self.event_manager
                 .run()
