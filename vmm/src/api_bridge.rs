@@ -334,8 +334,9 @@ impl ApiHandler {
         let hot = self.vm.hotplug.map_or(0, |h| h.total_mib);
         if desired > boot + hot {
             return Err(ApiError::bad_request(format!(
-                "desired_mib {desired} is above the most this VM can have: {boot} MiB of boot \
-                 memory plus {hot} MiB of hot-add memory"
+                "desired_mib {desired} is above the most this VM can have: {} MiB ({boot} MiB of \
+                 boot memory plus {hot} MiB of hot-add memory)",
+                boot + hot
             )));
         }
         if desired < boot && self.vm.balloon.is_none() {

@@ -1,0 +1,243 @@
+//! The REST API of a running VMM, driven over its Unix socket, with a tiny hand-made guest that
+//! just sleeps (cli; hlt). Checks what an operator would: the VM is configured and started
+//! through the API alone, state rules give 409, resizing reports what it did, and a signal
+//! stops the VM cleanly.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LOAD: u64 = 0x10_0000;
+
+/// ELF64 with one PT_LOAD segment of `code` at 1 MiB (same shape as tiny_guest.rs).
+fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes());
+    f.extend_from_slice(&0x3eu16.to_le_bytes());
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes());
+    f.extend_from_slice(&64u64.to_le_bytes());
+    f.extend_from_slice(&0u64.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes());
+    f.extend_from_slice(&56u16.to_le_bytes());
+    f.extend_from_slice(&1u16.to_le_bytes());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&5u32.to_le_bytes());
+    f.extend_from_slice(&120u64.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes());
+    f.extend_from_slice(&LOAD.to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
+
+/// `cli; hlt; jmp hlt`: the vCPU sleeps in KVM for good.
+const SLEEP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vmm {
+    fn start(dir: &Path, args: &[&str]) -> Vmm {
+        let socket = dir.join("api.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+            .args(["--api-socket", socket.to_str().unwrap()])
+            .args(["--serial", dir.join("serial.out").to_str().unwrap()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "API socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Vmm { child, socket }
+    }
+
+    /// One HTTP/1.1 request; returns (status, body).
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let body = body.unwrap_or("");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string();
+        (status, body)
+    }
+
+    fn json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.call("GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("api-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn configure_and_start_through_the_api_alone() {
+    if !kvm_usable() {
+        eprintln!("SKIPPED: configure_and_start_through_the_api_alone: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("start");
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf(&SLEEP)).unwrap();
+    let vmm = Vmm::start(&dir, &[]);
+    assert_eq!(vmm.json("/")["state"], "Not started");
+    // Starting without a kernel is refused and says what to do.
+    let (st, body) = vmm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("boot-source"), "{body}");
+    // A running-VM request before start is a state conflict.
+    let (st, _) = vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib":4}"#));
+    assert_eq!(st, 409);
+    let src = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
+    assert_eq!(vmm.call("PUT", "/boot-source", Some(&src)).0, 204);
+    let mc = r#"{"vcpu_count":1,"mem_size_mib":64}"#;
+    assert_eq!(vmm.call("PUT", "/machine-config", Some(mc)).0, 204);
+    let b = r#"{"amount_mib":0,"deflate_on_oom":true,"stats_polling_interval_s":1}"#;
+    assert_eq!(vmm.call("PUT", "/balloon", Some(b)).0, 204);
+    let h = r#"{"total_size_mib":256,"block_size_mib":2}"#;
+    assert_eq!(vmm.call("PUT", "/hotplug/memory", Some(h)).0, 204);
+    let (st, body) = vmm.call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    assert_eq!(vmm.json("/")["state"], "Running");
+
+    // After start, configuration is a conflict.
+    assert_eq!(vmm.call("PUT", "/machine-config", Some(mc)).0, 409);
+    // The balloon target is taken (the tiny guest has no driver, so actual stays 0).
+    assert_eq!(
+        vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib":16}"#))
+            .0,
+        204
+    );
+    let bal = vmm.json("/balloon");
+    assert_eq!(
+        (bal["amount_mib"].as_u64(), bal["actual_pages"].as_u64()),
+        (Some(16), Some(0))
+    );
+    // Too large a target is a 400 naming the limit.
+    let (st, body) = vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib":4096}"#));
+    assert_eq!(st, 400, "{body}");
+    // Hot-add: the region is born offline, all of it unplugged, none resident.
+    let mem = vmm.json("/vm/memory");
+    assert_eq!(
+        mem["totals"]["unplugged_bytes"].as_u64(),
+        Some(256 << 20),
+        "{mem}"
+    );
+    let hot = mem["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "hotplug")
+        .unwrap();
+    assert_eq!(hot["guest_phys_addr"].as_u64(), Some(1 << 32));
+    assert_eq!(hot["offline_pages"].as_u64(), Some(256 << 8));
+    // Resize up: virtio-mem is asked for the difference, the balloon is released.
+    assert_eq!(
+        vmm.call("PUT", "/vm/resize", Some(r#"{"desired_mib":128}"#))
+            .0,
+        204
+    );
+    let hp = vmm.json("/hotplug/memory");
+    assert_eq!(hp["requested_size_mib"].as_u64(), Some(64), "{hp}");
+    assert_eq!(vmm.json("/balloon")["amount_mib"].as_u64(), Some(0));
+    let rs = vmm.json("/vm/resize");
+    assert_eq!(
+        (rs["mechanism"].as_str(), rs["state"].as_str()),
+        (Some("virtio_mem"), Some("in_progress")),
+        "{rs}"
+    );
+    // Beyond boot + hot-add is refused.
+    let (st, body) = vmm.call("PUT", "/vm/resize", Some(r#"{"desired_mib":1024}"#));
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("320"), "names the maximum: {body}");
+    let metrics = vmm.call("GET", "/metrics", None);
+    assert_eq!(metrics.0, 200);
+    assert!(
+        metrics.1.contains("vmm_guest_unplugged_bytes"),
+        "{}",
+        metrics.1
+    );
+}
+
+#[test]
+fn sigterm_stops_a_running_vm_with_143() {
+    if !kvm_usable() {
+        eprintln!("SKIPPED: sigterm_stops_a_running_vm_with_143: no /dev/kvm");
+        return;
+    }
+    let dir = scratch("sigterm");
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf(&SLEEP)).unwrap();
+    let mut vmm = Vmm::start(
+        &dir,
+        &["--kernel", kernel.to_str().unwrap(), "--memory-mib", "32"],
+    );
+    assert_eq!(vmm.json("/")["state"], "Running");
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = vmm.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "VMM did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(143));
+}
