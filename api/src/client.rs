@@ -77,49 +77,67 @@ impl Client {
         &self.path
     }
 
-    async fn connect(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, ClientError> {
-        let reusable = matches!(&self.sender, Some(s) if !s.is_closed());
-        if !reusable {
-            let stream = tokio::net::UnixStream::connect(&self.path)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: self.path.clone(),
-                    source,
-                })?;
-            let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            self.sender = Some(sender);
-        }
-        let sender = self.sender.as_mut().expect("connected above");
-        sender.ready().await?;
-        Ok(sender)
+    async fn open(&mut self) -> Result<(), ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.sender = Some(sender);
+        Ok(())
     }
 
     /// Sends any request and returns whatever the server answered, error statuses included.
+    ///
+    /// A kept-alive connection that the server closed meanwhile (it closes idle ones) is
+    /// replaced and the request sent again, but only when hyper says the request never left.
     pub async fn raw(
         &mut self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Reply, ClientError> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost");
-        if body.is_some() {
-            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        let body = Bytes::from(body.unwrap_or_default());
+        let mut reused = matches!(&self.sender, Some(s) if !s.is_closed());
+        if !reused {
+            self.open().await?;
         }
-        let req = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Request(e.to_string()))?;
-        let sender = self.connect().await?;
-        let resp = match sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.sender = None;
-                return Err(e.into());
+        let resp = loop {
+            let mut builder = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header(hyper::header::HOST, "localhost");
+            if !body.is_empty() {
+                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            let req = builder
+                .body(Full::new(body.clone()))
+                .map_err(|e| ClientError::Request(e.to_string()))?;
+            let sender = self.sender.as_mut().expect("opened above");
+            let not_sent = match sender.ready().await {
+                Err(e) => Err(e),
+                Ok(()) => match sender.try_send_request(req).await {
+                    Ok(resp) => break resp,
+                    Err(e) if e.message().is_some() => Err(e.into_error()),
+                    Err(e) => {
+                        self.sender = None;
+                        return Err(e.into_error().into());
+                    }
+                },
+            };
+            self.sender = None;
+            match not_sent {
+                Err(_) if reused => {
+                    reused = false;
+                    self.open().await?;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(()) => unreachable!("the loop breaks with a response"),
             }
         };
         let status = resp.status();

@@ -12,6 +12,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::future::Future;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 
 use crate::bridge::ApiMessage;
@@ -24,6 +31,11 @@ pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
 pub const DEFAULT_VMM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on requests waiting for the VMM; beyond it the server replies 503.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Default bound on open connections; beyond it new clients wait in the listen backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default time a client has to send a request's headers (also closes idle keep-alive
+/// connections), so a stalled client cannot hold a connection slot for ever.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for requests in progress after the VMM timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
@@ -40,6 +52,17 @@ pub struct ServerConfig {
     pub vmm_timeout: Duration,
     /// Most requests waiting for the VMM at once; more get 503.
     pub max_in_flight: usize,
+    /// Most connections open at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// Time to receive a request's headers; also how long an idle connection stays open.
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+    grace: Duration,
 }
 
 impl ServerConfig {
@@ -50,6 +73,8 @@ impl ServerConfig {
             body_limit: DEFAULT_BODY_LIMIT,
             vmm_timeout: DEFAULT_VMM_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -264,12 +289,16 @@ pub fn spawn_server(
         metrics: ApiMetrics::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let grace = cfg.vmm_timeout + SHUTDOWN_GRACE;
+    let limits = Limits {
+        max_connections: cfg.max_connections.max(1),
+        header_read_timeout: cfg.header_read_timeout,
+        grace: cfg.vmm_timeout + SHUTDOWN_GRACE,
+    };
 
     let thread = std::thread::Builder::new()
         .name("vmm-api".into())
         .spawn(move || {
-            runtime.block_on(serve(unix, tcp, shared, stop_rx, grace));
+            runtime.block_on(serve(unix, tcp, shared, stop_rx, limits));
         })
         .map_err(|e| cleanup(Error::Runtime(e)))?;
 
@@ -287,14 +316,32 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// Connection handling settings, shared by both listeners.
+#[derive(Clone)]
+struct ConnSettings {
+    http: http1::Builder,
+    app: Router,
+    /// One permit per open connection.
+    slots: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+}
+
 async fn serve(
     unix: UnixListener,
     tcp: Option<std::net::TcpListener>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    grace: Duration,
+    limits: Limits,
 ) {
-    let app = router(shared);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let settings = ConnSettings {
+        http,
+        app: router(shared),
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        stop: stop.clone(),
+    };
     let unix = match tokio::net::UnixListener::from_std(unix) {
         Ok(l) => l,
         Err(e) => {
@@ -302,30 +349,79 @@ async fn serve(
             return;
         }
     };
-    let unix_app = app.clone();
-    let unix_server = async {
-        axum::serve(unix, unix_app)
-            .with_graceful_shutdown(stopped(stop.clone()))
-            .await
-    };
-    let tcp_server = async {
-        let Some(tcp) = tcp else { return Ok(()) };
-        let tcp = tokio::net::TcpListener::from_std(tcp)?;
-        axum::serve(tcp, app)
-            .with_graceful_shutdown(stopped(stop.clone()))
-            .await
-    };
-    let servers = async { tokio::join!(unix_server, tcp_server) };
-    let deadline = async {
-        stopped(stop.clone()).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        (u, t) = servers => {
-            if let Err(e) = u { eprintln!("vmm-api: Unix socket server failed: {e}"); }
-            if let Err(e) = t { eprintln!("vmm-api: TCP server failed: {e}"); }
+    let tcp = match tcp.map(tokio::net::TcpListener::from_std).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vmm-api: cannot register the TCP listener with the runtime: {e}");
+            return;
         }
-        _ = deadline => {}
+    };
+    let unix_loop = accept_loop("Unix socket", settings.clone(), || async {
+        unix.accept().await.map(|(s, _)| s)
+    });
+    let tcp_loop = async {
+        if let Some(tcp) = &tcp {
+            accept_loop("TCP", settings.clone(), || async {
+                tcp.accept().await.map(|(s, _)| s)
+            })
+            .await
+        }
+    };
+    tokio::join!(unix_loop, tcp_loop);
+    // Stopped: connections finish the request in progress (bounded by the VMM timeout) and close.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(limits.grace, settings.slots.acquire_many(all)).await;
+}
+
+/// Accepts connections until stopped, at most `slots` at once; each is served on its own task.
+async fn accept_loop<S, F, Fut>(what: &'static str, settings: ConnSettings, mut accept: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<S>>,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reported = false;
+    loop {
+        // At the limit, stop accepting: new clients wait in the listen backlog.
+        let slot = tokio::select! {
+            slot = settings.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = stopped(settings.stop.clone()) => return,
+        };
+        let stream = tokio::select! {
+            r = accept() => r,
+            _ = stopped(settings.stop.clone()) => return,
+        };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and the like: report once, back off, keep serving the others.
+                if !reported {
+                    eprintln!("vmm-api: accepting on the {what} failed: {e}");
+                    reported = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = settings.http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(settings.app.clone()),
+        );
+        let stop = settings.stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopped(stop) => {}
+            }
+            // Finish the request in progress, then close; idle connections close at once.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
     }
 }
 

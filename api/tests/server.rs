@@ -190,3 +190,71 @@ fn shutdown_is_prompt_with_idle_clients_connected() {
     h.server.take().unwrap().shutdown().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }
+
+#[tokio::test]
+async fn stalled_clients_are_dropped_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start_with(
+        |c| {
+            c.max_connections = 2;
+            c.header_read_timeout = Duration::from_millis(300);
+        },
+        Default::default(),
+    );
+    // Two clients take both slots and stall in the middle of their headers.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::UnixStream::connect(&h.socket).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A third client waits for a slot, and gets one when the stalled ones time out.
+    let t0 = Instant::now();
+    let mut c = h.client();
+    let (s, _) = req(&mut c, "GET", "/", None).await;
+    assert_eq!(s, 200);
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(150), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // The stalled connections were closed by the server.
+    for mut s in stalled {
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+        assert!(n.is_ok(), "stalled connection still open");
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_the_client_reconnects() {
+    let h = Harness::start_with(
+        |c| c.header_read_timeout = Duration::from_millis(200),
+        Default::default(),
+    );
+    let mut c = h.client();
+    for _ in 0..3 {
+        let (s, _) = req(&mut c, "GET", "/", None).await;
+        assert_eq!(s, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let (s, _) = req(&mut c, "PATCH", "/balloon", Some(r#"{"amount_mib": 0}"#)).await;
+    assert_eq!(s, 404); // answered (no balloon), not lost on a dead connection
+
+    // The server does close an idle keep-alive connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::UnixStream::connect(&h.socket).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = raw.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let t0 = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(2), raw.read(&mut buf)).await;
+    assert!(matches!(n, Ok(Ok(0))), "{n:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        t0.elapsed()
+    );
+}
