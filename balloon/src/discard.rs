@@ -2,9 +2,13 @@
 //! pages per guest RAM region and one `madvise(MADV_DONTNEED)` (or, for file-backed regions,
 //! one `fallocate(PUNCH_HOLE)`) per coalesced run.
 //!
-//! Two modes:
+//! Three modes:
 //! - [`DiscardBackend::new`]: inflate releases the memory before it returns (the guest's ack waits
 //!   for the system calls).
+//! - [`DiscardBackend::after_ack`]: inflate marks and queues; the device calls
+//!   [`BalloonBackend::release_pending`] on the same thread right after it acknowledged the
+//!   batch, so the guest's wait excludes the system calls and there is no thread hand-off. The
+//!   release discards only pages still ballooned, so a deflate in between is safe.
 //! - [`DiscardBackend::deferred`]: inflate only marks the pages ballooned and queues the ranges;
 //!   a worker thread releases them. The ack no longer waits for the kernel. A deflate of a page
 //!   still waiting for release clears its bit first, and the worker discards, under the same
@@ -61,6 +65,7 @@ struct Inner {
 pub struct DiscardBackend {
     inner: Arc<Inner>,
     worker: Option<JoinHandle<()>>,
+    after_ack: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,7 +96,15 @@ impl DiscardBackend {
                 idle: Condvar::new(),
             }),
             worker: None,
+            after_ack: false,
         }
+    }
+
+    /// Release right after the ack, on the device's thread (see the module documentation).
+    pub fn after_ack(mem: GuestMemoryMmap) -> Self {
+        let mut b = Self::new(mem);
+        b.after_ack = true;
+        b
     }
 
     /// Deferred release on a worker thread (see the module documentation).
@@ -129,6 +142,12 @@ impl DiscardBackend {
 
     /// Waits until every queued release is done (deferred mode; immediate otherwise).
     pub fn flush(&self) {
+        if self.after_ack {
+            if let Err(e) = self.release_pending() {
+                log::error!("balloon: release failed: {e}");
+            }
+            return;
+        }
         let mut p = lock(&self.inner.pending);
         while !p.ranges.is_empty() || p.in_flight {
             p = self.inner.idle.wait(p).unwrap_or_else(|e| e.into_inner());
@@ -431,7 +450,10 @@ impl BalloonBackend for DiscardBackend {
                 out.unchanged += count - c;
             });
         }
-        if self.worker.is_some() {
+        if self.after_ack {
+            drop(regions);
+            lock(&self.inner.pending).ranges.extend_from_slice(ranges);
+        } else if self.worker.is_some() {
             drop(regions);
             lock(&self.inner.pending).ranges.extend_from_slice(ranges);
             self.inner.work.notify_one();
@@ -484,6 +506,23 @@ impl BalloonBackend for DiscardBackend {
         self.inner.discard_many(&runs)?;
         drop(regions);
         Ok(out)
+    }
+
+    fn release_pending(&self) -> Result<u64, BackendError> {
+        if !self.after_ack {
+            return Ok(0);
+        }
+        let queued = std::mem::take(&mut lock(&self.inner.pending).ranges);
+        if queued.is_empty() {
+            return Ok(0);
+        }
+        let regions = lock(&self.inner.regions);
+        let runs: Vec<PageRange> = queued
+            .iter()
+            .flat_map(|&range| ballooned_runs(&regions, range))
+            .collect();
+        self.inner.discard_many(&runs)?;
+        Ok(runs.iter().map(|r| r.count).sum())
     }
 
     fn deflate_all(&self) -> Result<Outcome, BackendError> {
@@ -573,6 +612,24 @@ mod tests {
         assert!(!resident(&mem, 10));
         assert!(b.is_ballooned(11));
         assert!(!b.is_ballooned(10));
+    }
+
+    #[test]
+    fn after_ack_release_skips_pages_deflated_meanwhile() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 22)]).unwrap();
+        let b = DiscardBackend::after_ack(mem.clone());
+        for p in 16..32 {
+            touch(&mem, p, 4);
+        }
+        b.inflate(&[PageRange::new(16, 16)]).unwrap();
+        assert!(resident(&mem, 16), "nothing released before the ack");
+        b.deflate(&[PageRange::new(16, 8)]).unwrap();
+        touch(&mem, 16, 8);
+        assert_eq!(b.release_pending().unwrap(), 8);
+        assert_eq!(read(&mem, 16), 8);
+        assert!(resident(&mem, 17));
+        assert!(!resident(&mem, 24));
+        assert_eq!(b.release_pending().unwrap(), 0);
     }
 
     #[test]

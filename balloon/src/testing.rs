@@ -26,11 +26,12 @@ pub fn guest_memory(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&r).expect("test guest memory")
 }
 
-/// Counts interrupts.
+/// Counts interrupts and remembers when the last used-buffer interrupt came.
 #[derive(Default, Debug)]
 pub struct TestInterrupt {
     pub used: AtomicUsize,
     pub config: AtomicUsize,
+    pub last_used_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl TestInterrupt {
@@ -44,6 +45,9 @@ impl TestInterrupt {
 
 impl Interrupt for TestInterrupt {
     fn notify_used(&self) {
+        if let Ok(mut t) = self.last_used_at.lock() {
+            *t = Some(std::time::Instant::now());
+        }
         self.used.fetch_add(1, Ordering::SeqCst);
     }
     fn notify_config(&self) {

@@ -250,7 +250,7 @@ fn many_buffers_one_interrupt() {
 
 #[test]
 fn broken_rings_are_counted_not_fatal() {
-    let (mut rig, backend) = rig();
+    let (mut rig, _) = rig();
     // avail idx far ahead of anything published.
     rig.queues[0].set_avail_idx(&rig.mem, 1000);
     assert_eq!(rig.dev.process_queue(0), 0);

@@ -338,6 +338,12 @@ impl Balloon {
         if returned > 0 {
             interrupt.notify_used();
         }
+        if role == QueueRole::Inflate && returned > 0 {
+            // Off the ack path: the guest already has its buffers back.
+            if let Err(e) = self.backend.release_pending() {
+                self.backend_failed("inflateq", &e);
+            }
+        }
         returned
     }
 

@@ -1,0 +1,117 @@
+//! The real backends: memory/'s [`MemoryManager`] behind a `Mutex`, as the VMM shares it
+//! (`Arc<Mutex<MemoryManager>>` coerces to `Arc<dyn BalloonBackend>` and `Arc<dyn MemBackend>`).
+//!
+//! Inflate is `offline(.., Ballooned)`, deflate `online(.., Ballooned)`, free page reporting
+//! `discard_free`, virtio-mem PLUG/UNPLUG the manager's `plug`/`unplug`. With the manager's
+//! deferred discard policy, whoever owns the manager calls `flush_discards` off the ack path.
+
+use std::sync::{Mutex, MutexGuard};
+
+use memory::{MemoryManager, Reason};
+
+use crate::backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRange};
+
+fn to_mm(ranges: &[PageRange]) -> Vec<memory::PageRange> {
+    ranges
+        .iter()
+        .map(|r| memory::PageRange::new(r.start.0, r.count))
+        .collect()
+}
+
+fn from_mm(o: memory::Outcome) -> Outcome {
+    Outcome {
+        changed: o.changed,
+        refused: o.refused,
+        unchanged: o.unchanged,
+    }
+}
+
+fn manager_error(e: memory::Error) -> BackendError {
+    BackendError::Manager(e.to_string())
+}
+
+fn lock(m: &Mutex<MemoryManager>) -> MutexGuard<'_, MemoryManager> {
+    // A panic elsewhere while holding the lock must not take the devices down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BalloonBackend for Mutex<MemoryManager> {
+    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        lock(self)
+            .offline(&to_mm(ranges), Reason::Ballooned)
+            .map(from_mm)
+            .map_err(manager_error)
+    }
+
+    fn deflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        lock(self)
+            .online(&to_mm(ranges), Reason::Ballooned)
+            .map(from_mm)
+            .map_err(manager_error)
+    }
+
+    fn report_free(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        lock(self)
+            .discard_free(&to_mm(ranges))
+            .map(from_mm)
+            .map_err(manager_error)
+    }
+
+    fn deflate_all(&self) -> Result<Outcome, BackendError> {
+        let mut mm = lock(self);
+        let mut total = Outcome::default();
+        loop {
+            let runs: Vec<memory::PageRange> = mm
+                .offline_runs(Some(Reason::Ballooned), None, 1024)
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect();
+            if runs.is_empty() {
+                break;
+            }
+            let o = mm.online(&runs, Reason::Ballooned).map_err(manager_error)?;
+            total += from_mm(o);
+            if o.changed == 0 {
+                // Nothing moved: stop rather than spin.
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    fn release_pending(&self) -> Result<u64, BackendError> {
+        let mut mm = lock(self);
+        if mm.queued_discards() == 0 {
+            return Ok(0);
+        }
+        mm.flush_discards().map_err(manager_error)
+    }
+}
+
+impl MemBackend for Mutex<MemoryManager> {
+    fn plug(&self, range: PageRange) -> Result<(), BackendError> {
+        let o = lock(self)
+            .plug(memory::PageRange::new(range.start.0, range.count))
+            .map_err(manager_error)?;
+        if o.refused > 0 {
+            return Err(BackendError::Manager(format!(
+                "plug of {range}: {} pages refused",
+                o.refused
+            )));
+        }
+        Ok(())
+    }
+
+    fn unplug(&self, range: PageRange) -> Result<(), BackendError> {
+        let o = lock(self)
+            .unplug(memory::PageRange::new(range.start.0, range.count))
+            .map_err(manager_error)?;
+        if o.refused > 0 {
+            return Err(BackendError::Manager(format!(
+                "unplug of {range}: {} pages refused",
+                o.refused
+            )));
+        }
+        Ok(())
+    }
+}
