@@ -71,9 +71,15 @@ if [ $run = 1 ]; then
     [ "$vmm" != none ] || die "--run needs a VMM"
     printf '%s\n' "$@" > "$OV/etc/vmm-args"
 fi
-# The kernel unpacks concatenated archives in order; later files win.
+# The kernel unpacks concatenated archives in order (later files win). An uncompressed archive
+# must start 4-byte aligned; zeros between archives are skipped, so pad the gzip'd base.
 (cd "$OV" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$T/overlay-$port.cpio"
-cat "$T/initramfs.cpio.gz" "$T/overlay-$port.cpio" > "$T/initrd-$port.img"
+base_size=$(stat -c %s "$T/initramfs.cpio.gz")
+{
+    cat "$T/initramfs.cpio.gz"
+    head -c $(( (512 - base_size % 512) % 512 )) /dev/zero
+    cat "$T/overlay-$port.cpio"
+} > "$T/initrd-$port.img"
 rm -rf "$OV" "$T/overlay-$port.cpio"
 
 # TCG's TSC runs at this machine's rate; telling the kernel avoids a failed calibration under load.

@@ -1,1 +1,942 @@
-//! Test-host harness for end-to-end tests.
+//! Test-host harness for end-to-end tests: boot real Linux guests under our VMM, read their
+//! console, type into it, signal the VMM, read its RSS and reach its REST API.
+//!
+//! Two modes behind one interface ([`TestHost`] and [`Vm`]):
+//! - [`Mode::Direct`]: this machine's KVM runs stock kernels (vmx or svm in /proc/cpuinfo and
+//!   /dev/kvm); the VMM runs here as a child process.
+//! - [`Mode::Nested`]: otherwise (e.g. a software KVM that cannot boot stock kernels). A test
+//!   host (QEMU TCG with SVM, Debian's kernel with kvm_amd; see resources/testhost.sh) is booted
+//!   once per test binary and the VMM runs inside it, driven through `testhost-agent`.
+//!
+//! Environment: `E2E_MODE=direct|nested` forces a mode; `VMM_BIN` names the VMM binary
+//! (default target/release/vmm, built with `cargo build --release -p vmm` unless
+//! `E2E_NO_BUILD=1`); `E2E_REQUIRE=1` turns "no way to run" into a failure instead of a skip.
+//!
+//! Conventions in this file: "console" is the VMM's stdout (the guest's serial port), "stderr"
+//! is the VMM's own log; lines are stored without line endings and terminal escape sequences.
+
+pub mod http;
+pub mod proto;
+pub mod supervisor;
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use proto::Exit;
+use proto::{Event, Reply, Request};
+use supervisor::Proc;
+
+/// The ready marker the guest init prints (resources/guest/init).
+pub const READY: &str = "VMM-GUEST-READY";
+/// The kernel command line the tests boot the guest with, before any scenario.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// How many console lines an error message shows.
+const TAIL_LINES: usize = 40;
+/// Lines kept per stream; older ones are dropped (a chatty guest must not eat the test's RAM).
+const MAX_LINES: usize = 100_000;
+/// Budget for the nested test host to boot and report /dev/kvm.
+const TESTHOST_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("timed out after {waited:?} waiting for {what}\n{tail}")]
+    Timeout {
+        what: String,
+        waited: Duration,
+        tail: String,
+    },
+    #[error("the VMM ended ({exit}) while waiting for {what}\n{tail}")]
+    Exited {
+        what: String,
+        exit: Exit,
+        tail: String,
+    },
+    #[error("guest command {cmd:?} failed with status {status}; output:\n{output}")]
+    Command {
+        cmd: String,
+        status: i32,
+        output: String,
+    },
+    #[error("test host agent: {0}")]
+    Agent(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("test host unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The VMM runs on this machine.
+    Direct,
+    /// The VMM runs in the nested test host (QEMU TCG + kvm_amd).
+    Nested,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Direct => write!(f, "direct (this machine's KVM)"),
+            Mode::Nested => write!(f, "nested (QEMU TCG + kvm_amd)"),
+        }
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The mode this machine supports and why, or why none does.
+pub fn detect_mode() -> Result<(Mode, String), String> {
+    match std::env::var("E2E_MODE").as_deref() {
+        Ok("direct") => return Ok((Mode::Direct, "E2E_MODE=direct".into())),
+        Ok("nested") => return Ok((Mode::Nested, "E2E_MODE=nested".into())),
+        _ => {}
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let kvm = Path::new("/dev/kvm").exists();
+    if hw && kvm {
+        return Ok((
+            Mode::Direct,
+            "vmx/svm in /proc/cpuinfo and /dev/kvm present".into(),
+        ));
+    }
+    let why = if kvm {
+        "/dev/kvm exists but the CPU shows no vmx/svm (a software KVM that cannot boot stock kernels)"
+    } else {
+        "no /dev/kvm"
+    };
+    if which("qemu-system-x86_64") || which("apt-get") {
+        Ok((Mode::Nested, format!("{why}; using QEMU")))
+    } else {
+        Err(format!(
+            "{why}, and no qemu-system-x86_64 (nor apt-get to install it)"
+        ))
+    }
+}
+
+/// Prints straight to stderr, past the test harness's output capture: which mode ran, skips and
+/// test-host progress must show even when the tests pass.
+fn loud(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn which(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// Where the VMMs run.
+pub struct TestHost {
+    mode: Mode,
+    /// The VMM where it runs, or why there is none (the harness itself still works).
+    vmm: Result<String, String>,
+    guest_dir: String,
+    scratch: String,
+    agent: Option<SocketAddr>,
+    next_vm: AtomicU64,
+}
+
+/// Why there is no test host: nothing on this machine can run a VMM (tests skip), or starting
+/// one failed (tests fail).
+#[derive(Debug, Clone)]
+enum NoHost {
+    Unavailable(String),
+    Failed(String),
+}
+
+static SHARED: OnceLock<Result<TestHost, NoHost>> = OnceLock::new();
+
+/// The shared test host, or `None` after printing SKIPPED when this machine can run no VMM
+/// (and `E2E_REQUIRE` is unset). Use as `let Some(host) = e2e::host() else { return };`.
+pub fn host() -> Option<&'static TestHost> {
+    match TestHost::get() {
+        Ok(h) => Some(h),
+        Err(Some(why)) if std::env::var_os("E2E_REQUIRE").is_none() => {
+            loud(&format!("\n*** e2e: SKIPPED: {why} ***\n"));
+            println!("e2e: SKIPPED: {why}");
+            None
+        }
+        Err(Some(why)) => panic!("e2e: E2E_REQUIRE is set but no test host is possible: {why}"),
+        Err(None) => panic!("e2e: the test host failed to start (see above)"),
+    }
+}
+
+impl TestHost {
+    /// The test host of this test binary, started on first use. Panics when it cannot start.
+    pub fn shared() -> &'static TestHost {
+        match Self::get() {
+            Ok(h) => h,
+            Err(Some(why)) => panic!("e2e: no test host possible: {why}"),
+            Err(None) => panic!("e2e: the test host failed to start (see above)"),
+        }
+    }
+
+    /// The shared host; `Err(Some(why))` when none is possible here, `Err(None)` when starting
+    /// it failed (the reason is printed once, when it happened).
+    fn get() -> Result<&'static TestHost, Option<String>> {
+        let r = SHARED.get_or_init(|| {
+            let started = Instant::now();
+            let r = Self::start();
+            match &r {
+                Ok(h) => {
+                    let line = match h.mode {
+                        Mode::Direct => "e2e: mode=direct (this machine's KVM)".to_string(),
+                        Mode::Nested => format!(
+                            "e2e: mode=nested (QEMU TCG + kvm_amd), test host up in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    };
+                    loud(&format!("\n*** {line} ***\n"));
+                }
+                Err(NoHost::Failed(e)) => {
+                    loud(&format!("\n*** e2e: the test host failed: {e} ***\n"))
+                }
+                Err(NoHost::Unavailable(_)) => {}
+            }
+            r
+        });
+        match r {
+            Ok(h) => {
+                println!("e2e: mode={}", h.mode);
+                Ok(h)
+            }
+            Err(NoHost::Unavailable(why)) => Err(Some(why.clone())),
+            Err(NoHost::Failed(_)) => Err(None),
+        }
+    }
+
+    fn start() -> Result<TestHost, NoHost> {
+        let (mode, why) = detect_mode().map_err(NoHost::Unavailable)?;
+        Self::start_in(mode, &why).map_err(NoHost::Failed)
+    }
+
+    fn start_in(mode: Mode, why: &str) -> Result<TestHost, String> {
+        loud(&format!("e2e: mode {mode}: {why}"));
+        let root = repo_root();
+        run_script(&root.join("resources/build-guest.sh"), &[])?;
+        let vmm = vmm_binary(&root);
+        if let Err(e) = &vmm {
+            loud(&format!(
+                "e2e: WARNING: no VMM binary, VMs cannot start: {e}"
+            ));
+        }
+        let build = root.join("build");
+        match mode {
+            Mode::Direct => {
+                let scratch = build.join(format!("e2e-{}", std::process::id()));
+                std::fs::create_dir_all(&scratch).map_err(|e| format!("{scratch:?}: {e}"))?;
+                Ok(TestHost {
+                    mode,
+                    vmm: vmm.map(|p| p.display().to_string()),
+                    guest_dir: build.join("guest").display().to_string(),
+                    scratch: scratch.display().to_string(),
+                    agent: None,
+                    next_vm: AtomicU64::new(0),
+                })
+            }
+            Mode::Nested => {
+                let agent_bin = agent_binary()?;
+                let addr = boot_testhost(&root, vmm.as_deref().ok(), &agent_bin)?;
+                Ok(TestHost {
+                    mode,
+                    vmm: vmm.map(|_| "/bin/vmm".to_string()),
+                    guest_dir: "/guest".into(),
+                    scratch: "/tmp".into(),
+                    agent: Some(addr),
+                    next_vm: AtomicU64::new(0),
+                })
+            }
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The guest bzImage, as a path where the VMM runs.
+    pub fn guest_kernel(&self) -> String {
+        format!("{}/bzImage", self.guest_dir)
+    }
+
+    /// The guest's ELF vmlinux (extracted from the same bzImage), as a path where the VMM runs.
+    pub fn guest_vmlinux(&self) -> String {
+        format!("{}/vmlinux", self.guest_dir)
+    }
+
+    /// The guest initramfs, as a path where the VMM runs.
+    pub fn guest_initramfs(&self) -> String {
+        format!("{}/initramfs.cpio.gz", self.guest_dir)
+    }
+
+    /// A fresh path for a Unix socket (the VMM's API) where the VMM runs.
+    pub fn socket_path(&self, name: &str) -> String {
+        let n = self.next_vm.fetch_add(1, Ordering::SeqCst);
+        format!("{}/{name}-{}-{n}.sock", self.scratch, std::process::id())
+    }
+
+    /// Runs a command where the VMM runs (e.g. `dmesg`); returns its exit and output.
+    pub fn exec(&self, argv: &[&str], timeout: Duration) -> Result<(Exit, String), Error> {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        match self.agent {
+            None => Ok(supervisor::exec(&argv, timeout)?),
+            Some(addr) => {
+                let r = agent_call(
+                    addr,
+                    &Request::Exec {
+                        argv,
+                        timeout_ms: timeout.as_millis() as u64,
+                    },
+                )?;
+                Ok((
+                    r.exit.unwrap_or(Exit::Code(-1)),
+                    r.stdout.unwrap_or_default(),
+                ))
+            }
+        }
+    }
+
+    /// Starts `vmm VMM_ARGS...`. The VMM's API socket, if any, is taken from `--api-sock PATH`
+    /// (or `--api-socket PATH`) in the arguments.
+    pub fn start_vm(&self, vmm_args: &[&str]) -> Result<Vm, Error> {
+        let vmm = self.vmm.clone().map_err(Error::Unavailable)?;
+        let mut argv = vec![vmm.as_str()];
+        argv.extend(vmm_args);
+        self.start_process(&argv)
+    }
+
+    /// Starts any program where the VMM runs, as a [`Vm`] (stdout is its "console"). The
+    /// harness's own tests use it with a shell.
+    pub fn start_process(&self, argv: &[&str]) -> Result<Vm, Error> {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        let api_socket = argv
+            .windows(2)
+            .find(|w| w[0] == "--api-sock" || w[0] == "--api-socket")
+            .map(|w| w[1].to_string());
+        let shared = Arc::new(Shared::default());
+        let backend = match self.agent {
+            None => {
+                let sink = shared.clone();
+                Backend::Local(Proc::spawn(&argv, move |ev| sink.push(ev))?)
+            }
+            Some(addr) => {
+                let (id, conn) = agent_spawn(addr, &argv, shared.clone())?;
+                Backend::Remote { addr, id, conn }
+            }
+        };
+        eprintln!("e2e: started {}", argv.join(" "));
+        Ok(Vm {
+            shared,
+            backend,
+            api_socket: Mutex::new(api_socket),
+            cursor: Mutex::new(0),
+            run_seq: AtomicU64::new(0),
+            argv,
+        })
+    }
+}
+
+/// One VMM process and its guest. Dropping it kills the VMM.
+pub struct Vm {
+    shared: Arc<Shared>,
+    backend: Backend,
+    api_socket: Mutex<Option<String>>,
+    /// Index (in all console lines ever seen) after the last line `wait_for` matched.
+    cursor: Mutex<u64>,
+    run_seq: AtomicU64,
+    argv: Vec<String>,
+}
+
+enum Backend {
+    Local(Arc<Proc>),
+    Remote {
+        addr: SocketAddr,
+        id: u64,
+        /// The event stream; closing it makes the agent kill the VMM.
+        conn: TcpStream,
+    },
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    console: VecDeque<String>,
+    /// Console lines dropped from the front of `console`.
+    dropped: u64,
+    stderr: VecDeque<String>,
+    exit: Option<Exit>,
+    /// Why events stopped without an exit (the test host went away).
+    lost: Option<String>,
+}
+
+impl Shared {
+    fn push(&self, ev: Event) {
+        let mut s = self.state.lock().unwrap();
+        match ev {
+            Event::Out { line } => {
+                if s.console.len() >= MAX_LINES {
+                    s.console.pop_front();
+                    s.dropped += 1;
+                }
+                s.console.push_back(clean_line(&line));
+            }
+            Event::Err { line } => {
+                if s.stderr.len() >= MAX_LINES {
+                    s.stderr.pop_front();
+                }
+                s.stderr.push_back(clean_line(&line));
+            }
+            Event::Exit { exit } => s.exit = Some(exit),
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    fn lost(&self, why: String) {
+        let mut s = self.state.lock().unwrap();
+        if s.exit.is_none() {
+            s.lost = Some(why);
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+}
+
+impl State {
+    fn tail(&self) -> String {
+        let mut t = String::from("--- console tail ---\n");
+        let skip = self.console.len().saturating_sub(TAIL_LINES);
+        for l in self.console.iter().skip(skip) {
+            t.push_str(l);
+            t.push('\n');
+        }
+        t.push_str("--- VMM stderr tail ---\n");
+        let skip = self.stderr.len().saturating_sub(TAIL_LINES);
+        for l in self.stderr.iter().skip(skip) {
+            t.push_str(l);
+            t.push('\n');
+        }
+        if let Some(why) = &self.lost {
+            t.push_str(&format!(
+                "--- connection to the test host lost: {why} ---\n"
+            ));
+        }
+        t
+    }
+}
+
+/// Removes terminal escape sequences (busybox's shell asks for the cursor position) and CRs.
+fn clean_line(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    // Parameters and intermediates, then one final byte in '@'..='~'.
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Vm {
+    /// Waits for a console line containing `needle`, looking only at lines after the previous
+    /// match (like `expect`), and returns it. The error shows the console and VMM stderr tails.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, Error> {
+        let mut cursor = self.cursor.lock().unwrap();
+        let (line, at) = self.wait_line(*cursor, timeout, needle, |l| l.contains(needle))?;
+        *cursor = at + 1;
+        Ok(line)
+    }
+
+    /// Waits for a line after index `from` satisfying `pred`; returns it and its index.
+    fn wait_line(
+        &self,
+        from: u64,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<(String, u64), Error> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.state.lock().unwrap();
+        let mut next = from;
+        loop {
+            let first = s.dropped;
+            next = next.max(first);
+            while next < first + s.console.len() as u64 {
+                let l = &s.console[(next - first) as usize];
+                if pred(l) {
+                    return Ok((l.clone(), next));
+                }
+                next += 1;
+            }
+            if let Some(exit) = s.exit {
+                return Err(Error::Exited {
+                    what: format!("{what:?}"),
+                    exit,
+                    tail: s.tail(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline || s.lost.is_some() {
+                return Err(Error::Timeout {
+                    what: format!("{what:?} on the console of `{}`", self.argv.join(" ")),
+                    waited: timeout,
+                    tail: s.tail(),
+                });
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// The whole console so far (oldest lines may have been dropped past 100 000).
+    pub fn console(&self) -> String {
+        let s = self.shared.state.lock().unwrap();
+        let mut out = String::new();
+        for l in &s.console {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The VMM's own stderr so far.
+    pub fn stderr(&self) -> String {
+        let s = self.shared.state.lock().unwrap();
+        s.stderr.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    /// The first console line starting with `prefix`, anywhere in the console so far.
+    pub fn find_line(&self, prefix: &str) -> Option<String> {
+        let s = self.shared.state.lock().unwrap();
+        s.console.iter().find(|l| l.starts_with(prefix)).cloned()
+    }
+
+    /// The value of the first `KEY=value` console line (the guest prints GUEST-NPROC=2 etc.).
+    pub fn console_value(&self, key: &str) -> Option<String> {
+        self.find_line(&format!("{key}="))
+            .map(|l| l[key.len() + 1..].trim().to_string())
+    }
+
+    /// Types `text` on the guest's serial console (the VMM's stdin).
+    pub fn send_console(&self, text: &str) {
+        let r = match &self.backend {
+            Backend::Local(p) => p.write_stdin(text.as_bytes()).map_err(Error::from),
+            Backend::Remote { addr, id, .. } => agent_call(
+                *addr,
+                &Request::Stdin {
+                    id: *id,
+                    data: text.to_string(),
+                },
+            )
+            .map(|_| ()),
+        };
+        if let Err(e) = r {
+            eprintln!("e2e: cannot write to the console: {e}");
+        }
+    }
+
+    /// Runs `cmd` in the guest's shell and returns its output (the lines between two markers
+    /// the shell echoes; the typed command itself is not part of it). Fails when the command's
+    /// status is not 0. Needs the guest at its shell (after VMM-GUEST-READY).
+    pub fn run(&self, cmd: &str, timeout: Duration) -> Result<String, Error> {
+        let (status, output) = self.run_status(cmd, timeout)?;
+        if status != 0 {
+            return Err(Error::Command {
+                cmd: cmd.to_string(),
+                status,
+                output,
+            });
+        }
+        Ok(output)
+    }
+
+    /// Like [`Vm::run`], but returns the status with the output instead of failing.
+    pub fn run_status(&self, cmd: &str, timeout: Duration) -> Result<(i32, String), Error> {
+        let n = self.run_seq.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}-{n}", std::process::id());
+        let begin = format!("E2E-BEGIN-{tag}");
+        let end = format!("E2E-END-{tag} ");
+        // The empty quotes keep the echoed command line from matching the markers.
+        let start = {
+            let s = self.shared.state.lock().unwrap();
+            s.dropped + s.console.len() as u64
+        };
+        self.send_console(&format!(
+            "echo E2E-BEG''IN-{tag}; {cmd}\necho E2E-EN''D-{tag} $?\n"
+        ));
+        let (_, b) = self.wait_line(start, timeout, &begin, |l| l.ends_with(&begin))?;
+        let (end_line, e) = self.wait_line(b + 1, timeout, &end, |l| l.starts_with(&end))?;
+        let status = end_line[end.len()..].trim().parse().unwrap_or(-1);
+        let s = self.shared.state.lock().unwrap();
+        let first = s.dropped;
+        let mut out = String::new();
+        for i in (b + 1).max(first)..e {
+            let l = &s.console[(i - first) as usize];
+            // The echo of the second typed line, when the terminal shows it.
+            if l.contains(&format!("E2E-EN''D-{tag}")) {
+                continue;
+            }
+            out.push_str(l);
+            out.push('\n');
+        }
+        drop(s);
+        let mut cursor = self.cursor.lock().unwrap();
+        *cursor = (*cursor).max(e + 1);
+        Ok((status, out))
+    }
+
+    /// The VMM process's resident set size (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Result<u64, Error> {
+        match &self.backend {
+            Backend::Local(p) => Ok(p.rss_kib()?),
+            Backend::Remote { addr, id, .. } => agent_call(*addr, &Request::Rss { id: *id })?
+                .kib
+                .ok_or_else(|| Error::Agent("no kib in reply".into())),
+        }
+    }
+
+    /// Sends signal `sig` (e.g. `libc::SIGTERM`) to the VMM.
+    pub fn signal(&self, sig: i32) {
+        let r = match &self.backend {
+            Backend::Local(p) => p.signal(sig).map_err(Error::from),
+            Backend::Remote { addr, id, .. } => {
+                agent_call(*addr, &Request::Signal { id: *id, sig }).map(|_| ())
+            }
+        };
+        if let Err(e) = r {
+            eprintln!("e2e: cannot send signal {sig}: {e}");
+        }
+    }
+
+    /// Waits for the VMM to end; returns its exit code, or 128 + the signal that killed it.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<i32, Error> {
+        self.wait_exit_status(timeout).map(Exit::as_status)
+    }
+
+    /// Waits for the VMM to end; returns how it ended.
+    pub fn wait_exit_status(&self, timeout: Duration) -> Result<Exit, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.state.lock().unwrap();
+        loop {
+            if let Some(exit) = s.exit {
+                return Ok(exit);
+            }
+            let now = Instant::now();
+            if now >= deadline || s.lost.is_some() {
+                return Err(Error::Timeout {
+                    what: format!("`{}` to exit", self.argv.join(" ")),
+                    waited: timeout,
+                    tail: s.tail(),
+                });
+            }
+            s = self
+                .shared
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Has the VMM ended?
+    pub fn exit_status(&self) -> Option<Exit> {
+        self.shared.state.lock().unwrap().exit
+    }
+
+    /// Uses `path` (where the VMM runs) as the API socket for [`Vm::api`].
+    pub fn set_api_socket(&self, path: &str) {
+        *self.api_socket.lock().unwrap() = Some(path.to_string());
+    }
+
+    /// One HTTP request to the VMM's REST API; returns the status code and body.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), Error> {
+        let socket = self.api_socket.lock().unwrap().clone().ok_or_else(|| {
+            Error::Agent("no API socket: pass --api-sock PATH or call set_api_socket".into())
+        })?;
+        match &self.backend {
+            Backend::Local(_) => Ok(http::request(
+                &socket,
+                method,
+                path,
+                body,
+                Duration::from_secs(60),
+            )?),
+            Backend::Remote { addr, .. } => {
+                let r = agent_call(
+                    *addr,
+                    &Request::Http {
+                        socket,
+                        method: method.into(),
+                        path: path.into(),
+                        body: body.map(str::to_string),
+                    },
+                )?;
+                Ok((r.status.unwrap_or(0), r.body.unwrap_or_default()))
+            }
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.exit_status().is_none() {
+            self.signal(libc::SIGKILL);
+            let _ = self.wait_exit_status(Duration::from_secs(10));
+        }
+        if let Backend::Remote { conn, .. } = &self.backend {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+// ---- nested mode: the agent client and the test host ----
+
+fn agent_call(addr: SocketAddr, req: &Request) -> Result<Reply, Error> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| Error::Agent(format!("connect {addr}: {e}")))?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut line = serde_json::to_string(req).expect("requests serialize");
+    line.push('\n');
+    conn.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply)?;
+    let r: Reply = serde_json::from_str(&reply)
+        .map_err(|e| Error::Agent(format!("bad reply {reply:?}: {e}")))?;
+    if !r.ok {
+        return Err(Error::Agent(r.error.unwrap_or_default()));
+    }
+    Ok(r)
+}
+
+/// Starts a process through the agent; a thread feeds its events to `sink`.
+fn agent_spawn(
+    addr: SocketAddr,
+    argv: &[String],
+    sink: Arc<Shared>,
+) -> Result<(u64, TcpStream), Error> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| Error::Agent(format!("connect {addr}: {e}")))?;
+    let mut line = serde_json::to_string(&Request::Spawn {
+        argv: argv.to_vec(),
+    })
+    .expect("requests serialize");
+    line.push('\n');
+    conn.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut reply = String::new();
+    reader.read_line(&mut reply)?;
+    let r: Reply = serde_json::from_str(&reply)
+        .map_err(|e| Error::Agent(format!("bad reply {reply:?}: {e}")))?;
+    let id = match (r.ok, r.id) {
+        (true, Some(id)) => id,
+        _ => return Err(Error::Agent(r.error.unwrap_or_else(|| reply.clone()))),
+    };
+    thread::spawn(move || {
+        let mut line = String::new();
+        let mut exited = false;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => match serde_json::from_str::<Event>(&line) {
+                    Ok(ev) => {
+                        exited |= matches!(ev, Event::Exit { .. });
+                        sink.push(ev);
+                    }
+                    Err(e) => eprintln!("e2e: bad event {line:?}: {e}"),
+                },
+            }
+        }
+        if !exited {
+            sink.lost("the agent's event stream closed before the VMM exited".into());
+        }
+    });
+    Ok((id, conn))
+}
+
+fn run_script(script: &Path, env: &[(&str, &str)]) -> Result<(), String> {
+    let st = Command::new(script)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !st.success() {
+        return Err(format!("{} failed ({st})", script.display()));
+    }
+    Ok(())
+}
+
+/// The VMM binary on this machine: $VMM_BIN, or target/release/vmm (built first unless
+/// E2E_NO_BUILD is set, so the tests never run a stale VMM).
+fn vmm_binary(root: &Path) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("VMM_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("VMM_BIN={} is not a file", p.display()))
+        };
+    }
+    let p = root.join("target/release/vmm");
+    if std::env::var_os("E2E_NO_BUILD").is_none() {
+        loud("e2e: cargo build --release -p vmm");
+        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "-p", "vmm"])
+            .current_dir(root)
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !st.success() {
+            return Err("cargo build --release -p vmm failed".into());
+        }
+    }
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "no VMM at {}: run `cargo build --release -p vmm`",
+            p.display()
+        ))
+    }
+}
+
+/// The agent built with this test binary (cargo builds the package's binaries for its
+/// integration tests): target/<profile>/testhost-agent next to target/<profile>/deps/.
+fn agent_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("E2E_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join("testhost-agent");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent();
+    }
+    Err(format!(
+        "no testhost-agent near {}: run `cargo build -p e2e --bin testhost-agent`",
+        exe.display()
+    ))
+}
+
+/// Boots the test host (resources/testhost.sh) and waits until its agent reports /dev/kvm.
+/// QEMU dies with this process: it is started from a thread that lives as long as it does,
+/// with PR_SET_PDEATHSIG.
+fn boot_testhost(root: &Path, vmm: Option<&Path>, agent: &Path) -> Result<SocketAddr, String> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let log = root.join(format!("build/testhost/console-{}.log", std::process::id()));
+    std::fs::create_dir_all(log.parent().unwrap()).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(root.join("resources/testhost.sh"));
+    cmd.arg("--port")
+        .arg(port.to_string())
+        .arg("--log")
+        .arg(&log)
+        .arg("--vmm")
+        .arg(vmm.unwrap_or(Path::new("none")))
+        .arg("--agent")
+        .arg(agent)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of ours.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
+    }
+    loud(&format!(
+        "e2e: booting the nested test host (agent on {addr}, console in {})",
+        log.display()
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::Builder::new()
+        .name("testhost-qemu".into())
+        .spawn(move || match cmd.spawn() {
+            Ok(mut child) => {
+                let st = child.wait();
+                let _ = tx.send(format!("the test host exited ({st:?})"));
+            }
+            Err(e) => {
+                let _ = tx.send(format!("cannot start resources/testhost.sh: {e}"));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let tail = |log: &Path| {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+    };
+    loop {
+        if let Ok(why) = rx.try_recv() {
+            return Err(format!("{why}; console tail:\n{}", tail(&log)));
+        }
+        if started.elapsed() > TESTHOST_BOOT_TIMEOUT {
+            return Err(format!(
+                "the test host's agent did not answer within {TESTHOST_BOOT_TIMEOUT:?}; console tail:\n{}",
+                tail(&log)
+            ));
+        }
+        match agent_call(addr, &Request::Ping) {
+            Ok(r) if r.kvm == Some(true) => return Ok(addr),
+            Ok(_) => {
+                return Err(format!(
+                    "the test host has no /dev/kvm (kvm_amd did not load); console tail:\n{}",
+                    tail(&log)
+                ))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}

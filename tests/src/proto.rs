@@ -1,0 +1,113 @@
+//! The wire protocol between the harness and `testhost-agent`.
+//!
+//! One TCP connection per request. The client writes one JSON [`Request`] line; the agent answers
+//! with one JSON [`Reply`] line. After a successful [`Request::Spawn`] the connection stays open
+//! and carries [`Event`] lines until the process exits; closing it from the client side kills the
+//! process (so a crashed test never leaves a VMM running in the test host).
+
+use serde::{Deserialize, Serialize};
+
+/// The port the agent listens on inside the test host.
+pub const AGENT_PORT: u16 = 7000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the agent up, and is /dev/kvm there?
+    Ping,
+    /// Start a process; stream its output on this connection.
+    Spawn { argv: Vec<String> },
+    /// Write to a spawned process's stdin.
+    Stdin { id: u64, data: String },
+    /// Send a signal to a spawned process.
+    Signal { id: u64, sig: i32 },
+    /// VmRSS of a spawned process, from /proc/PID/status.
+    Rss { id: u64 },
+    /// Run a command to completion (for dmesg, ls, ...).
+    Exec { argv: Vec<String>, timeout_ms: u64 },
+    /// One HTTP/1.1 request to a Unix socket in the test host.
+    Http {
+        socket: String,
+        method: String,
+        path: String,
+        body: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kvm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<Exit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+impl Reply {
+    pub fn ok() -> Self {
+        Reply {
+            ok: true,
+            ..Default::default()
+        }
+    }
+    pub fn err(msg: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            error: Some(msg.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Exit {
+    /// exit(code)
+    Code(i32),
+    /// killed by this signal
+    Signal(i32),
+}
+
+impl Exit {
+    /// The shell's convention: the code, or 128 + the signal number.
+    pub fn as_status(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit code {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// What a spawned process produced, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Event {
+    /// A line on stdout (the guest's serial console), without the line ending.
+    Out { line: String },
+    /// A line on stderr (the VMM's own messages).
+    Err { line: String },
+    /// The process ended; no events follow.
+    Exit { exit: Exit },
+}
