@@ -26,8 +26,8 @@ use crate::responses::{
 use crate::routes::WakeFn;
 
 const PAGES_PER_MIB: u64 = 256;
-/// Where the fake puts the hot-add region: 4 GiB, above any boot RAM the tests use... or above
-/// RAM when RAM is larger.
+/// Where the fake puts the hot-add region: at 4 GiB, or right above boot RAM when that is larger
+/// (a real VMM also aligns it to 128 MiB and skips the 32-bit hole).
 const HOTPLUG_BASE_MIB: u64 = 4096;
 /// The fake balloon takes pages in chunks of this many pages with gaps between them, so the
 /// memory map has many runs to page through, as a real guest's balloon does.

@@ -1,6 +1,7 @@
 //! The HTTP server: its own thread, a single-threaded tokio runtime, a Unix socket and optionally
 //! a TCP listener.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -11,8 +12,6 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-use std::future::Future;
 
 use axum::Router;
 use hyper::server::conn::http1;
@@ -284,8 +283,8 @@ pub fn spawn_server(
         wake,
         vmm_timeout: cfg.vmm_timeout,
         body_limit: cfg.body_limit,
-        in_flight: Semaphore::new(cfg.max_in_flight),
-        max_in_flight: cfg.max_in_flight,
+        in_flight: Semaphore::new(cfg.max_in_flight.max(1)),
+        max_in_flight: cfg.max_in_flight.max(1),
         metrics: ApiMetrics::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
