@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
 
 fn main() {
+    let _ = vmm::vcpu::PROCESS_START.set(std::time::Instant::now());
     env_logger_init();
     let cli = Cli::parse();
     let server_cfg = cli.api.server_config();

@@ -62,7 +62,18 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) -> std::io::Result
         })
 }
 
+/// When the process started, for the boot-time figure (set by `main`).
+pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn run(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
+    if id == 0 {
+        if let Some(t0) = PROCESS_START.get() {
+            info!(
+                "boot: first vCPU entry {:.3} ms after process start",
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
     loop {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
