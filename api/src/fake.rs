@@ -692,6 +692,65 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Sorted, disjoint, non-adjacent runs built from gaps and lengths.
+    fn runs() -> impl Strategy<Value = Vec<PageRun>> {
+        prop::collection::vec((1u64..50, 1u64..50), 0..40).prop_map(|parts| {
+            let mut pfn = 0;
+            parts
+                .into_iter()
+                .map(|(gap, pages)| {
+                    pfn += gap;
+                    let run = PageRun {
+                        start_pfn: pfn,
+                        pages,
+                    };
+                    pfn += pages;
+                    run
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// Following `next_pfn` from `pfn_start` visits exactly the pages of the range, each
+        /// once, in order, never more than `limit` runs at a time.
+        #[test]
+        fn paging_visits_the_range_exactly(
+            runs in runs(),
+            start in 0u64..2500,
+            len in prop::option::of(1u64..2500),
+            limit in 1u32..8,
+        ) {
+            let end = len.map(|l| start + l);
+            let expected: Vec<u64> = runs
+                .iter()
+                .flat_map(|r| r.start_pfn..r.start_pfn + r.pages)
+                .filter(|p| *p >= start && end.is_none_or(|e| *p < e))
+                .collect();
+            let mut seen = Vec::new();
+            let mut q = MemoryQuery { reason: None, pfn_start: start, pfn_end: end, limit };
+            let first_total = page_runs(OfflineReason::Ballooned, &runs, &q).pages_in_range;
+            prop_assert_eq!(first_total, expected.len() as u64);
+            loop {
+                let page = page_runs(OfflineReason::Ballooned, &runs, &q);
+                prop_assert!(page.runs.len() <= limit as usize);
+                for r in &page.runs {
+                    prop_assert!(r.pages > 0);
+                    seen.extend(r.start_pfn..r.start_pfn + r.pages);
+                }
+                match page.next_pfn {
+                    Some(next) => {
+                        prop_assert!(next > q.pfn_start);
+                        q.pfn_start = next;
+                    }
+                    None => break,
+                }
+            }
+            prop_assert_eq!(seen, expected);
+        }
+    }
 
     #[test]
     fn paging_clips_and_continues() {
