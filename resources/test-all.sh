@@ -1,0 +1,33 @@
+#!/bin/bash
+# Runs every test of the project on a fresh Debian machine (the README's test command; .ci/run
+# calls it): installs the Debian packages the tests need, builds the guest image and the nested
+# test host from Debian packages, builds the VMM and the test agent, then runs the whole cargo
+# test suite. End-to-end tests need KVM: directly where /dev/kvm boots stock kernels, otherwise in
+# the nested test host (QEMU TCG + kvm_amd). E2E_REQUIRE=1 makes a missing KVM a failure rather
+# than a loud skip.
+#
+# Usage: resources/test-all.sh [extra cargo test args...]
+. "$(dirname "$0")/lib.sh"
+
+cd "$ROOT"
+need_cmd qemu-system-x86_64 qemu-system-x86
+need_cmd xz xz-utils
+need_cmd cpio cpio
+
+start=$(date +%s)
+step() { log "$* ($(($(date +%s) - start)) s)"; }
+
+step "guest image"
+"$RES/build-guest.sh"
+step "VMM and test agent (release)"
+cargo build --release -p vmm -p e2e --bins
+step "nested test host image"
+"$RES/build-testhost.sh"
+
+export E2E_REQUIRE="${E2E_REQUIRE:-1}"
+step "unit, property and KVM tests"
+cargo test --workspace --release --exclude e2e "$@"
+# One nested test host per test binary, one VM at a time inside it: the machine has 2 cores.
+step "end-to-end tests"
+cargo test --release -p e2e "$@" -- --test-threads=1
+step "all tests passed"
