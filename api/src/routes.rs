@@ -335,8 +335,17 @@ async fn record(State(s): State<AppState>, req: Request, next: Next) -> Response
         .get::<MatchedPath>()
         .and_then(|m| routes().iter().find(|(_, p)| *p == m.as_str()))
         .map_or("unmatched", |(_, p)| *p);
+    let log_path = log::log_enabled!(log::Level::Debug).then(|| req.uri().path().to_owned());
+    let t0 = std::time::Instant::now();
     let resp = next.run(req).await;
     s.metrics.record(method, route, resp.status().as_u16());
+    if let Some(path) = log_path {
+        log::debug!(
+            "API {method} {path} -> {} in {} us",
+            resp.status().as_u16(),
+            t0.elapsed().as_micros()
+        );
+    }
     resp
 }
 

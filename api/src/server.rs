@@ -200,6 +200,16 @@ pub struct ServerHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("socket_path", &self.socket_path)
+            .field("tcp_addr", &self.tcp_addr)
+            .field("running", &self.thread.is_some())
+            .finish()
+    }
+}
+
 impl ServerHandle {
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
@@ -301,6 +311,13 @@ pub fn spawn_server(
         })
         .map_err(|e| cleanup(Error::Runtime(e)))?;
 
+    log::info!(
+        "API listening on {}{}",
+        cfg.socket_path.display(),
+        tcp_addr
+            .map(|a| format!(" and tcp {a}"))
+            .unwrap_or_default()
+    );
     Ok(ServerHandle {
         socket_path: cfg.socket_path,
         socket_id,
@@ -344,14 +361,14 @@ async fn serve(
     let unix = match tokio::net::UnixListener::from_std(unix) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("vmm-api: cannot register the Unix socket with the runtime: {e}");
+            log::error!("API: cannot register the Unix socket with the runtime: {e}");
             return;
         }
     };
     let tcp = match tcp.map(tokio::net::TcpListener::from_std).transpose() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("vmm-api: cannot register the TCP listener with the runtime: {e}");
+            log::error!("API: cannot register the TCP listener with the runtime: {e}");
             return;
         }
     };
@@ -398,7 +415,7 @@ where
             Err(e) => {
                 // EMFILE and the like: report once, back off, keep serving the others.
                 if !reported {
-                    eprintln!("vmm-api: accepting on the {what} failed: {e}");
+                    log::warn!("API: accepting on the {what} failed (backing off): {e}");
                     reported = true;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
