@@ -6,13 +6,13 @@
 //! Run: `cargo bench -p balloon --bench inflate`
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange};
 use balloon::discard::{madvise_dontneed, DiscardBackend};
 use balloon::testing::{guest_memory, pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const RAM: usize = 260 << 20;
@@ -98,26 +98,26 @@ fn contiguous(round: u32) -> Vec<u32> {
     (0..256u32).rev().map(|i| base + i).collect()
 }
 
-/// What the timed part waits for after the used-ring update.
+/// Where the clock stops.
 #[derive(Clone, Copy)]
-enum Wait {
-    /// Nothing: the figure is the guest-visible ack latency.
+enum Stop {
+    /// At the used-buffer interrupt: what the guest waits for.
     Ack,
-    /// Until the deferred release is done: the figure gives pages released per second.
+    /// When the host memory is released: gives pages released per second.
     Released,
 }
+
+type Made = (Arc<dyn BalloonBackend>, Option<Arc<DiscardBackend>>);
 
 fn bench_case(
     c: &mut Criterion,
     name: &str,
-    make_backend: &dyn Fn(
-        GuestMemoryMmap,
-    ) -> (Arc<dyn BalloonBackend>, Option<Arc<DiscardBackend>>),
+    make_backend: &dyn Fn(GuestMemoryMmap) -> Made,
     pattern: fn(u32) -> Vec<u32>,
-    wait: Wait,
+    stop: Stop,
 ) {
     let mem = guest_memory(&[(0, RAM)]);
-    let (backend, deferred) = make_backend(mem.clone());
+    let (backend, discard) = make_backend(mem.clone());
     let config = BalloonConfig {
         stats: false,
         ..BalloonConfig::default()
@@ -125,20 +125,23 @@ fn bench_case(
     let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
     let mut group = c.benchmark_group("inflate_256");
     group.throughput(Throughput::Elements(256));
-    group.measurement_time(Duration::from_secs(4));
-    group.warm_up_time(Duration::from_secs(1));
-    group.sample_size(60);
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_millis(500));
+    group.sample_size(40);
     let mut round = 0u32;
     let BalloonRig {
         dev,
         queues,
         buffers,
+        interrupt,
         ..
     } = &mut rig;
     group.bench_function(name, |b| {
-        b.iter_batched(
-            || {
-                // Guest side, not timed: fault the pages in, write the PFN buffer, publish.
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // Guest side, off the clock: fault the pages in, write the PFN buffer, publish;
+                // let the previous request's release finish.
                 round = round.wrapping_add(1);
                 let pfns = pattern(round);
                 for &p in &pfns {
@@ -149,49 +152,53 @@ fn bench_case(
                 buffers.reset(BUFFER_BASE);
                 let at = buffers.put(&mem, &bytes);
                 queues[0].add(&mem, &[Desc::read(at, bytes.len() as u32)]);
-                // Let the previous request's deferred release finish off the clock.
-                if let Some(b) = &deferred {
+                if let Some(b) = &discard {
                     b.flush();
                 }
-            },
-            // Timed: notification to used-ring update (and, for `Released`, the release).
-            |_| {
-                let n = dev.process_queue(0);
-                if let (Wait::Released, Some(b)) = (wait, &deferred) {
-                    b.flush();
-                }
-                n
-            },
-            BatchSize::PerIteration,
-        )
+                // On the clock: the notification is handled.
+                let t0 = Instant::now();
+                dev.process_queue(0);
+                let end = match stop {
+                    Stop::Ack => interrupt.last_used_at.lock().unwrap().expect("interrupt"),
+                    Stop::Released => {
+                        if let Some(b) = &discard {
+                            b.flush();
+                        }
+                        Instant::now()
+                    }
+                };
+                total += end.duration_since(t0);
+            }
+            total
+        })
     });
     group.finish();
-    let used = rig.queues[0].take_used(&rig.mem).len();
-    assert!(used > 0);
+    assert!(!queues[0].take_used(&mem).is_empty());
 }
 
 fn benches(c: &mut Criterion) {
-    type Made = (Arc<dyn BalloonBackend>, Option<Arc<DiscardBackend>>);
     let sync = |m: GuestMemoryMmap| -> Made { (Arc::new(DiscardBackend::new(m)), None) };
-    let deferred = |m: GuestMemoryMmap| -> Made {
-        let b = Arc::new(DiscardBackend::deferred(m).unwrap());
+    let after_ack = |m: GuestMemoryMmap| -> Made {
+        let b = Arc::new(DiscardBackend::after_ack(m));
         (b.clone(), Some(b))
     };
     let naive = |m: GuestMemoryMmap| -> Made { (Arc::new(NaiveBackend { mem: m }), None) };
     let null = |_: GuestMemoryMmap| -> Made { (Arc::new(NullBackend), None) };
+    type Case<'a> = (&'a str, &'a dyn Fn(GuestMemoryMmap) -> Made, Stop);
     for (pattern_name, pattern) in [
         ("scattered", scattered as fn(u32) -> Vec<u32>),
         ("contiguous", contiguous),
     ] {
-        let cases: [(&str, &dyn Fn(GuestMemoryMmap) -> Made, Wait); 5] = [
-            ("naive_per_page_madvise", &naive, Wait::Ack),
-            ("coalesced_madvise", &sync, Wait::Ack),
-            ("deferred_ack", &deferred, Wait::Ack),
-            ("deferred_until_released", &deferred, Wait::Released),
-            ("device_only_no_release", &null, Wait::Ack),
+        let cases: [Case; 6] = [
+            ("naive_per_page_madvise", &naive, Stop::Ack),
+            ("coalesced_sync", &sync, Stop::Ack),
+            ("release_after_ack/ack", &after_ack, Stop::Ack),
+            ("release_after_ack/released", &after_ack, Stop::Released),
+            ("device_only_no_release", &null, Stop::Ack),
+            ("naive_per_page_madvise_again", &naive, Stop::Ack),
         ];
-        for (name, make, wait) in cases {
-            bench_case(c, &format!("{pattern_name}/{name}"), make, pattern, wait);
+        for (name, make, stop) in cases {
+            bench_case(c, &format!("{pattern_name}/{name}"), make, pattern, stop);
         }
     }
 }

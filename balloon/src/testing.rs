@@ -766,7 +766,7 @@ pub mod fuzz {
     fn write_desc(inp: &mut Input, mem: &GuestMemoryMmap, q: &DriverQueue) {
         let idx = u16::from(inp.u8()) % QSIZE;
         let a = addr(inp);
-        let len = if inp.u8() % 8 == 0 {
+        let len = if inp.u8() & 7 == 0 {
             inp.u32()
         } else {
             u32::from(inp.u16() % 1200)
@@ -778,7 +778,7 @@ pub mod fuzz {
 
     fn write_data(inp: &mut Input, mem: &GuestMemoryMmap) {
         let at = DATA + u64::from(inp.u16() % 0x7c00);
-        if inp.u8() % 2 == 0 {
+        if inp.u8() & 1 == 0 {
             // Small PFNs: in RAM, in the hole, past the end.
             let n = usize::from(inp.u8() % 64);
             let pfns: Vec<u32> = (0..n).map(|_| u32::from(inp.u8() % 64)).collect();
@@ -918,14 +918,14 @@ pub mod fuzz {
                             .wrapping_add(u64::from(inp.u16()).wrapping_mul(bs / 2))
                             .wrapping_sub(bs),
                     };
-                    let nb = if inp.u8() % 8 == 0 {
+                    let nb = if inp.u8() & 7 == 0 {
                         inp.u16()
                     } else {
                         u16::from(inp.u8() % 40)
                     };
                     let at = DATA + u64::from(inp.u16() % 0x7000);
                     let _ = mem.write_slice(&mem_request_bytes(kind, a, nb), GuestAddress(at));
-                    let resp_len = if inp.u8() % 8 == 0 {
+                    let resp_len = if inp.u8() & 7 == 0 {
                         u32::from(inp.u8() % 16)
                     } else {
                         10
@@ -952,7 +952,7 @@ pub mod fuzz {
                     dev.write_config(u64::from(inp.u8()), &b);
                 }
                 _ => {
-                    if inp.u8() % 2 == 0 {
+                    if inp.u8() & 1 == 0 {
                         dev.reset();
                     } else {
                         let _ = dev.system_reset();

@@ -516,7 +516,7 @@ impl Balloon {
                 len,
                 reason: "longer than 64 entries, truncated",
             });
-        } else if total % ENTRY_SIZE as u64 != 0 {
+        } else if total.rem_euclid(ENTRY_SIZE as u64) != 0 {
             self.note(GuestFault::BadStatsBuffer {
                 len,
                 reason: "not a whole number of 10-byte entries",

@@ -382,7 +382,7 @@ impl VirtioMem {
         if r.nb_blocks == 0 {
             return Err("zero blocks");
         }
-        if r.addr % bs != 0 {
+        if r.addr & (bs - 1) != 0 {
             return Err("address not aligned to the block size");
         }
         let n = u64::from(r.nb_blocks);

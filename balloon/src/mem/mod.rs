@@ -102,13 +102,13 @@ impl MemConfig {
         if bs < 4096 || !bs.is_power_of_two() {
             return Err(MemError::BadBlockSize(bs));
         }
-        if self.addr % bs != 0 {
+        if self.addr & (bs - 1) != 0 {
             return Err(MemError::UnalignedAddr {
                 addr: self.addr,
                 block_size: bs,
             });
         }
-        if self.region_size == 0 || self.region_size % bs != 0 {
+        if self.region_size == 0 || self.region_size & (bs - 1) != 0 {
             return Err(MemError::BadRegionSize {
                 size: self.region_size,
                 block_size: bs,
@@ -133,7 +133,8 @@ pub(crate) fn check_requested(
     region_size: u64,
     block_size: u64,
 ) -> Result<(), MemError> {
-    if size % block_size != 0 {
+    // block_size is a validated power of two.
+    if size & (block_size - 1) != 0 {
         return Err(MemError::UnalignedRequest { size, block_size });
     }
     if size > region_size {
