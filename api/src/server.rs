@@ -158,7 +158,9 @@ fn clear_socket_path(path: &Path) -> Result<(), Error> {
 }
 
 /// Binds `path` with mode 0600 and no window in which it is reachable with wider permissions:
-/// bind inside a fresh 0700 directory beside it, chmod, then rename into place.
+/// bind inside a fresh 0700 directory beside it, chmod, then hard-link it into place. `link`
+/// (unlike `rename`) fails if the path was taken meanwhile, so two servers started at once on
+/// one path cannot silently steal it from each other.
 fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let parent = match path.parent() {
@@ -182,7 +184,13 @@ fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
         let listener = UnixListener::bind(&tmp_sock).map_err(socket_err(path, "cannot bind"))?;
         std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
             .map_err(socket_err(path, "cannot set mode 0600"))?;
-        std::fs::rename(&tmp_sock, path).map_err(socket_err(path, "cannot move into place"))?;
+        std::fs::hard_link(&tmp_sock, path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Error::SocketInUse(path.to_owned())
+            } else {
+                socket_err(path, "cannot move into place")(e)
+            }
+        })?;
         let meta = std::fs::symlink_metadata(path).map_err(socket_err(path, "cannot stat"))?;
         Ok((listener, (meta.dev(), meta.ino())))
     })();

@@ -258,3 +258,29 @@ async fn idle_connections_close_and_the_client_reconnects() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn two_servers_racing_for_one_path_never_both_win() {
+    let dir = TempDir::new();
+    let sock = dir.path().join("race.sock");
+    for _ in 0..20 {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (sock, barrier) = (sock.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let (tx, _rx) = mpsc::channel();
+                    barrier.wait();
+                    spawn_server(ServerConfig::new(&sock), tx, Arc::new(|| {}))
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "{results:?}");
+        for r in results.into_iter().flatten() {
+            r.shutdown().unwrap();
+        }
+        assert!(!sock.exists());
+    }
+}
