@@ -766,7 +766,8 @@ impl VirtioDevice for Balloon {
             self.stale_fds
                 .extend(old.queues.into_iter().map(|q| q.notify));
         }
-        self.guest_ram_bytes = Some(mem.iter().map(|r| r.len()).sum());
+        self.guest_ram_bytes
+            .get_or_insert_with(|| mem.iter().map(|r| r.len()).sum());
         self.active = Some(ActiveState {
             mem,
             interrupt,
