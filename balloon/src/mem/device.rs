@@ -585,6 +585,11 @@ impl VirtioDevice for VirtioMem {
             self.stale_fds.push(old.notify);
         }
         self.acked_features = acked_features & self.avail_features;
+        let inaccessible = 1 << features::UNPLUGGED_INACCESSIBLE;
+        if self.avail_features & inaccessible != 0 && self.acked_features & inaccessible == 0 {
+            // The host does not map unplugged blocks: a driver that may read them will fault.
+            warn!("virtio-mem: the driver did not accept UNPLUGGED_INACCESSIBLE");
+        }
         self.active = Some(MemActive {
             mem,
             interrupt,
