@@ -49,6 +49,9 @@ pub struct Cli {
     /// total_mib is a multiple of 128 (the Linux memory block); block_mib a power of two >= 2.
     #[arg(long, value_name = "KEY=VALUE,...")]
     pub hotplug: Option<String>,
+    /// Log level on stderr: error, warn, info, debug or trace (default: $VMM_LOG, else warn).
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<log::LevelFilter>,
     /// The REST API (`--api-socket PATH`, `--api-tcp ADDR`, ...).
     #[command(flatten)]
     pub api: api::server::ApiArgs,

@@ -19,8 +19,8 @@ use vmm_sys_util::terminal::Terminal;
 
 fn main() {
     let _ = vmm::vcpu::PROCESS_START.set(std::time::Instant::now());
-    env_logger_init();
     let cli = Cli::parse();
+    env_logger_init(cli.log_level);
     let server_cfg = cli.api.server_config();
     let has_kernel = cli.kernel.is_some() || cli.config.is_some();
     let api_only = server_cfg.is_some() && !has_kernel;
@@ -124,9 +124,11 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-/// Log to stderr at the level named by `VMM_LOG` (error, warn, info, debug, trace; default warn).
-fn env_logger_init() {
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("VMM_LOG", "warn"))
-        .format_timestamp_millis()
-        .init();
+/// Log to stderr at `--log-level`, else the level named by `VMM_LOG` (default warn).
+fn env_logger_init(level: Option<log::LevelFilter>) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::new().filter_or("VMM_LOG", "warn"));
+    if let Some(l) = level {
+        b.filter_level(l);
+    }
+    b.format_timestamp_millis().init();
 }
