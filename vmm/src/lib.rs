@@ -12,7 +12,6 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
-pub mod memory_backend;
 pub mod slots;
 pub mod vcpu;
 pub mod vm;

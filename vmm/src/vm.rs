@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use balloon::{Balloon, BalloonConfig, MemConfig, VirtioMem};
+use balloon::{Balloon, BalloonBackend, BalloonConfig, MemBackend, MemConfig, VirtioMem};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -34,7 +34,6 @@ use crate::event_loop::Control;
 use crate::layout::{
     self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
 };
-use crate::memory_backend::ManagerBackend;
 use crate::slots::KvmSlots;
 use crate::vcpu::{self, VcpuContext};
 
@@ -232,7 +231,7 @@ impl Vm {
         );
         cfg.block_size = opts.block_mib << 20;
         cfg.requested_size = opts.requested_mib << 20;
-        let backend = Arc::new(ManagerBackend(self.manager.clone()));
+        let backend: Arc<dyn MemBackend> = self.manager.clone();
         let dev = VirtioMem::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
         let dev = Arc::new(Mutex::new(dev));
         self.add_virtio_device(dev.clone(), dev.clone())?;
@@ -255,7 +254,8 @@ impl Vm {
             free_page_reporting: opts.free_page_reporting,
             ..BalloonConfig::default()
         };
-        let backend = Arc::new(ManagerBackend(self.manager.clone()));
+        // The manager is the balloon's backend (balloon::manager implements it).
+        let backend: Arc<dyn BalloonBackend> = self.manager.clone();
         let mut dev = Balloon::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
         dev.set_guest_ram_bytes(self.config.memory_bytes());
         let dev = Arc::new(Mutex::new(dev));
