@@ -484,6 +484,9 @@ impl ApiHandler {
         let guest_rss_bytes = m
             .resident_bytes()
             .map_err(|e| ApiError::new(api::ApiErrorKind::Internal, format!("mincore: {e}")))?;
+        // Lock order is device before manager (vCPU threads resetting a device take both):
+        // release the manager before the counters lock the devices.
+        drop(m);
         Ok(MemoryMap {
             page_size: PAGE,
             regions,
