@@ -18,7 +18,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use log::info;
-use memory::{Backing, MemoryManager, RegionKind, RegionSpec};
+use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec};
 use virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
@@ -158,6 +158,12 @@ impl Vm {
                     detail: e.to_string(),
                 }
             })?;
+        let mut manager = manager;
+        // The balloon acknowledges an inflate first and releases host memory right after
+        // (release_pending), so the guest's wait per request is the device's, not madvise's.
+        manager
+            .set_discard_policy(DiscardPolicy::Deferred)
+            .map_err(|e| VmError::Device(e.to_string()))?;
         let mem = manager.guest_memory().clone();
         let manager = Arc::new(Mutex::new(manager));
 
