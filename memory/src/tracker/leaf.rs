@@ -20,7 +20,8 @@ pub struct Leaf {
     pub bits: [u64; WORDS],
     /// Present pages.
     pub count: u16,
-    /// Present pages carrying each mark.
+    /// Present pages carrying each mark; kept only while `mixed` is `Some` (with uniform marks
+    /// it is `count` or 0 per mark, so the fast paths need not touch it).
     pub mcount: [u16; MARK_COUNT],
     /// The marks of every present page, when `mixed` is `None`.
     pub uniform: Marks,
@@ -66,9 +67,6 @@ impl Leaf {
         self.bits = [u64::MAX; WORDS];
         self.count = LEAF_PAGES as u16;
         self.uniform = marks;
-        for k in 0..MARK_COUNT {
-            self.mcount[k] = if marks.has(k) { LEAF_PAGES as u16 } else { 0 };
-        }
         self.mixed = None;
     }
 
@@ -86,6 +84,13 @@ impl Leaf {
 
     /// Marks carried by at least one page.
     pub fn any_marks(&self) -> Marks {
+        if self.mixed.is_none() {
+            return if self.count > 0 {
+                self.uniform
+            } else {
+                Marks::NONE
+            };
+        }
         let mut m = Marks::NONE;
         for k in 0..MARK_COUNT {
             if self.mcount[k] > 0 {
@@ -185,6 +190,9 @@ impl Leaf {
             };
         }
         self.mixed = Some(maps);
+        for k in 0..MARK_COUNT {
+            self.mcount[k] = if self.uniform.has(k) { self.count } else { 0 };
+        }
     }
 
     /// Drops the mark bitmaps once every mark is on all present pages or on none.
@@ -234,9 +242,12 @@ impl Leaf {
                 });
                 self.count += new as u16;
                 d.present = i64::from(new);
+                let mixed = self.mixed.is_some();
                 for k in 0..MARK_COUNT {
                     if m.has(k) {
-                        self.mcount[k] += new as u16;
+                        if mixed {
+                            self.mcount[k] += new as u16;
+                        }
                         d.marks[k] = i64::from(new);
                     }
                 }
@@ -274,8 +285,11 @@ impl Leaf {
                 });
                 self.count -= gone as u16;
                 d.present = -i64::from(gone);
+                let mixed = self.mixed.is_some();
                 for (k, gm) in gone_marks.iter().enumerate() {
-                    self.mcount[k] -= *gm as u16;
+                    if mixed {
+                        self.mcount[k] -= *gm as u16;
+                    }
                     d.marks[k] = -i64::from(*gm);
                 }
                 if self.count == 0 {
@@ -301,7 +315,6 @@ impl Leaf {
                         } else {
                             self.uniform.without(k)
                         };
-                        self.mcount[k] = if set { self.count } else { 0 };
                         d.marks[k] = if set { i64::from(sel) } else { -i64::from(sel) };
                         return d;
                     }

@@ -636,6 +636,9 @@ impl Tracker {
             return Ok(Delta::default());
         }
         let end = Self::check(start, count)?;
+        if let Some(d) = self.leaf_fast(start, end, op) {
+            return Ok(d);
+        }
         let insert = matches!(op, Op::Insert(_));
         let (hi, need_h) = if insert {
             (end, height_for(end - 1).max(self.height))
@@ -753,7 +756,29 @@ impl Tracker {
     }
 
     /// Adds one page; returns whether it was absent.
+    #[inline]
     pub fn insert(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
+        // Fast path: the page's leaf exists, carries exactly `marks` and does not fill up, so
+        // nothing above the leaf changes.
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.height, index) {
+            let off = index & (leaf::LEAF_PAGES - 1);
+            let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
+            if leaf.bits[w] & b != 0 {
+                return Ok(false);
+            }
+            if leaf.mixed.is_none()
+                && leaf.uniform == marks
+                && u64::from(leaf.count) + 1 < leaf::LEAF_PAGES
+            {
+                leaf.bits[w] |= b;
+                leaf.count += 1;
+                for k in 0..MARK_COUNT {
+                    self.mark_count[k] += u64::from(marks.0 >> k) & 1;
+                }
+                self.count += 1;
+                return Ok(true);
+            }
+        }
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -763,8 +788,87 @@ impl Tracker {
     }
 
     /// Removes one page; returns whether it was present.
+    #[inline]
     pub fn remove(&mut self, index: u64) -> Result<bool, TrackerError> {
+        // Fast path: a leaf with uniform marks that does not become empty.
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.height, index) {
+            let off = index & (leaf::LEAF_PAGES - 1);
+            let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
+            if leaf.bits[w] & b == 0 {
+                return Ok(false);
+            }
+            if leaf.mixed.is_none() && leaf.count > 1 {
+                leaf.bits[w] &= !b;
+                leaf.count -= 1;
+                let marks = leaf.uniform;
+                for k in 0..MARK_COUNT {
+                    self.mark_count[k] -= u64::from(marks.0 >> k) & 1;
+                }
+                self.count -= 1;
+                return Ok(true);
+            }
+        }
         Ok(self.remove_range(index, 1)? == 1)
+    }
+
+    /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
+    #[inline]
+    fn leaf_mut(root: &mut Option<FBox<Node>>, height: u32, index: u64) -> Option<&mut Leaf> {
+        if index >> span_shift(height) != 0 {
+            return None;
+        }
+        let mut node: &mut Node = root.as_deref_mut()?;
+        let mut shift = slot_shift(height);
+        loop {
+            let i = ((index >> shift) & 63) as u32;
+            let kids = node.present & !node.full;
+            if kids & (1 << i) == 0 {
+                return None;
+            }
+            let idx = (kids & below(i)).count_ones() as usize;
+            match &mut node.children[idx] {
+                Child::Node(n) => {
+                    node = n;
+                    shift -= SLOT_SHIFT;
+                }
+                Child::Leaf(l) => return Some(l),
+            }
+        }
+    }
+
+    /// Applies `op` straight to the one leaf holding `start..end` when that cannot change
+    /// anything above the leaf (uniform marks that stay uniform, not filling or emptying it).
+    #[inline]
+    fn leaf_fast(&mut self, start: u64, end: u64, op: Op) -> Option<Delta> {
+        if end - 1 > MAX_INDEX || start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
+            return None;
+        }
+        let leaf = Self::leaf_mut(&mut self.root, self.height, start)?;
+        if leaf.mixed.is_some() {
+            return None;
+        }
+        let lo = start & (leaf::LEAF_PAGES - 1);
+        let hi = lo + (end - start);
+        let d = match op {
+            Op::Insert(m) if m == leaf.uniform => {
+                if u64::from(leaf.count) + (end - start) >= leaf::LEAF_PAGES {
+                    return None;
+                }
+                leaf.apply(op, lo, hi, &mut Pool::default())
+            }
+            Op::Remove => {
+                if u64::from(leaf.count) <= end - start {
+                    return None;
+                }
+                leaf.apply(op, lo, hi, &mut Pool::default())
+            }
+            _ => return None,
+        };
+        self.count = (self.count as i64 + d.present) as u64;
+        for k in 0..MARK_COUNT {
+            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
+        }
+        Some(d)
     }
 
     /// Sets `mark` on the present pages of the range; returns how many did not have it.
@@ -809,8 +913,32 @@ impl Tracker {
         }
     }
 
+    #[inline]
     pub fn contains(&self, index: u64) -> bool {
-        self.get(index).is_some()
+        if index >> span_shift(self.height) != 0 {
+            return false;
+        }
+        let Some(mut node) = self.root.as_deref() else {
+            return false;
+        };
+        let mut shift = slot_shift(self.height);
+        loop {
+            let i = ((index >> shift) & 63) as u32;
+            let bit = 1u64 << i;
+            if node.present & bit == 0 {
+                return false;
+            }
+            if node.full & bit != 0 {
+                return true;
+            }
+            match &node.children[node.child_index(i)] {
+                Child::Node(n) => {
+                    node = n;
+                    shift -= SLOT_SHIFT;
+                }
+                Child::Leaf(l) => return l.contains(index & (leaf::LEAF_PAGES - 1)),
+            }
+        }
     }
 
     /// Whether the page is present and carries `mark`.

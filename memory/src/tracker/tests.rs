@@ -47,7 +47,7 @@ fn zero_and_top_of_index_space() {
     assert_eq!(t.insert_range(0, MAX_INDEX + 1, U).unwrap(), MAX_INDEX - 1);
     assert_eq!(t.len(), MAX_INDEX + 1);
     assert_eq!(t.count_marked(Mark::Unplugged), MAX_INDEX - 1);
-    assert_eq!(t.remove(MAX_INDEX).unwrap(), true);
+    assert!(t.remove(MAX_INDEX).unwrap());
     assert_eq!(t.remove_range(0, MAX_INDEX + 1).unwrap(), MAX_INDEX);
     assert!(t.is_empty());
     assert_eq!(t.heap_bytes(), 0);
@@ -61,7 +61,7 @@ fn every_level_boundary() {
         let mut t = Tracker::new();
         assert_eq!(t.insert_range(edge - 2, 4, B).unwrap(), 4, "level {level}");
         assert_eq!(runs(&t), vec![(edge - 2, 4)]);
-        assert_eq!(t.remove(edge).unwrap(), true);
+        assert!(t.remove(edge).unwrap());
         assert_eq!(runs(&t), vec![(edge - 2, 2), (edge + 1, 1)]);
         assert_eq!(t.next(edge, None), Some(edge + 1));
         assert_eq!(t.prev(edge, None), Some(edge - 1));
