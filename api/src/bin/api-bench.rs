@@ -58,6 +58,9 @@ enum Cmd {
         /// Upper balloon target the PATCH requests alternate with 0 (MiB).
         #[arg(long, default_value_t = 64)]
         patch_mib: u64,
+        /// Path of the GET requests (e.g. /vm/memory; /nope measures the server alone, no VMM).
+        #[arg(long, default_value = "/balloon")]
+        get_path: String,
         /// Requests per second per client (paced, open loop); 0 sends the next request as soon
         /// as the answer arrives (closed loop: measures saturation, latency = clients/throughput).
         #[arg(long, default_value_t = 0.0)]
@@ -80,8 +83,10 @@ fn main() -> ExitCode {
             seconds,
             client_threads,
             patch_mib,
+            get_path,
             rate,
         } => run(RunArgs {
+            get_path,
             rate,
             socket,
             fake,
@@ -135,6 +140,7 @@ struct RunArgs {
     seconds: f64,
     client_threads: usize,
     patch_mib: u64,
+    get_path: String,
     rate: f64,
 }
 
@@ -215,6 +221,7 @@ fn run(args: RunArgs) -> Result<(), String> {
             let socket = socket.clone();
             let start = start.clone();
             let patch_mib = args.patch_mib;
+            let get_path = args.get_path.clone();
             tasks.push(tokio::spawn(async move {
                 let mut c = Client::new(&socket);
                 let mut get = Samples::default();
@@ -232,21 +239,32 @@ fn run(args: RunArgs) -> Result<(), String> {
                         *n += p;
                     }
                     let is_get = i & 1 == 0;
-                    let (method, body) = if is_get {
-                        (Method::GET, None)
+                    let (method, path, body) = if is_get {
+                        (Method::GET, get_path.as_str(), None)
                     } else {
                         let mib = if (i >> 1) & 1 == 0 { patch_mib } else { 0 };
-                        (
-                            Method::PATCH,
-                            Some(format!("{{\"amount_mib\": {mib}}}").into_bytes()),
-                        )
+                        let body = format!("{{\"amount_mib\": {mib}}}").into_bytes();
+                        (Method::PATCH, "/balloon", Some(body))
                     };
                     let t = Instant::now();
-                    let r = c.call(method, "/balloon", body).await;
+                    let r = c.raw(method, path, body).await;
                     let ns = t.elapsed().as_nanos() as u64;
                     let s = if is_get { &mut get } else { &mut patch };
                     match r {
-                        Ok(_) => s.ns.push(ns),
+                        // Answered: timed, and counted as an error unless 2xx.
+                        Ok(reply) => {
+                            s.ns.push(ns);
+                            if !reply.status.is_success() {
+                                s.errors += 1;
+                                s.first_error.get_or_insert_with(|| {
+                                    format!(
+                                        "{path}: {} {}",
+                                        reply.status,
+                                        reply.fault_message().unwrap_or_default()
+                                    )
+                                });
+                            }
+                        }
                         Err(e) => {
                             s.errors += 1;
                             s.first_error.get_or_insert_with(|| e.to_string());
@@ -287,13 +305,14 @@ fn run(args: RunArgs) -> Result<(), String> {
         }
     );
     println!(
-        "{:<14} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
     );
-    for (name, mut s) in [("GET /balloon", get), ("PATCH /balloon", patch)] {
+    let get_name = format!("GET {}", args.get_path);
+    for (name, mut s) in [(get_name.as_str(), get), ("PATCH /balloon", patch)] {
         s.ns.sort_unstable();
         println!(
-            "{:<14} {:>9} {:>7} {:>9.0} {:>9} {:>9} {:>9} {:>9}",
+            "{:<16} {:>9} {:>7} {:>9.0} {:>9} {:>9} {:>9} {:>9}",
             name,
             s.ns.len(),
             s.errors,
