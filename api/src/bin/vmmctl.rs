@@ -480,30 +480,8 @@ impl Progress {
             return;
         }
         self.last = Some((now, target));
-        let total = from.abs_diff(target);
-        let done = from.abs_diff(now).min(total);
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let mut err = std::io::stderr().lock();
-        if self.tty {
-            const WIDTH: u64 = 30;
-            let filled = (pct * WIDTH / 100) as usize;
-            let bar = format!(
-                "{}{}",
-                "#".repeat(filled),
-                "-".repeat(WIDTH as usize - filled)
-            );
-            let _ = write!(
-                err,
-                "\r{}: [{bar}] {now}/{target} MiB {pct:>3}%\x1b[K",
-                self.what
-            );
-        } else {
-            let _ = writeln!(
-                err,
-                "{}: {now} MiB (target {target} MiB, {pct}%)",
-                self.what
-            );
-        }
+        let _ = err.write_all(progress_line(self.what, self.tty, from, now, target).as_bytes());
         let _ = err.flush();
     }
 
@@ -511,6 +489,27 @@ impl Progress {
         if self.tty && self.last.is_some() {
             eprintln!();
         }
+    }
+}
+
+/// How far `now` has come from `from` toward `target`, in percent. Moving away from the target
+/// (a guest deflating on OOM) lowers it.
+fn percent_done(from: u64, now: u64, target: u64) -> u64 {
+    let total = from.abs_diff(target);
+    let left = now.abs_diff(target).min(total);
+    ((total - left) * 100).checked_div(total).unwrap_or(100)
+}
+
+/// One progress update: a bar redrawn in place on a terminal, a line otherwise.
+fn progress_line(what: &str, tty: bool, from: u64, now: u64, target: u64) -> String {
+    let pct = percent_done(from, now, target);
+    if tty {
+        const WIDTH: usize = 30;
+        let filled = pct as usize * WIDTH / 100;
+        let bar = format!("{}{}", "#".repeat(filled), "-".repeat(WIDTH - filled));
+        format!("\r{what}: [{bar}] {now}/{target} MiB {pct:>3}%\x1b[K")
+    } else {
+        format!("{what}: {now} MiB (target {target} MiB, {pct}%)\n")
     }
 }
 
@@ -647,4 +646,43 @@ async fn wait_resize(c: &mut Client, mib: u64, wait: WaitArgs) -> Result<(), Fai
         waiter.t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_counts_toward_the_target_either_way() {
+        assert_eq!(percent_done(0, 0, 256), 0);
+        assert_eq!(percent_done(0, 64, 256), 25);
+        assert_eq!(percent_done(0, 256, 256), 100);
+        // Shrinking the balloon: 512 -> 0.
+        assert_eq!(percent_done(512, 128, 0), 75);
+        // Moving away from the target does not count as progress.
+        assert_eq!(percent_done(100, 50, 200), 0);
+        assert_eq!(percent_done(7, 7, 7), 100);
+    }
+
+    #[test]
+    fn terminal_bar_and_plain_line() {
+        assert_eq!(
+            progress_line("balloon", true, 0, 128, 256),
+            "\rballoon: [###############---------------] 128/256 MiB  50%\x1b[K"
+        );
+        assert_eq!(
+            progress_line("balloon", false, 0, 128, 256),
+            "balloon: 128 MiB (target 256 MiB, 50%)\n"
+        );
+        assert!(progress_line("resize", true, 2048, 768, 768)
+            .contains("[##############################] 768/768 MiB 100%"));
+    }
+
+    #[test]
+    fn sizes_read_like_free_does() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(4096), "4 KiB");
+        assert_eq!(human_bytes(256 << 20), "256 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
 }
