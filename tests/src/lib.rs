@@ -152,6 +152,8 @@ pub struct TestHost {
     scratch: String,
     agent: Option<SocketAddr>,
     next_vm: AtomicU64,
+    /// Nested mode: seconds from starting QEMU until the agent reported /dev/kvm.
+    boot_secs: f64,
 }
 
 /// Why there is no test host: nothing on this machine can run a VMM (tests skip), or starting
@@ -193,15 +195,15 @@ impl TestHost {
     /// it failed (the reason is printed once, when it happened).
     fn get() -> Result<&'static TestHost, Option<String>> {
         let r = SHARED.get_or_init(|| {
-            let started = Instant::now();
             let r = Self::start();
             match &r {
                 Ok(h) => {
                     let line = match h.mode {
                         Mode::Direct => "e2e: mode=direct (this machine's KVM)".to_string(),
                         Mode::Nested => format!(
-                            "e2e: mode=nested (QEMU TCG + kvm_amd), test host up in {:.1} s",
-                            started.elapsed().as_secs_f64()
+                            "e2e: mode=nested (QEMU TCG + kvm_amd), test host up with /dev/kvm \
+                             {:.1} s after QEMU started",
+                            h.boot_secs
                         ),
                     };
                     loud(&format!("\n*** {line} ***\n"));
@@ -250,11 +252,14 @@ impl TestHost {
                     scratch: scratch.display().to_string(),
                     agent: None,
                     next_vm: AtomicU64::new(0),
+                    boot_secs: 0.0,
                 })
             }
             Mode::Nested => {
                 let agent_bin = agent_binary()?;
+                let t = Instant::now();
                 let addr = boot_testhost(&root, vmm.as_deref().ok(), &agent_bin)?;
+                let boot_secs = t.elapsed().as_secs_f64();
                 Ok(TestHost {
                     mode,
                     vmm: vmm.map(|_| "/bin/vmm".to_string()),
@@ -262,6 +267,7 @@ impl TestHost {
                     scratch: "/tmp".into(),
                     agent: Some(addr),
                     next_vm: AtomicU64::new(0),
+                    boot_secs,
                 })
             }
         }

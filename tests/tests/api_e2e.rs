@@ -52,6 +52,7 @@ fn assert_agrees(vm: &e2e::Vm, when: &str, at_boot: u64) {
 
 fn wait_resize_reached(vm: &e2e::Vm) -> (Value, Duration) {
     wait_until(
+        vm,
         "GET /vm/resize to say reached",
         RESIZE,
         Duration::from_millis(200),
@@ -82,6 +83,7 @@ fn configure_boot_and_resize_through_the_api() {
         .expect("start the VMM with only an API socket");
     // The socket appears once the server is bound.
     let (info, _) = wait_until(
+        &vm,
         "the API socket",
         Duration::from_secs(60),
         Duration::from_millis(100),
@@ -164,6 +166,7 @@ fn configure_boot_and_resize_through_the_api() {
         Some(json!({ "requested_size_mib": 256 })),
     );
     let (h, took) = wait_until(
+        &vm,
         "plugged_size 256 MiB",
         RESIZE,
         Duration::from_millis(200),
@@ -177,6 +180,7 @@ fn configure_boot_and_resize_through_the_api() {
         },
     );
     let (m, _) = wait_until(
+        &vm,
         "MemTotal +256 MiB",
         RESIZE,
         Duration::from_millis(500),

@@ -199,6 +199,7 @@ fn free_page_reporting_and_statistics_follow_the_guest() {
     );
     let guest0 = stable_meminfo(&vm);
     let (stats0, _) = wait_until(
+        &vm,
         "the first statistics report",
         Duration::from_secs(120),
         Duration::from_millis(500),
@@ -235,6 +236,7 @@ fn free_page_reporting_and_statistics_follow_the_guest() {
     let rss1 = stable_rss(&vm);
     let free0 = u(&stats0, "free_memory");
     let (stats1, took) = wait_until(
+        &vm,
         "statistics showing the allocation",
         Duration::from_secs(60),
         Duration::from_millis(500),
@@ -263,6 +265,7 @@ fn free_page_reporting_and_statistics_follow_the_guest() {
     vm.run("alloc-free", CMD).unwrap();
     let want_fall = (alloc_mib * MIB_KIB * 3 / 4) as i64;
     let (rss2, took) = wait_until(
+        &vm,
         "the VMM's RSS to fall after the guest freed its allocation",
         Duration::from_secs(180),
         Duration::from_secs(1),
@@ -300,6 +303,7 @@ fn free_page_reporting_and_statistics_follow_the_guest() {
     // The statistics see the memory come back.
     let free1 = u(&stats1, "free_memory");
     let (stats2, _) = wait_until(
+        &vm,
         "statistics showing the memory freed",
         Duration::from_secs(60),
         Duration::from_millis(500),

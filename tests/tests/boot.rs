@@ -155,3 +155,30 @@ fn sigterm_ends_the_vmm_cleanly() {
     );
     assert!(!vm.stderr().contains("panicked"), "{}", vm.stderr());
 }
+
+#[test]
+fn rest_api_answers_on_its_unix_socket() {
+    let Some(host) = e2e::host() else { return };
+    let socket = host.socket_path("api");
+    let cmdline = format!("{GUEST_CMDLINE} scenario=stay");
+    let vm = host
+        .start_vm(&[
+            "--kernel",
+            &host.guest_kernel(),
+            "--initramfs",
+            &host.guest_initramfs(),
+            "--cmdline",
+            &cmdline,
+            "--memory-mib",
+            "256",
+            "--api-socket",
+            &socket,
+        ])
+        .expect("start the VMM");
+    vm.wait_for(READY, boot_timeout(host)).unwrap();
+    let (status, body) = vm.api("GET", "/", None).unwrap();
+    assert_eq!(status, 200, "GET / answered {status}: {body}");
+    let (status, body) = vm.api("GET", "/no-such-route", None).unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("fault_message"), "{body}");
+}

@@ -162,6 +162,7 @@ fn plug_one_gib_then_unplug_to_256_mib() {
     let mut memtotal_at = None;
     let mut plugged_at = None;
     let (guest1, _) = wait_until(
+        &vm,
         "MemTotal +1 GiB and plugged_size 1024 MiB",
         RESIZE,
         Duration::from_millis(200),
@@ -235,6 +236,7 @@ fn plug_one_gib_then_unplug_to_256_mib() {
     );
     let mut last = (u64::MAX, Instant::now());
     let (plugged, took) = wait_until(
+        &vm,
         "plugged_size to converge toward 256 MiB",
         RESIZE,
         Duration::from_millis(500),

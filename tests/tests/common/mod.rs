@@ -212,8 +212,10 @@ pub fn u(v: &Value, field: &str) -> u64 {
 }
 
 /// Polls `probe` every `every` until it returns `Ok`; fails the test after `timeout` with the
-/// last `Err` (which says where things stand). Returns the value and the time it took.
+/// last `Err` (which says where things stand) and the tails of the guest console and the VMM's
+/// stderr. Returns the value and the time it took.
 pub fn wait_until<T>(
+    vm: &e2e::Vm,
     what: &str,
     timeout: Duration,
     every: Duration,
@@ -223,17 +225,32 @@ pub fn wait_until<T>(
     loop {
         match probe() {
             Ok(v) => return (v, t0.elapsed()),
-            Err(now) if t0.elapsed() > timeout => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {now}")
-            }
+            Err(now) if t0.elapsed() > timeout => panic!(
+                "timed out after {timeout:?} waiting for {what}; last: {now}\n{}",
+                tails(vm)
+            ),
             Err(_) => thread::sleep(every),
         }
     }
 }
 
+/// The last lines of the guest console and of the VMM's stderr, for failure messages.
+pub fn tails(vm: &e2e::Vm) -> String {
+    let tail = |s: String| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    format!(
+        "--- console tail ---\n{}\n--- VMM stderr tail ---\n{}",
+        tail(vm.console()),
+        tail(vm.stderr())
+    )
+}
+
 /// GET /balloon until `actual_pages == target_pages`; returns the answer and the time it took.
 pub fn wait_balloon_reached(vm: &e2e::Vm, timeout: Duration) -> (Value, Duration) {
     wait_until(
+        vm,
         "the balloon's actual to reach its target",
         timeout,
         Duration::from_millis(100),
