@@ -81,12 +81,17 @@ base_size=$(stat -c %s "$T/initramfs.cpio.gz")
     cat "$T/overlay-$port.cpio"
 } > "$T/initrd-$port.img"
 rm -rf "$OV" "$T/overlay-$port.cpio"
+# QEMU reads the initrd at start: hand it an open descriptor of an already deleted file, so no
+# image is left behind whatever happens to QEMU later. Old console logs go after two days.
+exec 3<"$T/initrd-$port.img"
+rm -f "$T/initrd-$port.img"
+find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' \) -mtime +2 -delete 2>/dev/null || true
 
 # TCG's TSC runs at this machine's rate; telling the kernel avoids a failed calibration under load.
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
 args=(
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem" -no-reboot
-    -kernel "$T/bzImage" -initrd "$T/initrd-$port.img"
+    -kernel "$T/bzImage" -initrd /proc/self/fd/3
     -append "console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz"
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7000" -device virtio-net-pci,netdev=n0
 )
