@@ -141,7 +141,9 @@ where
                     ),
                 )
             } else {
-                Fault::new(rej.status(), rej.body_text())
+                // A body that could not be read (the client hung up, bad chunking) is the
+                // client's fault whatever axum would call it.
+                Fault::bad_request(format!("cannot read the request body: {}", rej.body_text()))
             }
         })?;
         parse_body(&bytes).map(JsonBody)

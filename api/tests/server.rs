@@ -284,3 +284,33 @@ fn two_servers_racing_for_one_path_never_both_win() {
         assert!(!sock.exists());
     }
 }
+
+#[tokio::test]
+async fn malformed_http_is_a_client_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start();
+    for input in [
+        // Bad chunk size in the body.
+        &b"PUT /balloon HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"[..],
+        // Body shorter than Content-Length, then the client hangs up its write side.
+        &b"PUT /balloon HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"amount_mib\""[..],
+        // Not HTTP.
+        &b"HELLO\r\n\r\n"[..],
+    ] {
+        let mut s = tokio::net::UnixStream::connect(&h.socket).await.unwrap();
+        s.write_all(input).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out))
+            .await
+            .expect("the server answers or closes")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 4"), "{input:?} -> {out}");
+    }
+    // Still serving.
+    let mut c = h.client();
+    let (s, _) = req(&mut c, "GET", "/", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(h.fake.handled(), 1);
+}
