@@ -319,6 +319,9 @@ pub fn spawn_server(
         })
         .map_err(|e| cleanup(Error::Runtime(e)))?;
 
+    if let Some(addr) = tcp_addr.filter(|a| !a.ip().is_loopback()) {
+        log::warn!("API on TCP {addr}: not a loopback address, and the API has no authentication");
+    }
     log::info!(
         "API listening on {}{}",
         cfg.socket_path.display(),
