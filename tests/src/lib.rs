@@ -946,3 +946,68 @@ fn boot_testhost(root: &Path, vmm: Option<&Path>, agent: &Path) -> Result<Socket
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_line_drops_escapes_and_carriage_returns() {
+        assert_eq!(
+            clean_line("guest# \u{1b}[6nGUEST-NPROC=2\r"),
+            "guest# GUEST-NPROC=2"
+        );
+        assert_eq!(clean_line("\u{1b}[1m\u{1b}[31mERROR\u{1b}[0m x"), "ERROR x");
+        assert_eq!(clean_line("plain"), "plain");
+    }
+
+    #[test]
+    fn protocol_lines_round_trip() {
+        let ev = Event::Exit {
+            exit: Exit::Signal(15),
+        };
+        let line = serde_json::to_string(&ev).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), ev);
+        let req = Request::Spawn {
+            argv: vec!["vmm".into(), "--balloon".into(), String::new()],
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert!(line.starts_with(r#"{"op":"spawn""#), "{line}");
+        match serde_json::from_str::<Request>(&line).unwrap() {
+            Request::Spawn { argv } => assert_eq!(argv[2], ""),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Exit::Signal(15).as_status(), 143);
+        assert_eq!(Exit::Code(0).as_status(), 0);
+    }
+
+    #[test]
+    fn wait_for_consumes_and_reports_the_tail() {
+        let vm_shared = Arc::new(Shared::default());
+        for l in ["a", "MARK 1", "b", "MARK 2"] {
+            vm_shared.push(Event::Out { line: l.into() });
+        }
+        let vm = Vm {
+            shared: vm_shared.clone(),
+            backend: Backend::Local(Proc::spawn(&["true".to_string()], |_| {}).unwrap()),
+            api_socket: Mutex::new(None),
+            cursor: Mutex::new(0),
+            run_seq: AtomicU64::new(0),
+            argv: vec!["fake".into()],
+        };
+        let t = Duration::from_millis(50);
+        assert_eq!(vm.wait_for("MARK", t).unwrap(), "MARK 1");
+        assert_eq!(vm.wait_for("MARK", t).unwrap(), "MARK 2");
+        let err = vm.wait_for("MARK", t).unwrap_err().to_string();
+        assert!(err.contains("timed out") && err.contains("MARK 2"), "{err}");
+        assert_eq!(vm.console_value("MARK 1"), None);
+        vm_shared.push(Event::Out {
+            line: "GUEST-NPROC=2".into(),
+        });
+        assert_eq!(vm.console_value("GUEST-NPROC").as_deref(), Some("2"));
+        vm_shared.push(Event::Exit {
+            exit: Exit::Code(0),
+        });
+        assert!(matches!(vm.wait_for("x", t), Err(Error::Exited { .. })));
+    }
+}
