@@ -329,14 +329,12 @@ impl FakeState {
             }
             ApiRequest::GetBalloonStats => {
                 let b = self.balloon()?;
-                if b.cfg.stats_polling_interval_s == 0 {
-                    return Err(ApiError::bad_request(
-                        "balloon statistics are disabled (stats_polling_interval_s is 0)",
-                    ));
-                }
                 let total = self.machine.mem_size_mib << 20;
                 let ballooned = b.actual_pages << 12;
-                let running = self.state == InstanceState::Running;
+                // The guest reports only when running with statistics enabled; without a
+                // report, only the balloon's sizes are there.
+                let running =
+                    self.state == InstanceState::Running && b.cfg.stats_polling_interval_s > 0;
                 Ok(ApiResponse::BalloonStats(BalloonStats {
                     target_pages: b.cfg.amount_mib * PAGES_PER_MIB,
                     actual_pages: b.actual_pages,

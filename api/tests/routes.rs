@@ -745,3 +745,26 @@ async fn every_route_answers_2xx_in_a_tour() {
         );
     }
 }
+
+#[tokio::test]
+async fn statistics_disabled_report_only_sizes() {
+    let h = Harness::start();
+    let mut c = h.client();
+    for (method, path, body) in [
+        ("PUT", "/boot-source", r#"{"kernel_image_path": "/k"}"#),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 0, "deflate_on_oom": false}"#,
+        ),
+        ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        assert_eq!(req(&mut c, method, path, Some(body)).await.0, 204);
+    }
+    let (s, v) = req(&mut c, "GET", "/balloon/statistics", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        v,
+        json!({"target_pages": 0, "actual_pages": 0, "target_mib": 0, "actual_mib": 0})
+    );
+}
