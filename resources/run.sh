@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
 done
 
 "$RES/build-guest.sh"
-need_cmd cargo cargo
+command -v cargo >/dev/null || die "no cargo: install Rust >= 1.85 with rustup (https://rustup.rs); Debian 12's cargo is too old"
 log "building the VMM: cargo build --release -p vmm"
 (cd "$ROOT" && cargo build --release -p vmm)
 VMM="$ROOT/target/release/vmm"
