@@ -142,6 +142,20 @@ impl Vm {
             .collect();
         // The hot-add region: reserved address space only, born offline (design.md section 3).
         if let Some(h) = &config.hotplug {
+            // Each plugged block is its own KVM memory slot (so unplugged memory is not mapped
+            // into the guest at all): the blocks must fit in KVM's slot limit.
+            let blocks = h.total_mib / h.block_mib;
+            let slots = kvm.get_nr_memslots() as u64;
+            if blocks + specs.len() as u64 > slots {
+                return Err(VmError::Device(format!(
+                    "--hotplug total_mib={} in blocks of {} MiB needs {blocks} KVM memory slots; \
+                     this host allows {slots}: use a block_mib of at least {} MiB",
+                    h.total_mib,
+                    h.block_mib,
+                    (h.total_mib / slots.saturating_sub(specs.len() as u64).max(1))
+                        .next_power_of_two()
+                )));
+            }
             specs.push(RegionSpec {
                 guest_addr: layout::hotplug_base(config.memory_bytes()),
                 size: h.total_mib << 20,
