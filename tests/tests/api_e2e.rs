@@ -17,6 +17,12 @@ use serde_json::{json, Value};
 
 const BOOT_MIB: u64 = 512;
 const RESIZE: Duration = Duration::from_secs(300);
+/// Shrinking from above the boot size to below it: the VMM asks virtio-mem to unplug and the
+/// balloon to inflate at once, the balloon's pages land in the movable hot-added memory that
+/// Linux is unplugging, and Linux migrates them out a page at a time (each migration one inflate
+/// and one deflate request). ~300 s in the nested host; reported as a VMM policy bug. Allow for
+/// it until the VMM waits for the unplug before inflating.
+const RESIZE_ACROSS_BOOT: Duration = Duration::from_secs(600);
 /// What the kernel keeps out of MemTotal on a 512 MiB guest (its image, the memmap of boot
 /// memory, firmware areas) is a few tens of MiB; allow up to this much.
 const MAX_RESERVED_KIB: u64 = 64 * MIB_KIB;
@@ -50,11 +56,11 @@ fn assert_agrees(vm: &e2e::Vm, when: &str, at_boot: u64) {
     );
 }
 
-fn wait_resize_reached(vm: &e2e::Vm) -> (Value, Duration) {
+fn wait_resize_reached(vm: &e2e::Vm, timeout: Duration) -> (Value, Duration) {
     wait_until(
         vm,
         "GET /vm/resize to say reached",
-        RESIZE,
+        timeout,
         Duration::from_millis(200),
         || {
             let r = api(vm, "GET", "/vm/resize", None);
@@ -207,7 +213,7 @@ fn configure_boot_and_resize_through_the_api() {
         "/vm/resize",
         Some(json!({ "desired_mib": 1024 })),
     );
-    let (r, took) = wait_resize_reached(&vm);
+    let (r, took) = wait_resize_reached(&vm, RESIZE);
     eprintln!(
         "e2e-mem: API: PUT /vm/resize 1024 reached in {:.2} s: {r}",
         took.as_secs_f64()
@@ -231,7 +237,7 @@ fn configure_boot_and_resize_through_the_api() {
         "/vm/resize",
         Some(json!({ "desired_mib": 384 })),
     );
-    let (r, took) = wait_resize_reached(&vm);
+    let (r, took) = wait_resize_reached(&vm, RESIZE_ACROSS_BOOT);
     eprintln!(
         "e2e-mem: API: PUT /vm/resize 384 reached in {:.2} s: {r}",
         took.as_secs_f64()
@@ -289,7 +295,11 @@ fn vmmctl_wait_succeeds_and_times_out() {
 
         let out = vmmctl(&bin, sock, &["balloon", "set", "2000"]);
         assert_eq!(out.status.code(), Some(1), "refused");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("amount_mib"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("HTTP 400") && stderr.contains("2000"),
+            "says why: {stderr}"
+        );
 
         // The guest holds its memory: the balloon cannot get 256 MiB, and --wait says so.
         let m = stable_meminfo(&vm);

@@ -41,9 +41,22 @@ pub fn cmdline(scenario: &str) -> String {
 /// Starts `vmm --kernel .. --initramfs .. --cmdline .. --vcpus 1 --memory-mib MIB EXTRA..` and
 /// waits for the guest's shell. Prints the boot time.
 pub fn boot(host: &e2e::TestHost, memory_mib: u64, extra: &[&str]) -> e2e::Vm {
+    boot_with_cmdline(host, memory_mib, "", extra)
+}
+
+/// [`boot`] with `kernel_args` added to the guest's command line.
+pub fn boot_with_cmdline(
+    host: &e2e::TestHost,
+    memory_mib: u64,
+    kernel_args: &str,
+    extra: &[&str],
+) -> e2e::Vm {
     let kernel = host.guest_kernel();
     let initramfs = host.guest_initramfs();
-    let cmdline = cmdline("stay");
+    let mut cmdline = cmdline("stay");
+    if !kernel_args.is_empty() {
+        cmdline = format!("{cmdline} {kernel_args}");
+    }
     let mem = memory_mib.to_string();
     let mut args = vec![
         "--kernel",
@@ -308,6 +321,15 @@ pub fn assert_guest_healthy(vm: &e2e::Vm) {
     );
     let out = vm.run("echo alive", CMD).expect("the guest shell answers");
     assert!(out.contains("alive"), "{out}");
+}
+
+/// The checksum from a GUEST-PATTERN-WRITTEN / GUEST-PATTERN-OK line of `pattern`.
+pub fn pattern_sum(out: &str, marker: &str) -> String {
+    out.lines()
+        .find(|l| l.contains(marker))
+        .and_then(|l| l.split("sum=").nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no {marker} line with a sum in {out:?}"))
 }
 
 /// `a - b` for KiB figures that may move either way, as a signed number.
