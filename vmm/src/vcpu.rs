@@ -52,6 +52,47 @@ pub fn configure(
     Ok(())
 }
 
+/// The signal that kicks a vCPU thread out of KVM_RUN (KVM_RUN returns EINTR).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Install the (empty) kick handler; without one the signal would kill the process.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Stop every vCPU thread: the exit has been requested, so each returns at its next exit from
+/// KVM_RUN; signal them until they do. Returns false if some did not stop within `timeout`
+/// (then guest memory must not be unmapped: a vCPU may still be running).
+pub fn stop_all(threads: Vec<JoinHandle<()>>, timeout: std::time::Duration) -> bool {
+    use std::os::unix::thread::JoinHandleExt;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let running: Vec<&JoinHandle<()>> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            warn!("{} vCPU thread(s) did not stop", running.len());
+            return false;
+        }
+        for t in running {
+            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined; the
+            // handler for this signal is installed and does nothing.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    true
+}
+
 /// Start the KVM_RUN loop of one vCPU on its own thread.
 pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -75,6 +116,10 @@ fn run(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
         }
     }
     loop {
+        // Once the VM is stopping, never re-enter the guest.
+        if let Some(r) = ctx.exit.reason() {
+            return r;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.pio.read(port as u64, data);
@@ -93,7 +138,16 @@ fn run(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
                 return ExitReason::PowerOff;
             }
             Ok(VcpuExit::Shutdown) => {
-                info!("vCPU {id}: guest shut down (triple fault or reset)");
+                // A triple fault, or a reset through a path KVM handles itself. Say where the
+                // vCPU was: this is the only trace a guest crash before its console leaves.
+                let where_ = match (vcpu.get_regs(), vcpu.get_sregs()) {
+                    (Ok(r), Ok(s)) => format!(
+                        "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                        r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                    ),
+                    _ => "registers unavailable".to_string(),
+                };
+                warn!("vCPU {id}: guest shutdown exit (triple fault or reset): {where_}");
                 return ExitReason::Reset;
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -123,6 +177,7 @@ fn run(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
                 return ExitReason::Error;
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(_) if ctx.exit.reason().is_some() => return ExitReason::Error,
             Err(e) => {
                 error!("vCPU {id}: KVM_RUN failed: {e}");
                 return ExitReason::Error;

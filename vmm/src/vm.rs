@@ -92,6 +92,7 @@ pub struct Vm {
     event_manager: EventManager<Subscriber>,
     balloon: Option<Arc<Mutex<Balloon>>>,
     virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
+    vcpu_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -233,6 +234,7 @@ impl Vm {
             event_manager,
             balloon: None,
             virtio_mem: None,
+            vcpu_threads: Vec::new(),
         };
         if let Some(opts) = balloon_opts {
             vm.add_balloon(&opts)?;
@@ -407,26 +409,36 @@ impl Vm {
             "starting {} vCPU(s) with {} MiB, entry {:?}",
             self.config.vcpus, self.config.memory_mib, boot.entry
         );
+        vcpu::install_kick_handler()?;
         for (id, fd) in vcpus.into_iter().enumerate() {
-            vcpu::spawn(id as u8, fd, ctx.clone())?;
+            self.vcpu_threads
+                .push(vcpu::spawn(id as u8, fd, ctx.clone())?);
         }
         Ok(())
     }
 
-    /// Step 6: serve devices, the API and signals until the VM stops; returns why.
+    /// Step 6: serve devices, the API and signals until the VM stops; returns why. The vCPUs
+    /// are stopped before guest memory can be unmapped.
     pub fn run_until_exit(mut self) -> Result<ExitReason, VmError> {
-        loop {
-            self.event_manager
-                .run()
-                .map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-            if let Some(reason) = self.exit.reason() {
-                self.serial
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .flush();
-                return Ok(reason);
+        let result = loop {
+            if let Err(e) = self.event_manager.run() {
+                self.exit.request(ExitReason::Error);
+                break Err(VmError::EventLoop(format!("{e:?}")));
             }
+            if let Some(reason) = self.exit.reason() {
+                break Ok(reason);
+            }
+        };
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
+        let threads = std::mem::take(&mut self.vcpu_threads);
+        if !vcpu::stop_all(threads, Duration::from_secs(2)) {
+            // A vCPU may still be in the guest: keep its memory mapped until the process exits.
+            std::mem::forget(self);
         }
+        result
     }
 }
 
