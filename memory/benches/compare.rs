@@ -75,6 +75,7 @@ struct Row {
     workload: String,
     structure: &'static str,
     unit: &'static str,
+    ops: u64,
     samples: Vec<Sample>,
 }
 
@@ -105,10 +106,11 @@ impl Row {
         let peak = self.samples.iter().map(|s| s.peak).max().unwrap_or(0);
         let pp = self.samples[0].per_page;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             self.workload,
             self.structure,
             self.unit,
+            self.ops,
             fmt_ns(min),
             fmt_ns(med),
             fmt_bytes(peak as f64),
@@ -145,7 +147,7 @@ fn run<S: PageSet>(
     o: &Opts,
     workload: &str,
     label: &str,
-    unit: &'static str,
+    (unit, ops): (&'static str, u64),
     mut one: impl FnMut() -> Sample,
 ) {
     if !o.wants(workload, S::NAME) {
@@ -156,6 +158,7 @@ fn run<S: PageSet>(
         workload: label.to_string(),
         structure: S::NAME,
         unit,
+        ops,
         samples,
     }
     .print();
@@ -174,7 +177,7 @@ fn single<S: PageSet>(o: &Opts, gib: u64, pages: &[u64], order: &[u64]) {
         o,
         "single",
         &format!("single {gib} GiB"),
-        "insert+remove",
+        ("insert or remove", 2 * pages.len() as u64),
         || {
             let base = begin();
             let t0 = Instant::now();
@@ -207,7 +210,7 @@ fn runs<S: PageSet>(o: &Opts, gib: u64, runs: &[(u64, u64)], order: &[(u64, u64)
         o,
         "runs",
         &format!("runs {gib} GiB"),
-        "run insert+remove",
+        ("run insert or remove", 2 * runs.len() as u64),
         || {
             let base = begin();
             let t0 = Instant::now();
@@ -241,7 +244,7 @@ fn hotadd<S: PageSet>(o: &Opts, gib: u64, blocks: &[u64]) {
         o,
         "hotadd",
         &format!("hot-add 64 GiB over {gib} GiB"),
-        "whole workload",
+        ("whole workload", 1),
         || {
             let base = begin();
             let t0 = Instant::now();
@@ -284,16 +287,22 @@ fn lookup<S: PageSet>(o: &Opts, gib: u64, pages: &[u64], probes: &[u64]) {
         return;
     }
     let s: S = filled(universe, pages);
-    run::<S>(o, "lookup", &format!("lookup {gib} GiB"), "lookup", || {
-        let t0 = Instant::now();
-        let hits = measured_workload(|| probes.iter().filter(|&&p| s.contains(p)).count());
-        black_box(hits);
-        Sample {
-            ns: t0.elapsed().as_nanos() as f64 / probes.len() as f64,
-            peak: 0,
-            per_page: f64::NAN,
-        }
-    });
+    run::<S>(
+        o,
+        "lookup",
+        &format!("lookup {gib} GiB"),
+        ("lookup", probes.len() as u64),
+        || {
+            let t0 = Instant::now();
+            let hits = measured_workload(|| probes.iter().filter(|&&p| s.contains(p)).count());
+            black_box(hits);
+            Sample {
+                ns: t0.elapsed().as_nanos() as f64 / probes.len() as f64,
+                peak: 0,
+                per_page: f64::NAN,
+            }
+        },
+    );
 }
 
 /// Run iteration after a 25% random inflate.
@@ -307,7 +316,7 @@ fn iterate<S: PageSet>(o: &Opts, gib: u64, pages: &[u64]) {
         o,
         "iterate",
         &format!("iterate {gib} GiB"),
-        "whole iteration",
+        ("whole iteration", 1),
         || {
             let base = begin();
             let t0 = Instant::now();
@@ -392,9 +401,9 @@ fn main() {
     }
 
     println!(
-        "| workload | structure | op | min ns/op | median ns/op | peak heap | bytes/offline page |"
+        "| workload | structure | op | ops per run | min ns/op | median ns/op | peak heap | bytes/offline page |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for &gib in &o.sizes {
         let universe = gib * GIB_PAGES;
         let wants = |w: &str| o.only.as_ref().is_none_or(|(x, _)| x == w);

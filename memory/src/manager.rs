@@ -129,7 +129,8 @@ fn validate_spec(i: usize, s: &RegionSpec) -> Result<(), Error> {
     if s.size == 0 {
         return Err(bad("size is zero"));
     }
-    if s.guest_addr % align != 0 || s.size % align != 0 {
+    // `align` is a power of two (MSRV 1.85 has no `is_multiple_of`).
+    if s.guest_addr & (align - 1) != 0 || s.size & (align - 1) != 0 {
         return Err(bad(if align == PAGE_SIZE {
             "address and size must be multiples of 4 KiB"
         } else {
@@ -148,7 +149,7 @@ fn validate_spec(i: usize, s: &RegionSpec) -> Result<(), Error> {
         return Err(bad("size does not fit the host address space"));
     }
     if let RegionKind::Hotplug { block_size } = s.kind {
-        if block_size == 0 || block_size % align != 0 || s.size % block_size != 0 {
+        if block_size == 0 || block_size & (align - 1) != 0 || s.size.rem_euclid(block_size) != 0 {
             return Err(bad(
                 "block size must be a non-zero multiple of the page size dividing the region size",
             ));

@@ -13,8 +13,8 @@ use crate::types::PAGE_SIZE;
 
 fn check(region: &MmapRegion<()>, offset: u64, len: u64) -> io::Result<()> {
     let end = offset.checked_add(len);
-    if offset % PAGE_SIZE != 0
-        || len % PAGE_SIZE != 0
+    if offset & (PAGE_SIZE - 1) != 0
+        || len & (PAGE_SIZE - 1) != 0
         || end.is_none_or(|e| e > region.size() as u64)
     {
         return Err(io::Error::new(

@@ -106,6 +106,9 @@ fn operations() -> Vec<(&'static str, Operation)> {
         ("insert one page in a new leaf", |t| {
             t.insert_range(1 << 40, 1, BAL)
         }),
+        ("insert a run into a missing leaf under a node", |t| {
+            t.insert_range(350_000, 3, BAL)
+        }),
         ("insert one page, other marks, into a uniform leaf", |t| {
             t.insert_range(300_001, 1, UNP)
         }),

@@ -194,7 +194,10 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .into_iter()
                     .map(|r| (r.0, r.1))
                     .collect();
-                prop_assert_eq!(got, want);
+                prop_assert_eq!(&got, &want);
+                let mut each = Vec::new();
+                t.for_each_run(f.map(|k| MARKS[k]), w, |a, n| each.push((a, n)));
+                prop_assert_eq!(each, want, "for_each_run");
             }
             Op::MarkedRuns(w) => {
                 let got: Vec<(u64, u64, Marks)> = t

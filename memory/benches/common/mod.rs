@@ -61,8 +61,12 @@ impl PageSet for Tracker {
         Tracker::remove_range(self, a, n).unwrap()
     }
     fn runs(&self) -> (u64, u64) {
-        self.runs(None, None)
-            .fold((0, 0), |(r, p), run| (r + 1, p + run.len))
+        let (mut runs, mut pages) = (0, 0);
+        self.for_each_run(None, None, |_, len| {
+            runs += 1;
+            pages += len;
+        });
+        (runs, pages)
     }
 }
 
@@ -211,9 +215,10 @@ impl PageSet for FlatBitmap {
             let start = p;
             loop {
                 let w = (p >> 6) as usize;
-                let ones = u64::from((!(self.words[w] >> (p & 63))).trailing_zeros());
-                p += ones.min(64 - (p & 63));
-                if p & 63 != 0 || p >= nbits {
+                let left = 64 - (p & 63);
+                let ones = u64::from((!(self.words[w] >> (p & 63))).trailing_zeros()).min(left);
+                p += ones;
+                if ones < left || p >= nbits {
                     break;
                 }
             }

@@ -151,6 +151,31 @@ impl Leaf {
         }
     }
 
+    /// Sets the presence bits of `lo..hi` (no mark bookkeeping: for uniform leaves whose marks
+    /// the new pages share). Returns how many were clear.
+    #[inline]
+    pub fn set_bits(&mut self, lo: u64, hi: u64) -> u32 {
+        let mut added = 0;
+        for_words(lo, hi, |w, mask| {
+            added += (mask & !self.bits[w]).count_ones();
+            self.bits[w] |= mask;
+        });
+        self.count += added as u16;
+        added
+    }
+
+    /// Clears the presence bits of `lo..hi` (uniform leaves only). Returns how many were set.
+    #[inline]
+    pub fn clear_bits(&mut self, lo: u64, hi: u64) -> u32 {
+        let mut gone = 0;
+        for_words(lo, hi, |w, mask| {
+            gone += (mask & self.bits[w]).count_ones();
+            self.bits[w] &= !mask;
+        });
+        self.count -= gone as u16;
+        gone
+    }
+
     /// Would applying `op` to `lo..hi` need a `MarkMaps` box? (Used to reserve ahead.)
     pub fn needs_maps(&self, op: Op, lo: u64, hi: u64) -> bool {
         if self.mixed.is_some() || self.count == 0 {

@@ -639,6 +639,23 @@ impl Tracker {
         if let Some(d) = self.leaf_fast(start, end, op) {
             return Ok(d);
         }
+        if let Op::Insert(m) = op {
+            if let Some(d) = self.new_leaf_fast(start, end, m)? {
+                return Ok(d);
+            }
+        }
+        // A range across two leaves: both pieces on the fast path, or neither (so a failure
+        // further down still leaves the tree unchanged).
+        let mid = ((start >> LEAF_SHIFT) + 1) << LEAF_SHIFT;
+        if mid < end
+            && (end - 1) >> LEAF_SHIFT == mid >> LEAF_SHIFT
+            && self.leaf_fast_ok(start, mid, op)
+            && self.leaf_fast_ok(mid, end, op)
+        {
+            let mut d = self.leaf_fast(start, mid, op).expect("checked");
+            d.add(self.leaf_fast(mid, end, op).expect("checked"));
+            return Ok(d);
+        }
         let insert = matches!(op, Op::Insert(_));
         let (hi, need_h) = if insert {
             (end, height_for(end - 1).max(self.height))
@@ -836,6 +853,124 @@ impl Tracker {
         }
     }
 
+    /// Inserting into a missing leaf under an existing level-1 node: allocate the leaf (and the
+    /// room for it) first, then link it and set the mark summaries on the path. Returns `None`
+    /// when the shape is different (the general path handles it).
+    fn new_leaf_fast(
+        &mut self,
+        start: u64,
+        end: u64,
+        m: Marks,
+    ) -> Result<Option<Delta>, TrackerError> {
+        if start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT
+            || self.height == 0
+            || start >> span_shift(self.height) != 0
+            || end - start >= leaf::LEAF_PAGES
+        {
+            return Ok(None);
+        }
+        let height = self.height;
+        let Some(root) = self.root.as_deref_mut() else {
+            return Ok(None);
+        };
+        let mut node: &mut Node = root;
+        let mut level = height;
+        while level > 1 {
+            let i = ((start >> slot_shift(level)) & 63) as u32;
+            let kids = node.present & !node.full;
+            if kids & (1 << i) == 0 {
+                return Ok(None);
+            }
+            let idx = (kids & below(i)).count_ones() as usize;
+            match &mut node.children[idx] {
+                Child::Node(n) => node = n,
+                Child::Leaf(_) => unreachable!("leaves hang at level 1"),
+            }
+            level -= 1;
+        }
+        let i = ((start >> LEAF_SHIFT) & 63) as u32;
+        if node.present & (1 << i) != 0 {
+            return Ok(None);
+        }
+        // Everything that can fail, before any change.
+        node.children
+            .try_reserve(1)
+            .map_err(|_| TrackerError::NoMemory {
+                bytes: std::mem::size_of::<Child>(),
+            })?;
+        let mut leaf = FBox::try_new(Leaf::empty())?;
+        let lo = start & (leaf::LEAF_PAGES - 1);
+        let n = u64::from(leaf.set_bits(lo, lo + (end - start)));
+        leaf.uniform = m;
+        let idx = node.child_index(i);
+        node.children.insert(idx, Child::Leaf(leaf));
+        node.present |= 1 << i;
+        node.set_slot_marks(i, m);
+        // The slots on the path above now have pages with `m` below them.
+        let mut node: &mut Node = self.root.as_deref_mut().expect("root");
+        let mut level = height;
+        while level > 1 {
+            let i = ((start >> slot_shift(level)) & 63) as u32;
+            for k in 0..MARK_COUNT {
+                if m.has(k) {
+                    node.marks[k] |= 1 << i;
+                }
+            }
+            let idx = node.child_index(i);
+            match &mut node.children[idx] {
+                Child::Node(n) => node = n,
+                Child::Leaf(_) => unreachable!("leaves hang at level 1"),
+            }
+            level -= 1;
+        }
+        let d = Delta::whole(1, n, m);
+        self.count += n;
+        for k in 0..MARK_COUNT {
+            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
+        }
+        Ok(Some(d))
+    }
+
+    /// Whether `leaf_fast` would take `start..end` (inside one leaf).
+    fn leaf_fast_ok(&self, start: u64, end: u64, op: Op) -> bool {
+        let Some(leaf) = self.leaf_ref(start) else {
+            return false;
+        };
+        if leaf.mixed.is_some() {
+            return false;
+        }
+        match op {
+            Op::Insert(m) => {
+                m == leaf.uniform && u64::from(leaf.count) + (end - start) < leaf::LEAF_PAGES
+            }
+            Op::Remove => u64::from(leaf.count) > end - start,
+            _ => false,
+        }
+    }
+
+    /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
+    fn leaf_ref(&self, index: u64) -> Option<&Leaf> {
+        if index >> span_shift(self.height) != 0 {
+            return None;
+        }
+        let mut node: &Node = self.root.as_deref()?;
+        let mut shift = slot_shift(self.height);
+        loop {
+            let i = ((index >> shift) & 63) as u32;
+            let kids = node.present & !node.full;
+            if kids & (1 << i) == 0 {
+                return None;
+            }
+            match &node.children[(kids & below(i)).count_ones() as usize] {
+                Child::Node(n) => {
+                    node = n;
+                    shift -= SLOT_SHIFT;
+                }
+                Child::Leaf(l) => return Some(l),
+            }
+        }
+    }
+
     /// Applies `op` straight to the one leaf holding `start..end` when that cannot change
     /// anything above the leaf (uniform marks that stay uniform, not filling or emptying it).
     #[inline]
@@ -849,21 +984,30 @@ impl Tracker {
         }
         let lo = start & (leaf::LEAF_PAGES - 1);
         let hi = lo + (end - start);
-        let d = match op {
+        let (n, marks) = match op {
             Op::Insert(m) if m == leaf.uniform => {
                 if u64::from(leaf.count) + (end - start) >= leaf::LEAF_PAGES {
                     return None;
                 }
-                leaf.apply(op, lo, hi, &mut Pool::default())
+                (i64::from(leaf.set_bits(lo, hi)), m)
             }
             Op::Remove => {
                 if u64::from(leaf.count) <= end - start {
                     return None;
                 }
-                leaf.apply(op, lo, hi, &mut Pool::default())
+                (-i64::from(leaf.clear_bits(lo, hi)), leaf.uniform)
             }
             _ => return None,
         };
+        let mut d = Delta {
+            present: n,
+            ..Delta::default()
+        };
+        for k in 0..MARK_COUNT {
+            if marks.has(k) {
+                d.marks[k] = n;
+            }
+        }
         self.count = (self.count as i64 + d.present) as u64;
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
@@ -982,6 +1126,42 @@ impl Tracker {
         Runs::new(Chunks::new(self, filter, false, lo, hi))
     }
 
+    /// Calls `f(start, len)` for each coalesced run of present pages (carrying `filter` if
+    /// given) within `within = (lo, hi)`, in increasing order. The fastest way to walk runs
+    /// (internal iteration, as xarray's `xa_for_each`); [`Tracker::runs`] is the cursor form.
+    pub fn for_each_run(
+        &self,
+        filter: Option<Mark>,
+        within: Option<(u64, u64)>,
+        mut f: impl FnMut(u64, u64),
+    ) {
+        let Some(root) = self.root.as_deref() else {
+            return;
+        };
+        let (lo, hi) = within.unwrap_or((0, u64::MAX));
+        let hi = hi.min(1u64 << span_shift(self.height));
+        if lo >= hi {
+            return;
+        }
+        let mut acc = RunAcc {
+            start: 0,
+            end: 0,
+            f: &mut f,
+        };
+        walk_runs(
+            root,
+            self.height,
+            0,
+            lo,
+            hi,
+            filter.map(|m| m as usize),
+            &mut acc,
+        );
+        if acc.end > acc.start {
+            (acc.f)(acc.start, acc.end - acc.start);
+        }
+    }
+
     /// Coalesced runs of pages carrying exactly the same marks, within `within` if given.
     pub fn marked_runs(&self, within: Option<(u64, u64)>) -> MarkedRuns<'_> {
         let (lo, hi) = within.unwrap_or((0, u64::MAX));
@@ -1072,6 +1252,86 @@ impl Batch<'_> {
         match self.error {
             Some(e) => Err(e),
             None => Ok(self.changed),
+        }
+    }
+}
+
+/// Coalesces adjacent pieces into runs before handing them out.
+struct RunAcc<'f, F: FnMut(u64, u64)> {
+    start: u64,
+    end: u64,
+    f: &'f mut F,
+}
+
+impl<F: FnMut(u64, u64)> RunAcc<'_, F> {
+    #[inline]
+    fn add(&mut self, a: u64, b: u64) {
+        if a == self.end {
+            self.end = b;
+        } else {
+            if self.end > self.start {
+                (self.f)(self.start, self.end - self.start);
+            }
+            self.start = a;
+            self.end = b;
+        }
+    }
+}
+
+fn walk_runs<F: FnMut(u64, u64)>(
+    node: &Node,
+    level: u32,
+    base: u64,
+    lo: u64,
+    hi: u64,
+    filter: Option<usize>,
+    acc: &mut RunAcc<'_, F>,
+) {
+    let sshift = slot_shift(level);
+    let first = (lo.max(base) - base) >> sshift;
+    let last = (hi.min(base + (1u64 << span_shift(level))) - 1 - base) >> sshift;
+    let mut cand = match filter {
+        Some(k) => node.marks[k],
+        None => node.present,
+    } & slot_range_mask(first as u32, last as u32);
+    while cand != 0 {
+        let i = cand.trailing_zeros();
+        cand &= cand - 1;
+        let sbase = base + (u64::from(i) << sshift);
+        if node.full & (1 << i) != 0 {
+            acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
+            continue;
+        }
+        match &node.children[node.child_index(i)] {
+            Child::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
+            Child::Leaf(l) => {
+                let a = lo.max(sbase) - sbase;
+                let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
+                let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
+                for w in fw..=lw {
+                    let mut e = match filter {
+                        Some(k) => l.mark_word(k, w),
+                        None => l.bits[w],
+                    };
+                    if w == fw {
+                        e &= !0u64 << (a & 63);
+                    }
+                    if w == lw && (b & 63) != 0 {
+                        e &= (1u64 << (b & 63)) - 1;
+                    }
+                    let wbase = sbase + ((w as u64) << 6);
+                    while e != 0 {
+                        let tz = e.trailing_zeros();
+                        let ones = (!(e >> tz)).trailing_zeros();
+                        let end = tz + ones;
+                        acc.add(wbase + u64::from(tz), wbase + u64::from(end));
+                        if end == 64 {
+                            break;
+                        }
+                        e &= !0u64 << end;
+                    }
+                }
+            }
         }
     }
 }
