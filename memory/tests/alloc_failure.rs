@@ -93,6 +93,7 @@ fn populated() -> Tracker {
     }
     t.insert_range(400_000, 5000, BAL).unwrap();
     t.insert_range(402_000, 10, UNP).unwrap();
+    t.insert_range(4096 * 100, 4096 * 2, BAL).unwrap(); // two full leaf slots under a node
     t.set_mark(400_100, 50, Mark::Discarded).unwrap();
     t.insert(MAX_INDEX, BAL).unwrap();
     t
@@ -120,6 +121,9 @@ fn operations() -> Vec<(&'static str, Operation)> {
         }),
         ("remove one page from a 64 GiB entry", |t| {
             t.remove_range((1 << 24) + 123_456, 1)
+        }),
+        ("remove a run from a full leaf under a node", |t| {
+            t.remove_range(4096 * 100 + 7, 512)
         }),
         ("remove a run from inside a 1 GiB entry", |t| {
             t.remove_range(5000, 3)

@@ -169,6 +169,14 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Get(a) => {
                 prop_assert_eq!(t.get(a), m.get(&a).copied());
                 prop_assert_eq!(t.contains(a), m.contains_key(&a));
+                // The cursor, on pages around `a` in both directions.
+                let mut c = t.lookup_cursor();
+                for p in (a.saturating_sub(70)..a.saturating_add(5000))
+                    .step_by(37)
+                    .chain([a, 0])
+                {
+                    prop_assert_eq!(c.contains(p), m.contains_key(&p), "cursor 0x{:x}", p);
+                }
             }
             Op::Next(a, f) => {
                 let want = m

@@ -22,6 +22,14 @@ pub trait PageSet {
     fn remove_range(&mut self, a: u64, n: u64) -> u64 {
         (a..a + n).filter(|&p| self.remove(p)).count() as u64
     }
+    /// How many of `pages` (close to each other) are in the set.
+    fn count_present(&self, pages: impl Iterator<Item = u64>) -> usize {
+        let mut n = 0;
+        for p in pages {
+            n += usize::from(self.contains(p));
+        }
+        n
+    }
     /// Number of maximal runs and of pages, walking the runs in order.
     fn runs(&self) -> (u64, u64);
 }
@@ -56,6 +64,14 @@ impl PageSet for Tracker {
     }
     fn insert_range(&mut self, a: u64, n: u64) -> u64 {
         Tracker::insert_range(self, a, n, BALLOONED).unwrap()
+    }
+    fn count_present(&self, pages: impl Iterator<Item = u64>) -> usize {
+        let mut c = self.lookup_cursor();
+        let mut n = 0;
+        for p in pages {
+            n += usize::from(c.contains(p));
+        }
+        n
     }
     fn remove_range(&mut self, a: u64, n: u64) -> u64 {
         Tracker::remove_range(self, a, n).unwrap()

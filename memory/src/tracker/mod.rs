@@ -644,6 +644,11 @@ impl Tracker {
                 return Ok(d);
             }
         }
+        if op == Op::Remove {
+            if let Some(d) = self.split_leaf_fast(start, end)? {
+                return Ok(d);
+            }
+        }
         // A range across two leaves: both pieces on the fast path, or neither (so a failure
         // further down still leaves the tree unchanged).
         let mid = ((start >> LEAF_SHIFT) + 1) << LEAF_SHIFT;
@@ -931,6 +936,65 @@ impl Tracker {
         Ok(Some(d))
     }
 
+    /// The level-1 node above `index`, if the path to it is made of child pointers.
+    fn level1_mut(root: &mut Option<FBox<Node>>, height: u32, index: u64) -> Option<&mut Node> {
+        if height == 0 || index >> span_shift(height) != 0 {
+            return None;
+        }
+        let mut node: &mut Node = root.as_deref_mut()?;
+        let mut level = height;
+        while level > 1 {
+            let i = ((index >> slot_shift(level)) & 63) as u32;
+            let kids = node.present & !node.full;
+            if kids & (1 << i) == 0 {
+                return None;
+            }
+            let idx = (kids & below(i)).count_ones() as usize;
+            match &mut node.children[idx] {
+                Child::Node(n) => node = n,
+                Child::Leaf(_) => unreachable!("leaves hang at level 1"),
+            }
+            level -= 1;
+        }
+        Some(node)
+    }
+
+    /// Removing part of a full leaf-sized slot under an existing level-1 node (onlining a 2 MiB
+    /// block of a born-offline region): allocate the leaf that replaces the multi-index entry
+    /// first, then link it. Nothing above the level-1 node changes: its pages still carry the
+    /// same marks.
+    fn split_leaf_fast(&mut self, start: u64, end: u64) -> Result<Option<Delta>, TrackerError> {
+        if start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT || end - start >= leaf::LEAF_PAGES {
+            return Ok(None);
+        }
+        let Some(node) = Self::level1_mut(&mut self.root, self.height, start) else {
+            return Ok(None);
+        };
+        let i = ((start >> LEAF_SHIFT) & 63) as u32;
+        if node.full & (1 << i) == 0 {
+            return Ok(None);
+        }
+        node.children
+            .try_reserve(1)
+            .map_err(|_| TrackerError::NoMemory {
+                bytes: std::mem::size_of::<Child>(),
+            })?;
+        let mut leaf = FBox::try_new(Leaf::empty())?;
+        let fm = node.slot_marks(i);
+        leaf.set_full(fm);
+        let lo = start & (leaf::LEAF_PAGES - 1);
+        let n = u64::from(leaf.clear_bits(lo, lo + (end - start)));
+        node.full &= !(1 << i);
+        let idx = node.child_index(i);
+        node.children.insert(idx, Child::Leaf(leaf));
+        let d = Delta::whole(-1, n, fm);
+        self.count -= n;
+        for k in 0..MARK_COUNT {
+            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
+        }
+        Ok(Some(d))
+    }
+
     /// Whether `leaf_fast` would take `start..end` (inside one leaf).
     fn leaf_fast_ok(&self, start: u64, end: u64, op: Op) -> bool {
         let Some(leaf) = self.leaf_ref(start) else {
@@ -1085,6 +1149,17 @@ impl Tracker {
         }
     }
 
+    /// A read cursor for many lookups near each other: it keeps the leaf (or the full or empty
+    /// slot) of the last lookup, so lookups inside it cost one bit test.
+    pub fn lookup_cursor(&self) -> LookupCursor<'_> {
+        LookupCursor {
+            tracker: self,
+            lo: 0,
+            hi: 0,
+            what: Cached::Absent,
+        }
+    }
+
     /// Whether the page is present and carries `mark`.
     pub fn test_mark(&self, index: u64, mark: Mark) -> bool {
         self.get(index).is_some_and(|m| m.contains(mark))
@@ -1213,6 +1288,75 @@ impl Tracker {
             tracker: self,
             error: None,
             changed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Cached<'a> {
+    Absent,
+    Full,
+    Leaf(&'a Leaf),
+}
+
+/// See [`Tracker::lookup_cursor`].
+pub struct LookupCursor<'a> {
+    tracker: &'a Tracker,
+    /// The cached span `lo..hi` and what it is.
+    lo: u64,
+    hi: u64,
+    what: Cached<'a>,
+}
+
+impl LookupCursor<'_> {
+    #[inline]
+    pub fn contains(&mut self, index: u64) -> bool {
+        if index.wrapping_sub(self.lo) >= self.hi.wrapping_sub(self.lo) {
+            self.seek(index);
+        }
+        match self.what {
+            Cached::Absent => false,
+            Cached::Full => true,
+            Cached::Leaf(l) => l.contains(index - self.lo),
+        }
+    }
+
+    fn seek(&mut self, index: u64) {
+        let t = self.tracker;
+        let span = |shift: u32| {
+            let lo = (index >> shift) << shift;
+            (lo, lo.saturating_add(1u64 << shift))
+        };
+        let top = span_shift(t.height.max(1));
+        let Some(mut node) = t.root.as_deref().filter(|_| index >> top == 0) else {
+            // Outside the tree: absent up to the next power-of-64 boundary we can name.
+            (self.lo, self.hi, self.what) = (index, index.wrapping_add(1), Cached::Absent);
+            return;
+        };
+        let mut level = t.height;
+        loop {
+            let shift = slot_shift(level);
+            let i = ((index >> shift) & 63) as u32;
+            let bit = 1u64 << i;
+            let (lo, hi) = span(shift);
+            if node.present & bit == 0 {
+                (self.lo, self.hi, self.what) = (lo, hi, Cached::Absent);
+                return;
+            }
+            if node.full & bit != 0 {
+                (self.lo, self.hi, self.what) = (lo, hi, Cached::Full);
+                return;
+            }
+            match &node.children[node.child_index(i)] {
+                Child::Node(n) => {
+                    node = n;
+                    level -= 1;
+                }
+                Child::Leaf(l) => {
+                    (self.lo, self.hi, self.what) = (lo, hi, Cached::Leaf(l));
+                    return;
+                }
+            }
         }
     }
 }
