@@ -388,9 +388,15 @@ pub fn with_api_relay<R>(vm: &e2e::Vm, f: impl FnOnce(&Path) -> R) -> R {
                 }
             }
         });
-        let r = f(&path);
-        stop.store(true, Ordering::SeqCst);
-        r
+        // Stop the relay however `f` ends: the scope waits for its threads, also on a panic.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        f(&path)
     });
     let _ = std::fs::remove_file(&path);
     r
