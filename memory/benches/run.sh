@@ -1,35 +1,41 @@
 #!/usr/bin/env bash
 # Produces the benchmark tables of memory/README.md.
 #
-#   memory/benches/run.sh                 # timings (4 and 256 GiB, 5 runs) + callgrind (4 GiB)
-#   SIZES=4 REPS=3 memory/benches/run.sh  # quicker
-#   CALLGRIND=0 memory/benches/run.sh     # timings only
+#   memory/benches/run.sh
+#   REPS=5 BIG=256 BIG_STRUCTS="tracker roaring flat" CG_STRUCTS="tracker roaring flat" memory/benches/run.sh
 #
-# Timings: min and median of REPS runs of each workload, peak heap and bytes per offline page
-# from a counting allocator (benches/compare.rs). Callgrind: instructions executed inside
-# `measured_workload` only (setup excluded), one run at 4 GiB.
+# 1. timings at 4 GiB, every structure, REPS runs (min and median), peak heap, bytes/offline page;
+# 2. timings at BIG GiB for BIG_STRUCTS (BTreeSet and HashSet take minutes per row there);
+# 3. callgrind at 4 GiB for CG_STRUCTS: instructions inside `measured_workload` only (setup
+#    excluded), one run. CALLGRIND=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SIZES=${SIZES:-4,256}
 REPS=${REPS:-5}
+BIG=${BIG:-256}
+BIG_STRUCTS=${BIG_STRUCTS:-tracker roaring flat}
+CG_STRUCTS=${CG_STRUCTS:-tracker roaring flat}
 OUT=${OUT:-target/memory-bench}
 mkdir -p "$OUT"
 cargo bench -p memory --bench compare --no-run 2>/dev/null
 BIN=$(ls -t target/release/deps/compare-* | grep -v '\.d$' | head -1)
-"$BIN" --sizes "$SIZES" --reps "$REPS" | tee "$OUT/timings.md"
+"$BIN" --sizes 4 --reps "$REPS" | tee "$OUT/timings-4.md"
+
+echo
+for w in single runs hotadd lookup iterate; do
+  for s in $BIG_STRUCTS; do
+    "$BIN" --sizes "$BIG" --reps "$REPS" --only "$w:$s" | grep '^| [a-z]' | grep -v '^| workload'
+  done
+done | tee "$OUT/timings-$BIG.md"
 
 [ "${CALLGRIND:-1}" = 1 ] || exit 0
 echo
 echo "| workload (4 GiB) | structure | instructions | ops | instructions/op |"
 echo "|---|---|---|---|---|"
 for w in single runs hotadd lookup iterate; do
-  for s in tracker btreeset hashset roaring flat; do
-    if [ "$w" = hotadd ] && { [ "$s" = btreeset ] || [ "$s" = hashset ]; }; then
-      echo "| $w | $s | not run (16M per-page inserts take many minutes under valgrind) | | |"
-      continue
-    fi
+  for s in $CG_STRUCTS; do
     row=$(valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$w.$s" \
-      --toggle-collect='*measured_workload*' "$BIN" --sizes 4 --reps 1 --only "$w:$s" 2>/dev/null | grep '^| [a-z]' | grep -v '^| workload' || true)
+      --toggle-collect='*measured_workload*' "$BIN" --sizes 4 --reps 1 --only "$w:$s" 2>/dev/null \
+      | grep '^| [a-z]' | grep -v '^| workload' || true)
     ops=$(echo "$row" | awk -F'|' '{gsub(/ /,"",$5); print $5}')
     ir=$(callgrind_annotate "$OUT/cg.$w.$s" 2>/dev/null | grep 'PROGRAM TOTALS' | awk '{gsub(/,/,"",$1); print $1}')
     per=$(awk -v a="$ir" -v b="$ops" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "-" }')

@@ -648,6 +648,9 @@ impl Tracker {
             if let Some(d) = self.split_leaf_fast(start, end)? {
                 return Ok(d);
             }
+            if let Some(d) = self.drop_leaf_fast(start, end) {
+                return Ok(d);
+            }
         }
         // A range across two leaves: both pieces on the fast path, or neither (so a failure
         // further down still leaves the tree unchanged).
@@ -993,6 +996,64 @@ impl Tracker {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
         Ok(Some(d))
+    }
+
+    /// Removing the last pages of a uniform leaf whose level-1 node keeps other pages with the
+    /// same marks: unlink and free the leaf; the summaries above stay as they are. No allocation.
+    fn drop_leaf_fast(&mut self, start: u64, end: u64) -> Option<Delta> {
+        if start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
+            return None;
+        }
+        let node = Self::level1_mut(&mut self.root, self.height, start)?;
+        let i = ((start >> LEAF_SHIFT) & 63) as u32;
+        let bit = 1u64 << i;
+        if (node.present & !node.full) & bit == 0 || node.present & !bit == 0 {
+            return None;
+        }
+        let idx = node.child_index(i);
+        let Child::Leaf(leaf) = &node.children[idx] else {
+            unreachable!("leaves hang at level 1")
+        };
+        if leaf.mixed.is_some() {
+            return None;
+        }
+        let marks = leaf.uniform;
+        let lo = start & (leaf::LEAF_PAGES - 1);
+        let hi = lo + (end - start);
+        // Every page of the leaf must be inside the range.
+        let mut inside = 0u32;
+        for w in 0..WORDS {
+            let b = leaf.bits[w];
+            if b == 0 {
+                continue;
+            }
+            let wlo = (w as u64) << 6;
+            let a = lo.max(wlo);
+            let z = hi.min(wlo + 64);
+            let mask = if a < z {
+                leaf::word_mask((a - wlo) as u32, (z - wlo) as u32)
+            } else {
+                0
+            };
+            if b & !mask != 0 {
+                return None;
+            }
+            inside += b.count_ones();
+        }
+        // The node's other slots must keep every mark this leaf had, so nothing above changes.
+        if (0..MARK_COUNT).any(|k| marks.has(k) && node.marks[k] & !bit == 0) {
+            return None;
+        }
+        node.children.remove(idx);
+        node.present &= !bit;
+        node.set_slot_marks(i, Marks::NONE);
+        node.release_children();
+        let d = Delta::whole(-1, u64::from(inside), marks);
+        self.count -= u64::from(inside);
+        for k in 0..MARK_COUNT {
+            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
+        }
+        Some(d)
     }
 
     /// Whether `leaf_fast` would take `start..end` (inside one leaf).
