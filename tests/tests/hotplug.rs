@@ -89,9 +89,12 @@ fn unplugged_region_costs_the_host_nothing() {
         "e2e-mem: guest MemTotal boot-only {} KiB, with the region {} KiB",
         plain.guest.total, hot.guest.total
     );
+    // The target, on the figure an operator reads (VmRSS of the whole process). The
+    // split into guest memory and the VMM's own comes from GET /vm/memory, whose guest figure
+    // moves in 2 MiB steps, so it is printed but not asserted.
     assert!(
-        delta(hot.own_kib(), plain.own_kib()) <= MIB_KIB as i64,
-        "the VMM's own memory with 2 GiB unplugged should be within 1 MiB of the boot-only VMM's"
+        delta(hot.rss_kib, plain.rss_kib) <= MIB_KIB as i64,
+        "the VMM with 2 GiB unplugged should hold no more than the boot-only VMM plus 1 MiB"
     );
     assert!(
         hot.guest.total.abs_diff(plain.guest.total) <= 2 * MIB_KIB,
