@@ -242,6 +242,15 @@ fn configure_boot_and_resize_through_the_api() {
         "e2e-mem: API: PUT /vm/resize 384 reached in {:.2} s: {r}",
         took.as_secs_f64()
     );
+    // How hard the two devices worked for it: a balloon of 128 MiB is 32768 inflated pages; any
+    // more, each matched by a deflate, are balloon pages Linux migrated out of unplugged memory.
+    let counters = &api(&vm, "GET", "/vm/memory?limit=1", None)["counters"];
+    eprintln!(
+        "e2e-mem: API: resize 1024 -> 384 MiB: balloon inflated {} / deflated {} pages, virtio-mem unplug requests {}",
+        counters["balloon_inflated_pages"],
+        counters["balloon_deflated_pages"],
+        counters["virtio_mem_unplug_requests"]
+    );
     assert_eq!(r["mechanism"], "balloon", "{r}");
     assert_eq!(u(&r, "current_mib"), 384, "{r}");
     let b = api(&vm, "GET", "/balloon", None);
