@@ -85,6 +85,7 @@ fn aligned_ranges_cost_one_entry() {
     t.insert_range(1 << 20, 1 << 24, U).unwrap();
     let region = t.heap_bytes();
     assert!(region < 1024, "64 GiB region: {region} bytes");
+    eprintln!("heap: 1 GiB range {one_gib} B, 64 GiB region at 4 GiB {region} B");
     // Removing one page costs one chain of nodes and one leaf, and putting it back merges all.
     t.remove((1 << 20) + 777_777).unwrap();
     assert!(t.heap_bytes() < region + 2048);
