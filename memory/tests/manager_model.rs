@@ -1,0 +1,280 @@
+//! Property test of the manager on real mappings against a model of page states: random
+//! offline/online/free-report/plug/unplug/flush requests, with both discard policies. After every
+//! request: the outcome, the stats and the offline runs match the model, and every page that was
+//! online before and after the request still holds what was written to it (the host never
+//! discarded an online page).
+//!
+//! Cases: 24 by default (`PROPTEST_CASES` for more).
+
+mod common;
+
+use common::*;
+use memory::{Backing, DiscardPolicy, MemoryManager, Outcome, PageRange, Reason};
+use proptest::prelude::*;
+use vm_memory::{Bytes, GuestAddress};
+
+const BOOT: u64 = 1024; // pages 0..1024 (4 MiB), private anonymous
+const HOT_START: u64 = 1536; // a 2 MiB hole, then 8 MiB of hot-add memory on a memfd
+const BLOCK: u64 = 512; // 2 MiB blocks
+const HOT_END: u64 = HOT_START + 4 * BLOCK;
+const SPACE: u64 = HOT_END + 256; // requests also name pages past the end
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Online,
+    Ballooned,
+    Unplugged,
+}
+
+#[derive(Debug, Clone)]
+enum Req {
+    Offline(Vec<(u64, u64)>, Reason),
+    Online(Vec<(u64, u64)>, Reason),
+    Free(Vec<(u64, u64)>),
+    Plug(u64, u64),
+    Unplug(u64, u64),
+    Flush,
+    Policy(bool),
+}
+
+fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec((0..SPACE, 1u64..600), 1..4)
+}
+
+fn reason() -> impl Strategy<Value = Reason> {
+    prop_oneof![Just(Reason::Ballooned), Just(Reason::Unplugged)]
+}
+
+fn req() -> impl Strategy<Value = Req> {
+    let block_range = (0u64..6, 1u64..3, 0u64..2)
+        .prop_map(|(b, n, skew)| (HOT_START + b * BLOCK - BLOCK + skew * 7, n * BLOCK));
+    prop_oneof![
+        4 => (ranges(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
+        4 => (ranges(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
+        2 => ranges().prop_map(Req::Free),
+        2 => block_range.clone().prop_map(|(a, n)| Req::Plug(a, n)),
+        2 => block_range.prop_map(|(a, n)| Req::Unplug(a, n)),
+        1 => Just(Req::Flush),
+        1 => any::<bool>().prop_map(Req::Policy),
+    ]
+}
+
+struct Model {
+    st: Vec<Option<St>>, // None: not guest RAM
+    plugged: [bool; 4],
+}
+
+impl Model {
+    fn new() -> Model {
+        let st = (0..SPACE)
+            .map(|p| {
+                if p < BOOT {
+                    Some(St::Online)
+                } else if (HOT_START..HOT_END).contains(&p) {
+                    Some(St::Unplugged)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Model {
+            st,
+            plugged: [false; 4],
+        }
+    }
+    fn hot(p: u64) -> bool {
+        (HOT_START..HOT_END).contains(&p)
+    }
+    fn block(p: u64) -> usize {
+        ((p - HOT_START) / BLOCK) as usize
+    }
+    fn pages(rs: &[(u64, u64)]) -> std::collections::BTreeSet<u64> {
+        rs.iter().flat_map(|&(a, n)| a..a + n).collect()
+    }
+    fn apply(&mut self, r: &Req) -> Outcome {
+        let mut o = Outcome::default();
+        match r {
+            Req::Offline(rs, why) => {
+                for p in Self::pages(rs) {
+                    let s = self.st.get(p as usize).copied().flatten();
+                    let to = match why {
+                        Reason::Ballooned => St::Ballooned,
+                        Reason::Unplugged => St::Unplugged,
+                    };
+                    match (s, why) {
+                        (None, _) => o.refused += 1,
+                        (Some(_), Reason::Unplugged) if !Self::hot(p) => o.refused += 1,
+                        (Some(x), _) if x == to => o.unchanged += 1,
+                        (Some(St::Unplugged), Reason::Ballooned) => o.refused += 1,
+                        (Some(_), _) => {
+                            o.changed += 1;
+                            self.st[p as usize] = Some(to);
+                        }
+                    }
+                }
+            }
+            Req::Online(rs, why) => {
+                for p in Self::pages(rs) {
+                    let s = self.st.get(p as usize).copied().flatten();
+                    match (s, why) {
+                        (None, _) => o.refused += 1,
+                        (Some(_), Reason::Unplugged) if !Self::hot(p) => o.refused += 1,
+                        (Some(St::Online), _) => o.unchanged += 1,
+                        (Some(St::Ballooned), Reason::Ballooned) => {
+                            o.changed += 1;
+                            self.st[p as usize] = Some(St::Online);
+                        }
+                        (Some(St::Unplugged), Reason::Unplugged)
+                            if self.plugged[Self::block(p)] =>
+                        {
+                            o.changed += 1;
+                            self.st[p as usize] = Some(St::Online);
+                        }
+                        _ => o.refused += 1,
+                    }
+                }
+            }
+            Req::Free(rs) => {
+                for p in Self::pages(rs) {
+                    match self.st.get(p as usize).copied().flatten() {
+                        None | Some(St::Unplugged) => o.refused += 1,
+                        Some(St::Ballooned) => o.unchanged += 1,
+                        Some(St::Online) => o.changed += 1,
+                    }
+                }
+            }
+            Req::Plug(a, n) | Req::Unplug(a, n) => {
+                let plug = matches!(r, Req::Plug(..));
+                for p in *a..a + n {
+                    if !Self::hot(p) {
+                        o.refused += 1;
+                        continue;
+                    }
+                    let b = Self::block(p);
+                    let (bs, be) = (
+                        HOT_START + b as u64 * BLOCK,
+                        HOT_START + (b as u64 + 1) * BLOCK,
+                    );
+                    if bs < *a || be > a + n {
+                        o.refused += 1;
+                    } else if self.plugged[b] == plug {
+                        o.unchanged += 1;
+                    } else {
+                        o.changed += 1;
+                        if p == be - 1 {
+                            self.plugged[b] = plug;
+                        }
+                        self.st[p as usize] = Some(if plug { St::Online } else { St::Unplugged });
+                    }
+                }
+            }
+            Req::Flush | Req::Policy(_) => {}
+        }
+        o
+    }
+    fn online(&self, p: u64) -> bool {
+        self.st[p as usize] == Some(St::Online)
+    }
+}
+
+fn run(reqs: Vec<Req>) -> Result<(), TestCaseError> {
+    let (mut m, _slots) = manager(&[
+        boot(0, BOOT * 4096, Backing::PrivateAnonymous),
+        hotplug(
+            HOT_START * 4096,
+            4 * BLOCK * 4096,
+            Backing::SharedMemfd,
+            BLOCK * 4096,
+        ),
+    ]);
+    let mut model = Model::new();
+    let mut stamp = 1u64;
+    let mut written = vec![0u64; SPACE as usize];
+    let mut write_all = |m: &MemoryManager, model: &Model, written: &mut Vec<u64>| {
+        for p in 0..SPACE {
+            if model.st[p as usize] == Some(St::Online) {
+                stamp += 1;
+                m.guest_memory()
+                    .write_obj(stamp, GuestAddress(p * 4096))
+                    .unwrap();
+                written[p as usize] = stamp;
+            }
+        }
+    };
+    write_all(&m, &model, &mut written);
+    for r in reqs {
+        let before: Vec<bool> = (0..SPACE).map(|p| model.online(p)).collect();
+        let want = model.apply(&r);
+        let to_mm = |rs: &Vec<(u64, u64)>| -> Vec<PageRange> {
+            rs.iter().map(|&(a, n)| PageRange::new(a, n)).collect()
+        };
+        let got = match &r {
+            Req::Offline(rs, why) => m.offline(&to_mm(rs), *why).unwrap(),
+            Req::Online(rs, why) => m.online(&to_mm(rs), *why).unwrap(),
+            Req::Free(rs) => m.discard_free(&to_mm(rs)).unwrap(),
+            Req::Plug(a, n) => m.plug(PageRange::new(*a, *n)).unwrap(),
+            Req::Unplug(a, n) => m.unplug(PageRange::new(*a, *n)).unwrap(),
+            Req::Flush => {
+                m.flush_discards().unwrap();
+                Outcome::default()
+            }
+            Req::Policy(deferred) => {
+                let p = if *deferred {
+                    DiscardPolicy::Deferred
+                } else {
+                    DiscardPolicy::Immediate
+                };
+                m.set_discard_policy(p).unwrap();
+                Outcome::default()
+            }
+        };
+        prop_assert_eq!(got, want, "{:?}", r);
+        // Online before and after, and not reported free: contents intact.
+        let freed = match &r {
+            Req::Free(rs) => Model::pages(rs),
+            _ => Default::default(),
+        };
+        for p in 0..SPACE {
+            if before[p as usize] && model.online(p) && !freed.contains(&p) {
+                let v: u64 = m.guest_memory().read_obj(GuestAddress(p * 4096)).unwrap();
+                prop_assert_eq!(v, written[p as usize], "page 0x{:x} after {:?}", p, r);
+            }
+        }
+        let count = |s: St| model.st.iter().filter(|x| **x == Some(s)).count() as u64 * 4096;
+        let st = m.stats();
+        prop_assert_eq!(st.ballooned_bytes, count(St::Ballooned));
+        prop_assert_eq!(st.unplugged_bytes, count(St::Unplugged));
+        prop_assert_eq!(st.online_bytes, count(St::Online));
+        prop_assert_eq!(
+            st.hotplug_plugged_bytes,
+            model.plugged.iter().filter(|&&b| b).count() as u64 * BLOCK * 4096
+        );
+        // Offline runs with their reasons.
+        let mut want_runs: Vec<(PageRange, Reason)> = Vec::new();
+        for p in 0..SPACE {
+            let why = match model.st[p as usize] {
+                Some(St::Ballooned) => Reason::Ballooned,
+                Some(St::Unplugged) => Reason::Unplugged,
+                _ => continue,
+            };
+            match want_runs.last_mut() {
+                Some((r, w)) if *w == why && r.end() == p => r.count += 1,
+                _ => want_runs.push((PageRange::new(p, 1), why)),
+            }
+        }
+        prop_assert_eq!(m.offline_runs(None, None, usize::MAX), want_runs);
+        write_all(&m, &model, &mut written);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24)
+    ))]
+
+    #[test]
+    fn manager_matches_page_state_model(reqs in prop::collection::vec(req(), 1..25)) {
+        run(reqs)?;
+    }
+}
