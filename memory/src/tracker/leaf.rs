@@ -155,11 +155,25 @@ impl Leaf {
     /// the new pages share). Returns how many were clear.
     #[inline]
     pub fn set_bits(&mut self, lo: u64, hi: u64) -> u32 {
-        let mut added = 0;
-        for_words(lo, hi, |w, mask| {
-            added += (mask & !self.bits[w]).count_ones();
-            self.bits[w] |= mask;
-        });
+        let (fw, lw) = ((lo >> 6) as usize & 63, ((hi - 1) >> 6) as usize & 63);
+        let first = !0u64 << (lo & 63);
+        let last = !0u64 >> (63 - ((hi - 1) & 63));
+        let bits = &mut self.bits;
+        let added = if fw == lw {
+            let m = first & last;
+            let n = (m & !bits[fw]).count_ones();
+            bits[fw] |= m;
+            n
+        } else {
+            let mut n = (first & !bits[fw]).count_ones() + (last & !bits[lw]).count_ones();
+            bits[fw] |= first;
+            bits[lw] |= last;
+            for b in &mut bits[fw + 1..lw] {
+                n += (!*b).count_ones();
+                *b = u64::MAX;
+            }
+            n
+        };
         self.count += added as u16;
         added
     }
@@ -167,11 +181,25 @@ impl Leaf {
     /// Clears the presence bits of `lo..hi` (uniform leaves only). Returns how many were set.
     #[inline]
     pub fn clear_bits(&mut self, lo: u64, hi: u64) -> u32 {
-        let mut gone = 0;
-        for_words(lo, hi, |w, mask| {
-            gone += (mask & self.bits[w]).count_ones();
-            self.bits[w] &= !mask;
-        });
+        let (fw, lw) = ((lo >> 6) as usize & 63, ((hi - 1) >> 6) as usize & 63);
+        let first = !0u64 << (lo & 63);
+        let last = !0u64 >> (63 - ((hi - 1) & 63));
+        let bits = &mut self.bits;
+        let gone = if fw == lw {
+            let m = first & last;
+            let n = (m & bits[fw]).count_ones();
+            bits[fw] &= !m;
+            n
+        } else {
+            let mut n = (first & bits[fw]).count_ones() + (last & bits[lw]).count_ones();
+            bits[fw] &= !first;
+            bits[lw] &= !last;
+            for b in &mut bits[fw + 1..lw] {
+                n += b.count_ones();
+                *b = 0;
+            }
+            n
+        };
         self.count -= gone as u16;
         gone
     }
