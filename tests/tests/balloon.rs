@@ -244,11 +244,29 @@ fn free_page_reporting_and_statistics_follow_the_guest() {
     assert!(u(&stats0, "age_ms") < 30_000, "fresh statistics: {stats0}");
 
     let rss0 = stable_rss(&vm);
+    // The baseline is a report made after the guest settled (the first one can come while the
+    // init is still busy, with less free memory than at rest).
+    let t_settled = Instant::now();
+    let (settled, _) = wait_until(
+        &vm,
+        "a statistics report made after the guest settled",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let s = api(&vm, "GET", "/balloon/statistics", None);
+            // A report younger than the wait was made after the guest settled.
+            if u(&s, "age_ms") < t_settled.elapsed().as_millis() as u64 {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    );
+    let free0 = u(&settled, "free_memory");
     let alloc_mib = 600;
     vm.run(&format!("alloc {alloc_mib}"), RESIZE)
         .expect("alloc in the guest");
     let rss1 = stable_rss(&vm);
-    let free0 = u(&stats0, "free_memory");
     let (stats1, took) = wait_until(
         &vm,
         "statistics showing the allocation",
