@@ -30,6 +30,7 @@ use log::warn;
 use memory::{MemoryManager, PageRange, Reason};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{BalloonOptions, HotplugOptions, PartialConfig, VmConfig};
 
@@ -186,17 +187,57 @@ pub struct ApiHandler {
     wake: EventFd,
     vm: RunningVm,
     desired_mib: Option<u64>,
+    /// Whether the current resize needs both devices (it crosses the boot size).
+    crossing: bool,
+    /// A balloon target held back until virtio-mem has finished unplugging: inflating while
+    /// Linux unplugs makes it migrate balloon pages out of the blocks it is emptying.
+    pending_balloon_mib: Option<u64>,
+    /// Polls virtio-mem progress while a balloon target is held back.
+    resize_timer: TimerFd,
     requests: u64,
 }
 
 impl ApiHandler {
-    pub fn new(rx: Receiver<ApiMessage>, wake: EventFd, vm: RunningVm) -> Self {
-        Self {
+    pub fn new(rx: Receiver<ApiMessage>, wake: EventFd, vm: RunningVm) -> std::io::Result<Self> {
+        Ok(Self {
             rx,
             wake,
             vm,
             desired_mib: None,
+            crossing: false,
+            pending_balloon_mib: None,
+            resize_timer: TimerFd::new()
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
             requests: 0,
+        })
+    }
+
+    /// A direct PATCH of either device ends any resize in progress.
+    fn cancel_resize(&mut self) {
+        self.desired_mib = None;
+        self.crossing = false;
+        self.pending_balloon_mib = None;
+        let _ = self.resize_timer.clear();
+    }
+
+    /// Timer tick: apply the held-back balloon target once virtio-mem is done unplugging.
+    fn resize_tick(&mut self) {
+        let Some(mib) = self.pending_balloon_mib else {
+            let _ = self.resize_timer.clear();
+            return;
+        };
+        let unplugged = self.vm.virtio_mem.as_deref().is_none_or(|m| {
+            let m = lock(m);
+            m.plugged_size() <= m.requested_size()
+        });
+        if unplugged {
+            self.pending_balloon_mib = None;
+            let _ = self.resize_timer.clear();
+            if let Ok(mut b) = self.balloon() {
+                if let Err(e) = b.set_target_mib(mib) {
+                    warn!("resize: balloon target {mib} MiB refused: {e}");
+                }
+            }
         }
     }
 
@@ -235,10 +276,14 @@ impl ApiHandler {
             )),
             ApiRequest::Action(ActionType::FlushMetrics) => Ok(ApiResponse::Empty),
             ApiRequest::PatchBalloon(u) => {
-                self.desired_mib = None;
-                self.balloon()?
-                    .set_target_mib(u.amount_mib)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                self.cancel_resize();
+                let boot = self.vm.boot_mib;
+                self.balloon()?.set_target_mib(u.amount_mib).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "amount_mib: {} is out of range 0..{boot} (the guest's boot memory): {e}",
+                        u.amount_mib
+                    ))
+                })?;
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::GetBalloon => Ok(ApiResponse::Balloon(self.balloon_state()?)),
@@ -250,7 +295,7 @@ impl ApiHandler {
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::PatchHotplugMemory(u) => {
-                self.desired_mib = None;
+                self.cancel_resize();
                 self.set_requested_mib(u.requested_size_mib)?;
                 Ok(ApiResponse::Empty)
             }
@@ -354,15 +399,36 @@ impl ApiHandler {
             None => 0,
         };
         let balloon_mib = boot.saturating_sub(desired);
-        // Release first, then take: never both mechanisms working against each other.
+        let plugged_now = self
+            .vm
+            .virtio_mem
+            .as_deref()
+            .map_or(0, |m| lock(m).plugged_size());
+        let ballooned_now = self
+            .vm
+            .balloon
+            .as_deref()
+            .map_or(0, |b| lock(b).target_bytes());
+        self.cancel_resize();
         if self.vm.virtio_mem.is_some() {
             self.set_requested_mib(plug_mib)?;
         }
         if self.vm.balloon.is_some() {
-            self.balloon()?
-                .set_target_mib(balloon_mib)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            if balloon_mib > 0 && plugged_now > (plug_mib << 20) {
+                // Down across the boot size: unplug first, inflate once that is done.
+                self.pending_balloon_mib = Some(balloon_mib);
+                let tick = Duration::from_millis(100);
+                self.resize_timer.reset(tick, Some(tick)).map_err(|e| {
+                    ApiError::new(api::ApiErrorKind::Internal, format!("timer: {e}"))
+                })?;
+            } else {
+                // Deflating and plugging do not compete: both give the guest memory.
+                self.balloon()?
+                    .set_target_mib(balloon_mib)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
         }
+        self.crossing = (balloon_mib > 0 && plugged_now > 0) || (plug_mib > 0 && ballooned_now > 0);
         self.desired_mib = Some(desired);
         Ok(())
     }
@@ -393,6 +459,7 @@ impl ApiHandler {
         };
         let boot = self.vm.boot_mib;
         let mechanism = match desired.cmp(&boot) {
+            _ if self.crossing => ResizeMechanism::Both,
             std::cmp::Ordering::Less => ResizeMechanism::Balloon,
             std::cmp::Ordering::Greater => ResizeMechanism::VirtioMem,
             std::cmp::Ordering::Equal => ResizeMechanism::None,
@@ -410,7 +477,7 @@ impl ApiHandler {
             desired_mib: desired,
             current_mib: current,
             mechanism,
-            state: if balloon_done && mem_done {
+            state: if balloon_done && mem_done && self.pending_balloon_mib.is_none() {
                 ResizeState::Reached
             } else {
                 ResizeState::InProgress
@@ -627,9 +694,17 @@ impl MutEventSubscriber for ApiHandler {
         if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
             warn!("API: cannot watch the wake-up eventfd: {e:?}");
         }
+        if let Err(e) = ops.add(Events::new(&self.resize_timer, EventSet::IN)) {
+            warn!("API: cannot watch the resize timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.resize_timer.as_raw_fd() {
+            let _ = self.resize_timer.wait();
+            self.resize_tick();
+            return;
+        }
         if events.fd() != self.wake.as_raw_fd() {
             return;
         }

@@ -73,9 +73,9 @@ fn main() {
         virtio_mem: vm.virtio_mem(),
         manager: vm.memory_manager(),
     };
-    vm.add_subscriber(Arc::new(std::sync::Mutex::new(ApiHandler::new(
-        rx, wake, running,
-    ))));
+    let handler = ApiHandler::new(rx, wake, running)
+        .unwrap_or_else(|e| fail(&format!("cannot set up the API handler: {e}")));
+    vm.add_subscriber(Arc::new(std::sync::Mutex::new(handler)));
     if let Some(r) = reply {
         r.respond(Ok(ApiResponse::Empty));
     }

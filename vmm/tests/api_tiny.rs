@@ -187,7 +187,8 @@ fn configure_and_start_through_the_api_alone() {
         .unwrap();
     assert_eq!(hot["guest_phys_addr"].as_u64(), Some(1 << 32));
     assert_eq!(hot["offline_pages"].as_u64(), Some(256 << 8));
-    // Resize up: virtio-mem is asked for the difference, the balloon is released.
+    // Resize up: virtio-mem is asked for the difference, the balloon (16 MiB target) is
+    // released: both devices work on it.
     assert_eq!(
         vmm.call("PUT", "/vm/resize", Some(r#"{"desired_mib":128}"#))
             .0,
@@ -199,7 +200,7 @@ fn configure_and_start_through_the_api_alone() {
     let rs = vmm.json("/vm/resize");
     assert_eq!(
         (rs["mechanism"].as_str(), rs["state"].as_str()),
-        (Some("virtio_mem"), Some("in_progress")),
+        (Some("both"), Some("in_progress")),
         "{rs}"
     );
     // Beyond boot + hot-add is refused.
