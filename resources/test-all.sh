@@ -28,6 +28,27 @@ export E2E_REQUIRE="${E2E_REQUIRE:-1}"
 step "unit, property and KVM tests"
 cargo test --workspace --release --exclude e2e "$@"
 # One nested test host per test binary, one VM at a time inside it: the machine has 2 cores.
+# A binary that fails is run once more and the retry is reported: QEMU's TCG emulation of SVM
+# has been seen to hang the nested test host's own kernel (about 1 session in 8 under heavy
+# load), which no code of ours can prevent. A binary that fails twice fails the run.
 step "end-to-end tests"
-cargo test --release -p e2e "$@" -- --test-threads=1
-step "all tests passed"
+cargo test --release -p e2e --lib --bins "$@"
+passed=0 failed=() retried=()
+for f in tests/tests/*.rs; do
+    t=$(basename "$f" .rs)
+    if cargo test --release -p e2e --test "$t" "$@" -- --test-threads=1; then
+        passed=$((passed + 1))
+        continue
+    fi
+    log "e2e: $t FAILED; running it once more (see above for the failure)"
+    retried+=("$t")
+    if cargo test --release -p e2e --test "$t" "$@" -- --test-threads=1; then
+        passed=$((passed + 1))
+    else
+        failed+=("$t")
+    fi
+done
+[ ${#retried[@]} -eq 0 ] || log "e2e: passed only on retry or failed twice: ${retried[*]}"
+step "end-to-end test binaries done"
+echo "e2e: $passed passed, ${#failed[@]} failed"
+[ ${#failed[@]} -eq 0 ] || die "end-to-end tests failed: ${failed[*]}"
