@@ -138,10 +138,11 @@ pub trait BalloonBackend: Send + Sync {
     /// The device was reset with pages still ballooned (driver unload, guest reboot): give every
     /// ballooned page back to the guest.
     fn deflate_all(&self) -> Result<Outcome, BackendError>;
-    /// Called right after the device acknowledged a batch of inflate buffers (used ring written,
-    /// guest interrupted): release the host backing that `inflate` only queued. The guest runs
-    /// on while this happens. A page deflated since it was queued must not be released. Returns
-    /// the pages released.
+    /// Release the host backing that `inflate` only queued. The device calls it after an ack
+    /// (used ring written, guest interrupted), in batches: once 16 MiB of inflated pages gathered,
+    /// when the inflate queue has been idle for a short delay, and on reset (before
+    /// `deflate_all`). The guest runs on while this happens. A page deflated since it was queued
+    /// must not be released. Returns the pages released.
     fn release_pending(&self) -> Result<u64, BackendError> {
         Ok(0)
     }

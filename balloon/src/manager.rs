@@ -3,7 +3,8 @@
 //!
 //! Inflate is `offline(.., Ballooned)`, deflate `online(.., Ballooned)`, free page reporting
 //! `discard_free`, virtio-mem PLUG/UNPLUG the manager's `plug`/`unplug`. With the manager's
-//! deferred discard policy, whoever owns the manager calls `flush_discards` off the ack path.
+//! deferred discard policy, the balloon calls `release_pending` (`flush_discards`) off the ack
+//! path, in batches (see [`crate::balloon::RELEASE_BATCH_PAGES`]).
 
 use std::sync::{Mutex, MutexGuard};
 

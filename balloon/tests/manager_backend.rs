@@ -7,8 +7,12 @@ use balloon::mem::{request, response, MemConfig};
 use balloon::testing::{
     mem_request_bytes, BalloonRig, Desc, DriverQueue, TestInterrupt, BUFFER_BASE,
 };
-use balloon::{BalloonBackend, BalloonConfig, MemBackend, VirtioMem};
-use memory::{Backing, MemoryManager, RegionKind, RegionSpec, SlotMapper};
+use balloon::{
+    Balloon, BalloonBackend, BalloonConfig, MemBackend, VirtioMem, RELEASE_BATCH_PAGES,
+    RELEASE_IDLE_DELAY,
+};
+use event_manager::{EventManager, SubscriberOps};
+use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec, SlotMapper};
 use virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -51,6 +55,11 @@ fn manager() -> Arc<Mutex<MemoryManager>> {
 #[test]
 fn balloon_on_the_memory_manager() {
     let mm = manager();
+    // As the VMM runs it: the manager queues, the device releases off the ack path.
+    mm.lock()
+        .unwrap()
+        .set_discard_policy(DiscardPolicy::Deferred)
+        .unwrap();
     let mem = mm.lock().unwrap().guest_memory().clone();
     let backend: Arc<dyn BalloonBackend> = mm.clone();
     let config = BalloonConfig {
@@ -69,10 +78,18 @@ fn balloon_on_the_memory_manager() {
     let s = mm.lock().unwrap().stats();
     assert_eq!(s.ballooned_bytes, 256 * 4096);
     assert_eq!(rig.dev.ballooned_bytes(), 256 * 4096);
+    // Acknowledged, not released yet: the pages wait for a batch or for the queue to go idle.
+    assert!(
+        mm.lock().unwrap().queued_discards() > 0,
+        "queued after the ack"
+    );
+    assert_eq!(rig.dev.unreleased_bytes(), 256 * 4096);
+    std::thread::sleep(balloon::RELEASE_IDLE_DELAY);
+    assert_eq!(rig.dev.release_timer_fired(), 256, "idle timer releases");
     assert_eq!(
         mm.lock().unwrap().queued_discards(),
         0,
-        "released after the ack"
+        "released once the inflate queue went idle"
     );
     let v: u8 = mem.read_obj(GuestAddress(0x1000 << 12)).unwrap();
     assert_eq!(v, 0, "inflated page was discarded");
@@ -146,4 +163,185 @@ fn virtio_mem_on_the_memory_manager() {
     assert_eq!(req(&mut dev, request::UNPLUG_ALL, 0, 0), response::ACK);
     assert_eq!(mm.lock().unwrap().stats().hotplug_plugged_bytes, 0);
     assert_eq!(dev.plugged_size(), 0);
+}
+
+fn deferred_manager() -> Arc<Mutex<MemoryManager>> {
+    let mm = manager();
+    mm.lock()
+        .unwrap()
+        .set_discard_policy(DiscardPolicy::Deferred)
+        .unwrap();
+    mm
+}
+
+/// Whether the host page behind guest `pfn` is resident (mincore).
+fn resident(mem: &vm_memory::GuestMemoryMmap<()>, pfn: u64) -> bool {
+    use vm_memory::GuestMemoryBackend;
+    let host = mem.get_host_address(GuestAddress(pfn << 12)).unwrap();
+    let mut v = [0u8; 1];
+    // SAFETY: mincore on one page of a live mapping, writing one byte into `v`.
+    let ret = unsafe { libc::mincore(host.cast(), 4096, v.as_mut_ptr()) };
+    assert_eq!(ret, 0);
+    v[0] & 1 != 0
+}
+
+/// Request `i` (< 24) of a burst: 256 PFNs from 4 MiB up, none adjacent within the request.
+fn burst_request(i: u32) -> Vec<u32> {
+    (0..256u32).map(|j| 0x400 + j * 24 + i).collect()
+}
+
+#[test]
+fn burst_is_released_in_batches_and_by_the_idle_timer() {
+    let mm = deferred_manager();
+    let mem = mm.lock().unwrap().guest_memory().clone();
+    let backend: Arc<dyn BalloonBackend> = mm.clone();
+    let config = BalloonConfig {
+        stats: false,
+        ..BalloonConfig::default()
+    };
+    let dev = Arc::new(Mutex::new(Balloon::new(config, backend).unwrap()));
+    let mut em: EventManager<Arc<Mutex<Balloon>>> = EventManager::new().unwrap();
+    em.add_subscriber(dev.clone());
+    let mut queues: Vec<DriverQueue> = (0..2)
+        .map(|i| DriverQueue::new(&mem, 0x1_0000 * (i + 1), 256))
+        .collect();
+    let interrupt = Arc::new(TestInterrupt::default());
+    {
+        let mut d = dev.lock().unwrap();
+        let f = d.avail_features();
+        d.ack_features(f);
+        d.activate(virtio::Activation {
+            mem: mem.clone(),
+            queues: queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| q.active_queue(i))
+                .collect(),
+            interrupt: interrupt.clone(),
+            acked_features: f,
+        })
+        .unwrap();
+    }
+    em.run_with_timeout(0).unwrap();
+
+    let batch_requests = (RELEASE_BATCH_PAGES / 256) as u32;
+    let requests = batch_requests + 8;
+    for i in 0..requests {
+        for p in burst_request(i) {
+            mem.write_obj(0x5au8, GuestAddress(u64::from(p) << 12))
+                .unwrap();
+        }
+    }
+    for i in 0..requests {
+        let bytes = balloon::testing::pfn_bytes(&burst_request(i));
+        mem.write_slice(&bytes, GuestAddress(BUFFER_BASE)).unwrap();
+        queues[0].add(&mem, &[Desc::read(BUFFER_BASE, bytes.len() as u32)]);
+        assert_eq!(dev.lock().unwrap().process_queue(0), 1);
+        assert_eq!(queues[0].take_used(&mem).len(), 1, "request {i} acked");
+        let unreleased = dev.lock().unwrap().unreleased_bytes();
+        if i + 1 == batch_requests {
+            assert_eq!(unreleased, 0, "a full batch is released after its ack");
+            assert_eq!(mm.lock().unwrap().queued_discards(), 0);
+            for r in 0..batch_requests {
+                for p in burst_request(r) {
+                    assert!(!resident(&mem, u64::from(p)), "page {p:#x} kept");
+                }
+            }
+        } else {
+            let expect = u64::from((i + 1) % batch_requests) * 256 * 4096;
+            assert_eq!(unreleased, expect, "request {i}");
+        }
+    }
+    let last = std::time::Instant::now();
+    for p in burst_request(requests - 1) {
+        assert!(
+            resident(&mem, u64::from(p)),
+            "released before the queue went idle"
+        );
+    }
+    assert_eq!(
+        mm.lock().unwrap().stats().ballooned_bytes,
+        u64::from(requests) * 256 * 4096
+    );
+
+    // The event loop's idle timer releases the rest, and only after the idle delay.
+    for _ in 0..200 {
+        if dev.lock().unwrap().unreleased_bytes() == 0 {
+            break;
+        }
+        em.run_with_timeout(10).unwrap();
+    }
+    assert_eq!(
+        dev.lock().unwrap().unreleased_bytes(),
+        0,
+        "idle timer fired"
+    );
+    assert!(last.elapsed() >= RELEASE_IDLE_DELAY);
+    assert_eq!(mm.lock().unwrap().queued_discards(), 0);
+    for i in 0..requests {
+        for p in burst_request(i) {
+            assert!(!resident(&mem, u64::from(p)), "page {p:#x} kept");
+            let v: u8 = mem.read_obj(GuestAddress(u64::from(p) << 12)).unwrap();
+            assert_eq!(v, 0);
+        }
+    }
+    // Nothing left: the timer stays quiet.
+    em.run_with_timeout(10).unwrap();
+    assert_eq!(interrupt.used_count(), requests as usize);
+}
+
+#[test]
+fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
+    let mm = deferred_manager();
+    let mem = mm.lock().unwrap().guest_memory().clone();
+    let backend: Arc<dyn BalloonBackend> = mm.clone();
+    let config = BalloonConfig {
+        stats: false,
+        ..BalloonConfig::default()
+    };
+    let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
+    for i in 0..8 {
+        for p in burst_request(i) {
+            mem.write_obj(0x5au8, GuestAddress(u64::from(p) << 12))
+                .unwrap();
+        }
+        assert_eq!(rig.inflate(&burst_request(i)).len(), 1);
+    }
+    // The guest takes request 0's pages back before their release and writes to them.
+    assert_eq!(rig.deflate(&burst_request(0)).len(), 1);
+    for p in burst_request(0) {
+        mem.write_obj(0x77u8, GuestAddress(u64::from(p) << 12))
+            .unwrap();
+    }
+    assert_eq!(rig.dev.unreleased_bytes(), 8 * 256 * 4096);
+    assert!(mm.lock().unwrap().queued_discards() > 0);
+
+    rig.dev.reset();
+    assert_eq!(rig.dev.unreleased_bytes(), 0);
+    assert_eq!(mm.lock().unwrap().queued_discards(), 0, "no stale queue");
+    assert_eq!(mm.lock().unwrap().stats().ballooned_bytes, 0);
+    for p in burst_request(0) {
+        let v: u8 = mem.read_obj(GuestAddress(u64::from(p) << 12)).unwrap();
+        assert_eq!(v, 0x77, "deflated page {p:#x} kept its data");
+    }
+    for i in 1..8 {
+        for p in burst_request(i) {
+            assert!(!resident(&mem, u64::from(p)), "page {p:#x} never released");
+        }
+    }
+    // A late timer expiry after the reset finds nothing to do.
+    std::thread::sleep(RELEASE_IDLE_DELAY);
+    assert_eq!(rig.dev.release_timer_fired(), 0);
+
+    // The device works again after the driver comes back; the pages were online meanwhile.
+    let f = rig.dev.avail_features();
+    rig.activate(f);
+    for p in burst_request(3) {
+        mem.write_obj(0x11u8, GuestAddress(u64::from(p) << 12))
+            .unwrap();
+    }
+    assert_eq!(rig.inflate(&burst_request(3)).len(), 1);
+    assert_eq!(rig.dev.unreleased_bytes(), 256 * 4096);
+    assert_eq!(rig.dev.release_now(), 256);
+    assert!(!resident(&mem, u64::from(burst_request(3)[0])));
 }

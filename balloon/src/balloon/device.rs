@@ -5,7 +5,9 @@
 //! PFNs (at most [`MAX_PFNS_PER_BUFFER`]), sorted, de-duplicated and coalesced
 //! ([`coalesce_pfns`]), cut to guest RAM ([`clip_to_ram`]), and handed to the backend in one
 //! [`BalloonBackend::inflate`] call; the chain goes back on the used ring with length 0 and the
-//! guest is interrupted once per batch of chains.
+//! guest is interrupted once per batch of chains. The host memory is released after the ack and
+//! in batches: once [`RELEASE_BATCH_PAGES`] gathered, or when the inflate queue has been idle for
+//! [`RELEASE_IDLE_DELAY`] (the release timer, on the event loop), or on reset.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -34,6 +36,14 @@ const MAX_CHAINS_PER_EVENT: usize = 1024;
 
 /// Pages per MiB.
 const PAGES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
+
+/// Inflated pages left unreleased before the device releases them at once, after the ack that
+/// reached the count (16 MiB: 64 of Linux's 256-PFN buffers).
+pub const RELEASE_BATCH_PAGES: u64 = 4096;
+/// The inflate queue idle this long (no inflate buffer acknowledged) releases whatever is left.
+pub const RELEASE_IDLE_DELAY: Duration = Duration::from_millis(2);
+/// After a failed release, try again this much later (the backend keeps what it could not do).
+const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 pub(crate) struct DeviceQueue {
     pub(crate) role: QueueRole,
@@ -72,6 +82,17 @@ pub struct Balloon {
     backend: Arc<dyn BalloonBackend>,
     pub(crate) activation_evt: virtio::ActivationEvent,
     pub(crate) stats_timer: TimerFd,
+    /// One-shot: fires once the inflate queue has been idle for [`RELEASE_IDLE_DELAY`] with
+    /// pages still unreleased.
+    pub(crate) release_timer: TimerFd,
+    /// Whether `release_timer` is armed.
+    release_armed: bool,
+    /// The event loop refused to watch `release_timer`: release after every ack instead.
+    pub(crate) release_unwatched: bool,
+    /// Pages inflated (acknowledged) and not yet handed to `release_pending`.
+    unreleased_pages: u64,
+    /// When the last inflate buffer with new pages was acknowledged.
+    last_inflate: Option<Instant>,
     pub(crate) active: Option<ActiveState>,
     /// Queue eventfds of a previous activation, to be removed from the event loop.
     pub(crate) stale_fds: Vec<EventFd>,
@@ -106,6 +127,8 @@ impl Balloon {
         let num_pages = mib_to_pages(config.amount_mib)?;
         let stats_timer = TimerFd::new()?;
         set_nonblocking(&stats_timer)?;
+        let release_timer = TimerFd::new()?;
+        set_nonblocking(&release_timer)?;
         Ok(Self {
             stats_interval: config.stats_interval,
             config,
@@ -117,6 +140,11 @@ impl Balloon {
             backend,
             activation_evt: virtio::ActivationEvent::new()?,
             stats_timer,
+            release_timer,
+            release_armed: false,
+            release_unwatched: false,
+            unreleased_pages: 0,
+            last_inflate: None,
             active: None,
             stale_fds: Vec::new(),
             held_stats: None,
@@ -205,6 +233,91 @@ impl Balloon {
 
     pub fn stats_interval(&self) -> Duration {
         self.stats_interval
+    }
+
+    /// Inflated pages whose host memory is not released yet, in bytes. They are released once
+    /// [`RELEASE_BATCH_PAGES`] have gathered, once the inflate queue was idle for
+    /// [`RELEASE_IDLE_DELAY`] (the release timer on the event loop), on [`Balloon::release_now`]
+    /// and on reset.
+    pub fn unreleased_bytes(&self) -> u64 {
+        self.unreleased_pages * PAGE_SIZE
+    }
+
+    /// Releases the host memory of every inflated page now (what the idle timer does). Returns
+    /// the pages the backend released.
+    pub fn release_now(&mut self) -> u64 {
+        self.disarm_release_timer();
+        let pages = std::mem::take(&mut self.unreleased_pages);
+        match self.backend.release_pending() {
+            Ok(n) => n,
+            Err(e) => {
+                self.backend_failed("inflateq", &e);
+                // The backend keeps what it could not release: try again later (or on the next
+                // inflate, should even the timer fail).
+                self.unreleased_pages = pages.max(1);
+                let _ = self.arm_release_timer(RELEASE_RETRY_DELAY);
+                0
+            }
+        }
+    }
+
+    /// The release timer fired: release if the inflate queue stayed idle long enough, or wait
+    /// for the rest of the delay after the latest inflate.
+    pub fn release_timer_fired(&mut self) -> u64 {
+        // Non-blocking: a disarmed timer just reads EAGAIN.
+        let _ = self.release_timer.wait();
+        self.release_armed = false;
+        if self.unreleased_pages == 0 {
+            return 0;
+        }
+        let idle = self
+            .last_inflate
+            .map_or(RELEASE_IDLE_DELAY, |t| t.elapsed());
+        if idle < RELEASE_IDLE_DELAY && self.arm_release_timer(RELEASE_IDLE_DELAY - idle).is_ok() {
+            return 0;
+        }
+        self.release_now()
+    }
+
+    /// After an acknowledged batch of inflate buffers: release now if enough pages gathered,
+    /// otherwise make sure the idle timer will.
+    fn schedule_release(&mut self) {
+        if self.unreleased_pages == 0 {
+            return;
+        }
+        if self.unreleased_pages >= RELEASE_BATCH_PAGES || self.release_unwatched {
+            self.release_now();
+            return;
+        }
+        self.last_inflate = Some(Instant::now());
+        if !self.release_armed && self.arm_release_timer(RELEASE_IDLE_DELAY).is_err() {
+            // Without a timer nothing would release these pages later: do it now.
+            self.release_now();
+        }
+    }
+
+    fn arm_release_timer(&mut self, after: Duration) -> Result<(), ()> {
+        // A zero duration would disarm the timer.
+        let after = after.max(Duration::from_micros(1));
+        match self.release_timer.reset(after, None) {
+            Ok(()) => {
+                self.release_armed = true;
+                Ok(())
+            }
+            Err(e) => {
+                error!("virtio-balloon: cannot arm the release timer: {e}");
+                Err(())
+            }
+        }
+    }
+
+    fn disarm_release_timer(&mut self) {
+        if self.release_armed {
+            if let Err(e) = self.release_timer.clear() {
+                error!("virtio-balloon: cannot disarm the release timer: {e}");
+            }
+            self.release_armed = false;
+        }
     }
 
     /// A snapshot of the counters.
@@ -339,10 +452,9 @@ impl Balloon {
             interrupt.notify_used();
         }
         if role == QueueRole::Inflate && returned > 0 {
-            // Off the ack path: the guest already has its buffers back.
-            if let Err(e) = self.backend.release_pending() {
-                self.backend_failed("inflateq", &e);
-            }
+            // Off the ack path (the guest already has its buffers back), and in batches: the
+            // pages wait for RELEASE_BATCH_PAGES more or for the queue to go idle.
+            self.schedule_release();
         }
         returned
     }
@@ -450,6 +562,7 @@ impl Balloon {
                 self.counters.refused_pfns += o.refused;
                 if inflate {
                     self.counters.inflated_pages += o.changed;
+                    self.unreleased_pages += o.changed;
                     self.counters.reinflated_pfns += o.unchanged;
                     self.ballooned_pages += o.changed;
                 } else {
@@ -799,6 +912,13 @@ impl VirtioDevice for Balloon {
         if let Err(e) = self.arm_stats_timer() {
             error!("virtio-balloon: cannot disarm the stats timer: {e}");
         }
+        if self.unreleased_pages > 0 || self.release_armed {
+            // Nothing stays queued past a reset: the pages were ballooned until now, so their
+            // memory goes back to the host before the guest gets them back (as if released
+            // right after their ack).
+            self.release_now();
+        }
+        self.last_inflate = None;
         if self.ballooned_pages > 0 {
             // After a reset the guest owns all of its RAM again.
             match self.backend.deflate_all() {
