@@ -174,8 +174,9 @@ impl Vm {
                 }
             })?;
         let mut manager = manager;
-        // The balloon acknowledges an inflate first and releases host memory right after
-        // (release_pending), so the guest's wait per request is the device's, not madvise's.
+        // The balloon acknowledges an inflate first and releases host memory afterwards, in
+        // 16 MiB batches or once its inflate queue has been idle for 2 ms, so the guest's wait
+        // per request is the device's, not madvise's.
         manager
             .set_discard_policy(DiscardPolicy::Deferred)
             .map_err(|e| VmError::Device(e.to_string()))?;
