@@ -3,52 +3,17 @@
 //! through the API alone, state rules give 409, resizing reports what it did, and a signal
 //! stops the VM cleanly.
 
+mod common;
+use common::{kvm_usable, scratch, tiny_elf};
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const LOAD: u64 = 0x10_0000;
-
-/// ELF64 with one PT_LOAD segment of `code` at 1 MiB (same shape as tiny_guest.rs).
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
-    f.extend_from_slice(&[0; 8]);
-    f.extend_from_slice(&2u16.to_le_bytes());
-    f.extend_from_slice(&0x3eu16.to_le_bytes());
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes());
-    f.extend_from_slice(&64u64.to_le_bytes());
-    f.extend_from_slice(&0u64.to_le_bytes());
-    f.extend_from_slice(&0u32.to_le_bytes());
-    f.extend_from_slice(&64u16.to_le_bytes());
-    f.extend_from_slice(&56u16.to_le_bytes());
-    f.extend_from_slice(&1u16.to_le_bytes());
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&5u32.to_le_bytes());
-    f.extend_from_slice(&120u64.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes());
-    f.extend_from_slice(&LOAD.to_le_bytes());
-    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    f.extend_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
-}
-
 /// `cli; hlt; jmp hlt`: the vCPU sleeps in KVM for good.
 const SLEEP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
 
 struct Vmm {
     child: Child,
@@ -109,13 +74,6 @@ impl Vmm {
         assert_eq!(status, 200, "GET {path}: {body}");
         serde_json::from_str(&body).unwrap()
     }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("api-{name}"));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
