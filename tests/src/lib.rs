@@ -742,9 +742,24 @@ impl Drop for Vm {
 
 // ---- nested mode: the agent client and the test host ----
 
+/// Connects to the agent. QEMU's user-mode network listens for the forwarded port with a
+/// backlog of one, so concurrent connections are refused now and then: retry those briefly.
+fn agent_connect(addr: SocketAddr) -> Result<TcpStream, Error> {
+    let mut tries = 0;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(c) => return Ok(c),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 40 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(Error::Agent(format!("connect {addr}: {e}"))),
+        }
+    }
+}
+
 fn agent_call(addr: SocketAddr, req: &Request) -> Result<Reply, Error> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| Error::Agent(format!("connect {addr}: {e}")))?;
+    let mut conn = agent_connect(addr)?;
     conn.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut line = serde_json::to_string(req).expect("requests serialize");
     line.push('\n');
@@ -765,8 +780,7 @@ fn agent_spawn(
     argv: &[String],
     sink: Arc<Shared>,
 ) -> Result<(u64, TcpStream), Error> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| Error::Agent(format!("connect {addr}: {e}")))?;
+    let mut conn = agent_connect(addr)?;
     let mut line = serde_json::to_string(&Request::Spawn {
         argv: argv.to_vec(),
     })
