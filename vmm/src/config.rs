@@ -11,9 +11,9 @@ use serde::Deserialize;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Largest boot RAM we lay out (1 TiB); the host may well refuse less.
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const MAX_MEMORY_MIB: u64 = api::MAX_MEM_MIB;
 /// MADT APIC IDs are 8-bit and 0xff is broadcast.
-pub const MAX_VCPUS: u8 = 254;
+pub const MAX_VCPUS: u8 = api::MAX_VCPUS;
 
 /// Command line of the `vmm` binary.
 #[derive(Parser, Debug)]
@@ -102,11 +102,7 @@ impl HotplugOptions {
             block_mib: default_block_mib(),
             requested_mib: 0,
         };
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Option {
-                flag: "--hotplug",
-                detail: format!("`{item}` is not KEY=VALUE; keys are {}", Self::KEYS),
-            })?;
+        for (k, v) in key_values("--hotplug", s, Self::KEYS)? {
             let n: u64 = v.parse().map_err(|_| ConfigError::Option {
                 flag: "--hotplug",
                 detail: format!("{k}={v}: expected a number of MiB"),
@@ -115,12 +111,7 @@ impl HotplugOptions {
                 "total_mib" => total = Some(n),
                 "block_mib" => o.block_mib = n,
                 "requested_mib" => o.requested_mib = n,
-                _ => {
-                    return Err(ConfigError::Option {
-                        flag: "--hotplug",
-                        detail: format!("unknown key `{k}`; keys are {}", Self::KEYS),
-                    })
-                }
+                _ => return Err(unknown_key("--hotplug", k, Self::KEYS)),
             }
         }
         o.total_mib = total.ok_or_else(|| ConfigError::Option {
@@ -204,11 +195,7 @@ impl BalloonOptions {
     /// Parse `key=value,...`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let mut o = Self::default();
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Option {
-                flag: "--balloon",
-                detail: format!("`{item}` is not KEY=VALUE; keys are {}", Self::KEYS),
-            })?;
+        for (k, v) in key_values("--balloon", s, Self::KEYS)? {
             let bad = |what: &str| ConfigError::Option {
                 flag: "--balloon",
                 detail: format!("{k}={v}: expected {what}"),
@@ -224,15 +211,35 @@ impl BalloonOptions {
                 "free_page_reporting" => {
                     o.free_page_reporting = parse_bool(v).ok_or_else(|| bad("true or false"))?
                 }
-                _ => {
-                    return Err(ConfigError::Option {
-                        flag: "--balloon",
-                        detail: format!("unknown key `{k}`; keys are {}", Self::KEYS),
-                    })
-                }
+                _ => return Err(unknown_key("--balloon", k, Self::KEYS)),
             }
         }
         Ok(o)
+    }
+}
+
+/// Split `key=value,...` (the form of `--balloon` and `--hotplug`), refusing items without `=`.
+fn key_values<'a>(
+    flag: &'static str,
+    s: &'a str,
+    keys: &str,
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .map(|item| {
+            item.split_once('=').ok_or_else(|| ConfigError::Option {
+                flag,
+                detail: format!("`{item}` is not KEY=VALUE; keys are {keys}"),
+            })
+        })
+        .collect()
+}
+
+fn unknown_key(flag: &'static str, key: &str, keys: &str) -> ConfigError {
+    ConfigError::Option {
+        flag,
+        detail: format!("unknown key `{key}`; keys are {keys}"),
     }
 }
 

@@ -60,11 +60,15 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(exit: Arc<ExitHandle>, serial: Arc<Mutex<SerialConsole>>) -> std::io::Result<Self> {
+    pub fn new(
+        exit: Arc<ExitHandle>,
+        serial: Arc<Mutex<SerialConsole>>,
+        signals: Option<OwnedFd>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             exit,
             serial,
-            signals: SIGNAL_FD.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            signals,
             pending_input: VecDeque::new(),
             retry: TimerFd::new()?,
             stdin_registered: false,
@@ -106,9 +110,6 @@ impl Control {
         }
     }
 }
-
-/// The signalfd created in `main` before any thread starts, handed to [`Control`].
-pub static SIGNAL_FD: Mutex<Option<OwnedFd>> = Mutex::new(None);
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {

@@ -12,7 +12,7 @@ use api::{ApiError, ApiResponse};
 use clap::Parser;
 use vmm::api_bridge::{configure_until_start, ApiHandler, RunningVm, StartDecision};
 use vmm::config::{Cli, PartialConfig, VmConfig};
-use vmm::event_loop::{block_exit_signals, SIGNAL_FD};
+use vmm::event_loop::block_exit_signals;
 use vmm::vm::Vm;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -29,10 +29,8 @@ fn main() {
         Err(e) => fail(&e.to_string()),
     };
     // Before any thread exists, so every thread inherits the blocked mask.
-    match block_exit_signals() {
-        Ok(fd) => *SIGNAL_FD.lock().unwrap_or_else(|p| p.into_inner()) = Some(fd),
-        Err(e) => fail(&format!("cannot set up signal handling: {e}")),
-    }
+    let signals = block_exit_signals()
+        .unwrap_or_else(|e| fail(&format!("cannot set up signal handling: {e}")));
 
     let (tx, rx) = mpsc::channel();
     let wake = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| fail(&format!("eventfd: {e}")));
@@ -66,6 +64,7 @@ fn main() {
         (vm, None)
     };
     let mut vm = vm;
+    vm.watch_signals(signals);
     let running = RunningVm {
         boot_mib: vm.config().memory_mib,
         hotplug: vm.config().hotplug,

@@ -9,6 +9,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,6 +94,8 @@ pub struct Vm {
     balloon: Option<Arc<Mutex<Balloon>>>,
     virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
     vcpu_threads: Vec<std::thread::JoinHandle<()>>,
+    /// SIGTERM/SIGINT as a signalfd, created by `main` before any thread existed.
+    signals: Option<OwnedFd>,
 }
 
 impl Vm {
@@ -236,6 +239,7 @@ impl Vm {
             balloon: None,
             virtio_mem: None,
             vcpu_threads: Vec::new(),
+            signals: None,
         };
         if let Some(opts) = balloon_opts {
             vm.add_balloon(&opts)?;
@@ -292,10 +296,6 @@ impl Vm {
         self.balloon.clone()
     }
 
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
     /// The guest-memory manager (offline tracking, discard, hot-add).
     pub fn memory_manager(&self) -> Arc<Mutex<MemoryManager>> {
         self.manager.clone()
@@ -328,7 +328,7 @@ impl Vm {
             .map_err(kvm_err("register a virtio irqfd"))?;
         insert(
             &mut self.mmio,
-            Arc::new(Mutex::new(TransportOnBus(transport))),
+            Arc::new(Mutex::new(transport)),
             addr,
             MMIO_WINDOW_SIZE,
         )?;
@@ -342,9 +342,9 @@ impl Vm {
     }
 
     /// Add an event-loop subscriber that is not a virtio device (e.g. the API bridge).
-    /// The exit request shared by vCPUs and devices.
-    pub fn exit_handle(&self) -> Arc<ExitHandle> {
-        self.exit.clone()
+    /// Stop the VM cleanly on the signals this signalfd reports (see `event_loop`).
+    pub fn watch_signals(&mut self, fd: OwnedFd) {
+        self.signals = Some(fd);
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -353,12 +353,6 @@ impl Vm {
 
     pub fn add_subscriber(&mut self, s: Subscriber) {
         self.event_manager.add_subscriber(s);
-    }
-
-    /// Steps 4 to 6. Returns why the VM stopped.
-    pub fn run(mut self) -> Result<ExitReason, VmError> {
-        self.start()?;
-        self.run_until_exit()
     }
 
     /// Steps 4 and 5: load the guest and start the vCPUs. A failure leaves no vCPU running.
@@ -395,12 +389,6 @@ impl Vm {
             vcpus.push(fd);
         }
 
-        let control = Arc::new(Mutex::new(Control::new(
-            self.exit.clone(),
-            self.serial.clone(),
-        )?));
-        self.event_manager.add_subscriber(control.clone());
-
         let ctx = Arc::new(VcpuContext {
             pio: Arc::new(std::mem::take(&mut self.pio)),
             mmio: Arc::new(std::mem::take(&mut self.mmio)),
@@ -421,13 +409,16 @@ impl Vm {
     /// Step 6: serve devices, the API and signals until the VM stops; returns why. The vCPUs
     /// are stopped before guest memory can be unmapped.
     pub fn run_until_exit(mut self) -> Result<ExitReason, VmError> {
-        let result = loop {
-            if let Err(e) = self.event_manager.run() {
-                self.exit.request(ExitReason::Error);
-                break Err(VmError::EventLoop(format!("{e:?}")));
+        let result = match Control::new(self.exit.clone(), self.serial.clone(), self.signals.take())
+        {
+            Ok(control) => {
+                self.event_manager
+                    .add_subscriber(Arc::new(Mutex::new(control)));
+                self.serve()
             }
-            if let Some(reason) = self.exit.reason() {
-                break Ok(reason);
+            Err(e) => {
+                self.exit.request(ExitReason::Error);
+                Err(VmError::Io(e))
             }
         };
         self.serial
@@ -441,6 +432,19 @@ impl Vm {
         }
         result
     }
+
+    /// The event loop proper, until an exit is requested.
+    fn serve(&mut self) -> Result<ExitReason, VmError> {
+        loop {
+            if let Err(e) = self.event_manager.run() {
+                self.exit.request(ExitReason::Error);
+                return Err(VmError::EventLoop(format!("{e:?}")));
+            }
+            if let Some(reason) = self.exit.reason() {
+                return Ok(reason);
+            }
+        }
+    }
 }
 
 fn insert(
@@ -453,15 +457,13 @@ fn insert(
         .map_err(|e| VmError::Device(e.to_string()))
 }
 
-/// The transport as a bus device.
-struct TransportOnBus(MmioTransport);
-
-impl BusDevice for TransportOnBus {
+/// The virtio-mmio transport sits on the MMIO bus as it is.
+impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.0.read(offset, data)
+        MmioTransport::read(self, offset, data)
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.0.write(offset, data)
+        MmioTransport::write(self, offset, data)
     }
 }
 

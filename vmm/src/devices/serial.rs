@@ -34,11 +34,6 @@ impl SerialConsole {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
-    /// Room left in the receive FIFO.
-    pub fn input_room(&self) -> usize {
-        self.uart.fifo_capacity()
-    }
-
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
     }
