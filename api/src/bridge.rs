@@ -210,6 +210,24 @@ impl ReplyReceiver {
     }
 }
 
+/// Answers read-only requests on the API thread, from state the VMM shares with it, without the
+/// hop to the VMM thread and back.
+///
+/// Why: under many clients the hop (channel send, eventfd wake-up, a context switch each way) is
+/// most of a GET's latency and tail, and every GET that takes it also takes a turn of the VMM
+/// thread away from the devices. Reads of a few numbers the devices already keep behind their
+/// own locks need neither.
+///
+/// Rules for an implementation: never block (take locks with `try_lock` and hold them only to
+/// copy values out), and answer exactly what the VMM thread would answer for the same request.
+/// Mutating requests always go to the VMM thread, which applies them before it answers, so a GET
+/// after a successful PATCH sees the change.
+pub trait DirectReads: Send + Sync {
+    /// `Some(answer)` to answer `request` here and now; `None` to send it to the VMM thread as
+    /// usual (a request this reader does not serve, or state that is busy this instant).
+    fn read(&self, request: &ApiRequest) -> Option<ApiResult>;
+}
+
 /// One request on its way to the VMM thread, with its reply channel.
 #[derive(Debug)]
 pub struct ApiMessage {

@@ -36,8 +36,8 @@ pub mod routes;
 pub mod server;
 
 pub use bridge::{
-    ApiError, ApiErrorKind, ApiMessage, ApiRequest, ApiResponse, ApiResult, ReplyReceiver,
-    Responder, ResponseKind,
+    ApiError, ApiErrorKind, ApiMessage, ApiRequest, ApiResponse, ApiResult, DirectReads,
+    ReplyReceiver, Responder, ResponseKind,
 };
 pub use requests::*;
 pub use responses::*;

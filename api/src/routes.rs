@@ -19,7 +19,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::bridge::{ApiErrorKind, ApiMessage, ApiRequest, ApiResponse};
+use crate::bridge::{
+    ApiErrorKind, ApiMessage, ApiRequest, ApiResponse, ApiResult, DirectReads, ResponseKind,
+};
 use crate::metrics::{self, ApiMetrics};
 use crate::requests::{
     ActionRequest, BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
@@ -38,6 +40,8 @@ pub(crate) struct Shared {
     pub in_flight: Semaphore,
     pub max_in_flight: usize,
     pub metrics: ApiMetrics,
+    /// Set once the VM runs (`ServerHandle::set_direct_reads`): answers GETs on this thread.
+    pub direct: OnceLock<Arc<dyn DirectReads>>,
 }
 
 type AppState = Arc<Shared>;
@@ -151,8 +155,13 @@ where
 }
 
 impl Shared {
-    /// Sends a request to the VMM thread and waits (asynchronously, bounded) for its answer.
+    /// Answers a request: from the direct reader when it serves it, else by sending it to the
+    /// VMM thread and waiting (asynchronously, bounded) for its answer.
     async fn call(&self, request: ApiRequest) -> Result<ApiResponse, Fault> {
+        let expected = request.expected_response();
+        if let Some(answer) = self.direct.get().and_then(|d| d.read(&request)) {
+            return Self::check(expected, answer);
+        }
         let _permit = self.in_flight.try_acquire().map_err(|_| {
             Fault::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -162,7 +171,6 @@ impl Shared {
                 ),
             )
         })?;
-        let expected = request.expected_response();
         let (msg, rx) = ApiMessage::new(request);
         self.tx.send(msg).map_err(|_| {
             Fault::new(
@@ -171,25 +179,25 @@ impl Shared {
             )
         })?;
         (self.wake)();
-        let answer = match tokio::time::timeout(self.vmm_timeout, rx.recv()).await {
-            Err(_) => {
-                return Err(Fault::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "the VMM did not answer within {} ms; the request may still take \
-                         effect: check with a GET",
-                        self.vmm_timeout.as_millis()
-                    ),
-                ))
-            }
-            Ok(None) => {
-                return Err(Fault::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the VMM dropped the request without answering",
-                ))
-            }
-            Ok(Some(answer)) => answer,
-        };
+        match tokio::time::timeout(self.vmm_timeout, rx.recv()).await {
+            Err(_) => Err(Fault::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the VMM did not answer within {} ms; the request may still take \
+                     effect: check with a GET",
+                    self.vmm_timeout.as_millis()
+                ),
+            )),
+            Ok(None) => Err(Fault::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the VMM dropped the request without answering",
+            )),
+            Ok(Some(answer)) => Self::check(expected, answer),
+        }
+    }
+
+    /// An answer of the wrong shape is a VMM bug (500); a refusal maps to its status.
+    fn check(expected: ResponseKind, answer: ApiResult) -> Result<ApiResponse, Fault> {
         match answer {
             Ok(resp) if resp.kind() == expected => Ok(resp),
             Ok(resp) => Err(Fault::new(

@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 
-use crate::bridge::ApiMessage;
+use crate::bridge::{ApiMessage, DirectReads};
 use crate::metrics::ApiMetrics;
 use crate::routes::{router, Shared, WakeFn};
 
@@ -206,6 +206,7 @@ pub struct ServerHandle {
     tcp_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -226,6 +227,13 @@ impl ServerHandle {
     /// The bound TCP address (with the real port when the config asked for port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+
+    /// From now on, GETs that `reads` serves are answered on the API thread without the hop
+    /// to the VMM thread (see [`DirectReads`]). Set once, when the VM runs; false if a reader
+    /// was set already (the first one stays).
+    pub fn set_direct_reads(&self, reads: Arc<dyn DirectReads>) -> bool {
+        self.shared.direct.set(reads).is_ok()
     }
 
     /// Stops accepting, lets requests in progress finish (bounded by the VMM timeout), joins the
@@ -304,7 +312,9 @@ pub fn spawn_server(
         in_flight: Semaphore::new(cfg.max_in_flight.max(1)),
         max_in_flight: cfg.max_in_flight.max(1),
         metrics: ApiMetrics::default(),
+        direct: OnceLock::new(),
     });
+    let shared_for_handle = shared.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = Limits {
         max_connections: cfg.max_connections.max(1),
@@ -335,6 +345,7 @@ pub fn spawn_server(
         tcp_addr,
         stop: stop_tx,
         thread: Some(thread),
+        shared: shared_for_handle,
     })
 }
 

@@ -314,3 +314,72 @@ async fn malformed_http_is_a_client_error() {
     assert_eq!(s, 200);
     assert_eq!(h.fake.handled(), 1);
 }
+
+/// GETs the direct reader serves never reach the VMM thread; the rest, mutations included, still
+/// do; a reader's wrong answer is a 500 like the VMM's, and its refusals keep their status.
+#[tokio::test]
+async fn direct_reads_answer_gets_on_the_api_thread() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Reader;
+    impl api::DirectReads for Reader {
+        fn read(&self, request: &ApiRequest) -> Option<api::ApiResult> {
+            match request {
+                ApiRequest::GetHotplugMemory => Some(Err(api::ApiError::not_found("no hot-add"))),
+                ApiRequest::GetResize => Some(Ok(ApiResponse::Empty)),
+                ApiRequest::GetBalloon => Some(Ok(ApiResponse::Balloon(api::BalloonState {
+                    amount_mib: 7,
+                    deflate_on_oom: false,
+                    stats_polling_interval_s: 0,
+                    free_page_reporting: false,
+                    target_pages: 7 << 8,
+                    actual_pages: 0,
+                    actual_mib: 0,
+                }))),
+                _ => None,
+            }
+        }
+    }
+
+    let dir = TempDir::new();
+    let (tx, rx) = mpsc::channel::<api::ApiMessage>();
+    let reached = Arc::new(AtomicU64::new(0));
+    let seen = reached.clone();
+    std::thread::spawn(move || {
+        for msg in rx {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let answer = match msg.request {
+                ApiRequest::GetBalloon => Err(api::ApiError::internal("hop taken")),
+                _ => Ok(ApiResponse::Empty),
+            };
+            msg.respond(answer);
+        }
+    });
+    let sock = dir.path().join("direct.sock");
+    let server = spawn_server(ServerConfig::new(&sock), tx, Arc::new(|| {})).unwrap();
+    let mut c = Client::new(&sock);
+
+    // Before a reader is set, GETs take the hop.
+    expect_fault(&mut c, "GET", "/balloon", None, 500, &["hop taken"]).await;
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+
+    assert!(server.set_direct_reads(Arc::new(Reader)));
+    assert!(!server.set_direct_reads(Arc::new(Reader)), "set once");
+    for _ in 0..100 {
+        let (s, v) = req(&mut c, "GET", "/balloon", None).await;
+        assert_eq!((s, v["amount_mib"].as_u64()), (200, Some(7)));
+    }
+    expect_fault(&mut c, "GET", "/hotplug/memory", None, 404, &["no hot-add"]).await;
+    expect_fault(&mut c, "GET", "/vm/resize", None, 500, &["expects Resize"]).await;
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        1,
+        "served GETs stay on the API thread"
+    );
+
+    // What the reader declines, and every mutation, still reaches the VMM thread.
+    let (s, _) = req(&mut c, "PATCH", "/balloon", Some(r#"{"amount_mib": 1}"#)).await;
+    assert_eq!(s, 204);
+    let _ = req(&mut c, "GET", "/", None).await;
+    assert_eq!(reached.load(Ordering::SeqCst), 3);
+}

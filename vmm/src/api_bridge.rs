@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -181,143 +182,101 @@ pub struct RunningVm {
     pub manager: Arc<Mutex<MemoryManager>>,
 }
 
-/// Event-loop subscriber that answers API requests while the VM runs.
-pub struct ApiHandler {
-    rx: Receiver<ApiMessage>,
-    wake: EventFd,
-    vm: RunningVm,
+/// What the last `PUT /vm/resize` asked for. Written by the VMM thread, read by `GET /vm/resize`.
+#[derive(Debug, Clone, Copy, Default)]
+struct ResizeIntent {
     desired_mib: Option<u64>,
-    /// Whether the current resize needs both devices (it crosses the boot size).
+    /// Whether the resize needs both devices (it crosses the boot size).
     crossing: bool,
     /// A balloon target held back until virtio-mem has finished unplugging: inflating while
     /// Linux unplugs makes it migrate balloon pages out of the blocks it is emptying.
     pending_balloon_mib: Option<u64>,
-    /// Polls virtio-mem progress while a balloon target is held back.
-    resize_timer: TimerFd,
-    requests: u64,
 }
 
-impl ApiHandler {
-    pub fn new(rx: Receiver<ApiMessage>, wake: EventFd, vm: RunningVm) -> std::io::Result<Self> {
-        Ok(Self {
-            rx,
-            wake,
-            vm,
-            desired_mib: None,
-            crossing: false,
-            pending_balloon_mib: None,
-            resize_timer: TimerFd::new()
-                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
-            requests: 0,
-        })
+/// How a read takes the device locks: the VMM thread waits for them; the API thread only tries,
+/// and hands the request to the VMM thread when a device is busy this instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Wait,
+    Try,
+}
+
+/// Why a read did not produce an answer.
+#[derive(Debug)]
+enum ReadError {
+    /// `Access::Try` found a lock taken.
+    Busy,
+    Api(ApiError),
+}
+
+impl From<ApiError> for ReadError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+fn acquire<T>(m: &Mutex<T>, how: Access) -> Result<MutexGuard<'_, T>, ReadError> {
+    match how {
+        Access::Wait => Ok(lock(m)),
+        Access::Try => match m.try_lock() {
+            Ok(g) => Ok(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(ReadError::Busy),
+        },
+    }
+}
+
+fn no_balloon() -> ApiError {
+    ApiError::not_found("no balloon: start the VM with one (--balloon or PUT /balloon)")
+}
+
+fn no_hotplug() -> ApiError {
+    ApiError::not_found("no hot-add memory: start the VM with --hotplug or PUT /hotplug/memory")
+}
+
+/// The running VM as the API's GETs see it: the devices' own numbers, read under their locks,
+/// plus the resize intent. Shared by the VMM thread's [`ApiHandler`] and, as
+/// [`api::DirectReads`], the API thread, which answers `GET /`, `/balloon`,
+/// `/balloon/statistics`, `/hotplug/memory` and `/vm/resize` itself: no channel, no wake-up of
+/// the VMM thread, and the device loop never waits for an HTTP client. Each lock is held only
+/// to copy numbers out, and never two at once.
+pub struct VmView {
+    boot_mib: u64,
+    hotplug: Option<HotplugOptions>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
+    virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
+    resize: Mutex<ResizeIntent>,
+    /// GETs answered on the API thread, and those handed to the VMM thread because a device
+    /// was busy.
+    direct_reads: AtomicU64,
+    direct_busy: AtomicU64,
+}
+
+impl VmView {
+    fn balloon(&self, how: Access) -> Result<MutexGuard<'_, Balloon>, ReadError> {
+        acquire(self.balloon.as_deref().ok_or_else(no_balloon)?, how)
     }
 
-    /// A direct PATCH of either device ends any resize in progress.
-    fn cancel_resize(&mut self) {
-        self.desired_mib = None;
-        self.crossing = false;
-        self.pending_balloon_mib = None;
-        let _ = self.resize_timer.clear();
+    fn virtio_mem(&self, how: Access) -> Result<MutexGuard<'_, VirtioMem>, ReadError> {
+        acquire(self.virtio_mem.as_deref().ok_or_else(no_hotplug)?, how)
     }
 
-    /// Timer tick: apply the held-back balloon target once virtio-mem is done unplugging.
-    fn resize_tick(&mut self) {
-        let Some(mib) = self.pending_balloon_mib else {
-            let _ = self.resize_timer.clear();
-            return;
-        };
-        let unplugged = self.vm.virtio_mem.as_deref().is_none_or(|m| {
-            let m = lock(m);
-            m.plugged_size() <= m.requested_size()
-        });
-        if unplugged {
-            self.pending_balloon_mib = None;
-            let _ = self.resize_timer.clear();
-            if let Ok(mut b) = self.balloon() {
-                if let Err(e) = b.set_target_mib(mib) {
-                    warn!("resize: balloon target {mib} MiB refused: {e}");
-                }
-            }
-        }
-    }
-
-    fn balloon(&self) -> Result<MutexGuard<'_, Balloon>, ApiError> {
-        self.vm.balloon.as_deref().map(lock).ok_or_else(|| {
-            ApiError::not_found("no balloon: start the VM with one (--balloon or PUT /balloon)")
-        })
-    }
-
-    fn virtio_mem(&self) -> Result<MutexGuard<'_, VirtioMem>, ApiError> {
-        self.vm.virtio_mem.as_deref().map(lock).ok_or_else(|| {
-            ApiError::not_found(
-                "no hot-add memory: start the VM with --hotplug or PUT /hotplug/memory",
-            )
-        })
-    }
-
-    /// Answer one request.
-    pub fn handle(&mut self, request: ApiRequest) -> ApiResult {
-        self.requests += 1;
-        match request {
+    /// The answer to a GET this view serves; `None` for any other request.
+    fn answer(&self, request: &ApiRequest, how: Access) -> Option<Result<ApiResponse, ReadError>> {
+        Some(match request {
             ApiRequest::GetInstanceInfo => Ok(ApiResponse::InstanceInfo(instance_info(
                 InstanceState::Running,
             ))),
-            ApiRequest::PutBootSource(_)
-            | ApiRequest::PutMachineConfig(_)
-            | ApiRequest::PutBalloon(_)
-            | ApiRequest::PutHotplugMemory(_)
-            | ApiRequest::Action(ActionType::InstanceStart) => Err(ApiError::conflict(format!(
-                "{} is only allowed before the VM starts; it is running",
-                request_name(&request)
-            ))),
-            ApiRequest::Action(ActionType::SendCtrlAltDel) => Err(ApiError::bad_request(
-                "SendCtrlAltDel needs an emulated i8042 keyboard, which this VMM does not have; \
-                 ask the guest to power off instead",
-            )),
-            ApiRequest::Action(ActionType::FlushMetrics) => Ok(ApiResponse::Empty),
-            ApiRequest::PatchBalloon(u) => {
-                self.cancel_resize();
-                let boot = self.vm.boot_mib;
-                self.balloon()?.set_target_mib(u.amount_mib).map_err(|e| {
-                    ApiError::bad_request(format!(
-                        "amount_mib: {} is out of range 0..{boot} (the guest's boot memory): {e}",
-                        u.amount_mib
-                    ))
-                })?;
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::GetBalloon => Ok(ApiResponse::Balloon(self.balloon_state()?)),
-            ApiRequest::GetBalloonStats => self.balloon_stats(),
-            ApiRequest::PatchBalloonStats(u) => {
-                self.balloon()?
-                    .set_stats_interval(Duration::from_secs(u.stats_polling_interval_s as u64))
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::PatchHotplugMemory(u) => {
-                self.cancel_resize();
-                self.set_requested_mib(u.requested_size_mib)?;
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::GetHotplugMemory => Ok(ApiResponse::HotplugMemory(self.hotplug_state()?)),
-            ApiRequest::PutResize(r) => {
-                self.resize(r.desired_mib)?;
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::GetResize => Ok(ApiResponse::Resize(self.resize_status())),
-            ApiRequest::GetMemory(q) => Ok(ApiResponse::Memory(self.memory_map(&q)?)),
-            ApiRequest::GetMetrics => Ok(ApiResponse::Metrics(self.metrics())),
-        }
+            ApiRequest::GetBalloon => self.balloon_state(how).map(ApiResponse::Balloon),
+            ApiRequest::GetBalloonStats => self.balloon_stats(how).map(ApiResponse::BalloonStats),
+            ApiRequest::GetHotplugMemory => self.hotplug_state(how).map(ApiResponse::HotplugMemory),
+            ApiRequest::GetResize => self.resize_status(how).map(ApiResponse::Resize),
+            _ => return None,
+        })
     }
 
-    fn set_requested_mib(&self, mib: u64) -> Result<(), ApiError> {
-        self.virtio_mem()?
-            .set_requested_size(mib << 20)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
-    }
-
-    fn balloon_state(&self) -> Result<BalloonState, ApiError> {
-        let b = self.balloon()?;
+    fn balloon_state(&self, how: Access) -> Result<BalloonState, ReadError> {
+        let b = self.balloon(how)?;
         let cfg = b.config();
         Ok(BalloonState {
             amount_mib: b.target_mib(),
@@ -330,8 +289,8 @@ impl ApiHandler {
         })
     }
 
-    fn balloon_stats(&self) -> ApiResult {
-        let b = self.balloon()?;
+    fn balloon_stats(&self, how: Access) -> Result<BalloonStats, ReadError> {
+        let b = self.balloon(how)?;
         let mut s = BalloonStats {
             target_pages: b.target_bytes() / PAGE,
             actual_pages: b.actual_bytes() / PAGE,
@@ -358,12 +317,11 @@ impl ApiHandler {
             s.direct_reclaim = st.get(StatTag::DirectReclaims);
             s.age_ms = Some(st.age().as_millis() as u64);
         }
-        Ok(ApiResponse::BalloonStats(s))
+        Ok(s)
     }
 
-    fn hotplug_state(&self) -> Result<HotplugMemoryState, ApiError> {
-        let m = self.virtio_mem()?;
-        let st = m.state();
+    fn hotplug_state(&self, how: Access) -> Result<HotplugMemoryState, ReadError> {
+        let st = self.virtio_mem(how)?.state();
         Ok(HotplugMemoryState {
             total_size_mib: st.region_size >> 20,
             block_size_mib: st.block_size >> 20,
@@ -373,10 +331,234 @@ impl ApiHandler {
         })
     }
 
+    fn resize_status(&self, how: Access) -> Result<ResizeStatus, ReadError> {
+        let intent = *acquire(&self.resize, how)?;
+        // (actual, target) of the balloon and (plugged, requested) of virtio-mem, in bytes.
+        let balloon = match self.balloon.as_deref() {
+            Some(b) => {
+                let b = acquire(b, how)?;
+                Some((b.actual_bytes(), b.target_bytes()))
+            }
+            None => None,
+        };
+        let mem = match self.virtio_mem.as_deref() {
+            Some(m) => {
+                let m = acquire(m, how)?;
+                Some((m.plugged_size(), m.requested_size()))
+            }
+            None => None,
+        };
+        let boot = self.boot_mib;
+        let ballooned = balloon.map_or(0, |(actual, _)| actual >> 20);
+        let plugged = mem.map_or(0, |(plugged, _)| plugged >> 20);
+        let current = boot - ballooned.min(boot) + plugged;
+        let Some(desired) = intent.desired_mib else {
+            return Ok(ResizeStatus {
+                desired_mib: current,
+                current_mib: current,
+                mechanism: ResizeMechanism::None,
+                state: ResizeState::Idle,
+            });
+        };
+        let mechanism = match desired.cmp(&boot) {
+            _ if intent.crossing => ResizeMechanism::Both,
+            std::cmp::Ordering::Less => ResizeMechanism::Balloon,
+            std::cmp::Ordering::Greater => ResizeMechanism::VirtioMem,
+            std::cmp::Ordering::Equal => ResizeMechanism::None,
+        };
+        // Reached when both devices report their targets; plugging rounds up to whole blocks.
+        let balloon_done = balloon.is_none_or(|(actual, target)| actual == target);
+        let mem_done = mem.is_none_or(|(plugged, requested)| plugged == requested);
+        Ok(ResizeStatus {
+            desired_mib: desired,
+            current_mib: current,
+            mechanism,
+            state: if balloon_done && mem_done && intent.pending_balloon_mib.is_none() {
+                ResizeState::Reached
+            } else {
+                ResizeState::InProgress
+            },
+        })
+    }
+}
+
+impl api::DirectReads for VmView {
+    fn read(&self, request: &ApiRequest) -> Option<ApiResult> {
+        match self.answer(request, Access::Try)? {
+            Ok(response) => {
+                self.direct_reads.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(response))
+            }
+            Err(ReadError::Api(e)) => {
+                self.direct_reads.fetch_add(1, Ordering::Relaxed);
+                Some(Err(e))
+            }
+            Err(ReadError::Busy) => {
+                self.direct_busy.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// Event-loop subscriber that answers API requests while the VM runs.
+pub struct ApiHandler {
+    rx: Receiver<ApiMessage>,
+    wake: EventFd,
+    view: Arc<VmView>,
+    manager: Arc<Mutex<MemoryManager>>,
+    /// Polls virtio-mem progress while a balloon target is held back.
+    resize_timer: TimerFd,
+    requests: u64,
+}
+
+impl ApiHandler {
+    pub fn new(rx: Receiver<ApiMessage>, wake: EventFd, vm: RunningVm) -> std::io::Result<Self> {
+        Ok(Self {
+            rx,
+            wake,
+            view: Arc::new(VmView {
+                boot_mib: vm.boot_mib,
+                hotplug: vm.hotplug,
+                balloon: vm.balloon,
+                virtio_mem: vm.virtio_mem,
+                resize: Mutex::new(ResizeIntent::default()),
+                direct_reads: AtomicU64::new(0),
+                direct_busy: AtomicU64::new(0),
+            }),
+            manager: vm.manager,
+            resize_timer: TimerFd::new()
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            requests: 0,
+        })
+    }
+
+    /// The view to give the API server (`ServerHandle::set_direct_reads`), so that it answers
+    /// GETs on its own thread.
+    pub fn view(&self) -> Arc<VmView> {
+        self.view.clone()
+    }
+
+    fn set_intent(&self, intent: ResizeIntent) {
+        *lock(&self.view.resize) = intent;
+    }
+
+    /// A direct PATCH of either device ends any resize in progress.
+    fn cancel_resize(&mut self) {
+        self.set_intent(ResizeIntent::default());
+        let _ = self.resize_timer.clear();
+    }
+
+    /// Timer tick: apply the held-back balloon target once virtio-mem is done unplugging.
+    fn resize_tick(&mut self) {
+        let intent = *lock(&self.view.resize);
+        let Some(mib) = intent.pending_balloon_mib else {
+            let _ = self.resize_timer.clear();
+            return;
+        };
+        let unplugged = self.view.virtio_mem.as_deref().is_none_or(|m| {
+            let m = lock(m);
+            m.plugged_size() <= m.requested_size()
+        });
+        if unplugged {
+            self.set_intent(ResizeIntent {
+                pending_balloon_mib: None,
+                ..intent
+            });
+            let _ = self.resize_timer.clear();
+            if let Ok(mut b) = self.balloon() {
+                if let Err(e) = b.set_target_mib(mib) {
+                    warn!("resize: balloon target {mib} MiB refused: {e}");
+                }
+            }
+        }
+    }
+
+    fn balloon(&self) -> Result<MutexGuard<'_, Balloon>, ApiError> {
+        self.view
+            .balloon
+            .as_deref()
+            .map(lock)
+            .ok_or_else(no_balloon)
+    }
+
+    fn virtio_mem(&self) -> Result<MutexGuard<'_, VirtioMem>, ApiError> {
+        self.view
+            .virtio_mem
+            .as_deref()
+            .map(lock)
+            .ok_or_else(no_hotplug)
+    }
+
+    /// Answer one request.
+    pub fn handle(&mut self, request: ApiRequest) -> ApiResult {
+        self.requests += 1;
+        if let Some(answer) = self.view.answer(&request, Access::Wait) {
+            return answer.map_err(|e| match e {
+                ReadError::Api(e) => e,
+                ReadError::Busy => ApiError::internal("a device lock was busy (cannot happen)"),
+            });
+        }
+        match request {
+            ApiRequest::PutBootSource(_)
+            | ApiRequest::PutMachineConfig(_)
+            | ApiRequest::PutBalloon(_)
+            | ApiRequest::PutHotplugMemory(_)
+            | ApiRequest::Action(ActionType::InstanceStart) => Err(ApiError::conflict(format!(
+                "{} is only allowed before the VM starts; it is running",
+                request_name(&request)
+            ))),
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => Err(ApiError::bad_request(
+                "SendCtrlAltDel needs an emulated i8042 keyboard, which this VMM does not have; \
+                 ask the guest to power off instead",
+            )),
+            ApiRequest::Action(ActionType::FlushMetrics) => Ok(ApiResponse::Empty),
+            ApiRequest::PatchBalloon(u) => {
+                self.cancel_resize();
+                let boot = self.view.boot_mib;
+                self.balloon()?.set_target_mib(u.amount_mib).map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "amount_mib: {} is out of range 0..{boot} (the guest's boot memory): {e}",
+                        u.amount_mib
+                    ))
+                })?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::PatchBalloonStats(u) => {
+                self.balloon()?
+                    .set_stats_interval(Duration::from_secs(u.stats_polling_interval_s as u64))
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::PatchHotplugMemory(u) => {
+                self.cancel_resize();
+                self.set_requested_mib(u.requested_size_mib)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::PutResize(r) => {
+                self.resize(r.desired_mib)?;
+                Ok(ApiResponse::Empty)
+            }
+            ApiRequest::GetMemory(q) => Ok(ApiResponse::Memory(self.memory_map(&q)?)),
+            ApiRequest::GetMetrics => Ok(ApiResponse::Metrics(self.metrics())),
+            ApiRequest::GetInstanceInfo
+            | ApiRequest::GetBalloon
+            | ApiRequest::GetBalloonStats
+            | ApiRequest::GetHotplugMemory
+            | ApiRequest::GetResize => unreachable!("answered by the view above"),
+        }
+    }
+
+    fn set_requested_mib(&self, mib: u64) -> Result<(), ApiError> {
+        self.virtio_mem()?
+            .set_requested_size(mib << 20)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
     /// One size for the guest: balloon below the boot size, virtio-mem above it.
     fn resize(&mut self, desired: u64) -> Result<(), ApiError> {
-        let boot = self.vm.boot_mib;
-        let hot = self.vm.hotplug.map_or(0, |h| h.total_mib);
+        let boot = self.view.boot_mib;
+        let hot = self.view.hotplug.map_or(0, |h| h.total_mib);
         if desired > boot + hot {
             return Err(ApiError::bad_request(format!(
                 "desired_mib {desired} is above the most this VM can have: {} MiB ({boot} MiB of \
@@ -384,39 +566,40 @@ impl ApiHandler {
                 boot + hot
             )));
         }
-        if desired < boot && self.vm.balloon.is_none() {
+        if desired < boot && self.view.balloon.is_none() {
             return Err(ApiError::bad_request(format!(
                 "desired_mib {desired} is below the boot memory ({boot} MiB) and the VM has no balloon"
             )));
         }
-        if desired > boot && self.vm.virtio_mem.is_none() {
+        if desired > boot && self.view.virtio_mem.is_none() {
             return Err(ApiError::bad_request(format!(
                 "desired_mib {desired} is above the boot memory ({boot} MiB) and the VM has no hot-add memory"
             )));
         }
-        let plug_mib = match self.vm.hotplug {
+        let plug_mib = match self.view.hotplug {
             Some(h) => desired.saturating_sub(boot).div_ceil(h.block_mib) * h.block_mib,
             None => 0,
         };
         let balloon_mib = boot.saturating_sub(desired);
         let plugged_now = self
-            .vm
+            .view
             .virtio_mem
             .as_deref()
             .map_or(0, |m| lock(m).plugged_size());
         let ballooned_now = self
-            .vm
+            .view
             .balloon
             .as_deref()
             .map_or(0, |b| lock(b).target_bytes());
         self.cancel_resize();
-        if self.vm.virtio_mem.is_some() {
+        if self.view.virtio_mem.is_some() {
             self.set_requested_mib(plug_mib)?;
         }
-        if self.vm.balloon.is_some() {
+        let mut pending_balloon_mib = None;
+        if self.view.balloon.is_some() {
             if balloon_mib > 0 && plugged_now > (plug_mib << 20) {
                 // Down across the boot size: unplug first, inflate once that is done.
-                self.pending_balloon_mib = Some(balloon_mib);
+                pending_balloon_mib = Some(balloon_mib);
                 let tick = Duration::from_millis(100);
                 self.resize_timer.reset(tick, Some(tick)).map_err(|e| {
                     ApiError::new(api::ApiErrorKind::Internal, format!("timer: {e}"))
@@ -428,65 +611,16 @@ impl ApiHandler {
                     .map_err(|e| ApiError::bad_request(e.to_string()))?;
             }
         }
-        self.crossing = (balloon_mib > 0 && plugged_now > 0) || (plug_mib > 0 && ballooned_now > 0);
-        self.desired_mib = Some(desired);
+        self.set_intent(ResizeIntent {
+            desired_mib: Some(desired),
+            crossing: (balloon_mib > 0 && plugged_now > 0) || (plug_mib > 0 && ballooned_now > 0),
+            pending_balloon_mib,
+        });
         Ok(())
     }
 
-    fn current_mib(&self) -> u64 {
-        let ballooned = self
-            .vm
-            .balloon
-            .as_deref()
-            .map_or(0, |b| lock(b).actual_bytes() >> 20);
-        let plugged = self
-            .vm
-            .virtio_mem
-            .as_deref()
-            .map_or(0, |m| lock(m).plugged_size() >> 20);
-        self.vm.boot_mib - ballooned.min(self.vm.boot_mib) + plugged
-    }
-
-    fn resize_status(&self) -> ResizeStatus {
-        let current = self.current_mib();
-        let Some(desired) = self.desired_mib else {
-            return ResizeStatus {
-                desired_mib: current,
-                current_mib: current,
-                mechanism: ResizeMechanism::None,
-                state: ResizeState::Idle,
-            };
-        };
-        let boot = self.vm.boot_mib;
-        let mechanism = match desired.cmp(&boot) {
-            _ if self.crossing => ResizeMechanism::Both,
-            std::cmp::Ordering::Less => ResizeMechanism::Balloon,
-            std::cmp::Ordering::Greater => ResizeMechanism::VirtioMem,
-            std::cmp::Ordering::Equal => ResizeMechanism::None,
-        };
-        // Reached when both devices report their targets; plugging rounds up to whole blocks.
-        let balloon_done = self.vm.balloon.as_deref().is_none_or(|b| {
-            let b = lock(b);
-            b.actual_bytes() == b.target_bytes()
-        });
-        let mem_done = self.vm.virtio_mem.as_deref().is_none_or(|m| {
-            let m = lock(m);
-            m.plugged_size() == m.requested_size()
-        });
-        ResizeStatus {
-            desired_mib: desired,
-            current_mib: current,
-            mechanism,
-            state: if balloon_done && mem_done && self.pending_balloon_mib.is_none() {
-                ResizeState::Reached
-            } else {
-                ResizeState::InProgress
-            },
-        }
-    }
-
     fn memory_map(&self, q: &MemoryQuery) -> Result<MemoryMap, ApiError> {
-        let m = lock(&self.vm.manager);
+        let m = lock(&self.manager);
         let stats = m.stats();
         let mut regions = Vec::new();
         for r in m.regions() {
@@ -592,7 +726,7 @@ impl ApiHandler {
             stats.free_reported_bytes,
         );
         c.insert("memory_tracker_heap_bytes".into(), stats.tracker_heap_bytes);
-        if let Some(b) = self.vm.balloon.as_deref() {
+        if let Some(b) = self.view.balloon.as_deref() {
             let k = lock(b).counters();
             c.insert("balloon_inflated_pages".into(), k.inflated_pages);
             c.insert("balloon_deflated_pages".into(), k.deflated_pages);
@@ -605,7 +739,7 @@ impl ApiHandler {
             );
             c.insert("balloon_stats_updates".into(), k.stats_updates);
         }
-        if let Some(m) = self.vm.virtio_mem.as_deref() {
+        if let Some(m) = self.view.virtio_mem.as_deref() {
             let k = lock(m).counters();
             c.insert("virtio_mem_plug_requests".into(), k.plug_requests);
             c.insert("virtio_mem_unplug_requests".into(), k.unplug_requests);
@@ -614,12 +748,20 @@ impl ApiHandler {
             c.insert("virtio_mem_errors".into(), k.errors);
             c.insert("virtio_mem_malformed_buffers".into(), k.malformed_buffers);
         }
-        c.insert("api_requests".into(), self.requests);
+        c.insert("api_vmm_thread_requests".into(), self.requests);
+        c.insert(
+            "api_direct_reads".into(),
+            self.view.direct_reads.load(Ordering::Relaxed),
+        );
+        c.insert(
+            "api_direct_reads_busy".into(),
+            self.view.direct_busy.load(Ordering::Relaxed),
+        );
         c
     }
 
     fn metrics(&self) -> MetricsSnapshot {
-        let m = lock(&self.vm.manager);
+        let m = lock(&self.manager);
         let stats = m.stats();
         let rss = m.resident_bytes().unwrap_or(0);
         drop(m);

@@ -34,7 +34,7 @@ fn main() {
 
     let (tx, rx) = mpsc::channel();
     let wake = EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| fail(&format!("eventfd: {e}")));
-    let _server = match server_cfg {
+    let server = match server_cfg {
         Some(cfg) => {
             let w = wake
                 .try_clone()
@@ -74,6 +74,10 @@ fn main() {
     };
     let handler = ApiHandler::new(rx, wake, running)
         .unwrap_or_else(|e| fail(&format!("cannot set up the API handler: {e}")));
+    if let Some(server) = &server {
+        // GETs of device state are answered on the API thread from here on (see VmView).
+        server.set_direct_reads(handler.view());
+    }
     vm.add_subscriber(Arc::new(std::sync::Mutex::new(handler)));
     if let Some(r) = reply {
         r.respond(Ok(ApiResponse::Empty));

@@ -172,6 +172,26 @@ fn configure_and_start_through_the_api_alone() {
         "{}",
         metrics.1
     );
+    // The GETs above after the start were answered on the API thread, the PATCH/PUTs and the
+    // memory map by the VMM thread; each family appears once (Prometheus refuses repeats).
+    let value = |name: &str| -> f64 {
+        let line = metrics
+            .1
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{}", metrics.1))
+    };
+    assert!(value("vmm_api_direct_reads_total") >= 5.0, "{}", metrics.1);
+    assert!(
+        value("vmm_api_vmm_thread_requests_total") >= 5.0,
+        "{}",
+        metrics.1
+    );
+    for line in metrics.1.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let n = metrics.1.lines().filter(|l| *l == line).count();
+        assert_eq!(n, 1, "{line} appears {n} times");
+    }
 }
 
 #[test]

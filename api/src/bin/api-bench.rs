@@ -65,6 +65,12 @@ enum Cmd {
         /// as the answer arrives (closed loop: measures saturation, latency = clients/throughput).
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
+        /// One more client, sending `PUT /actions {"action_type": "FlushMetrics"}` at this rate
+        /// (req/s; 0 = none): a request with no effect that only the VMM thread answers, so its
+        /// latency is how long the VMM thread's event loop takes to turn round a wake-up, the
+        /// same path a device's queue notification takes.
+        #[arg(long, default_value_t = 0.0)]
+        probe_rate: f64,
     },
 }
 
@@ -85,9 +91,11 @@ fn main() -> ExitCode {
             patch_mib,
             get_path,
             rate,
+            probe_rate,
         } => run(RunArgs {
             get_path,
             rate,
+            probe_rate,
             socket,
             fake,
             setup,
@@ -142,6 +150,7 @@ struct RunArgs {
     patch_mib: u64,
     get_path: String,
     rate: f64,
+    probe_rate: f64,
 }
 
 /// Latencies of one kind of request, in nanoseconds.
@@ -158,6 +167,38 @@ impl Samples {
         self.errors += other.errors;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
+        }
+    }
+
+    /// One request's outcome: timed when answered, and an error unless 2xx; a transport error
+    /// also replaces the connection.
+    fn record(
+        &mut self,
+        ns: u64,
+        path: &str,
+        r: Result<api::client::Reply, api::client::ClientError>,
+        c: &mut Client,
+        socket: &std::path::Path,
+    ) {
+        match r {
+            Ok(reply) => {
+                self.ns.push(ns);
+                if !reply.status.is_success() {
+                    self.errors += 1;
+                    self.first_error.get_or_insert_with(|| {
+                        format!(
+                            "{path}: {} {}",
+                            reply.status,
+                            reply.fault_message().unwrap_or_default()
+                        )
+                    });
+                }
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.first_error.get_or_insert_with(|| e.to_string());
+                *c = Client::new(socket);
+            }
         }
     }
 
@@ -181,7 +222,12 @@ fn run(args: RunArgs) -> Result<(), String> {
     if !(args.rate >= 0.0 && args.rate.is_finite()) {
         return Err("--rate must be a non-negative number".into());
     }
+    if !(args.probe_rate >= 0.0 && args.probe_rate.is_finite()) {
+        return Err("--probe-rate must be a non-negative number".into());
+    }
     let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
+    let probe_period =
+        (args.probe_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.probe_rate));
     // An in-process fake on a temporary socket, when asked.
     let mut _fake_parts = None;
     let socket = match (args.socket, args.fake) {
@@ -204,7 +250,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let duration = Duration::from_secs_f64(args.seconds);
-    let (get, patch, elapsed) = rt.block_on(async {
+    let (get, patch, probe, elapsed) = rt.block_on(async {
         if args.setup {
             setup(&socket).await?;
         }
@@ -215,7 +261,34 @@ fn run(args: RunArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("GET /balloon before the run: {e}"))?;
 
-        let start = Arc::new(tokio::sync::Barrier::new(args.clients + 1));
+        let start = Arc::new(tokio::sync::Barrier::new(
+            args.clients + 1 + usize::from(probe_period.is_some()),
+        ));
+        let probe_task = probe_period.map(|p| {
+            let (socket, start) = (socket.clone(), start.clone());
+            tokio::spawn(async move {
+                let mut c = Client::new(&socket);
+                let mut samples = Samples::default();
+                start.wait().await;
+                let t0 = Instant::now();
+                let mut next = tokio::time::Instant::now();
+                while t0.elapsed() < duration {
+                    tokio::time::sleep_until(next).await;
+                    next += p;
+                    let body = br#"{"action_type": "FlushMetrics"}"#.to_vec();
+                    let t = Instant::now();
+                    let r = c.raw(Method::PUT, "/actions", Some(body)).await;
+                    samples.record(
+                        t.elapsed().as_nanos() as u64,
+                        "/actions",
+                        r,
+                        &mut c,
+                        &socket,
+                    );
+                }
+                samples
+            })
+        });
         let mut tasks = Vec::new();
         for id in 0..args.clients {
             let socket = socket.clone();
@@ -250,28 +323,7 @@ fn run(args: RunArgs) -> Result<(), String> {
                     let r = c.raw(method, path, body).await;
                     let ns = t.elapsed().as_nanos() as u64;
                     let s = if is_get { &mut get } else { &mut patch };
-                    match r {
-                        // Answered: timed, and counted as an error unless 2xx.
-                        Ok(reply) => {
-                            s.ns.push(ns);
-                            if !reply.status.is_success() {
-                                s.errors += 1;
-                                s.first_error.get_or_insert_with(|| {
-                                    format!(
-                                        "{path}: {} {}",
-                                        reply.status,
-                                        reply.fault_message().unwrap_or_default()
-                                    )
-                                });
-                            }
-                        }
-                        Err(e) => {
-                            s.errors += 1;
-                            s.first_error.get_or_insert_with(|| e.to_string());
-                            // A fresh connection after an error.
-                            c = Client::new(&socket);
-                        }
-                    }
+                    s.record(ns, path, r, &mut c, &socket);
                     i += 1;
                 }
                 (get, patch)
@@ -286,7 +338,11 @@ fn run(args: RunArgs) -> Result<(), String> {
             get.merge(g);
             patch.merge(p);
         }
-        Ok::<_, String>((get, patch, t0.elapsed()))
+        let probe = match probe_task {
+            Some(t) => Some(t.await.map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok::<_, String>((get, patch, probe, t0.elapsed()))
     })?;
 
     let pacing = match period {
@@ -309,7 +365,11 @@ fn run(args: RunArgs) -> Result<(), String> {
         "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
     );
     let get_name = format!("GET {}", args.get_path);
-    for (name, mut s) in [(get_name.as_str(), get), ("PATCH /balloon", patch)] {
+    let mut rows = vec![(get_name.as_str(), get), ("PATCH /balloon", patch)];
+    if let Some(p) = probe {
+        rows.push(("probe FlushMetrics", p));
+    }
+    for (name, mut s) in rows {
         s.ns.sort_unstable();
         println!(
             "{:<16} {:>9} {:>7} {:>9.0} {:>9} {:>9} {:>9} {:>9}",
