@@ -121,7 +121,8 @@ impl HotplugOptions {
         Ok(o)
     }
 
-    /// The rules of the issue and of Linux's virtio-mem driver.
+    /// The rules of Linux's virtio-mem driver: the API's (`PUT /hotplug/memory`) for the
+    /// region, named by this flag's keys, plus the initial request's alignment.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |detail: String| {
             Err(ConfigError::Option {
@@ -129,21 +130,16 @@ impl HotplugOptions {
                 detail,
             })
         };
-        if self.block_mib < 2 || !self.block_mib.is_power_of_two() || self.block_mib > 1024 {
-            return err(format!(
-                "block_mib is {}; it must be a power of two from 2 to 1024",
-                self.block_mib
-            ));
-        }
-        let align = self.block_mib.max(128);
-        if self.total_mib == 0
-            || !self.total_mib.is_multiple_of(align)
-            || self.total_mib > MAX_MEMORY_MIB
-        {
-            return err(format!(
-                "total_mib is {}; it must be a positive multiple of {align} up to {MAX_MEMORY_MIB}",
-                self.total_mib
-            ));
+        let region = api::HotplugMemoryConfig {
+            total_size_mib: self.total_mib,
+            block_size_mib: self.block_mib,
+        };
+        if let Err(e) = api::Validate::validate(&region) {
+            let key = match e.field {
+                "block_size_mib" => "block_mib",
+                _ => "total_mib",
+            };
+            return err(format!("{key}: {}", e.message));
         }
         if self.requested_mib > self.total_mib || !self.requested_mib.is_multiple_of(self.block_mib)
         {
@@ -466,6 +462,11 @@ mod tests {
             .to_string();
         assert!(e.contains("total_mib is required"), "{e}");
         let e = HotplugOptions::parse("total_mib=100")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("total_mib: 100 is out of range 128.."), "{e}");
+        let e = HotplugOptions::parse("total_mib=200")
             .unwrap()
             .validate()
             .unwrap_err();
