@@ -397,3 +397,38 @@ fn no_interrupt_before_activation_and_after_reset() {
     assert_eq!(rig.interrupt.config_count(), 0);
     assert_eq!(rig.dev.process_queue(), 0);
 }
+
+/// The VMM waits for the guest to follow a new requested size on this eventfd: it is written
+/// when plugged_size changes, and only then.
+#[test]
+fn plugged_size_changes_are_signalled() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let (mut rig, _) = rig_with(256 * MIB);
+    let fd = EventFd::new(EFD_NONBLOCK).unwrap();
+    rig.dev.notify_plugged_changes(fd.try_clone().unwrap());
+    let signalled = |fd: &EventFd| fd.read().is_ok();
+
+    assert_eq!(
+        rig.request(request::STATE, ADDR, 4),
+        Some((response::ACK, response::STATE_UNPLUGGED))
+    );
+    assert!(!signalled(&fd), "a STATE request changes nothing");
+    assert_eq!(
+        rig.request(request::PLUG, ADDR, 4),
+        Some((response::ACK, 0))
+    );
+    assert!(signalled(&fd), "plug");
+    assert_eq!(
+        rig.request(request::PLUG, ADDR + blocks(200), 1)
+            .map(|r| r.0),
+        Some(response::ERROR),
+        "outside the usable region"
+    );
+    assert!(!signalled(&fd), "a refused request changes nothing");
+    assert_eq!(
+        rig.request(request::UNPLUG_ALL, 0, 0),
+        Some((response::ACK, 0))
+    );
+    assert!(signalled(&fd), "unplug all");
+    assert_eq!(rig.dev.plugged_size(), 0);
+}

@@ -10,7 +10,8 @@
 //!
 //! `PUT /vm/resize` picks the mechanism: below the boot size the balloon shrinks the guest,
 //! above it virtio-mem plugs hot-add memory; the other one is released, so they never pull
-//! against each other.
+//! against each other. Going down across the boot size, the balloon target is held back until
+//! virtio-mem reports (an eventfd) that the guest has unplugged down to its new requested size.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -30,8 +31,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
 use memory::{MemoryManager, PageRange, Reason};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BalloonOptions, HotplugOptions, PartialConfig, VmConfig};
 
@@ -407,13 +407,18 @@ pub struct ApiHandler {
     wake: EventFd,
     view: Arc<VmView>,
     manager: Arc<Mutex<MemoryManager>>,
-    /// Polls virtio-mem progress while a balloon target is held back.
-    resize_timer: TimerFd,
+    /// Written by virtio-mem when its plugged size changes: a held-back balloon target waits
+    /// for it.
+    plugged_changed: EventFd,
     requests: u64,
 }
 
 impl ApiHandler {
     pub fn new(rx: Receiver<ApiMessage>, wake: EventFd, vm: RunningVm) -> std::io::Result<Self> {
+        let plugged_changed = EventFd::new(EFD_NONBLOCK)?;
+        if let Some(m) = vm.virtio_mem.as_deref() {
+            lock(m).notify_plugged_changes(plugged_changed.try_clone()?);
+        }
         Ok(Self {
             rx,
             wake,
@@ -427,8 +432,7 @@ impl ApiHandler {
                 direct_busy: AtomicU64::new(0),
             }),
             manager: vm.manager,
-            resize_timer: TimerFd::new()
-                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            plugged_changed,
             requests: 0,
         })
     }
@@ -446,14 +450,13 @@ impl ApiHandler {
     /// A direct PATCH of either device ends any resize in progress.
     fn cancel_resize(&mut self) {
         self.set_intent(ResizeIntent::default());
-        let _ = self.resize_timer.clear();
     }
 
-    /// Timer tick: apply the held-back balloon target once virtio-mem is done unplugging.
-    fn resize_tick(&mut self) {
+    /// virtio-mem's plugged size changed (or a resize just began): apply the held-back balloon
+    /// target once virtio-mem is done unplugging.
+    fn plugged_size_changed(&mut self) {
         let intent = *lock(&self.view.resize);
         let Some(mib) = intent.pending_balloon_mib else {
-            let _ = self.resize_timer.clear();
             return;
         };
         let unplugged = self.view.virtio_mem.as_deref().is_none_or(|m| {
@@ -465,7 +468,6 @@ impl ApiHandler {
                 pending_balloon_mib: None,
                 ..intent
             });
-            let _ = self.resize_timer.clear();
             if let Ok(mut b) = self.balloon() {
                 if let Err(e) = b.set_target_mib(mib) {
                     warn!("resize: balloon target {mib} MiB refused: {e}");
@@ -600,10 +602,6 @@ impl ApiHandler {
             if balloon_mib > 0 && plugged_now > (plug_mib << 20) {
                 // Down across the boot size: unplug first, inflate once that is done.
                 pending_balloon_mib = Some(balloon_mib);
-                let tick = Duration::from_millis(100);
-                self.resize_timer.reset(tick, Some(tick)).map_err(|e| {
-                    ApiError::new(api::ApiErrorKind::Internal, format!("timer: {e}"))
-                })?;
             } else {
                 // Deflating and plugging do not compete: both give the guest memory.
                 self.balloon()?
@@ -616,6 +614,8 @@ impl ApiHandler {
             crossing: (balloon_mib > 0 && plugged_now > 0) || (plug_mib > 0 && ballooned_now > 0),
             pending_balloon_mib,
         });
+        // The guest may have unplugged already, before the intent was recorded.
+        self.plugged_size_changed();
         Ok(())
     }
 
@@ -836,15 +836,15 @@ impl MutEventSubscriber for ApiHandler {
         if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
             warn!("API: cannot watch the wake-up eventfd: {e:?}");
         }
-        if let Err(e) = ops.add(Events::new(&self.resize_timer, EventSet::IN)) {
-            warn!("API: cannot watch the resize timer: {e:?}");
+        if let Err(e) = ops.add(Events::new(&self.plugged_changed, EventSet::IN)) {
+            warn!("API: cannot watch virtio-mem's plugged size: {e:?}");
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.resize_timer.as_raw_fd() {
-            let _ = self.resize_timer.wait();
-            self.resize_tick();
+        if events.fd() == self.plugged_changed.as_raw_fd() {
+            let _ = self.plugged_changed.read();
+            self.plugged_size_changed();
             return;
         }
         if events.fd() != self.wake.as_raw_fd() {

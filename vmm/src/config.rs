@@ -465,7 +465,11 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap_err();
-        assert!(e.to_string().contains("total_mib: 100 is out of range 128.."), "{e}");
+        assert!(
+            e.to_string()
+                .contains("total_mib: 100 is out of range 128.."),
+            "{e}"
+        );
         let e = HotplugOptions::parse("total_mib=200")
             .unwrap()
             .validate()

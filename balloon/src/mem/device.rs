@@ -62,6 +62,8 @@ pub struct VirtioMem {
     counters: MemCounters,
     faults: FaultLog<FAULT_KINDS>,
     backend_log: RateLimitedLog,
+    /// Written when `plugged_size` changes, for a VMM that waits for the guest to (un)plug.
+    plugged_changed: Option<EventFd>,
 }
 
 impl VirtioMem {
@@ -90,6 +92,7 @@ impl VirtioMem {
             counters: MemCounters::default(),
             faults: FaultLog::new("virtio-mem"),
             backend_log: RateLimitedLog::default(),
+            plugged_changed: None,
             config,
         };
         dev.usable_region_size = dev.usable_for(dev.requested_size);
@@ -120,6 +123,21 @@ impl VirtioMem {
             usable_region_size: self.usable_region_size,
             plugged_size: self.plugged_size(),
             requested_size: self.requested_size,
+        }
+    }
+
+    /// From now on, `fd` is written whenever `plugged_size` changes (guest plug or unplug
+    /// requests, a system reset): the VMM can wait for the guest to follow a new requested
+    /// size without polling.
+    pub fn notify_plugged_changes(&mut self, fd: EventFd) {
+        self.plugged_changed = Some(fd);
+    }
+
+    fn plugged_size_may_have_changed(&self, before: u64) {
+        if self.plugged_blocks != before {
+            if let Some(fd) = &self.plugged_changed {
+                let _ = fd.write(1);
+            }
         }
     }
 
@@ -163,8 +181,11 @@ impl VirtioMem {
     /// the next boot starts clean. A plain virtio reset (driver reload) keeps plugged blocks, as
     /// the spec requires; the driver then asks UNPLUG_ALL itself.
     pub fn system_reset(&mut self) -> Result<(), crate::backend::BackendError> {
+        let before = self.plugged_blocks;
         self.reset();
-        self.unplug_all()?;
+        let unplugged = self.unplug_all();
+        self.plugged_size_may_have_changed(before);
+        unplugged?;
         self.usable_region_size = self.usable_for(self.requested_size);
         Ok(())
     }
@@ -177,6 +198,7 @@ impl VirtioMem {
             return 0;
         };
         let usable_before = self.usable_region_size;
+        let plugged_before = self.plugged_blocks;
         let mut returned = 0;
         for handled in 0.. {
             if handled == MAX_CHAINS_PER_EVENT {
@@ -206,6 +228,7 @@ impl VirtioMem {
         if self.usable_region_size != usable_before {
             self.config_changed();
         }
+        self.plugged_size_may_have_changed(plugged_before);
         returned
     }
 
