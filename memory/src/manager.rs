@@ -111,6 +111,8 @@ pub struct MemoryManager {
     policy: DiscardPolicy,
     /// Deferred discards: (region, a, b).
     queue: Vec<(usize, u64, u64)>,
+    /// Batched `MADV_DONTNEED` for flushes of many runs.
+    batch: sys::BatchDontneed,
     counters: Counters,
 }
 
@@ -183,17 +185,34 @@ fn map_region(s: &RegionSpec) -> Result<(MmapRegion<()>, Option<File>), Error> {
         })
     };
     Ok(match s.backing {
-        Backing::PrivateAnonymous | Backing::SharedAnonymous => {
-            let share = if s.backing == Backing::PrivateAnonymous {
-                libc::MAP_PRIVATE
-            } else {
+        Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge | Backing::SharedAnonymous => {
+            let share = if s.backing == Backing::SharedAnonymous {
                 libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
             };
             let m = MmapRegionBuilder::new(size)
                 .with_mmap_prot(prot)
                 .with_mmap_flags(share | libc::MAP_ANONYMOUS | noreserve)
                 .build()
                 .map_err(mmap_err)?;
+            if s.backing == Backing::PrivateAnonymousHuge {
+                // Not fatal: without THP the region is plain 4 KiB memory.
+                if let Err(e) = sys::advise_hugepages(&m) {
+                    log::warn!(
+                        "memory: madvise(MADV_HUGEPAGE) on guest RAM at 0x{:x}: {e}; 4 KiB pages",
+                        s.guest_addr
+                    );
+                }
+                if (m.as_ptr() as u64 ^ s.guest_addr) & (HUGE_PAGE_SIZE - 1) != 0 {
+                    log::warn!(
+                        "memory: guest RAM at 0x{:x} is mapped at {:p}, not 2 MiB-aligned with it: \
+                         guest and host huge pages do not coincide",
+                        s.guest_addr,
+                        m.as_ptr()
+                    );
+                }
+            }
             (m, None)
         }
         Backing::SharedMemfd | Backing::HugetlbFs => {
@@ -377,6 +396,7 @@ impl MemoryManager {
             slots,
             policy: DiscardPolicy::Immediate,
             queue: Vec::new(),
+            batch: sys::BatchDontneed::open(),
             counters: Counters::default(),
         })
     }
@@ -486,18 +506,25 @@ impl MemoryManager {
         queue.sort_unstable();
         let mut done = 0;
         let mut i = 0;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         while i < queue.len() {
-            let (r, a, mut b) = queue[i];
-            i += 1;
-            while i < queue.len() && queue[i].0 == r && queue[i].1 <= b {
-                b = b.max(queue[i].2);
+            // One region's runs, merged, go to the kernel together.
+            let r = queue[i].0;
+            let first = i;
+            runs.clear();
+            while i < queue.len() && queue[i].0 == r {
+                let (_, a, b) = queue[i];
                 i += 1;
+                match runs.last_mut() {
+                    Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                    _ => runs.push((a, b)),
+                }
             }
-            match self.release(r, a, b) {
+            match self.release_runs(r, &runs) {
                 Ok(n) => done += n,
                 Err(e) => {
-                    // Keep what is left for the next flush.
-                    self.queue.extend_from_slice(&queue[i - 1..]);
+                    // Keep what is left for the next flush (what was done is marked discarded).
+                    self.queue.extend_from_slice(&queue[first..]);
                     return Err(e);
                 }
             }
@@ -832,6 +859,12 @@ impl MemoryManager {
     /// Discards the offline, not yet discarded pages of `a..b` (on hugetlbfs: the whole huge
     /// pages around them that are wholly offline) and marks them discarded.
     fn release(&mut self, r: usize, a: u64, b: u64) -> Result<u64, Error> {
+        self.release_runs(r, &[(a, b)])
+    }
+
+    /// The runs of `a..b` to discard: offline pages without D (on hugetlbfs: the whole huge pages
+    /// around them whose pieces are all offline), appended to `todo`.
+    fn undiscarded(&self, r: usize, a: u64, b: u64, todo: &mut Vec<(u64, u64)>) {
         let hugetlb = self.regions[r].spec.backing == Backing::HugetlbFs;
         let (a, b) = if hugetlb {
             self.huge_bounds(r, a, b)
@@ -839,36 +872,91 @@ impl MemoryManager {
             (a, b)
         };
         // Coalesced runs of present pages without D.
-        let mut todo: Vec<(u64, u64)> = Vec::new();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         for c in self.tracker.marked_runs(Some((a, b))) {
             if c.marks.contains(D) {
                 continue;
             }
-            match todo.last_mut() {
+            match runs.last_mut() {
                 Some(last) if last.1 == c.start => last.1 += c.len,
-                _ => todo.push((c.start, c.start + c.len)),
+                _ => runs.push((c.start, c.start + c.len)),
             }
         }
-        if hugetlb {
-            // Only huge pages whose pieces are all offline.
-            let mut whole: Vec<(u64, u64)> = Vec::new();
-            for (x, y) in todo {
-                let (hx, hy) = self.huge_bounds(r, x, y);
-                let mut h = hx;
-                while h < hy {
-                    if self.tracker.contains_range(h, HUGE_PAGES) {
-                        match whole.last_mut() {
-                            Some(last) if last.1 == h => last.1 += HUGE_PAGES,
-                            Some(last) if last.1 > h => {}
-                            _ => whole.push((h, h + HUGE_PAGES)),
-                        }
+        if !hugetlb {
+            todo.extend(runs);
+            return;
+        }
+        // Only huge pages whose pieces are all offline.
+        for (x, y) in runs {
+            let (hx, hy) = self.huge_bounds(r, x, y);
+            let mut h = hx;
+            while h < hy {
+                if self.tracker.contains_range(h, HUGE_PAGES) {
+                    match todo.last_mut() {
+                        Some(last) if last.1 == h => last.1 += HUGE_PAGES,
+                        Some(last) if last.1 > h => {}
+                        _ => todo.push((h, h + HUGE_PAGES)),
                     }
-                    h += HUGE_PAGES;
                 }
+                h += HUGE_PAGES;
             }
-            todo = whole;
         }
+    }
+
+    /// [`Self::release`] for many sorted, disjoint runs of region `r`: on private anonymous
+    /// backings the runs go to the kernel in batches (one `process_madvise` per 512 runs).
+    fn release_runs(&mut self, r: usize, runs: &[(u64, u64)]) -> Result<u64, Error> {
+        let mut todo: Vec<(u64, u64)> = Vec::new();
+        for &(a, b) in runs {
+            self.undiscarded(r, a, b, &mut todo);
+        }
+        // Runs widened to huge pages may meet or overlap their neighbours.
+        todo.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(todo.len());
+        for (x, y) in todo {
+            match merged.last_mut() {
+                Some(last) if x <= last.1 => last.1 = last.1.max(y),
+                _ => merged.push((x, y)),
+            }
+        }
+        let todo = merged;
+        let g = &self.regions[r];
+        let anonymous_private = matches!(
+            g.spec.backing,
+            Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge
+        );
         let mut done = 0;
+        if anonymous_private && todo.len() >= 2 {
+            let start = g.start;
+            let bytes: Vec<(u64, u64)> = todo
+                .iter()
+                .map(|&(x, y)| ((x - start) << PAGE_SHIFT, (y - x) << PAGE_SHIFT))
+                .collect();
+            let res = self.batch.dontneed(g.mmap(), &bytes);
+            let (ok, err) = match res {
+                Ok(calls) => {
+                    self.counters.discard_calls += calls;
+                    (todo.len(), None)
+                }
+                Err((i, source)) => {
+                    self.counters.discard_calls += 1;
+                    (i, Some((i, source)))
+                }
+            };
+            for &(x, y) in &todo[..ok] {
+                done += self.tracker.set_mark(x, y - x, D)?;
+            }
+            if let Some((i, source)) = err {
+                let (x, y) = todo[i];
+                return Err(Error::Discard {
+                    call: "process_madvise(MADV_DONTNEED)",
+                    guest_addr: x << PAGE_SHIFT,
+                    size: (y - x) << PAGE_SHIFT,
+                    source,
+                });
+            }
+            return Ok(done);
+        }
         for (x, y) in todo {
             self.discard(r, x, y)?;
             done += self.tracker.set_mark(x, y - x, D)?;
@@ -883,7 +971,7 @@ impl MemoryManager {
         let offset = (a - g.start) << PAGE_SHIFT;
         let len = (b - a) << PAGE_SHIFT;
         let (call, res) = match g.spec.backing {
-            Backing::PrivateAnonymous => (
+            Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge => (
                 "madvise(MADV_DONTNEED)",
                 sys::madvise(g.mmap(), offset, len, libc::MADV_DONTNEED),
             ),

@@ -13,7 +13,7 @@ use memory::{Backing, DiscardPolicy, MemoryManager, Outcome, PageRange, Reason};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
-const BOOT: u64 = 1024; // pages 0..1024 (4 MiB), private anonymous
+const BOOT: u64 = 1024; // pages 0..1024 (4 MiB), private anonymous (4 KiB or huge pages)
 const HOT_START: u64 = 1536; // a 2 MiB hole, then 8 MiB of hot-add memory on a memfd
 const BLOCK: u64 = 512; // 2 MiB blocks
 const HOT_END: u64 = HOT_START + 4 * BLOCK;
@@ -177,9 +177,9 @@ impl Model {
     }
 }
 
-fn run(reqs: Vec<Req>) -> Result<(), TestCaseError> {
+fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
     let (mut m, _slots) = manager(&[
-        boot(0, BOOT * 4096, Backing::PrivateAnonymous),
+        boot(0, BOOT * 4096, boot_backing),
         hotplug(
             HOT_START * 4096,
             4 * BLOCK * 4096,
@@ -275,6 +275,15 @@ proptest! {
 
     #[test]
     fn manager_matches_page_state_model(reqs in prop::collection::vec(req(), 1..25)) {
-        run(reqs)?;
+        run(reqs, Backing::PrivateAnonymous)?;
+    }
+
+    /// The same on boot RAM backed by transparent huge pages: discards of parts of huge pages
+    /// (which split them) and batched flushes never touch an online page either.
+    #[test]
+    fn manager_on_huge_pages_matches_page_state_model(
+        reqs in prop::collection::vec(req(), 1..25)
+    ) {
+        run(reqs, Backing::PrivateAnonymousHuge)?;
     }
 }
