@@ -3,7 +3,7 @@
 //! The devices never touch host mappings themselves: an inflate becomes one
 //! [`BalloonBackend::inflate`] call per guest buffer, a virtio-mem PLUG one [`MemBackend::plug`]
 //! call per request. The VMM passes the real memory manager (see [`crate::manager`]); tests pass
-//! the recording fakes of [`crate::testing`]; the benchmark passes [`crate::discard::DiscardBackend`].
+//! the recording fakes of [`crate::testing`]; the benchmark passes the real manager too.
 //!
 //! Conventions in this file: a [`Pfn`] is a 4 KiB guest page frame number whatever the guest's
 //! page size; a [`PageRange`] is `count` consecutive frames starting at `start`.
