@@ -287,6 +287,10 @@ fn split(regions: &[Region], a: u64, b: u64) -> Vec<(Option<usize>, u64, u64)> {
 
 /// The offline segments of `a..b` and the online gaps between them.
 fn segments(t: &Tracker, a: u64, b: u64) -> (Vec<Chunk>, Vec<(u64, u64)>) {
+    if b - a == 1 && t.get(a).is_none() {
+        // One online page (a scattered inflate): no walk.
+        return (Vec::new(), vec![(a, b)]);
+    }
     let segs: Vec<Chunk> = t.marked_runs(Some((a, b))).collect();
     let mut gaps = Vec::new();
     let mut pos = a;
@@ -627,6 +631,16 @@ impl MemoryManager {
         mut f: impl FnMut(&mut Self, usize, u64, u64) -> Result<Outcome, Error>,
     ) -> Result<(), Error> {
         for &(a, b) in runs {
+            // Most runs lie inside one region: no need to split them.
+            let r = self.regions.partition_point(|g| g.end <= a);
+            if self
+                .regions
+                .get(r)
+                .is_some_and(|g| g.start <= a && b <= g.end)
+            {
+                *out += f(self, r, a, b)?;
+                continue;
+            }
             for (r, pa, pb) in split(&self.regions, a, b) {
                 match r {
                     None => out.refused += pb - pa,
@@ -903,15 +917,51 @@ impl MemoryManager {
         }
     }
 
+    /// [`Self::undiscarded`] for many sorted, disjoint runs outside hugetlbfs, in one walk of the
+    /// tracker over their span instead of one walk per run.
+    fn undiscarded_many(&self, runs: &[(u64, u64)], todo: &mut Vec<(u64, u64)>) {
+        let (Some(&(lo, _)), Some(&(_, hi))) = (runs.first(), runs.last()) else {
+            return;
+        };
+        let mut i = 0;
+        for c in self.tracker.marked_runs(Some((lo, hi))) {
+            if c.marks.contains(D) {
+                continue;
+            }
+            let (cs, ce) = (c.start, c.start + c.len);
+            while i < runs.len() && runs[i].1 <= cs {
+                i += 1;
+            }
+            // Runs overlapping the chunk; the last one may reach into the next chunk.
+            while i < runs.len() && runs[i].0 < ce {
+                let (x, y) = (cs.max(runs[i].0), ce.min(runs[i].1));
+                match todo.last_mut() {
+                    Some(last) if last.1 == x => last.1 = y,
+                    _ => todo.push((x, y)),
+                }
+                if runs[i].1 > ce {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
+
     /// [`Self::release`] for many sorted, disjoint runs of region `r`: on private anonymous
     /// backings the runs go to the kernel in batches (one `process_madvise` per 512 runs).
     fn release_runs(&mut self, r: usize, runs: &[(u64, u64)]) -> Result<u64, Error> {
         let mut todo: Vec<(u64, u64)> = Vec::new();
-        for &(a, b) in runs {
-            self.undiscarded(r, a, b, &mut todo);
+        if runs.len() >= 16 && self.regions[r].spec.backing != Backing::HugetlbFs {
+            self.undiscarded_many(runs, &mut todo);
+        } else {
+            for &(a, b) in runs {
+                self.undiscarded(r, a, b, &mut todo);
+            }
         }
         // Runs widened to huge pages may meet or overlap their neighbours.
-        todo.sort_unstable();
+        if !todo.is_sorted() {
+            todo.sort_unstable();
+        }
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(todo.len());
         for (x, y) in todo {
             match merged.last_mut() {

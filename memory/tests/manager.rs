@@ -371,8 +371,9 @@ fn pfn_helpers() {
 }
 
 /// A deferred flush of many scattered runs (what the balloon's batched release does) goes to the
-/// kernel in a few batched calls, releases every run and nothing else, on 4 KiB and on huge pages;
-/// whole 2 MiB pieces of a huge-page region are released too.
+/// kernel in a few batched calls, releases every run still offline and nothing else (pages taken
+/// back before the flush keep their contents), on 4 KiB and on huge pages; whole 2 MiB pieces of a
+/// huge-page region are released too.
 #[test]
 fn deferred_flush_of_scattered_runs_is_batched() {
     for backing in [Backing::PrivateAnonymous, Backing::PrivateAnonymousHuge] {
@@ -380,13 +381,19 @@ fn deferred_flush_of_scattered_runs_is_batched() {
         m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
         touch(&m, 0, 32 * MIB, 0x5a);
         let before = m.resident_bytes().unwrap();
-        // 1000 single pages, two apart, from 4 MiB up; and 4 MiB from 16 MiB (2 MiB-aligned).
-        let scattered: Vec<PageRange> = (0..1000u64)
+        // 1200 single pages, two apart, from 4 MiB up; and 4 MiB from 16 MiB (2 MiB-aligned).
+        let scattered: Vec<PageRange> = (0..1200u64)
             .map(|i| PageRange::page(1024 + 2 * i))
             .collect();
         m.offline(&scattered, Reason::Ballooned).unwrap();
         m.offline(&[pages(16 * MIB, 4 * MIB)], Reason::Ballooned)
             .unwrap();
+        // Every sixth page comes back before the flush and is written to.
+        let back: Vec<PageRange> = scattered.iter().copied().step_by(6).collect();
+        m.online(&back, Reason::Ballooned).unwrap();
+        for r in &back {
+            touch(&m, r.start.addr(), 4096, 0x77);
+        }
         assert_eq!(
             m.stats().discard_calls,
             0,
@@ -404,20 +411,27 @@ fn deferred_flush_of_scattered_runs_is_batched() {
             (1000 + 1024) * 4096,
             "{backing:?}: RSS fell by exactly the released pages"
         );
-        for i in 0..1000u64 {
-            let p = 1024 + 2 * i;
+        for (i, r) in scattered.iter().enumerate() {
+            let p = r.start.0;
             assert_eq!(
                 read_u64(&m, (p + 1) * 4096),
                 0x5a5a5a5a5a5a5a5a,
                 "{backing:?}: online neighbour kept"
             );
+            if i % 6 == 0 {
+                assert_eq!(
+                    read_u64(&m, p * 4096),
+                    0x7777777777777777,
+                    "{backing:?}: page back online kept"
+                );
+            }
         }
         assert_eq!(m.stats().discarded_bytes, (1000 + 1024) * 4096);
         m.online(&scattered, Reason::Ballooned).unwrap();
         m.online(&[pages(16 * MIB, 4 * MIB)], Reason::Ballooned)
             .unwrap();
         assert_eq!(
-            read_u64(&m, 1024 * 4096),
+            read_u64(&m, 1026 * 4096),
             0,
             "{backing:?}: released page reads zeros"
         );

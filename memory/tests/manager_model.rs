@@ -41,6 +41,12 @@ fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
     prop::collection::vec((0..SPACE, 1u64..600), 1..4)
 }
 
+/// Many short runs (a fragmented guest's inflate): deferred flushes of them take the batched
+/// paths (one tracker walk, `process_madvise`).
+fn scattered() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec((0..SPACE, 1u64..3), 1..150)
+}
+
 fn reason() -> impl Strategy<Value = Reason> {
     prop_oneof![Just(Reason::Ballooned), Just(Reason::Unplugged)]
 }
@@ -51,6 +57,8 @@ fn req() -> impl Strategy<Value = Req> {
     prop_oneof![
         4 => (ranges(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
         4 => (ranges(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
+        2 => (scattered(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
+        1 => (scattered(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
         2 => ranges().prop_map(Req::Free),
         2 => block_range.clone().prop_map(|(a, n)| Req::Plug(a, n)),
         2 => block_range.prop_map(|(a, n)| Req::Unplug(a, n)),
