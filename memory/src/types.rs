@@ -37,7 +37,7 @@ impl fmt::Display for Pfn {
 }
 
 /// `count` pages starting at `start`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PageRange {
     pub start: Pfn,
     pub count: u64,
@@ -61,6 +61,23 @@ impl PageRange {
     /// One past the last page, saturating at `u64::MAX`.
     pub fn end(self) -> u64 {
         self.start.0.saturating_add(self.count)
+    }
+    /// Size in bytes, saturating.
+    pub fn bytes(self) -> u64 {
+        self.count.saturating_mul(PAGE_SIZE)
+    }
+    pub fn is_empty(self) -> bool {
+        self.count == 0
+    }
+    /// Whether page `pfn` lies in the range.
+    pub fn contains(self, pfn: u64) -> bool {
+        pfn >= self.start.0 && pfn < self.end()
+    }
+}
+
+impl fmt::Display for PageRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PFN 0x{:x}..0x{:x}", self.start.0, self.end())
     }
 }
 
