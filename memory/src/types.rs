@@ -132,7 +132,7 @@ pub enum Backing {
     /// with `madvise(MADV_DONTNEED)` like [`Backing::PrivateAnonymous`].
     ///
     /// The trade-off (see balloon/README.md for figures): an offline run that covers whole 2 MiB
-    /// pieces is freed a huge page at a time, ~25x faster per page than 4 KiB pages. A discard
+    /// pieces is freed a huge page at a time, 13-30x faster than on 4 KiB pages. A discard
     /// of part of a huge page splits its mapping: RSS drops at once, but the kernel frees the
     /// 4 KiB pieces only when it splits the huge page itself (its deferred-split shrinker, under
     /// memory pressure), and khugepaged may fill the holes again (up to `max_ptes_none` missing
