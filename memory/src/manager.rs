@@ -20,11 +20,13 @@
 //! done count as unchanged. The tracker's own updates are all-or-nothing and cannot lose a page.
 //!
 //! # Discard
-//! Newly offline pages are recorded in the tracker first, then their backing is released with the
-//! call that frees it for the region's backing (see [`Backing`]), one call per coalesced run; so an
-//! online page is never discarded. With [`DiscardPolicy::Deferred`], `offline` only records and
-//! queues; [`MemoryManager::flush_discards`] releases the pages of the queue that are still offline
-//! and not yet discarded, so a page brought back online in between is not discarded.
+//! Newly offline pages are recorded in the tracker and queued first, then their backing is released
+//! with the call that frees it for the region's backing (see [`Backing`]), one call per coalesced
+//! run, or on private anonymous regions one `process_madvise` per 512 runs; so an online page is
+//! never discarded. [`MemoryManager::flush_discards`] releases the pages of the queue that are
+//! still offline and not yet discarded, so a page brought back online in between is not
+//! discarded: `offline` calls it before returning under [`DiscardPolicy::Immediate`]; under
+//! [`DiscardPolicy::Deferred`] it only records and queues, and the caller flushes later.
 //! Free page reporting ([`MemoryManager::discard_free`]) and unplug always discard at once: the
 //! guest reuses reported pages as soon as the report is acknowledged.
 
@@ -454,9 +456,14 @@ impl MemoryManager {
             refused,
             ..Outcome::default()
         };
-        let res = self.each_part(&runs, &mut out, |m, r, a, b| {
+        let mut res = self.each_part(&runs, &mut out, |m, r, a, b| {
             m.offline_part(r, a, b, reason)
         });
+        if self.policy == DiscardPolicy::Immediate {
+            // What was recorded is released even if a later part failed.
+            let flushed = self.flush_discards().map(|_| ());
+            res = res.and(flushed);
+        }
         self.counters.refused_offline += out.refused;
         res.map(|_| out)
     }
@@ -670,48 +677,24 @@ impl MemoryManager {
                 convert.push((c.start, c.start + c.len));
             }
         }
-        let hugetlb = g.spec.backing == Backing::HugetlbFs;
-        let immediate = self.policy == DiscardPolicy::Immediate;
-        let mut marks = Marks::from(mark);
-        if immediate && !hugetlb {
-            marks = marks.with(D as usize);
-        }
-        if !immediate {
-            self.queue
-                .try_reserve(gaps.len() + convert.len())
-                .map_err(|_| Error::NoMemory {
-                    what: "deferred discards",
-                    bytes: (gaps.len() + convert.len()) * 24,
-                })?;
-        }
+        // Recorded, then queued: `offline` flushes the queue before it returns under the
+        // immediate policy, so the runs of a whole request reach the kernel together.
+        let marks = Marks::from(mark);
+        self.queue
+            .try_reserve(gaps.len() + convert.len())
+            .map_err(|_| Error::NoMemory {
+                what: "deferred discards",
+                bytes: (gaps.len() + convert.len()) * 24,
+            })?;
         for &(x, y) in &gaps {
             out.changed += self.tracker.insert_range(x, y - x, marks)?;
+            self.queue.push((r, x, y));
         }
         for &(x, y) in &convert {
             self.tracker.set_mark(x, y - x, U)?;
             self.tracker.clear_mark(x, y - x, B)?;
             out.changed += y - x;
-        }
-        if !immediate {
-            self.queue
-                .extend(gaps.iter().chain(&convert).map(|&(x, y)| (r, x, y)));
-            return Ok(out);
-        }
-        if hugetlb {
-            for &(x, y) in gaps.iter().chain(&convert) {
-                self.release(r, x, y)?;
-            }
-            return Ok(out);
-        }
-        for &(x, y) in &gaps {
-            if let Err(e) = self.discard(r, x, y) {
-                // Recorded offline but still backed: say so, for a later flush to retry.
-                let _ = self.tracker.clear_mark(x, y - x, D);
-                return Err(e);
-            }
-        }
-        for &(x, y) in &convert {
-            self.release(r, x, y)?;
+            self.queue.push((r, x, y));
         }
         Ok(out)
     }

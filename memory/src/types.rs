@@ -207,7 +207,8 @@ pub struct MemoryStats {
     pub refused_online_pages: u64,
     pub refused_free_pages: u64,
     pub refused_plug_pages: u64,
-    /// Discard system calls made (cumulative): one per coalesced run.
+    /// Discard system calls made (cumulative): one per coalesced run, or one per batch of up to
+    /// 512 runs of a private anonymous region (`process_madvise`).
     pub discard_calls: u64,
     /// Heap bytes held by the offline-page tracker.
     pub tracker_heap_bytes: u64,

@@ -113,11 +113,9 @@ fn duplicate_and_overlapping_pages_count_once_and_coalesce() {
         .collect();
     let out = m.offline(&req, Reason::Ballooned).unwrap();
     assert_eq!(out.changed, 6);
-    assert_eq!(
-        m.stats().discard_calls,
-        2,
-        "3..8 and 100: two runs, two calls"
-    );
+    // Two runs, one process_madvise call (two madvise calls where the kernel refuses it).
+    let calls = m.stats().discard_calls;
+    assert!(calls == 1 || calls == 2, "3..8 and 100: {calls} calls");
     let runs = m.offline_runs(None, None, 10);
     assert_eq!(
         runs,
