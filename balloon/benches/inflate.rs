@@ -1,31 +1,59 @@
 //! Time per inflate request of 256 PFNs, from the notification (the device starts reading the
-//! avail ring) to the used-ring update, with real host memory released by madvise, against a naive
-//! baseline that issues one madvise per page. Pages are touched before every request so that
-//! every discard really frees memory.
+//! avail ring) to the used-ring update, and pages released per second, on the product backend:
+//! memory/'s `MemoryManager` behind a `Mutex`, with the deferred discard policy, as the VMM builds
+//! it (vmm/src/vm.rs). The naive baseline issues one madvise per page on the same kind of mapping
+//! in the same run. Pages are touched before every request so that every discard really frees
+//! memory.
 //!
 //! The burst group sends 64 such requests back to back, each after the previous ack (as Linux's
-//! driver does), and measures the acks and the time until the burst's memory is released.
+//! driver does), and measures the time until the burst's memory is released (and, printed
+//! alongside, the acks of the same bursts), on guest RAM of 4 KiB pages and of transparent huge
+//! pages.
 //!
 //! Run: `cargo bench -p balloon --bench inflate` (`-- inflate_burst` for the bursts only)
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange};
-use balloon::discard::{madvise_dontneed, DiscardBackend};
-use balloon::testing::{guest_memory, pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
+use balloon::testing::{pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use memory::{Backing, DiscardPolicy, MemoryManager, Reason, RegionKind, RegionSpec, SlotMapper};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-const RAM: usize = 260 << 20;
+const RAM: u64 = 260 << 20;
 /// Ballooned pages come from 4 MiB upward (queues and buffers live below).
 const FIRST_PFN: u32 = (4 << 20) >> 12;
 const PAGES: u32 = (256 << 20) >> 12;
 
 type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
-/// One madvise per page, no bookkeeping: the baseline.
+struct NoKvm;
+
+impl SlotMapper for NoKvm {
+    fn map(&mut self, _: u32, _: u64, _: u64, _: *mut u8) -> Result<(), String> {
+        Ok(())
+    }
+    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Guest RAM as the VMM makes it: one boot region of `backing` behind the manager.
+fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>> {
+    let spec = RegionSpec {
+        guest_addr: 0,
+        size: RAM,
+        backing,
+        kind: RegionKind::BootRam,
+    };
+    let mut mm = MemoryManager::new(&[spec], Box::new(NoKvm)).expect("manager");
+    mm.set_discard_policy(policy).expect("policy");
+    Arc::new(Mutex::new(mm))
+}
+
+/// One `madvise(MADV_DONTNEED)` per page, no bookkeeping: the baseline.
 struct NaiveBackend {
     mem: GuestMemoryMmap,
 }
@@ -41,12 +69,16 @@ impl BalloonBackend for NaiveBackend {
                     .map_err(|_| BackendError::NotManaged {
                         range: PageRange::new(p, 1),
                     })?;
-                madvise_dontneed(host, 4096).map_err(|source| BackendError::Discard {
-                    range: PageRange::new(p, 1),
-                    host_addr: host as u64,
-                    len: 4096,
-                    source,
-                })?;
+                // SAFETY: one page of a live guest mapping; DONTNEED only drops its contents
+                // (the guest gave the page up) and no reference points into guest memory.
+                if unsafe { libc::madvise(host.cast(), 4096, libc::MADV_DONTNEED) } != 0 {
+                    return Err(BackendError::Discard {
+                        range: PageRange::new(p, 1),
+                        host_addr: host as u64,
+                        len: 4096,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
                 o.changed += 1;
             }
         }
@@ -84,6 +116,13 @@ impl BalloonBackend for NullBackend {
     }
 }
 
+fn no_stats() -> BalloonConfig {
+    BalloonConfig {
+        stats: false,
+        ..BalloonConfig::default()
+    }
+}
+
 /// 256 PFNs, no two adjacent, spread over 256 MiB in a scrambled order (what a fragmented guest
 /// sends).
 fn scattered(round: u32) -> Vec<u32> {
@@ -101,31 +140,40 @@ fn contiguous(round: u32) -> Vec<u32> {
     (0..256u32).rev().map(|i| base + i).collect()
 }
 
-/// Where the clock stops.
-#[derive(Clone, Copy)]
-enum Stop {
-    /// At the used-buffer interrupt: what the guest waits for.
-    Ack,
-    /// When the host memory is released: gives pages released per second.
-    Released,
+fn ranges_of(pfns: &[u32]) -> Vec<memory::PageRange> {
+    pfns.iter()
+        .map(|&p| memory::PageRange::page(u64::from(p)))
+        .collect()
 }
 
-type Made = (Arc<dyn BalloonBackend>, Option<Arc<DiscardBackend>>);
+/// How a single request is served.
+#[derive(Clone, Copy)]
+enum Single {
+    /// NaiveBackend: one madvise per page before the ack.
+    Naive,
+    /// The manager with `DiscardPolicy::Immediate`: released (coalesced) before the ack.
+    Immediate,
+    /// The product: ack, then release (clock stops at the ack).
+    DeferredAck,
+    /// The product: ack, then release (clock stops when released).
+    DeferredReleased,
+    /// NullBackend.
+    DeviceOnly,
+}
 
-fn bench_case(
-    c: &mut Criterion,
-    name: &str,
-    make_backend: &dyn Fn(GuestMemoryMmap) -> Made,
-    pattern: fn(u32) -> Vec<u32>,
-    stop: Stop,
-) {
-    let mem = guest_memory(&[(0, RAM)]);
-    let (backend, discard) = make_backend(mem.clone());
-    let config = BalloonConfig {
-        stats: false,
-        ..BalloonConfig::default()
+fn bench_single(c: &mut Criterion, name: &str, mode: Single, pattern: fn(u32) -> Vec<u32>) {
+    let policy = match mode {
+        Single::Immediate => DiscardPolicy::Immediate,
+        _ => DiscardPolicy::Deferred,
     };
-    let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
+    let mm = manager(Backing::PrivateAnonymous, policy);
+    let mem = mm.lock().unwrap().guest_memory().clone();
+    let backend: Arc<dyn BalloonBackend> = match mode {
+        Single::Naive => Arc::new(NaiveBackend { mem: mem.clone() }),
+        Single::DeviceOnly => Arc::new(NullBackend),
+        _ => mm.clone(),
+    };
+    let mut rig = BalloonRig::with_backend(mem.clone(), no_stats(), backend);
     let mut group = c.benchmark_group("inflate_256");
     group.throughput(Throughput::Elements(256));
     group.measurement_time(Duration::from_secs(3));
@@ -143,10 +191,16 @@ fn bench_case(
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                // Guest side, off the clock: fault the pages in, write the PFN buffer, publish;
-                // let the previous request's release finish.
+                // Guest side, off the clock: the previous request's release finishes, its pages
+                // come back (so this one inflates afresh), the pages are faulted in, the PFN
+                // buffer written and published.
+                dev.release_now();
                 round = round.wrapping_add(1);
                 let pfns = pattern(round);
+                mm.lock()
+                    .unwrap()
+                    .online(&ranges_of(&pfns), Reason::Ballooned)
+                    .unwrap();
                 for &p in &pfns {
                     mem.write_obj(0xa5u8, GuestAddress(u64::from(p) << 12))
                         .unwrap();
@@ -155,20 +209,15 @@ fn bench_case(
                 buffers.reset(BUFFER_BASE);
                 let at = buffers.put(&mem, &bytes);
                 queues[0].add(&mem, &[Desc::read(at, bytes.len() as u32)]);
-                if let Some(b) = &discard {
-                    b.flush();
-                }
                 // On the clock: the notification is handled.
                 let t0 = Instant::now();
                 dev.process_queue(0);
-                let end = match stop {
-                    Stop::Ack => interrupt.last_used_at.lock().unwrap().expect("interrupt"),
-                    Stop::Released => {
-                        if let Some(b) = &discard {
-                            b.flush();
-                        }
+                let end = match mode {
+                    Single::DeferredReleased => {
+                        dev.release_now();
                         Instant::now()
                     }
+                    _ => interrupt.last_used_at.lock().unwrap().expect("interrupt"),
                 };
                 total += end.duration_since(t0);
             }
@@ -196,61 +245,56 @@ fn scattered_burst(i: u32) -> Vec<u32> {
 }
 
 /// Request `i` of a contiguous burst: 1 MiB in descending order, right above the previous
-/// request's (64 MiB in all).
+/// request's (64 MiB in all, 2 MiB-aligned).
 fn contiguous_burst(i: u32) -> Vec<u32> {
     let base = FIRST_PFN + i * 256;
     (0..256u32).rev().map(|k| base + k).collect()
 }
 
-/// How the burst's memory is released.
-#[derive(Clone, Copy)]
-enum BurstMode {
-    /// NaiveBackend: one madvise per page before each ack.
-    Naive,
-    /// The device as shipped: ack, then release in batches of RELEASE_BATCH_PAGES; what is left
-    /// at the end is released as the idle timer would (`release_now`).
-    Batched,
-    /// The previous design: ack, then release that request's pages right away.
-    EachRequest,
-}
-
-/// Where the burst's clock stops.
-#[derive(Clone, Copy)]
-enum BurstStop {
-    /// Sum over the 64 requests of notification to interrupt: what the guest waits for.
-    Acks,
-    /// Sum over the 64 requests of the whole handling (ack and any release), plus the final
-    /// release: everything the event loop spends until the burst's memory is back on the host.
-    Released,
-}
-
+/// Runs a burst group case: every iteration starts from the same state (all 256 MiB faulted in;
+/// on huge pages, as huge pages again), sends the 64 requests, and releases what is left as the
+/// idle timer would (`release_now`). Criterion times everything the event loop spends until
+/// the memory is released; the acks of the same bursts are printed.
 fn bench_burst(
     c: &mut Criterion,
     name: &str,
-    mode: BurstMode,
+    backing: Backing,
+    naive: bool,
     pattern: fn(u32) -> Vec<u32>,
-    stop: BurstStop,
 ) {
-    let mem = guest_memory(&[(0, RAM)]);
-    let (backend, discard): Made = match mode {
-        BurstMode::Naive => (Arc::new(NaiveBackend { mem: mem.clone() }), None),
-        _ => {
-            let b = Arc::new(DiscardBackend::after_ack(mem.clone()));
-            (b.clone(), Some(b))
-        }
+    let mm = manager(backing, DiscardPolicy::Deferred);
+    let mem = mm.lock().unwrap().guest_memory().clone();
+    let backend: Arc<dyn BalloonBackend> = if naive {
+        Arc::new(NaiveBackend { mem: mem.clone() })
+    } else {
+        mm.clone()
     };
-    let config = BalloonConfig {
-        stats: false,
-        ..BalloonConfig::default()
-    };
-    let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
+    let mut rig = BalloonRig::with_backend(mem.clone(), no_stats(), backend);
     let requests: Vec<Vec<u8>> = (0..BURST).map(|i| pfn_bytes(&pattern(i))).collect();
     let all_pfns: Vec<u32> = (0..BURST).flat_map(pattern).collect();
+    let span = memory::PageRange::new(u64::from(FIRST_PFN), u64::from(PAGES));
+    let huge = backing == Backing::PrivateAnonymousHuge;
+    let touch = |pfns: &mut dyn Iterator<Item = u32>| {
+        for p in pfns {
+            mem.write_obj(0xa5u8, GuestAddress(u64::from(p) << 12))
+                .unwrap();
+        }
+    };
+    touch(&mut (FIRST_PFN..FIRST_PFN + PAGES));
+    if huge {
+        eprintln!(
+            "{name}: AnonHugePages after faulting in: {} kB",
+            anon_huge_kb()
+        );
+    }
     let mut group = c.benchmark_group("inflate_burst_64x256");
     group.throughput(Throughput::Elements(u64::from(BURST) * 256));
-    group.measurement_time(Duration::from_secs(4));
-    group.warm_up_time(Duration::from_millis(500));
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(2));
+    group.warm_up_time(Duration::from_millis(300));
     group.sample_size(10);
+    let mut acks: Vec<Duration> = Vec::new();
+    let mut calls: Vec<u64> = Vec::new();
     let BalloonRig {
         dev,
         queues,
@@ -262,101 +306,123 @@ fn bench_burst(
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                // Off the clock: the guest touches every page, and the previous burst's pages
-                // are taken back so that this burst inflates (and releases) them afresh.
-                if let Some(d) = &discard {
-                    d.deflate(&[PageRange::new(u64::from(FIRST_PFN), u64::from(PAGES))])
-                        .unwrap();
+                // Off the clock: the previous burst's pages come back, and the guest touches
+                // them again. On huge pages the whole span is dropped and faulted in afresh, so
+                // that every burst meets whole huge pages (a discard inside one splits it).
+                {
+                    let mut m = mm.lock().unwrap();
+                    m.online(&[span], Reason::Ballooned).unwrap();
+                    if huge {
+                        m.discard_free(&[span]).unwrap();
+                    }
                 }
-                for &p in &all_pfns {
-                    mem.write_obj(0xa5u8, GuestAddress(u64::from(p) << 12))
-                        .unwrap();
+                if huge {
+                    touch(&mut (FIRST_PFN..FIRST_PFN + PAGES));
+                } else {
+                    touch(&mut all_pfns.iter().copied());
                 }
+                let calls0 = mm.lock().unwrap().stats().discard_calls;
+                let mut ack = Duration::ZERO;
                 for bytes in &requests {
                     buffers.reset(BUFFER_BASE);
                     let at = buffers.put(&mem, bytes);
                     queues[0].add(&mem, &[Desc::read(at, bytes.len() as u32)]);
                     let t0 = Instant::now();
                     dev.process_queue(0);
-                    if let BurstMode::EachRequest = mode {
-                        dev.release_now();
-                    }
-                    let end = match stop {
-                        BurstStop::Acks => {
-                            interrupt.last_used_at.lock().unwrap().expect("interrupt")
-                        }
-                        BurstStop::Released => Instant::now(),
-                    };
+                    let end = Instant::now();
+                    ack += interrupt
+                        .last_used_at
+                        .lock()
+                        .unwrap()
+                        .expect("interrupt")
+                        .duration_since(t0);
                     total += end.duration_since(t0);
                     queues[0].take_used(&mem);
                 }
-                // The idle timer's work (for Acks, off the clock).
+                // The idle timer's work.
                 let t0 = Instant::now();
                 dev.release_now();
-                if let BurstStop::Released = stop {
-                    total += t0.elapsed();
-                }
+                total += t0.elapsed();
                 assert_eq!(dev.unreleased_bytes(), 0);
+                acks.push(ack);
+                calls.push(mm.lock().unwrap().stats().discard_calls - calls0);
             }
             total
         })
     });
     group.finish();
+    if !acks.is_empty() {
+        acks.sort_unstable();
+        calls.sort_unstable();
+        let median = acks[acks.len() / 2];
+        let pages = f64::from(BURST * 256);
+        eprintln!(
+            "{name}: acks {:.3} ms per burst (median of {}), {:.1} M pages/s acked; \
+             discard calls per burst: {}",
+            median.as_secs_f64() * 1e3,
+            acks.len(),
+            pages / median.as_secs_f64() / 1e6,
+            if naive {
+                "one per page".to_string()
+            } else {
+                calls[calls.len() / 2].to_string()
+            }
+        );
+    }
+}
+
+/// This process's `AnonHugePages` (kB), from /proc/self/smaps_rollup.
+fn anon_huge_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("AnonHugePages:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn benches(c: &mut Criterion) {
-    let sync = |m: GuestMemoryMmap| -> Made { (Arc::new(DiscardBackend::new(m)), None) };
-    let after_ack = |m: GuestMemoryMmap| -> Made {
-        let b = Arc::new(DiscardBackend::after_ack(m));
-        (b.clone(), Some(b))
-    };
-    let naive = |m: GuestMemoryMmap| -> Made { (Arc::new(NaiveBackend { mem: m }), None) };
-    let null = |_: GuestMemoryMmap| -> Made { (Arc::new(NullBackend), None) };
-    type Case<'a> = (&'a str, &'a dyn Fn(GuestMemoryMmap) -> Made, Stop);
     for (pattern_name, pattern) in [
         ("scattered", scattered as fn(u32) -> Vec<u32>),
         ("contiguous", contiguous),
     ] {
-        let cases: [Case; 6] = [
-            ("naive_per_page_madvise", &naive, Stop::Ack),
-            ("coalesced_sync", &sync, Stop::Ack),
-            ("release_after_ack/ack", &after_ack, Stop::Ack),
-            ("release_after_ack/released", &after_ack, Stop::Released),
-            ("device_only_no_release", &null, Stop::Ack),
-            ("naive_per_page_madvise_again", &naive, Stop::Ack),
-        ];
-        for (name, make, stop) in cases {
-            bench_case(c, &format!("{pattern_name}/{name}"), make, pattern, stop);
+        for (name, mode) in [
+            ("naive_per_page_madvise", Single::Naive),
+            ("manager_immediate", Single::Immediate),
+            ("manager_deferred/ack", Single::DeferredAck),
+            ("manager_deferred/released", Single::DeferredReleased),
+            ("device_only_no_release", Single::DeviceOnly),
+            ("naive_per_page_madvise_again", Single::Naive),
+        ] {
+            bench_single(c, &format!("{pattern_name}/{name}"), mode, pattern);
         }
     }
 }
 
 fn burst_benches(c: &mut Criterion) {
-    for (pattern_name, pattern) in [
-        ("scattered", scattered_burst as fn(u32) -> Vec<u32>),
-        ("contiguous", contiguous_burst),
+    for (backing_name, backing) in [
+        ("4k", Backing::PrivateAnonymous),
+        ("thp", Backing::PrivateAnonymousHuge),
     ] {
-        let cases = [
-            (
-                "naive_per_page_madvise",
-                BurstMode::Naive,
-                BurstStop::Released,
-            ),
-            ("batched/acks", BurstMode::Batched, BurstStop::Acks),
-            ("batched/released", BurstMode::Batched, BurstStop::Released),
-            (
-                "release_each_request/released",
-                BurstMode::EachRequest,
-                BurstStop::Released,
-            ),
-            (
-                "naive_per_page_madvise_again",
-                BurstMode::Naive,
-                BurstStop::Released,
-            ),
-        ];
-        for (name, mode, stop) in cases {
-            bench_burst(c, &format!("{pattern_name}/{name}"), mode, pattern, stop);
+        for (pattern_name, pattern) in [
+            ("scattered", scattered_burst as fn(u32) -> Vec<u32>),
+            ("contiguous", contiguous_burst),
+        ] {
+            for (name, naive) in [
+                ("naive_per_page_madvise", true),
+                ("manager", false),
+                ("naive_per_page_madvise_again", true),
+            ] {
+                bench_burst(
+                    c,
+                    &format!("{backing_name}/{pattern_name}/{name}"),
+                    backing,
+                    naive,
+                    pattern,
+                );
+            }
         }
     }
 }

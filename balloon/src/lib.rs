@@ -6,7 +6,6 @@
 //! - [`mem`]: the virtio-mem device.
 //! - [`ranges`]: pure helpers turning guest input into sorted, coalesced ranges inside RAM.
 //! - [`manager`]: the real backends, memory/'s `MemoryManager` behind a `Mutex`.
-//! - [`discard`]: a backend that really releases host memory (benchmark, stand-in).
 //! - [`testing`]: a test driver writing real split virtqueues into guest memory, and fake
 //!   backends that record calls and enforce guest-RAM bounds (used by tests, fuzz and benches).
 //!
@@ -16,7 +15,6 @@
 
 pub mod backend;
 pub mod balloon;
-pub mod discard;
 pub mod manager;
 pub mod mem;
 pub mod ranges;

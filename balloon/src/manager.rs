@@ -12,21 +12,6 @@ use memory::{MemoryManager, Reason};
 
 use crate::backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRange};
 
-fn to_mm(ranges: &[PageRange]) -> Vec<memory::PageRange> {
-    ranges
-        .iter()
-        .map(|r| memory::PageRange::new(r.start.0, r.count))
-        .collect()
-}
-
-fn from_mm(o: memory::Outcome) -> Outcome {
-    Outcome {
-        changed: o.changed,
-        refused: o.refused,
-        unchanged: o.unchanged,
-    }
-}
-
 fn manager_error(e: memory::Error) -> BackendError {
     BackendError::Manager(e.to_string())
 }
@@ -39,30 +24,25 @@ fn lock(m: &Mutex<MemoryManager>) -> MutexGuard<'_, MemoryManager> {
 impl BalloonBackend for Mutex<MemoryManager> {
     fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         lock(self)
-            .offline(&to_mm(ranges), Reason::Ballooned)
-            .map(from_mm)
+            .offline(ranges, Reason::Ballooned)
             .map_err(manager_error)
     }
 
     fn deflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         lock(self)
-            .online(&to_mm(ranges), Reason::Ballooned)
-            .map(from_mm)
+            .online(ranges, Reason::Ballooned)
             .map_err(manager_error)
     }
 
     fn report_free(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
-        lock(self)
-            .discard_free(&to_mm(ranges))
-            .map(from_mm)
-            .map_err(manager_error)
+        lock(self).discard_free(ranges).map_err(manager_error)
     }
 
     fn deflate_all(&self) -> Result<Outcome, BackendError> {
         let mut mm = lock(self);
         let mut total = Outcome::default();
         loop {
-            let runs: Vec<memory::PageRange> = mm
+            let runs: Vec<PageRange> = mm
                 .offline_runs(Some(Reason::Ballooned), None, 1024)
                 .into_iter()
                 .map(|(r, _)| r)
@@ -71,7 +51,7 @@ impl BalloonBackend for Mutex<MemoryManager> {
                 break;
             }
             let o = mm.online(&runs, Reason::Ballooned).map_err(manager_error)?;
-            total += from_mm(o);
+            total += o;
             if o.changed == 0 {
                 // Nothing moved: stop rather than spin.
                 break;
@@ -91,9 +71,7 @@ impl BalloonBackend for Mutex<MemoryManager> {
 
 impl MemBackend for Mutex<MemoryManager> {
     fn plug(&self, range: PageRange) -> Result<(), BackendError> {
-        let o = lock(self)
-            .plug(memory::PageRange::new(range.start.0, range.count))
-            .map_err(manager_error)?;
+        let o = lock(self).plug(range).map_err(manager_error)?;
         if o.refused > 0 {
             return Err(BackendError::Manager(format!(
                 "plug of {range}: {} pages refused",
@@ -104,9 +82,7 @@ impl MemBackend for Mutex<MemoryManager> {
     }
 
     fn unplug(&self, range: PageRange) -> Result<(), BackendError> {
-        let o = lock(self)
-            .unplug(memory::PageRange::new(range.start.0, range.count))
-            .map_err(manager_error)?;
+        let o = lock(self).unplug(range).map_err(manager_error)?;
         if o.refused > 0 {
             return Err(BackendError::Manager(format!(
                 "unplug of {range}: {} pages refused",

@@ -20,11 +20,13 @@
 //! done count as unchanged. The tracker's own updates are all-or-nothing and cannot lose a page.
 //!
 //! # Discard
-//! Newly offline pages are recorded in the tracker first, then their backing is released with the
-//! call that frees it for the region's backing (see [`Backing`]), one call per coalesced run; so an
-//! online page is never discarded. With [`DiscardPolicy::Deferred`], `offline` only records and
-//! queues; [`MemoryManager::flush_discards`] releases the pages of the queue that are still offline
-//! and not yet discarded, so a page brought back online in between is not discarded.
+//! Newly offline pages are recorded in the tracker and queued first, then their backing is released
+//! with the call that frees it for the region's backing (see [`Backing`]), one call per coalesced
+//! run, or on private anonymous regions one `process_madvise` per 512 runs; so an online page is
+//! never discarded. [`MemoryManager::flush_discards`] releases the pages of the queue that are
+//! still offline and not yet discarded, so a page brought back online in between is not
+//! discarded: `offline` calls it before returning under [`DiscardPolicy::Immediate`]; under
+//! [`DiscardPolicy::Deferred`] it only records and queues, and the caller flushes later.
 //! Free page reporting ([`MemoryManager::discard_free`]) and unplug always discard at once: the
 //! guest reuses reported pages as soon as the report is acknowledged.
 
@@ -111,6 +113,8 @@ pub struct MemoryManager {
     policy: DiscardPolicy,
     /// Deferred discards: (region, a, b).
     queue: Vec<(usize, u64, u64)>,
+    /// Batched `MADV_DONTNEED` for flushes of many runs.
+    batch: sys::BatchDontneed,
     counters: Counters,
 }
 
@@ -183,17 +187,34 @@ fn map_region(s: &RegionSpec) -> Result<(MmapRegion<()>, Option<File>), Error> {
         })
     };
     Ok(match s.backing {
-        Backing::PrivateAnonymous | Backing::SharedAnonymous => {
-            let share = if s.backing == Backing::PrivateAnonymous {
-                libc::MAP_PRIVATE
-            } else {
+        Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge | Backing::SharedAnonymous => {
+            let share = if s.backing == Backing::SharedAnonymous {
                 libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
             };
             let m = MmapRegionBuilder::new(size)
                 .with_mmap_prot(prot)
                 .with_mmap_flags(share | libc::MAP_ANONYMOUS | noreserve)
                 .build()
                 .map_err(mmap_err)?;
+            if s.backing == Backing::PrivateAnonymousHuge {
+                // Not fatal: without THP the region is plain 4 KiB memory.
+                if let Err(e) = sys::advise_hugepages(&m) {
+                    log::warn!(
+                        "memory: madvise(MADV_HUGEPAGE) on guest RAM at 0x{:x}: {e}; 4 KiB pages",
+                        s.guest_addr
+                    );
+                }
+                if (m.as_ptr() as u64 ^ s.guest_addr) & (HUGE_PAGE_SIZE - 1) != 0 {
+                    log::warn!(
+                        "memory: guest RAM at 0x{:x} is mapped at {:p}, not 2 MiB-aligned with it: \
+                         guest and host huge pages do not coincide",
+                        s.guest_addr,
+                        m.as_ptr()
+                    );
+                }
+            }
             (m, None)
         }
         Backing::SharedMemfd | Backing::HugetlbFs => {
@@ -268,6 +289,10 @@ fn split(regions: &[Region], a: u64, b: u64) -> Vec<(Option<usize>, u64, u64)> {
 
 /// The offline segments of `a..b` and the online gaps between them.
 fn segments(t: &Tracker, a: u64, b: u64) -> (Vec<Chunk>, Vec<(u64, u64)>) {
+    if b - a == 1 && t.get(a).is_none() {
+        // One online page (a scattered inflate): no walk.
+        return (Vec::new(), vec![(a, b)]);
+    }
     let segs: Vec<Chunk> = t.marked_runs(Some((a, b))).collect();
     let mut gaps = Vec::new();
     let mut pos = a;
@@ -377,6 +402,7 @@ impl MemoryManager {
             slots,
             policy: DiscardPolicy::Immediate,
             queue: Vec::new(),
+            batch: sys::BatchDontneed::open(),
             counters: Counters::default(),
         })
     }
@@ -430,9 +456,14 @@ impl MemoryManager {
             refused,
             ..Outcome::default()
         };
-        let res = self.each_part(&runs, &mut out, |m, r, a, b| {
+        let mut res = self.each_part(&runs, &mut out, |m, r, a, b| {
             m.offline_part(r, a, b, reason)
         });
+        if self.policy == DiscardPolicy::Immediate {
+            // What was recorded is released even if a later part failed.
+            let flushed = self.flush_discards().map(|_| ());
+            res = res.and(flushed);
+        }
         self.counters.refused_offline += out.refused;
         res.map(|_| out)
     }
@@ -486,18 +517,25 @@ impl MemoryManager {
         queue.sort_unstable();
         let mut done = 0;
         let mut i = 0;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         while i < queue.len() {
-            let (r, a, mut b) = queue[i];
-            i += 1;
-            while i < queue.len() && queue[i].0 == r && queue[i].1 <= b {
-                b = b.max(queue[i].2);
+            // One region's runs, merged, go to the kernel together.
+            let r = queue[i].0;
+            let first = i;
+            runs.clear();
+            while i < queue.len() && queue[i].0 == r {
+                let (_, a, b) = queue[i];
                 i += 1;
+                match runs.last_mut() {
+                    Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                    _ => runs.push((a, b)),
+                }
             }
-            match self.release(r, a, b) {
+            match self.release_runs(r, &runs) {
                 Ok(n) => done += n,
                 Err(e) => {
-                    // Keep what is left for the next flush.
-                    self.queue.extend_from_slice(&queue[i - 1..]);
+                    // Keep what is left for the next flush (what was done is marked discarded).
+                    self.queue.extend_from_slice(&queue[first..]);
                     return Err(e);
                 }
             }
@@ -600,6 +638,16 @@ impl MemoryManager {
         mut f: impl FnMut(&mut Self, usize, u64, u64) -> Result<Outcome, Error>,
     ) -> Result<(), Error> {
         for &(a, b) in runs {
+            // Most runs lie inside one region: no need to split them.
+            let r = self.regions.partition_point(|g| g.end <= a);
+            if self
+                .regions
+                .get(r)
+                .is_some_and(|g| g.start <= a && b <= g.end)
+            {
+                *out += f(self, r, a, b)?;
+                continue;
+            }
             for (r, pa, pb) in split(&self.regions, a, b) {
                 match r {
                     None => out.refused += pb - pa,
@@ -629,48 +677,24 @@ impl MemoryManager {
                 convert.push((c.start, c.start + c.len));
             }
         }
-        let hugetlb = g.spec.backing == Backing::HugetlbFs;
-        let immediate = self.policy == DiscardPolicy::Immediate;
-        let mut marks = Marks::from(mark);
-        if immediate && !hugetlb {
-            marks = marks.with(D as usize);
-        }
-        if !immediate {
-            self.queue
-                .try_reserve(gaps.len() + convert.len())
-                .map_err(|_| Error::NoMemory {
-                    what: "deferred discards",
-                    bytes: (gaps.len() + convert.len()) * 24,
-                })?;
-        }
+        // Recorded, then queued: `offline` flushes the queue before it returns under the
+        // immediate policy, so the runs of a whole request reach the kernel together.
+        let marks = Marks::from(mark);
+        self.queue
+            .try_reserve(gaps.len() + convert.len())
+            .map_err(|_| Error::NoMemory {
+                what: "deferred discards",
+                bytes: (gaps.len() + convert.len()) * 24,
+            })?;
         for &(x, y) in &gaps {
             out.changed += self.tracker.insert_range(x, y - x, marks)?;
+            self.queue.push((r, x, y));
         }
         for &(x, y) in &convert {
             self.tracker.set_mark(x, y - x, U)?;
             self.tracker.clear_mark(x, y - x, B)?;
             out.changed += y - x;
-        }
-        if !immediate {
-            self.queue
-                .extend(gaps.iter().chain(&convert).map(|&(x, y)| (r, x, y)));
-            return Ok(out);
-        }
-        if hugetlb {
-            for &(x, y) in gaps.iter().chain(&convert) {
-                self.release(r, x, y)?;
-            }
-            return Ok(out);
-        }
-        for &(x, y) in &gaps {
-            if let Err(e) = self.discard(r, x, y) {
-                // Recorded offline but still backed: say so, for a later flush to retry.
-                let _ = self.tracker.clear_mark(x, y - x, D);
-                return Err(e);
-            }
-        }
-        for &(x, y) in &convert {
-            self.release(r, x, y)?;
+            self.queue.push((r, x, y));
         }
         Ok(out)
     }
@@ -832,6 +856,12 @@ impl MemoryManager {
     /// Discards the offline, not yet discarded pages of `a..b` (on hugetlbfs: the whole huge
     /// pages around them that are wholly offline) and marks them discarded.
     fn release(&mut self, r: usize, a: u64, b: u64) -> Result<u64, Error> {
+        self.release_runs(r, &[(a, b)])
+    }
+
+    /// The runs of `a..b` to discard: offline pages without D (on hugetlbfs: the whole huge pages
+    /// around them whose pieces are all offline), appended to `todo`.
+    fn undiscarded(&self, r: usize, a: u64, b: u64, todo: &mut Vec<(u64, u64)>) {
         let hugetlb = self.regions[r].spec.backing == Backing::HugetlbFs;
         let (a, b) = if hugetlb {
             self.huge_bounds(r, a, b)
@@ -839,36 +869,127 @@ impl MemoryManager {
             (a, b)
         };
         // Coalesced runs of present pages without D.
-        let mut todo: Vec<(u64, u64)> = Vec::new();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         for c in self.tracker.marked_runs(Some((a, b))) {
             if c.marks.contains(D) {
                 continue;
             }
-            match todo.last_mut() {
+            match runs.last_mut() {
                 Some(last) if last.1 == c.start => last.1 += c.len,
-                _ => todo.push((c.start, c.start + c.len)),
+                _ => runs.push((c.start, c.start + c.len)),
             }
         }
-        if hugetlb {
-            // Only huge pages whose pieces are all offline.
-            let mut whole: Vec<(u64, u64)> = Vec::new();
-            for (x, y) in todo {
-                let (hx, hy) = self.huge_bounds(r, x, y);
-                let mut h = hx;
-                while h < hy {
-                    if self.tracker.contains_range(h, HUGE_PAGES) {
-                        match whole.last_mut() {
-                            Some(last) if last.1 == h => last.1 += HUGE_PAGES,
-                            Some(last) if last.1 > h => {}
-                            _ => whole.push((h, h + HUGE_PAGES)),
-                        }
+        if !hugetlb {
+            todo.extend(runs);
+            return;
+        }
+        // Only huge pages whose pieces are all offline.
+        for (x, y) in runs {
+            let (hx, hy) = self.huge_bounds(r, x, y);
+            let mut h = hx;
+            while h < hy {
+                if self.tracker.contains_range(h, HUGE_PAGES) {
+                    match todo.last_mut() {
+                        Some(last) if last.1 == h => last.1 += HUGE_PAGES,
+                        Some(last) if last.1 > h => {}
+                        _ => todo.push((h, h + HUGE_PAGES)),
                     }
-                    h += HUGE_PAGES;
                 }
+                h += HUGE_PAGES;
             }
-            todo = whole;
         }
+    }
+
+    /// [`Self::undiscarded`] for many sorted, disjoint runs outside hugetlbfs, in one walk of the
+    /// tracker over their span instead of one walk per run.
+    fn undiscarded_many(&self, runs: &[(u64, u64)], todo: &mut Vec<(u64, u64)>) {
+        let (Some(&(lo, _)), Some(&(_, hi))) = (runs.first(), runs.last()) else {
+            return;
+        };
+        let mut i = 0;
+        for c in self.tracker.marked_runs(Some((lo, hi))) {
+            if c.marks.contains(D) {
+                continue;
+            }
+            let (cs, ce) = (c.start, c.start + c.len);
+            while i < runs.len() && runs[i].1 <= cs {
+                i += 1;
+            }
+            // Runs overlapping the chunk; the last one may reach into the next chunk.
+            while i < runs.len() && runs[i].0 < ce {
+                let (x, y) = (cs.max(runs[i].0), ce.min(runs[i].1));
+                match todo.last_mut() {
+                    Some(last) if last.1 == x => last.1 = y,
+                    _ => todo.push((x, y)),
+                }
+                if runs[i].1 > ce {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
+
+    /// [`Self::release`] for many sorted, disjoint runs of region `r`: on private anonymous
+    /// backings the runs go to the kernel in batches (one `process_madvise` per 512 runs).
+    fn release_runs(&mut self, r: usize, runs: &[(u64, u64)]) -> Result<u64, Error> {
+        let mut todo: Vec<(u64, u64)> = Vec::new();
+        if runs.len() >= 16 && self.regions[r].spec.backing != Backing::HugetlbFs {
+            self.undiscarded_many(runs, &mut todo);
+        } else {
+            for &(a, b) in runs {
+                self.undiscarded(r, a, b, &mut todo);
+            }
+        }
+        // Runs widened to huge pages may meet or overlap their neighbours.
+        if !todo.is_sorted() {
+            todo.sort_unstable();
+        }
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(todo.len());
+        for (x, y) in todo {
+            match merged.last_mut() {
+                Some(last) if x <= last.1 => last.1 = last.1.max(y),
+                _ => merged.push((x, y)),
+            }
+        }
+        let todo = merged;
+        let g = &self.regions[r];
+        let anonymous_private = matches!(
+            g.spec.backing,
+            Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge
+        );
         let mut done = 0;
+        if anonymous_private && todo.len() >= 2 {
+            let start = g.start;
+            let bytes: Vec<(u64, u64)> = todo
+                .iter()
+                .map(|&(x, y)| ((x - start) << PAGE_SHIFT, (y - x) << PAGE_SHIFT))
+                .collect();
+            let res = self.batch.dontneed(g.mmap(), &bytes);
+            let (ok, err) = match res {
+                Ok(calls) => {
+                    self.counters.discard_calls += calls;
+                    (todo.len(), None)
+                }
+                Err((i, source)) => {
+                    self.counters.discard_calls += 1;
+                    (i, Some((i, source)))
+                }
+            };
+            for &(x, y) in &todo[..ok] {
+                done += self.tracker.set_mark(x, y - x, D)?;
+            }
+            if let Some((i, source)) = err {
+                let (x, y) = todo[i];
+                return Err(Error::Discard {
+                    call: "process_madvise(MADV_DONTNEED)",
+                    guest_addr: x << PAGE_SHIFT,
+                    size: (y - x) << PAGE_SHIFT,
+                    source,
+                });
+            }
+            return Ok(done);
+        }
         for (x, y) in todo {
             self.discard(r, x, y)?;
             done += self.tracker.set_mark(x, y - x, D)?;
@@ -883,7 +1004,7 @@ impl MemoryManager {
         let offset = (a - g.start) << PAGE_SHIFT;
         let len = (b - a) << PAGE_SHIFT;
         let (call, res) = match g.spec.backing {
-            Backing::PrivateAnonymous => (
+            Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge => (
                 "madvise(MADV_DONTNEED)",
                 sys::madvise(g.mmap(), offset, len, libc::MADV_DONTNEED),
             ),

@@ -29,7 +29,8 @@ fn check(region: &MmapRegion<()>, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// `madvise(advice)` on `len` bytes at `offset` in `region`. Only used with `MADV_DONTNEED` and
-/// `MADV_REMOVE`, which change the contents guest memory reads as (to zeros), never the mapping.
+/// `MADV_REMOVE`, which change the contents guest memory reads as (to zeros), never the mapping,
+/// and `MADV_HUGEPAGE`, which changes neither.
 pub fn madvise(region: &MmapRegion<()>, offset: u64, len: u64, advice: i32) -> io::Result<()> {
     check(region, offset, len)?;
     if len == 0 {
@@ -38,7 +39,8 @@ pub fn madvise(region: &MmapRegion<()>, offset: u64, len: u64, advice: i32) -> i
     // SAFETY: the range lies inside `region`'s mapping (checked above), which stays mapped while
     // the reference is held. DONTNEED/REMOVE only drop the pages' contents: guest memory is only
     // accessed through volatile accesses, so no Rust reference observes a value change it
-    // assumed impossible, and no mapping is created or destroyed.
+    // assumed impossible, and no mapping is created or destroyed. HUGEPAGE only changes how
+    // later faults are served.
     let rc = unsafe {
         libc::madvise(
             region.as_ptr().add(offset as usize).cast(),
@@ -125,4 +127,171 @@ pub fn memfd(name: &str, size: u64, hugetlb: bool) -> io::Result<File> {
 pub fn file_blocks(file: &File) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(file.metadata()?.blocks())
+}
+
+/// Ranges per `process_madvise` call (the kernel's `UIO_MAXIOV` is 1024).
+const IOV_BATCH: usize = 512;
+/// Bytes per `process_madvise` call (the kernel caps a vector's total at `MAX_RW_COUNT`, ~2 GiB).
+const BATCH_BYTES: u64 = 1 << 30;
+
+/// `madvise(MADV_DONTNEED)` on many ranges of one mapping in few system calls:
+/// `process_madvise(2)` on this process, one call per [`IOV_BATCH`] ranges. Linux 6.13 accepts
+/// any advice when the target is the caller itself (and 6.15 flushes the TLB once per vector);
+/// where the kernel refuses, the first call fails, and from then on every range gets its own
+/// `madvise`.
+pub struct BatchDontneed {
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl BatchDontneed {
+    pub fn open() -> Self {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        let pidfd = (fd >= 0).then(|| {
+            // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+            unsafe { <std::os::fd::OwnedFd as FromRawFd>::from_raw_fd(fd as i32) }
+        });
+        BatchDontneed { pidfd }
+    }
+
+    /// `MADV_DONTNEED` on every `(offset, len)` of `ranges` in `region`. Returns the system calls
+    /// made, or the index of the first range that could not be discarded and the error.
+    pub fn dontneed(
+        &mut self,
+        region: &MmapRegion<()>,
+        ranges: &[(u64, u64)],
+    ) -> Result<u64, (usize, io::Error)> {
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            check(region, offset, len).map_err(|e| (i, e))?;
+        }
+        let mut calls = 0;
+        let mut i = 0;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(ranges.len().min(IOV_BATCH));
+        while i < ranges.len() {
+            let Some(fd) = self.pidfd.as_ref().filter(|_| ranges.len() - i >= 2) else {
+                let (offset, len) = ranges[i];
+                madvise(region, offset, len, libc::MADV_DONTNEED).map_err(|e| (i, e))?;
+                calls += 1;
+                i += 1;
+                continue;
+            };
+            iov.clear();
+            let mut bytes = 0;
+            for &(offset, len) in &ranges[i..] {
+                if iov.len() == IOV_BATCH || (!iov.is_empty() && bytes + len > BATCH_BYTES) {
+                    break;
+                }
+                iov.push(libc::iovec {
+                    // SAFETY (of the pointer arithmetic): `offset + len` lies inside the mapping
+                    // (checked above).
+                    iov_base: unsafe { region.as_ptr().add(offset as usize) }.cast(),
+                    iov_len: len as usize,
+                });
+                bytes += len;
+            }
+            // SAFETY: every iovec is a page-aligned range inside `region`'s live mapping (checked
+            // above); the kernel only reads the vector. DONTNEED only drops contents, as in
+            // `madvise`.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    fd.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len(),
+                    libc::MADV_DONTNEED,
+                    0u32,
+                )
+            };
+            calls += 1;
+            if ret < 0 {
+                let e = io::Error::last_os_error();
+                log::info!("memory: process_madvise(MADV_DONTNEED) refused ({e}); one madvise per run from now on");
+                self.pidfd = None;
+                continue;
+            }
+            // A short count means the kernel stopped at a range: skip what it did and let the
+            // next round (or the per-range fallback) go on from there.
+            let mut done = ret as u64;
+            let mut n = 0;
+            while n < iov.len() && done >= iov[n].iov_len as u64 {
+                done -= iov[n].iov_len as u64;
+                n += 1;
+            }
+            if n < iov.len() {
+                // Finish the range it stopped in with a plain madvise (re-discarding is harmless).
+                let (offset, len) = ranges[i + n];
+                madvise(region, offset, len, libc::MADV_DONTNEED).map_err(|e| (i + n, e))?;
+                calls += 1;
+                n += 1;
+            }
+            i += n;
+        }
+        Ok(calls)
+    }
+}
+
+/// `madvise(MADV_HUGEPAGE)` on the whole of `region`: anonymous faults there take 2 MiB
+/// transparent huge pages where the kernel has them (THP `enabled` = `always` or `madvise`).
+pub fn advise_hugepages(region: &MmapRegion<()>) -> io::Result<()> {
+    madvise(region, 0, region.size() as u64, libc::MADV_HUGEPAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::mmap::MmapRegionBuilder;
+
+    fn region(pages: usize) -> MmapRegion<()> {
+        let m = MmapRegionBuilder::new(pages * PAGE_SIZE as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            .build()
+            .unwrap();
+        for p in 0..pages {
+            // SAFETY: inside the fresh mapping, which nothing else references.
+            unsafe { *m.as_ptr().add(p * PAGE_SIZE as usize) = 7 };
+        }
+        m
+    }
+
+    fn resident(m: &MmapRegion<()>, page: u64) -> bool {
+        resident_pages(m, page * PAGE_SIZE, PAGE_SIZE).unwrap() == 1
+    }
+
+    #[test]
+    fn batched_and_fallback_dontneed_release_exactly_the_ranges() {
+        let ranges: Vec<(u64, u64)> = (0..600u64)
+            .map(|i| (3 * i * PAGE_SIZE, PAGE_SIZE * (1 + i % 2)))
+            .collect();
+        for batched in [true, false] {
+            let m = region(1800);
+            let mut b = BatchDontneed::open();
+            if !batched {
+                b.pidfd = None;
+            }
+            let calls = b.dontneed(&m, &ranges).unwrap();
+            if batched {
+                // Two calls (512 + 88 ranges), or 600 where the kernel refuses process_madvise.
+                assert!(calls == 2 || calls == 600, "{calls} calls");
+            } else {
+                assert_eq!(calls, 600);
+            }
+            for i in 0..600u64 {
+                assert!(!resident(&m, 3 * i), "range {i} released");
+                assert_eq!(resident(&m, 3 * i + 1), i % 2 == 0, "page after range {i}");
+                assert!(resident(&m, 3 * i + 2), "gap after range {i} kept");
+            }
+        }
+    }
+
+    #[test]
+    fn a_range_outside_the_mapping_is_named_and_nothing_is_released() {
+        let m = region(16);
+        let mut b = BatchDontneed::open();
+        let err = b
+            .dontneed(&m, &[(0, PAGE_SIZE), (15 * PAGE_SIZE, 2 * PAGE_SIZE)])
+            .unwrap_err();
+        assert_eq!(err.0, 1);
+        assert!(resident(&m, 0));
+    }
 }

@@ -113,11 +113,9 @@ fn duplicate_and_overlapping_pages_count_once_and_coalesce() {
         .collect();
     let out = m.offline(&req, Reason::Ballooned).unwrap();
     assert_eq!(out.changed, 6);
-    assert_eq!(
-        m.stats().discard_calls,
-        2,
-        "3..8 and 100: two runs, two calls"
-    );
+    // Two runs, one process_madvise call (two madvise calls where the kernel refuses it).
+    let calls = m.stats().discard_calls;
+    assert!(calls == 1 || calls == 2, "3..8 and 100: {calls} calls");
     let runs = m.offline_runs(None, None, 10);
     assert_eq!(
         runs,
@@ -368,4 +366,78 @@ fn pfn_helpers() {
     assert_eq!(Pfn::from_addr(0x12345678).0, 0x12345);
     assert_eq!(format!("{:?}", PageRange::new(0x10, 2)), "0x10+0x2");
     assert_eq!(PageRange::new(u64::MAX, 5).end(), u64::MAX);
+}
+
+/// A deferred flush of many scattered runs (what the balloon's batched release does) goes to the
+/// kernel in a few batched calls, releases every run still offline and nothing else (pages taken
+/// back before the flush keep their contents), on 4 KiB and on huge pages; whole 2 MiB pieces of a
+/// huge-page region are released too.
+#[test]
+fn deferred_flush_of_scattered_runs_is_batched() {
+    for backing in [Backing::PrivateAnonymous, Backing::PrivateAnonymousHuge] {
+        let (mut m, _) = manager(&[boot(0, 32 * MIB, backing)]);
+        m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
+        touch(&m, 0, 32 * MIB, 0x5a);
+        let before = m.resident_bytes().unwrap();
+        // 1200 single pages, two apart, from 4 MiB up; and 4 MiB from 16 MiB (2 MiB-aligned).
+        let scattered: Vec<PageRange> = (0..1200u64)
+            .map(|i| PageRange::page(1024 + 2 * i))
+            .collect();
+        m.offline(&scattered, Reason::Ballooned).unwrap();
+        m.offline(&[pages(16 * MIB, 4 * MIB)], Reason::Ballooned)
+            .unwrap();
+        // Every sixth page comes back before the flush and is written to.
+        let back: Vec<PageRange> = scattered.iter().copied().step_by(6).collect();
+        m.online(&back, Reason::Ballooned).unwrap();
+        for r in &back {
+            touch(&m, r.start.addr(), 4096, 0x77);
+        }
+        assert_eq!(
+            m.stats().discard_calls,
+            0,
+            "{backing:?}: nothing before the flush"
+        );
+        assert_eq!(m.flush_discards().unwrap(), 1000 + 1024);
+        let calls = m.stats().discard_calls;
+        // 1001 calls where the kernel refuses process_madvise(MADV_DONTNEED) (before 6.13).
+        assert!(
+            calls <= 4 || calls == 1001,
+            "{backing:?}: 1001 runs in {calls} calls"
+        );
+        assert_eq!(
+            before - m.resident_bytes().unwrap(),
+            (1000 + 1024) * 4096,
+            "{backing:?}: RSS fell by exactly the released pages"
+        );
+        for (i, r) in scattered.iter().enumerate() {
+            let p = r.start.0;
+            assert_eq!(
+                read_u64(&m, (p + 1) * 4096),
+                0x5a5a5a5a5a5a5a5a,
+                "{backing:?}: online neighbour kept"
+            );
+            if i % 6 == 0 {
+                assert_eq!(
+                    read_u64(&m, p * 4096),
+                    0x7777777777777777,
+                    "{backing:?}: page back online kept"
+                );
+            }
+        }
+        assert_eq!(m.stats().discarded_bytes, (1000 + 1024) * 4096);
+        m.online(&scattered, Reason::Ballooned).unwrap();
+        m.online(&[pages(16 * MIB, 4 * MIB)], Reason::Ballooned)
+            .unwrap();
+        assert_eq!(
+            read_u64(&m, 1026 * 4096),
+            0,
+            "{backing:?}: released page reads zeros"
+        );
+        assert_eq!(
+            read_u64(&m, 16 * MIB + 8192),
+            0,
+            "{backing:?}: released page reads zeros"
+        );
+        assert_eq!(m.flush_discards().unwrap(), 0);
+    }
 }

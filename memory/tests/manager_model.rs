@@ -13,7 +13,7 @@ use memory::{Backing, DiscardPolicy, MemoryManager, Outcome, PageRange, Reason};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
-const BOOT: u64 = 1024; // pages 0..1024 (4 MiB), private anonymous
+const BOOT: u64 = 1024; // pages 0..1024 (4 MiB), private anonymous (4 KiB or huge pages)
 const HOT_START: u64 = 1536; // a 2 MiB hole, then 8 MiB of hot-add memory on a memfd
 const BLOCK: u64 = 512; // 2 MiB blocks
 const HOT_END: u64 = HOT_START + 4 * BLOCK;
@@ -41,6 +41,12 @@ fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
     prop::collection::vec((0..SPACE, 1u64..600), 1..4)
 }
 
+/// Many short runs (a fragmented guest's inflate): deferred flushes of them take the batched
+/// paths (one tracker walk, `process_madvise`).
+fn scattered() -> impl Strategy<Value = Vec<(u64, u64)>> {
+    prop::collection::vec((0..SPACE, 1u64..3), 1..150)
+}
+
 fn reason() -> impl Strategy<Value = Reason> {
     prop_oneof![Just(Reason::Ballooned), Just(Reason::Unplugged)]
 }
@@ -51,6 +57,8 @@ fn req() -> impl Strategy<Value = Req> {
     prop_oneof![
         4 => (ranges(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
         4 => (ranges(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
+        2 => (scattered(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
+        1 => (scattered(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
         2 => ranges().prop_map(Req::Free),
         2 => block_range.clone().prop_map(|(a, n)| Req::Plug(a, n)),
         2 => block_range.prop_map(|(a, n)| Req::Unplug(a, n)),
@@ -177,9 +185,9 @@ impl Model {
     }
 }
 
-fn run(reqs: Vec<Req>) -> Result<(), TestCaseError> {
+fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
     let (mut m, _slots) = manager(&[
-        boot(0, BOOT * 4096, Backing::PrivateAnonymous),
+        boot(0, BOOT * 4096, boot_backing),
         hotplug(
             HOT_START * 4096,
             4 * BLOCK * 4096,
@@ -275,6 +283,15 @@ proptest! {
 
     #[test]
     fn manager_matches_page_state_model(reqs in prop::collection::vec(req(), 1..25)) {
-        run(reqs)?;
+        run(reqs, Backing::PrivateAnonymous)?;
+    }
+
+    /// The same on boot RAM backed by transparent huge pages: discards of parts of huge pages
+    /// (which split them) and batched flushes never touch an online page either.
+    #[test]
+    fn manager_on_huge_pages_matches_page_state_model(
+        reqs in prop::collection::vec(req(), 1..25)
+    ) {
+        run(reqs, Backing::PrivateAnonymousHuge)?;
     }
 }

@@ -20,6 +20,7 @@ pub mod mmio;
 
 use std::sync::Arc;
 
+use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use virtio_queue::{Queue, QueueT};
@@ -127,4 +128,41 @@ impl ActivationEvent {
     pub fn fd(&self) -> &EventFd {
         &self.0
     }
+    /// Adds the event to the event loop with `data` (from the subscriber's `init`); a failure is
+    /// logged, naming `device`.
+    pub fn watch(&self, ops: &mut EventOps, data: u32, device: &str) {
+        if let Err(e) = ops.add(Events::with_data(&self.0, data, EventSet::IN)) {
+            log::error!("{device}: cannot watch the activation event: {e:?}");
+        }
+    }
+}
+
+/// The queue eventfds of a device on the event loop, kept in line with its activations: removes
+/// the eventfds of earlier activations (`stale`, drained), then adds the current activation's
+/// `queues` (eventfd and event data) once, recording it in `registered`. `current` is `None`
+/// while the device is not active. Called from the subscriber's `init` and on its activation
+/// event (activation itself happens on a vCPU thread, where the loop cannot be changed).
+/// Failures are logged, naming `device`.
+pub fn sync_queue_events<'a>(
+    ops: &mut EventOps,
+    device: &str,
+    stale: &mut Vec<EventFd>,
+    current: Option<(&mut bool, impl IntoIterator<Item = (&'a EventFd, u32)>)>,
+) {
+    for fd in stale.drain(..) {
+        // It may never have been added (reset before the loop ran): nothing to undo then.
+        let _ = ops.remove(Events::empty(&fd));
+    }
+    let Some((registered, queues)) = current else {
+        return;
+    };
+    if *registered {
+        return;
+    }
+    for (fd, data) in queues {
+        if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+            log::error!("{device}: cannot watch a queue eventfd (event data {data}): {e:?}");
+        }
+    }
+    *registered = true;
 }

@@ -17,34 +17,21 @@ pub(crate) const TOKEN_QUEUE_BASE: u32 = 16;
 
 impl Balloon {
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for fd in self.stale_fds.drain(..) {
-            // It may never have been added (reset before the loop ran): nothing to undo then.
-            let _ = ops.remove(Events::empty(&fd));
-        }
-        if let Some(active) = self.active.as_mut() {
-            if !active.registered {
-                for q in &active.queues {
-                    let ev = Events::with_data(
-                        &q.notify,
-                        TOKEN_QUEUE_BASE + q.index as u32,
-                        EventSet::IN,
-                    );
-                    if let Err(e) = ops.add(ev) {
-                        error!("virtio-balloon: cannot watch queue {}: {e:?}", q.index);
-                    }
-                }
-                active.registered = true;
-            }
-        }
+        let current = self.active.as_mut().map(|a| {
+            let queues = a
+                .queues
+                .iter()
+                .map(|q| (&q.notify, TOKEN_QUEUE_BASE + q.index as u32));
+            (&mut a.registered, queues)
+        });
+        virtio::sync_queue_events(ops, "virtio-balloon", &mut self.stale_fds, current);
     }
 }
 
 impl MutEventSubscriber for Balloon {
     fn init(&mut self, ops: &mut EventOps) {
-        let activate = Events::with_data(self.activation_evt.fd(), TOKEN_ACTIVATE, EventSet::IN);
-        if let Err(e) = ops.add(activate) {
-            error!("virtio-balloon: cannot watch the activation event: {e:?}");
-        }
+        self.activation_evt
+            .watch(ops, TOKEN_ACTIVATE, "virtio-balloon");
         let timer = Events::with_data(&self.stats_timer, TOKEN_STATS_TIMER, EventSet::IN);
         if let Err(e) = ops.add(timer) {
             error!("virtio-balloon: cannot watch the stats timer: {e:?}");

@@ -1,6 +1,6 @@
 //! virtio-mem on the VMM's event loop: the activation event, then the request queue's eventfd.
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::error;
 
 use super::device::VirtioMem;
@@ -10,26 +10,17 @@ const TOKEN_QUEUE: u32 = 16;
 
 impl VirtioMem {
     fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for fd in self.stale_fds.drain(..) {
-            let _ = ops.remove(Events::empty(&fd));
-        }
-        if let Some(a) = self.active.as_mut() {
-            if !a.registered {
-                if let Err(e) = ops.add(Events::with_data(&a.notify, TOKEN_QUEUE, EventSet::IN)) {
-                    error!("virtio-mem: cannot watch the request queue: {e:?}");
-                }
-                a.registered = true;
-            }
-        }
+        let current = self
+            .active
+            .as_mut()
+            .map(|a| (&mut a.registered, [(&a.notify, TOKEN_QUEUE)]));
+        virtio::sync_queue_events(ops, "virtio-mem", &mut self.stale_fds, current);
     }
 }
 
 impl MutEventSubscriber for VirtioMem {
     fn init(&mut self, ops: &mut EventOps) {
-        let ev = Events::with_data(self.activation_evt.fd(), TOKEN_ACTIVATE, EventSet::IN);
-        if let Err(e) = ops.add(ev) {
-            error!("virtio-mem: cannot watch the activation event: {e:?}");
-        }
+        self.activation_evt.watch(ops, TOKEN_ACTIVATE, "virtio-mem");
         self.sync_registrations(ops);
     }
 
