@@ -135,12 +135,17 @@ impl Vm {
             }
         }
         let vm_fd = Arc::new(vm_fd);
+        let backing = if config.thp {
+            Backing::PrivateAnonymousHuge
+        } else {
+            Backing::PrivateAnonymous
+        };
         let mut specs: Vec<RegionSpec> = layout::ram_ranges(config.memory_bytes())
             .into_iter()
             .map(|(guest_addr, size)| RegionSpec {
                 guest_addr,
                 size,
-                backing: Backing::PrivateAnonymous,
+                backing,
                 kind: RegionKind::BootRam,
             })
             .collect();
@@ -163,7 +168,7 @@ impl Vm {
             specs.push(RegionSpec {
                 guest_addr: layout::hotplug_base(config.memory_bytes()),
                 size: h.total_mib << 20,
-                backing: Backing::PrivateAnonymous,
+                backing,
                 kind: RegionKind::Hotplug {
                     block_size: h.block_mib << 20,
                 },

@@ -198,3 +198,28 @@ fn virtio_mmio_window_answers_with_magic_and_device_id() {
     assert_eq!(r.console, "virt5", "stderr: {}", r.stderr);
     assert_eq!(r.code, 0);
 }
+
+/// `--thp` backs guest RAM with transparent huge pages: the guest runs as before, and the host
+/// accepted the advice (the VMM warns when madvise(MADV_HUGEPAGE) fails or the mapping cannot
+/// line up with guest huge pages).
+#[test]
+fn thp_backed_guest_ram_runs_the_guest() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!(
+            "SKIPPED: thp_backed_guest_ram_runs_the_guest: THP is off on this host ({thp:?})"
+        );
+        return;
+    }
+    let mut code = outb(0x3f8, b"THP\n");
+    code.extend(outb(0x3c0, &[(5 << 2) | (1 << 5)]));
+    code.extend_from_slice(&HALT);
+    let Some(r) = run_tiny("thp", &code, &["--thp", "--log-level", "warn"]) else {
+        return;
+    };
+    assert_eq!(r.console, "THP\n", "stderr: {}", r.stderr);
+    assert_eq!(r.code, 0, "stderr: {}", r.stderr);
+    assert!(!r.stderr.contains("MADV_HUGEPAGE"), "{}", r.stderr);
+    assert!(!r.stderr.contains("not 2 MiB-aligned"), "{}", r.stderr);
+}
