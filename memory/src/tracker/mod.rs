@@ -601,8 +601,10 @@ impl Pool {
                 })?;
         }
         while self.maps.len() < need.maps {
-            self.maps
-                .push(FBox::try_new(MarkMaps([[0; WORDS]; MARK_COUNT]))?);
+            self.maps.push(FBox::try_new(MarkMaps(
+                [[0; WORDS]; MARK_COUNT],
+                [0; MARK_COUNT],
+            ))?);
         }
         Ok(())
     }
