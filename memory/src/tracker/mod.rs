@@ -666,8 +666,13 @@ impl Pool {
 pub struct Tracker {
     root: Option<FBox<Node>>,
     height: u32,
+    /// `slot_shift(height)` while there is a root (for the lookup and single-page fast paths).
+    top: u32,
     count: u64,
     mark_count: [u64; MARK_COUNT],
+    /// Pages added (wrapping: minus pages removed) by the single-page fast paths, per set of
+    /// marks: one add instead of one per mark; `count_marked` folds them in.
+    by_marks: [u64; 8],
     pool: Pool,
 }
 
@@ -696,7 +701,14 @@ impl Tracker {
 
     /// Number of tracked pages carrying `mark`, O(1).
     pub fn count_marked(&self, mark: Mark) -> u64 {
-        self.mark_count[mark as usize]
+        let k = mark as usize;
+        let mut n = self.mark_count[k];
+        for (m, c) in self.by_marks.iter().enumerate() {
+            if Marks(m as u8).has(k) {
+                n = n.wrapping_add(*c);
+            }
+        }
+        n
     }
 
     fn check(start: u64, count: u64) -> Result<u64, TrackerError> {
@@ -816,6 +828,11 @@ impl Tracker {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
         self.shrink();
+        self.top = if self.height > 0 {
+            slot_shift(self.height)
+        } else {
+            0
+        };
         self.pool.release_empty();
         debug_assert_eq!(
             self.reserved(),
@@ -865,7 +882,8 @@ impl Tracker {
     pub fn insert(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         // Fast path: the page's leaf exists, carries exactly `marks` and does not fill up, so
         // nothing above the leaf changes.
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.height, index) {
+        debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, index) {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b != 0 {
@@ -877,9 +895,8 @@ impl Tracker {
             {
                 leaf.bits[w] |= b;
                 leaf.count += 1;
-                for k in 0..MARK_COUNT {
-                    self.mark_count[k] += u64::from(marks.0 >> k) & 1;
-                }
+                let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                *c = c.wrapping_add(1);
                 self.count += 1;
                 return Ok(true);
             }
@@ -896,7 +913,8 @@ impl Tracker {
     #[inline]
     pub fn remove(&mut self, index: u64) -> Result<bool, TrackerError> {
         // Fast path: a leaf with uniform marks that does not become empty.
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.height, index) {
+        debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, index) {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b == 0 {
@@ -906,9 +924,8 @@ impl Tracker {
                 leaf.bits[w] &= !b;
                 leaf.count -= 1;
                 let marks = leaf.uniform;
-                for k in 0..MARK_COUNT {
-                    self.mark_count[k] -= u64::from(marks.0 >> k) & 1;
-                }
+                let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                *c = c.wrapping_sub(1);
                 self.count -= 1;
                 return Ok(true);
             }
@@ -918,12 +935,12 @@ impl Tracker {
 
     /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
     #[inline]
-    fn leaf_mut(root: &mut Option<FBox<Node>>, height: u32, index: u64) -> Option<&mut Leaf> {
-        if index >> span_shift(height) != 0 {
+    fn leaf_mut(root: &mut Option<FBox<Node>>, top: u32, index: u64) -> Option<&mut Leaf> {
+        let mut node: &mut Node = root.as_deref_mut()?;
+        if index >> (top + SLOT_SHIFT) != 0 {
             return None;
         }
-        let mut node: &mut Node = root.as_deref_mut()?;
-        let mut shift = slot_shift(height);
+        let mut shift = top;
         loop {
             let r = node.slot((index >> shift) as usize & 63);
             if r >= SLOT_FULL {
@@ -1176,7 +1193,7 @@ impl Tracker {
         if end - 1 > MAX_INDEX || start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
             return None;
         }
-        let leaf = Self::leaf_mut(&mut self.root, self.height, start)?;
+        let leaf = Self::leaf_mut(&mut self.root, self.top, start)?;
         if leaf.mixed.is_some() {
             return None;
         }
@@ -1260,10 +1277,11 @@ impl Tracker {
         let Some(mut node) = self.root.as_deref() else {
             return false;
         };
-        if index >> span_shift(self.height) != 0 {
+        debug_assert_eq!(self.top, slot_shift(self.height));
+        if index >> (self.top + SLOT_SHIFT) != 0 {
             return false;
         }
-        let mut shift = slot_shift(self.height);
+        let mut shift = self.top;
         loop {
             let r = node.slot((index >> shift) as usize & 63);
             if r >= SLOT_FULL {
