@@ -106,6 +106,9 @@ fn model_runs(
 }
 
 fn check_counts(t: &Tracker, m: &BTreeMap<u64, Marks>) -> Result<(), TestCaseError> {
+    if let Err(e) = t.check_invariants() {
+        return Err(TestCaseError::fail(e));
+    }
     prop_assert_eq!(t.len(), m.len() as u64);
     for (k, mark) in MARKS.iter().enumerate() {
         let want = m.values().filter(|v| v.has(k)).count() as u64;
@@ -176,6 +179,7 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .chain([a, 0])
                 {
                     prop_assert_eq!(c.contains(p), m.contains_key(&p), "cursor 0x{:x}", p);
+                    prop_assert_eq!(t.contains(p), m.contains_key(&p), "contains 0x{:x}", p);
                 }
             }
             Op::Next(a, f) => {

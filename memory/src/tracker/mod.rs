@@ -1430,6 +1430,56 @@ impl Tracker {
         }
     }
 
+    /// Checks the structure's internal bookkeeping: every node's slot bytes against its
+    /// `present`/`full` bits and child vector, children of the right kind for their level, the
+    /// stored root shift. For tests (the property test calls it after every operation, so
+    /// release builds check it too); `Err` names what is wrong.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        fn node(n: &Node, level: u32, base: u64) -> Result<(), String> {
+            let kids = n.present & !n.full;
+            if n.children.len() != kids.count_ones() as usize {
+                return Err(format!(
+                    "node 0x{base:x} (level {level}): {} children for {} child slots",
+                    n.children.len(),
+                    kids.count_ones()
+                ));
+            }
+            for i in 0..64u32 {
+                let want = if n.present >> i & 1 == 0 {
+                    SLOT_EMPTY
+                } else if n.full >> i & 1 != 0 {
+                    SLOT_FULL
+                } else {
+                    n.child_index(i) as u8
+                };
+                if n.rank[i as usize] != want {
+                    return Err(format!(
+                        "node 0x{base:x} (level {level}) slot {i}: byte {} should be {want}",
+                        n.rank[i as usize]
+                    ));
+                }
+                if want < 64 {
+                    let sbase = base + (u64::from(i) << slot_shift(level));
+                    match (&n.children[usize::from(want)], level) {
+                        (Child::Leaf(_), 1) => {}
+                        (Child::Node(c), l) if l > 1 => node(c, l - 1, sbase)?,
+                        _ => return Err(format!("wrong child kind at 0x{sbase:x}")),
+                    }
+                }
+            }
+            Ok(())
+        }
+        match &self.root {
+            None if self.height != 0 => Err(format!("no root at height {}", self.height)),
+            None => Ok(()),
+            Some(_) if self.top != slot_shift(self.height) => {
+                Err(format!("root shift {} at height {}", self.top, self.height))
+            }
+            Some(r) => node(r, self.height, 0),
+        }
+    }
+
     /// A batch of updates with a sticky error, checked once at the end (as xarray's `xas`).
     pub fn batch(&mut self) -> Batch<'_> {
         Batch {
