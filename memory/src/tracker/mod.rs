@@ -591,7 +591,7 @@ impl Pool {
                 })?;
         }
         while self.leaves.len() < need.leaves {
-            self.leaves.push(FBox::try_new(Leaf::empty())?);
+            self.leaves.push(FBox::try_new_with(Leaf::empty)?);
         }
         if self.maps.len() < need.maps {
             self.maps
@@ -1001,7 +1001,7 @@ impl Tracker {
             .map_err(|_| TrackerError::NoMemory {
                 bytes: std::mem::size_of::<Child>(),
             })?;
-        let mut leaf = FBox::try_new(Leaf::empty())?;
+        let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let lo = start & (leaf::LEAF_PAGES - 1);
         let n = u64::from(leaf.set_bits(lo, lo + (end - start)));
         leaf.uniform = m;
@@ -1078,7 +1078,7 @@ impl Tracker {
             .map_err(|_| TrackerError::NoMemory {
                 bytes: std::mem::size_of::<Child>(),
             })?;
-        let mut leaf = FBox::try_new(Leaf::empty())?;
+        let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let fm = node.slot_marks(i);
         leaf.set_full(fm);
         let lo = start & (leaf::LEAF_PAGES - 1);
