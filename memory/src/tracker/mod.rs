@@ -1223,10 +1223,9 @@ impl Tracker {
                 d.marks[k] = n;
             }
         }
-        self.count = (self.count as i64 + d.present) as u64;
-        for k in 0..MARK_COUNT {
-            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
-        }
+        self.count = self.count.wrapping_add(n as u64);
+        let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+        *c = c.wrapping_add(n as u64);
         Some(d)
     }
 
