@@ -1296,14 +1296,15 @@ impl Tracker {
         }
     }
 
-    /// A read cursor for many lookups near each other: it keeps the leaf (or the full or empty
-    /// slot) of the last lookup, so lookups inside it cost one bit test.
+    /// A read cursor for many lookups near each other: it keeps the leaf-sized window of the
+    /// last lookup (a leaf's bits, or a window of a full or empty slot), so lookups inside it
+    /// cost one bit test.
     pub fn lookup_cursor(&self) -> LookupCursor<'_> {
         LookupCursor {
             tracker: self,
             lo: 0,
-            hi: 0,
-            what: Cached::Absent,
+            len: 0,
+            bits: &NO_PAGES,
         }
     }
 
@@ -1489,70 +1490,60 @@ impl Tracker {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Cached<'a> {
-    Absent,
-    Full,
-    Leaf(&'a Leaf),
-}
+/// The bits of a window inside an empty or a full slot, for the lookup cursor.
+static NO_PAGES: [u64; WORDS] = [0; WORDS];
+static ALL_PAGES: [u64; WORDS] = [u64::MAX; WORDS];
 
 /// See [`Tracker::lookup_cursor`].
 pub struct LookupCursor<'a> {
     tracker: &'a Tracker,
-    /// The cached span `lo..hi` and what it is.
+    /// The cached leaf-sized window `lo..lo + len` (`len` 0: nothing yet) and its bits: the
+    /// leaf's, or all ones or all zeros inside a full or an empty slot. One bit test per
+    /// lookup inside it, whatever the window holds.
     lo: u64,
-    hi: u64,
-    what: Cached<'a>,
+    len: u64,
+    bits: &'a [u64; WORDS],
 }
 
 impl LookupCursor<'_> {
     #[inline]
     pub fn contains(&mut self, index: u64) -> bool {
-        if index.wrapping_sub(self.lo) >= self.hi.wrapping_sub(self.lo) {
+        let mut d = index.wrapping_sub(self.lo);
+        if d >= self.len {
             self.seek(index);
+            d = index - self.lo;
         }
-        match self.what {
-            Cached::Absent => false,
-            Cached::Full => true,
-            Cached::Leaf(l) => l.contains(index - self.lo),
-        }
+        self.bits[(d >> 6) as usize & (WORDS - 1)] >> (d & 63) & 1 != 0
     }
 
     fn seek(&mut self, index: u64) {
         let t = self.tracker;
-        let span = |shift: u32| {
-            let lo = (index >> shift) << shift;
-            (lo, lo.saturating_add(1u64 << shift))
-        };
+        self.lo = index & !(leaf::LEAF_PAGES - 1);
+        self.len = leaf::LEAF_PAGES;
+        self.bits = &NO_PAGES;
         let top = span_shift(t.height.max(1));
         let Some(mut node) = t.root.as_deref().filter(|_| index >> top == 0) else {
-            // Outside the tree: absent up to the next power-of-64 boundary we can name.
-            (self.lo, self.hi, self.what) = (index, index.wrapping_add(1), Cached::Absent);
-            return;
+            return; // outside the tree
         };
         let mut level = t.height;
         loop {
-            let shift = slot_shift(level);
-            let i = ((index >> shift) & 63) as u32;
-            let bit = 1u64 << i;
-            let (lo, hi) = span(shift);
-            if node.present & bit == 0 {
-                (self.lo, self.hi, self.what) = (lo, hi, Cached::Absent);
-                return;
-            }
-            if node.full & bit != 0 {
-                (self.lo, self.hi, self.what) = (lo, hi, Cached::Full);
-                return;
-            }
-            match &node.children[node.kid(i as usize)] {
-                Child::Node(n) => {
-                    node = n;
-                    level -= 1;
-                }
-                Child::Leaf(l) => {
-                    (self.lo, self.hi, self.what) = (lo, hi, Cached::Leaf(l));
+            let i = ((index >> slot_shift(level)) & 63) as usize;
+            match node.slot(i) {
+                SLOT_EMPTY => return,
+                SLOT_FULL => {
+                    self.bits = &ALL_PAGES;
                     return;
                 }
+                r => match &node.children[usize::from(r)] {
+                    Child::Node(n) => {
+                        node = n;
+                        level -= 1;
+                    }
+                    Child::Leaf(l) => {
+                        self.bits = &l.bits;
+                        return;
+                    }
+                },
             }
         }
     }
@@ -1648,32 +1639,66 @@ fn walk_runs<F: FnMut(u64, u64)>(
             Child::Leaf(l) => {
                 let a = lo.max(sbase) - sbase;
                 let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
-                let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
-                for w in fw..=lw {
-                    let mut e = match filter {
-                        Some(k) => l.mark_word(k, w),
-                        None => l.bits[w],
-                    };
-                    if w == fw {
-                        e &= !0u64 << (a & 63);
-                    }
-                    if w == lw && (b & 63) != 0 {
-                        e &= (1u64 << (b & 63)) - 1;
-                    }
-                    let wbase = sbase + ((w as u64) << 6);
-                    while e != 0 {
-                        let tz = e.trailing_zeros();
-                        let ones = (!(e >> tz)).trailing_zeros();
-                        let end = tz + ones;
-                        acc.add(wbase + u64::from(tz), wbase + u64::from(end));
-                        if end == 64 {
-                            break;
-                        }
-                        e &= !0u64 << end;
-                    }
+                match filter {
+                    None => leaf_runs(|w| l.bits[w], sbase, a, b, acc),
+                    Some(k) => leaf_runs(|w| l.mark_word(k, w), sbase, a, b, acc),
                 }
             }
         }
+    }
+}
+
+/// Hands `acc` the runs of set bits of a leaf's words (`word(w)`) within offsets `a..b`. A run
+/// is found with one trailing-zeros count at each end; the whole words in between are only
+/// compared with all-ones (a born-offline region onlined in 2 MiB blocks is mostly such words).
+#[inline(always)]
+fn leaf_runs<F: FnMut(u64, u64)>(
+    word: impl Fn(usize) -> u64,
+    sbase: u64,
+    a: u64,
+    b: u64,
+    acc: &mut RunAcc<'_, F>,
+) {
+    let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
+    let last_mask = if b & 63 == 0 {
+        u64::MAX
+    } else {
+        (1u64 << (b & 63)) - 1
+    };
+    let get = |w: usize| {
+        let e = word(w & 63);
+        if w == lw {
+            e & last_mask
+        } else {
+            e
+        }
+    };
+    let mut w = fw;
+    let mut e = get(w) & (!0u64 << (a & 63));
+    loop {
+        let wbase = sbase + ((w as u64) << 6);
+        while e != 0 {
+            let tz = e.trailing_zeros();
+            let end = tz + (!(e >> tz)).trailing_zeros();
+            if end == 64 {
+                // The run reaches the top of the word: on through the full words after it
+                // (the rest of it, in the next word, joins it in `acc`).
+                let mut v = w + 1;
+                while v <= lw && get(v) == u64::MAX {
+                    v += 1;
+                }
+                acc.add(wbase + u64::from(tz), sbase + b.min((v as u64) << 6));
+                w = v - 1;
+                break;
+            }
+            acc.add(wbase + u64::from(tz), wbase + u64::from(end));
+            e &= !0u64 << end;
+        }
+        w += 1;
+        if w > lw {
+            return;
+        }
+        e = get(w);
     }
 }
 
