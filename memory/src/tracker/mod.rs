@@ -1651,7 +1651,7 @@ fn walk_runs<F: FnMut(u64, u64)>(
 /// Hands `acc` the runs of set bits of a leaf's words (`word(w)`) within offsets `a..b`. A run
 /// is found with one trailing-zeros count at each end; the whole words in between are only
 /// compared with all-ones (a born-offline region onlined in 2 MiB blocks is mostly such words).
-#[inline(always)]
+#[inline(never)]
 fn leaf_runs<F: FnMut(u64, u64)>(
     word: impl Fn(usize) -> u64,
     sbase: u64,
