@@ -668,6 +668,9 @@ pub struct Tracker {
     height: u32,
     /// `slot_shift(height)` while there is a root (for the lookup and single-page fast paths).
     top: u32,
+    /// `1 << span_shift(height)` while there is a root, 0 without: the first index past the
+    /// tree (one compare for the fast paths).
+    limit: u64,
     count: u64,
     mark_count: [u64; MARK_COUNT],
     /// Pages added (wrapping: minus pages removed) by the single-page fast paths, per set of
@@ -828,6 +831,11 @@ impl Tracker {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
         self.shrink();
+        self.limit = if self.height > 0 {
+            1u64 << span_shift(self.height)
+        } else {
+            0
+        };
         self.top = if self.height > 0 {
             slot_shift(self.height)
         } else {
@@ -883,7 +891,7 @@ impl Tracker {
         // Fast path: the page's leaf exists, carries exactly `marks` and does not fill up, so
         // nothing above the leaf changes.
         debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, index) {
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, index) {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b != 0 {
@@ -914,7 +922,7 @@ impl Tracker {
     pub fn remove(&mut self, index: u64) -> Result<bool, TrackerError> {
         // Fast path: a leaf with uniform marks that does not become empty.
         debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, index) {
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, index) {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b == 0 {
@@ -935,11 +943,16 @@ impl Tracker {
 
     /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
     #[inline]
-    fn leaf_mut(root: &mut Option<FBox<Node>>, top: u32, index: u64) -> Option<&mut Leaf> {
-        let mut node: &mut Node = root.as_deref_mut()?;
-        if index >> (top + SLOT_SHIFT) != 0 {
+    fn leaf_mut(
+        root: &mut Option<FBox<Node>>,
+        top: u32,
+        limit: u64,
+        index: u64,
+    ) -> Option<&mut Leaf> {
+        if index >= limit {
             return None;
         }
+        let mut node: &mut Node = root.as_deref_mut()?;
         let mut shift = top;
         loop {
             let r = node.slot((index >> shift) as usize & 63);
@@ -1193,7 +1206,7 @@ impl Tracker {
         if end - 1 > MAX_INDEX || start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
             return None;
         }
-        let leaf = Self::leaf_mut(&mut self.root, self.top, start)?;
+        let leaf = Self::leaf_mut(&mut self.root, self.top, self.limit, start)?;
         if leaf.mixed.is_some() {
             return None;
         }
@@ -1277,7 +1290,7 @@ impl Tracker {
             return false;
         };
         debug_assert_eq!(self.top, slot_shift(self.height));
-        if index >> (self.top + SLOT_SHIFT) != 0 {
+        if index >= self.limit {
             return false;
         }
         let mut shift = self.top;
@@ -1472,7 +1485,11 @@ impl Tracker {
         }
         match &self.root {
             None if self.height != 0 => Err(format!("no root at height {}", self.height)),
+            None if self.limit != 0 => Err(format!("limit {} without a root", self.limit)),
             None => Ok(()),
+            Some(_) if self.limit != 1 << span_shift(self.height) => {
+                Err(format!("limit {} at height {}", self.limit, self.height))
+            }
             Some(_) if self.top != slot_shift(self.height) => {
                 Err(format!("root shift {} at height {}", self.top, self.height))
             }
