@@ -91,8 +91,10 @@ fn fmt_bytes(b: f64) -> String {
     }
 }
 
-fn fmt_ns(ns: f64) -> String {
-    if ns >= 1e6 {
+/// Nanoseconds per operation, or milliseconds for a whole workload (`ms`), so that rows of one
+/// workload are in one unit.
+fn fmt_ns(ns: f64, ms: bool) -> String {
+    if ms || ns >= 1e6 {
         format!("{:.2} ms", ns / 1e6)
     } else {
         format!("{ns:.1}")
@@ -113,8 +115,8 @@ impl Row {
             self.structure,
             self.unit,
             self.ops,
-            fmt_ns(min),
-            fmt_ns(med),
+            fmt_ns(min, self.unit.starts_with("whole")),
+            fmt_ns(med, self.unit.starts_with("whole")),
             fmt_bytes(peak as f64),
             if pp.is_nan() {
                 "-".into()

@@ -22,6 +22,11 @@ enum Op {
     Runs(Option<usize>, Option<(u64, u64)>),
     MarkedRuns(Option<(u64, u64)>),
     ContainsRange(u64, u64),
+    /// Single-page inserts at `a`, `a + stride`, ... (`n` of them, through `insert` and its
+    /// fast paths): leaves filled page by page, to hundreds of pages, with mixed marks.
+    Sprinkle(u64, u64, u64, u8),
+    /// Single-page removals at `a`, `a + stride`, ...: leaves emptied page by page.
+    Pluck(u64, u64, u64),
 }
 
 /// Page numbers clustered around the interesting places: 0, leaf and node boundaries at every
@@ -53,6 +58,10 @@ fn count() -> impl Strategy<Value = u64> {
     ]
 }
 
+fn stride() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(1u64), 1u64..4, 1u64..16]
+}
+
 fn window() -> impl Strategy<Value = Option<(u64, u64)>> {
     prop_oneof![
         Just(None),
@@ -73,6 +82,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (filt, window()).prop_map(|(f, w)| Op::Runs(f, w)),
         1 => window().prop_map(Op::MarkedRuns),
         1 => (index(), count()).prop_map(|(a, n)| Op::ContainsRange(a, n)),
+        2 => (index(), 1u64..330, stride(), 0u8..3)
+            .prop_map(|(a, n, s, m)| Op::Sprinkle(a, n, s, m)),
+        2 => (index(), 1u64..330, stride()).prop_map(|(a, n, s)| Op::Pluck(a, n, s)),
     ]
 }
 
@@ -106,6 +118,9 @@ fn model_runs(
 }
 
 fn check_counts(t: &Tracker, m: &BTreeMap<u64, Marks>) -> Result<(), TestCaseError> {
+    if let Err(e) = t.check_invariants() {
+        return Err(TestCaseError::fail(e));
+    }
     prop_assert_eq!(t.len(), m.len() as u64);
     for (k, mark) in MARKS.iter().enumerate() {
         let want = m.values().filter(|v| v.has(k)).count() as u64;
@@ -176,6 +191,7 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .chain([a, 0])
                 {
                     prop_assert_eq!(c.contains(p), m.contains_key(&p), "cursor 0x{:x}", p);
+                    prop_assert_eq!(t.contains(p), m.contains_key(&p), "contains 0x{:x}", p);
                 }
             }
             Op::Next(a, f) => {
@@ -213,6 +229,21 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .map(|c| (c.start, c.len, c.marks))
                     .collect();
                 prop_assert_eq!(got, model_runs(&m, None, w, true));
+            }
+            Op::Sprinkle(a, n, stride, mk) => {
+                for p in (0..n).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {
+                    let want = !m.contains_key(&p);
+                    if want {
+                        m.insert(p, Marks(mk));
+                    }
+                    prop_assert_eq!(t.insert(p, Marks(mk)).unwrap(), want, "insert 0x{:x}", p);
+                }
+            }
+            Op::Pluck(a, n, stride) => {
+                for p in (0..n).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {
+                    let want = m.remove(&p).is_some();
+                    prop_assert_eq!(t.remove(p).unwrap(), want, "remove 0x{:x}", p);
+                }
             }
             Op::ContainsRange(a, n) => {
                 let n = clip(a, n);

@@ -198,7 +198,7 @@ impl<'a> Iterator for Chunks<'a> {
                     marks: node.slot_marks(i),
                 });
             }
-            match &node.children[node.child_index(i)] {
+            match &node.children[node.kid(i as usize)] {
                 Child::Leaf(l) => {
                     self.leaf = Some((l, sbase));
                 }

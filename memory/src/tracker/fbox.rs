@@ -32,6 +32,24 @@ impl<T> FBox<T> {
     }
 }
 
+impl<T> FBox<T> {
+    /// As `try_new`, with the value made by `make` after the allocation succeeded, so that it
+    /// can be written straight into the heap instead of being built and then copied.
+    #[inline]
+    pub fn try_new_with(make: impl FnOnce() -> T) -> Result<Self, AllocError> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(1).map_err(|_| AllocError {
+            bytes: std::mem::size_of::<T>(),
+        })?;
+        v.push(make());
+        let slice: Box<[T]> = v.into_boxed_slice();
+        match Box::<[T; 1]>::try_from(slice) {
+            Ok(b) => Ok(FBox(b)),
+            Err(_) => unreachable!("one-element slice converts to [T; 1]"),
+        }
+    }
+}
+
 impl<T> Deref for FBox<T> {
     type Target = T;
     fn deref(&self) -> &T {

@@ -11,18 +11,17 @@ pub const LEAF_SHIFT: u32 = 12;
 pub const LEAF_PAGES: u64 = 1 << LEAF_SHIFT;
 pub const WORDS: usize = 64;
 
-/// One bitmap per mark, each a subset of the leaf's presence bits.
+/// One bitmap per mark, each a subset of the leaf's presence bits, and how many pages carry
+/// each mark (kept here, not in the leaf, so a leaf with uniform marks is 8 bytes smaller).
 #[derive(Debug, Clone)]
-pub struct MarkMaps(pub [[u64; WORDS]; MARK_COUNT]);
+pub struct MarkMaps(pub [[u64; WORDS]; MARK_COUNT], pub [u16; MARK_COUNT]);
 
 #[derive(Debug)]
 pub struct Leaf {
     pub bits: [u64; WORDS],
-    /// Present pages.
+    /// Present pages. (Pages carrying each mark: in `mixed`, the only case where they are
+    /// not `count` or 0.)
     pub count: u16,
-    /// Present pages carrying each mark; kept only while `mixed` is `Some` (with uniform marks
-    /// it is `count` or 0 per mark, so the fast paths need not touch it).
-    pub mcount: [u16; MARK_COUNT],
     /// The marks of every present page, when `mixed` is `None`.
     pub uniform: Marks,
     pub mixed: Option<FBox<MarkMaps>>,
@@ -33,6 +32,17 @@ pub struct Leaf {
 pub fn word_mask(lo: u32, hi: u32) -> u64 {
     let upper = if hi == 64 { u64::MAX } else { (1u64 << hi) - 1 };
     upper & !((1u64 << lo) - 1)
+}
+
+/// Set bits of `x`, with the empty and full words (most words of runs) taken without a
+/// popcount, which baseline x86-64 does in software.
+#[inline(always)]
+pub fn ones(x: u64) -> u32 {
+    match x {
+        0 => 0,
+        u64::MAX => 64,
+        _ => x.count_ones(),
+    }
 }
 
 /// Calls `f(word, mask)` for each word touched by page offsets `lo..hi` within a leaf.
@@ -56,7 +66,6 @@ impl Leaf {
         Leaf {
             bits: [0; WORDS],
             count: 0,
-            mcount: [0; MARK_COUNT],
             uniform: Marks::NONE,
             mixed: None,
         }
@@ -74,7 +83,6 @@ impl Leaf {
         self.bits = [0; WORDS];
         self.count = 0;
         self.uniform = Marks::NONE;
-        self.mcount = [0; MARK_COUNT];
         self.mixed = None;
     }
 
@@ -84,16 +92,16 @@ impl Leaf {
 
     /// Marks carried by at least one page.
     pub fn any_marks(&self) -> Marks {
-        if self.mixed.is_none() {
+        let Some(maps) = &self.mixed else {
             return if self.count > 0 {
                 self.uniform
             } else {
                 Marks::NONE
             };
-        }
+        };
         let mut m = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if self.mcount[k] > 0 {
+            if maps.1[k] > 0 {
                 m = m.with(k);
             }
         }
@@ -169,7 +177,7 @@ impl Leaf {
             bits[fw] |= first;
             bits[lw] |= last;
             for b in &mut bits[fw + 1..lw] {
-                n += (!*b).count_ones();
+                n += ones(!*b);
                 *b = u64::MAX;
             }
             n
@@ -195,7 +203,7 @@ impl Leaf {
             bits[fw] &= !first;
             bits[lw] &= !last;
             for b in &mut bits[fw + 1..lw] {
-                n += b.count_ones();
+                n += ones(*b);
                 *b = 0;
             }
             n
@@ -242,22 +250,22 @@ impl Leaf {
                 [0; WORDS]
             };
         }
-        self.mixed = Some(maps);
         for k in 0..MARK_COUNT {
-            self.mcount[k] = if self.uniform.has(k) { self.count } else { 0 };
+            maps.1[k] = if self.uniform.has(k) { self.count } else { 0 };
         }
+        self.mixed = Some(maps);
     }
 
     /// Drops the mark bitmaps once every mark is on all present pages or on none.
     fn normalise(&mut self) {
-        if self.mixed.is_none() {
+        let Some(maps) = &self.mixed else {
             return;
-        }
+        };
         let mut u = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if self.mcount[k] == self.count && self.count > 0 {
+            if maps.1[k] == self.count && self.count > 0 {
                 u = u.with(k);
-            } else if self.mcount[k] != 0 {
+            } else if maps.1[k] != 0 {
                 return;
             }
         }
@@ -295,11 +303,10 @@ impl Leaf {
                 });
                 self.count += new as u16;
                 d.present = i64::from(new);
-                let mixed = self.mixed.is_some();
                 for k in 0..MARK_COUNT {
                     if m.has(k) {
-                        if mixed {
-                            self.mcount[k] += new as u16;
+                        if let Some(maps) = &mut self.mixed {
+                            maps.1[k] += new as u16;
                         }
                         d.marks[k] = i64::from(new);
                     }
@@ -338,10 +345,9 @@ impl Leaf {
                 });
                 self.count -= gone as u16;
                 d.present = -i64::from(gone);
-                let mixed = self.mixed.is_some();
                 for (k, gm) in gone_marks.iter().enumerate() {
-                    if mixed {
-                        self.mcount[k] -= *gm as u16;
+                    if let Some(maps) = &mut self.mixed {
+                        maps.1[k] -= *gm as u16;
                     }
                     d.marks[k] = -i64::from(*gm);
                 }
@@ -383,14 +389,17 @@ impl Leaf {
                         map[w] = if set { before | sel } else { before & !sel };
                         changed += (before ^ map[w]).count_ones();
                     });
+                    if set {
+                        maps.1[k] += changed as u16;
+                    } else {
+                        maps.1[k] -= changed as u16;
+                    }
                 }
-                if set {
-                    self.mcount[k] += changed as u16;
-                    d.marks[k] = i64::from(changed);
+                d.marks[k] = if set {
+                    i64::from(changed)
                 } else {
-                    self.mcount[k] -= changed as u16;
-                    d.marks[k] = -i64::from(changed);
-                }
+                    -i64::from(changed)
+                };
                 self.normalise();
             }
         }

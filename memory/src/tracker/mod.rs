@@ -38,6 +38,10 @@ pub const MARK_COUNT: usize = 3;
 pub const MAX_INDEX: u64 = (1 << 52) - 1;
 
 const SLOT_SHIFT: u32 = 6;
+/// `Node::rank` of an empty slot.
+const SLOT_EMPTY: u8 = 0xff;
+/// `Node::rank` of a full slot (multi-index entry). Child indexes are below 64.
+const SLOT_FULL: u8 = 0xfe;
 const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
 
 /// Why a tracked page is offline, or what has been done to it. Used as a mark index.
@@ -146,6 +150,12 @@ struct Node {
     full: u64,
     marks: [u64; MARK_COUNT],
     children: Vec<Child>,
+    /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
+    /// index in `children` (the number of child slots below it). Recomputed by `reindex` at the
+    /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
+    /// popcount (a software one on baseline x86-64, a dozen instructions on the critical path)
+    /// and no separate present/full tests.
+    rank: [u8; 64],
 }
 
 #[inline]
@@ -178,7 +188,69 @@ impl Node {
             full: 0,
             marks: [0; MARK_COUNT],
             children: Vec::new(),
+            rank: [SLOT_EMPTY; 64],
         }
+    }
+
+    /// Recomputes `rank` after the child slots changed.
+    fn reindex(&mut self) {
+        self.rank = [SLOT_EMPTY; 64];
+        let mut f = self.present & self.full;
+        while f != 0 {
+            self.rank[f.trailing_zeros() as usize] = SLOT_FULL;
+            f &= f - 1;
+        }
+        let mut k = self.present & !self.full;
+        let mut r = 0u8;
+        while k != 0 {
+            self.rank[k.trailing_zeros() as usize] = r;
+            r += 1;
+            k &= k - 1;
+        }
+    }
+
+    /// `rank` after a child was put into slot `i` (which was empty or full): its index, and one
+    /// more for every child after it. For the fast paths, instead of a whole `reindex`.
+    fn linked(&mut self, i: u32) {
+        let i = i as usize & 63;
+        for r in &mut self.rank[i + 1..] {
+            *r += u8::from(*r < 64);
+        }
+        self.rank[i] = self.child_index(i as u32) as u8;
+    }
+
+    /// `rank` after the child of slot `i` was taken out, leaving the slot `now`
+    /// ([`SLOT_EMPTY`] or [`SLOT_FULL`]).
+    fn unlinked(&mut self, i: u32, now: u8) {
+        let i = i as usize & 63;
+        for r in &mut self.rank[i + 1..] {
+            *r -= u8::from(*r < 64);
+        }
+        self.rank[i] = now;
+    }
+
+    /// `rank[i]` (valid between operations): [`SLOT_EMPTY`], [`SLOT_FULL`] or a child index.
+    #[inline(always)]
+    fn slot(&self, i: usize) -> u8 {
+        let r = self.rank[i & 63];
+        debug_assert_eq!(
+            r,
+            match (self.present >> i & 1, self.full >> i & 1) {
+                (0, _) => SLOT_EMPTY,
+                (_, 1) => SLOT_FULL,
+                _ => self.child_index(i as u32) as u8,
+            },
+            "stale rank"
+        );
+        r
+    }
+
+    /// Index in `children` of the child in slot `i`, which must hold one.
+    #[inline(always)]
+    fn kid(&self, i: usize) -> usize {
+        let r = self.slot(i);
+        debug_assert!(r < 64, "slot {i} holds no child");
+        usize::from(r)
     }
 
     #[inline]
@@ -245,6 +317,7 @@ impl Node {
             self.marks[k] = if marks.has(k) { u64::MAX } else { 0 };
         }
         self.children.clear();
+        self.rank = [SLOT_FULL; 64];
     }
 
     /// Exact heap bytes below and including this node's child vector (not the node itself).
@@ -290,6 +363,7 @@ impl Node {
 
     /// Applies `op` to pages `lo..hi` relative to this node (at `level` >= 1).
     fn apply(&mut self, level: u32, lo: u64, hi: u64, op: Op, pool: &mut Pool) -> Delta {
+        let before = (self.present, self.full);
         let sshift = slot_shift(level);
         let sspan = 1u64 << sshift;
         let first = (lo >> sshift) as u32;
@@ -371,6 +445,9 @@ impl Node {
             d.add(cd);
             self.settle_child(i, idx);
         }
+        if (self.present, self.full) != before {
+            self.reindex();
+        }
         d
     }
 
@@ -419,7 +496,7 @@ impl Node {
                 if whole && !matches!(op, Op::Insert(_)) {
                     continue;
                 }
-                let idx = self.child_index(i);
+                let idx = self.kid(i as usize);
                 match &mut self.children[idx] {
                     Child::Leaf(l) => {
                         if l.needs_maps(op, s_lo, s_hi) {
@@ -514,7 +591,7 @@ impl Pool {
                 })?;
         }
         while self.leaves.len() < need.leaves {
-            self.leaves.push(FBox::try_new(Leaf::empty())?);
+            self.leaves.push(FBox::try_new_with(Leaf::empty)?);
         }
         if self.maps.len() < need.maps {
             self.maps
@@ -524,8 +601,10 @@ impl Pool {
                 })?;
         }
         while self.maps.len() < need.maps {
-            self.maps
-                .push(FBox::try_new(MarkMaps([[0; WORDS]; MARK_COUNT]))?);
+            self.maps.push(FBox::try_new(MarkMaps(
+                [[0; WORDS]; MARK_COUNT],
+                [0; MARK_COUNT],
+            ))?);
         }
         Ok(())
     }
@@ -587,8 +666,16 @@ impl Pool {
 pub struct Tracker {
     root: Option<FBox<Node>>,
     height: u32,
+    /// `slot_shift(height)` while there is a root (for the lookup and single-page fast paths).
+    top: u32,
+    /// `1 << span_shift(height)` while there is a root, 0 without: the first index past the
+    /// tree (one compare for the fast paths).
+    limit: u64,
     count: u64,
     mark_count: [u64; MARK_COUNT],
+    /// Pages added (wrapping: minus pages removed) by the single-page fast paths, per set of
+    /// marks: one add instead of one per mark; `count_marked` folds them in.
+    by_marks: [u64; 8],
     pool: Pool,
 }
 
@@ -617,7 +704,14 @@ impl Tracker {
 
     /// Number of tracked pages carrying `mark`, O(1).
     pub fn count_marked(&self, mark: Mark) -> u64 {
-        self.mark_count[mark as usize]
+        let k = mark as usize;
+        let mut n = self.mark_count[k];
+        for (m, c) in self.by_marks.iter().enumerate() {
+            if Marks(m as u8).has(k) {
+                n = n.wrapping_add(*c);
+            }
+        }
+        n
     }
 
     fn check(start: u64, count: u64) -> Result<u64, TrackerError> {
@@ -725,6 +819,7 @@ impl Tracker {
                     top.children.push(Child::Node(old));
                 }
             }
+            top.reindex();
             self.root = Some(top);
             self.height += 1;
         }
@@ -736,6 +831,16 @@ impl Tracker {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
         self.shrink();
+        self.limit = if self.height > 0 {
+            1u64 << span_shift(self.height)
+        } else {
+            0
+        };
+        self.top = if self.height > 0 {
+            slot_shift(self.height)
+        } else {
+            0
+        };
         self.pool.release_empty();
         debug_assert_eq!(
             self.reserved(),
@@ -785,7 +890,8 @@ impl Tracker {
     pub fn insert(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         // Fast path: the page's leaf exists, carries exactly `marks` and does not fill up, so
         // nothing above the leaf changes.
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.height, index) {
+        debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, index) {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b != 0 {
@@ -797,9 +903,8 @@ impl Tracker {
             {
                 leaf.bits[w] |= b;
                 leaf.count += 1;
-                for k in 0..MARK_COUNT {
-                    self.mark_count[k] += u64::from(marks.0 >> k) & 1;
-                }
+                let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                *c = c.wrapping_add(1);
                 self.count += 1;
                 return Ok(true);
             }
@@ -816,7 +921,8 @@ impl Tracker {
     #[inline]
     pub fn remove(&mut self, index: u64) -> Result<bool, TrackerError> {
         // Fast path: a leaf with uniform marks that does not become empty.
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.height, index) {
+        debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, index) {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b == 0 {
@@ -826,9 +932,8 @@ impl Tracker {
                 leaf.bits[w] &= !b;
                 leaf.count -= 1;
                 let marks = leaf.uniform;
-                for k in 0..MARK_COUNT {
-                    self.mark_count[k] -= u64::from(marks.0 >> k) & 1;
-                }
+                let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                *c = c.wrapping_sub(1);
                 self.count -= 1;
                 return Ok(true);
             }
@@ -838,20 +943,23 @@ impl Tracker {
 
     /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
     #[inline]
-    fn leaf_mut(root: &mut Option<FBox<Node>>, height: u32, index: u64) -> Option<&mut Leaf> {
-        if index >> span_shift(height) != 0 {
+    fn leaf_mut(
+        root: &mut Option<FBox<Node>>,
+        top: u32,
+        limit: u64,
+        index: u64,
+    ) -> Option<&mut Leaf> {
+        if index >= limit {
             return None;
         }
         let mut node: &mut Node = root.as_deref_mut()?;
-        let mut shift = slot_shift(height);
+        let mut shift = top;
         loop {
-            let i = ((index >> shift) & 63) as u32;
-            let kids = node.present & !node.full;
-            if kids & (1 << i) == 0 {
+            let r = node.slot((index >> shift) as usize & 63);
+            if r >= SLOT_FULL {
                 return None;
             }
-            let idx = (kids & below(i)).count_ones() as usize;
-            match &mut node.children[idx] {
+            match &mut node.children[usize::from(r)] {
                 Child::Node(n) => {
                     node = n;
                     shift -= SLOT_SHIFT;
@@ -889,7 +997,7 @@ impl Tracker {
             if kids & (1 << i) == 0 {
                 return Ok(None);
             }
-            let idx = (kids & below(i)).count_ones() as usize;
+            let idx = node.kid(i as usize);
             match &mut node.children[idx] {
                 Child::Node(n) => node = n,
                 Child::Leaf(_) => unreachable!("leaves hang at level 1"),
@@ -906,7 +1014,7 @@ impl Tracker {
             .map_err(|_| TrackerError::NoMemory {
                 bytes: std::mem::size_of::<Child>(),
             })?;
-        let mut leaf = FBox::try_new(Leaf::empty())?;
+        let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let lo = start & (leaf::LEAF_PAGES - 1);
         let n = u64::from(leaf.set_bits(lo, lo + (end - start)));
         leaf.uniform = m;
@@ -914,6 +1022,7 @@ impl Tracker {
         node.children.insert(idx, Child::Leaf(leaf));
         node.present |= 1 << i;
         node.set_slot_marks(i, m);
+        node.linked(i);
         // The slots on the path above now have pages with `m` below them.
         let mut node: &mut Node = self.root.as_deref_mut().expect("root");
         let mut level = height;
@@ -924,7 +1033,7 @@ impl Tracker {
                     node.marks[k] |= 1 << i;
                 }
             }
-            let idx = node.child_index(i);
+            let idx = node.kid(i as usize);
             match &mut node.children[idx] {
                 Child::Node(n) => node = n,
                 Child::Leaf(_) => unreachable!("leaves hang at level 1"),
@@ -952,7 +1061,7 @@ impl Tracker {
             if kids & (1 << i) == 0 {
                 return None;
             }
-            let idx = (kids & below(i)).count_ones() as usize;
+            let idx = node.kid(i as usize);
             match &mut node.children[idx] {
                 Child::Node(n) => node = n,
                 Child::Leaf(_) => unreachable!("leaves hang at level 1"),
@@ -982,7 +1091,7 @@ impl Tracker {
             .map_err(|_| TrackerError::NoMemory {
                 bytes: std::mem::size_of::<Child>(),
             })?;
-        let mut leaf = FBox::try_new(Leaf::empty())?;
+        let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let fm = node.slot_marks(i);
         leaf.set_full(fm);
         let lo = start & (leaf::LEAF_PAGES - 1);
@@ -990,6 +1099,7 @@ impl Tracker {
         node.full &= !(1 << i);
         let idx = node.child_index(i);
         node.children.insert(idx, Child::Leaf(leaf));
+        node.linked(i);
         let d = Delta::whole(-1, n, fm);
         self.count -= n;
         for k in 0..MARK_COUNT {
@@ -1010,7 +1120,7 @@ impl Tracker {
         if (node.present & !node.full) & bit == 0 || node.present & !bit == 0 {
             return None;
         }
-        let idx = node.child_index(i);
+        let idx = node.kid(i as usize);
         let Child::Leaf(leaf) = &node.children[idx] else {
             unreachable!("leaves hang at level 1")
         };
@@ -1020,25 +1130,17 @@ impl Tracker {
         let marks = leaf.uniform;
         let lo = start & (leaf::LEAF_PAGES - 1);
         let hi = lo + (end - start);
-        // Every page of the leaf must be inside the range.
+        // Every page of the leaf must be inside the range: the range holds all `count` of them.
         let mut inside = 0u32;
-        for w in 0..WORDS {
-            let b = leaf.bits[w];
-            if b == 0 {
-                continue;
-            }
+        for w in (lo >> 6) as usize..=((hi - 1) >> 6) as usize {
             let wlo = (w as u64) << 6;
             let a = lo.max(wlo);
             let z = hi.min(wlo + 64);
-            let mask = if a < z {
-                leaf::word_mask((a - wlo) as u32, (z - wlo) as u32)
-            } else {
-                0
-            };
-            if b & !mask != 0 {
-                return None;
-            }
-            inside += b.count_ones();
+            inside +=
+                leaf::ones(leaf.bits[w & 63] & leaf::word_mask((a - wlo) as u32, (z - wlo) as u32));
+        }
+        if inside != u32::from(leaf.count) {
+            return None;
         }
         // The node's other slots must keep every mark this leaf had, so nothing above changes.
         if (0..MARK_COUNT).any(|k| marks.has(k) && node.marks[k] & !bit == 0) {
@@ -1048,6 +1150,7 @@ impl Tracker {
         node.present &= !bit;
         node.set_slot_marks(i, Marks::NONE);
         node.release_children();
+        node.unlinked(i, SLOT_EMPTY);
         let d = Delta::whole(-1, u64::from(inside), marks);
         self.count -= u64::from(inside);
         for k in 0..MARK_COUNT {
@@ -1086,7 +1189,7 @@ impl Tracker {
             if kids & (1 << i) == 0 {
                 return None;
             }
-            match &node.children[(kids & below(i)).count_ones() as usize] {
+            match &node.children[node.kid(i as usize)] {
                 Child::Node(n) => {
                     node = n;
                     shift -= SLOT_SHIFT;
@@ -1103,7 +1206,7 @@ impl Tracker {
         if end - 1 > MAX_INDEX || start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
             return None;
         }
-        let leaf = Self::leaf_mut(&mut self.root, self.height, start)?;
+        let leaf = Self::leaf_mut(&mut self.root, self.top, self.limit, start)?;
         if leaf.mixed.is_some() {
             return None;
         }
@@ -1133,10 +1236,9 @@ impl Tracker {
                 d.marks[k] = n;
             }
         }
-        self.count = (self.count as i64 + d.present) as u64;
-        for k in 0..MARK_COUNT {
-            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
-        }
+        self.count = self.count.wrapping_add(n as u64);
+        let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+        *c = c.wrapping_add(n as u64);
         Some(d)
     }
 
@@ -1169,7 +1271,7 @@ impl Tracker {
             if node.full & bit != 0 {
                 return Some(node.slot_marks(i));
             }
-            match &node.children[node.child_index(i)] {
+            match &node.children[node.kid(i as usize)] {
                 Child::Node(n) => {
                     node = n;
                     level -= 1;
@@ -1184,23 +1286,20 @@ impl Tracker {
 
     #[inline]
     pub fn contains(&self, index: u64) -> bool {
-        if index >> span_shift(self.height) != 0 {
-            return false;
-        }
         let Some(mut node) = self.root.as_deref() else {
             return false;
         };
-        let mut shift = slot_shift(self.height);
+        debug_assert_eq!(self.top, slot_shift(self.height));
+        if index >= self.limit {
+            return false;
+        }
+        let mut shift = self.top;
         loop {
-            let i = ((index >> shift) & 63) as u32;
-            let bit = 1u64 << i;
-            if node.present & bit == 0 {
-                return false;
+            let r = node.slot((index >> shift) as usize & 63);
+            if r >= SLOT_FULL {
+                return r == SLOT_FULL;
             }
-            if node.full & bit != 0 {
-                return true;
-            }
-            match &node.children[node.child_index(i)] {
+            match &node.children[usize::from(r)] {
                 Child::Node(n) => {
                     node = n;
                     shift -= SLOT_SHIFT;
@@ -1210,14 +1309,15 @@ impl Tracker {
         }
     }
 
-    /// A read cursor for many lookups near each other: it keeps the leaf (or the full or empty
-    /// slot) of the last lookup, so lookups inside it cost one bit test.
+    /// A read cursor for many lookups near each other: it keeps the leaf-sized window of the
+    /// last lookup (a leaf's bits, or a window of a full or empty slot), so lookups inside it
+    /// cost one bit test.
     pub fn lookup_cursor(&self) -> LookupCursor<'_> {
         LookupCursor {
             tracker: self,
             lo: 0,
-            hi: 0,
-            what: Cached::Absent,
+            len: 0,
+            bits: &NO_PAGES,
         }
     }
 
@@ -1343,6 +1443,60 @@ impl Tracker {
         }
     }
 
+    /// Checks the structure's internal bookkeeping: every node's slot bytes against its
+    /// `present`/`full` bits and child vector, children of the right kind for their level, the
+    /// stored root shift. For tests (the property test calls it after every operation, so
+    /// release builds check it too); `Err` names what is wrong.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        fn node(n: &Node, level: u32, base: u64) -> Result<(), String> {
+            let kids = n.present & !n.full;
+            if n.children.len() != kids.count_ones() as usize {
+                return Err(format!(
+                    "node 0x{base:x} (level {level}): {} children for {} child slots",
+                    n.children.len(),
+                    kids.count_ones()
+                ));
+            }
+            for i in 0..64u32 {
+                let want = if n.present >> i & 1 == 0 {
+                    SLOT_EMPTY
+                } else if n.full >> i & 1 != 0 {
+                    SLOT_FULL
+                } else {
+                    n.child_index(i) as u8
+                };
+                if n.rank[i as usize] != want {
+                    return Err(format!(
+                        "node 0x{base:x} (level {level}) slot {i}: byte {} should be {want}",
+                        n.rank[i as usize]
+                    ));
+                }
+                if want < 64 {
+                    let sbase = base + (u64::from(i) << slot_shift(level));
+                    match (&n.children[usize::from(want)], level) {
+                        (Child::Leaf(_), 1) => {}
+                        (Child::Node(c), l) if l > 1 => node(c, l - 1, sbase)?,
+                        _ => return Err(format!("wrong child kind at 0x{sbase:x}")),
+                    }
+                }
+            }
+            Ok(())
+        }
+        match &self.root {
+            None if self.height != 0 => Err(format!("no root at height {}", self.height)),
+            None if self.limit != 0 => Err(format!("limit {} without a root", self.limit)),
+            None => Ok(()),
+            Some(_) if self.limit != 1 << span_shift(self.height) => {
+                Err(format!("limit {} at height {}", self.limit, self.height))
+            }
+            Some(_) if self.top != slot_shift(self.height) => {
+                Err(format!("root shift {} at height {}", self.top, self.height))
+            }
+            Some(r) => node(r, self.height, 0),
+        }
+    }
+
     /// A batch of updates with a sticky error, checked once at the end (as xarray's `xas`).
     pub fn batch(&mut self) -> Batch<'_> {
         Batch {
@@ -1353,70 +1507,60 @@ impl Tracker {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Cached<'a> {
-    Absent,
-    Full,
-    Leaf(&'a Leaf),
-}
+/// The bits of a window inside an empty or a full slot, for the lookup cursor.
+static NO_PAGES: [u64; WORDS] = [0; WORDS];
+static ALL_PAGES: [u64; WORDS] = [u64::MAX; WORDS];
 
 /// See [`Tracker::lookup_cursor`].
 pub struct LookupCursor<'a> {
     tracker: &'a Tracker,
-    /// The cached span `lo..hi` and what it is.
+    /// The cached leaf-sized window `lo..lo + len` (`len` 0: nothing yet) and its bits: the
+    /// leaf's, or all ones or all zeros inside a full or an empty slot. One bit test per
+    /// lookup inside it, whatever the window holds.
     lo: u64,
-    hi: u64,
-    what: Cached<'a>,
+    len: u64,
+    bits: &'a [u64; WORDS],
 }
 
 impl LookupCursor<'_> {
     #[inline]
     pub fn contains(&mut self, index: u64) -> bool {
-        if index.wrapping_sub(self.lo) >= self.hi.wrapping_sub(self.lo) {
+        let mut d = index.wrapping_sub(self.lo);
+        if d >= self.len {
             self.seek(index);
+            d = index - self.lo;
         }
-        match self.what {
-            Cached::Absent => false,
-            Cached::Full => true,
-            Cached::Leaf(l) => l.contains(index - self.lo),
-        }
+        self.bits[(d >> 6) as usize & (WORDS - 1)] >> (d & 63) & 1 != 0
     }
 
     fn seek(&mut self, index: u64) {
         let t = self.tracker;
-        let span = |shift: u32| {
-            let lo = (index >> shift) << shift;
-            (lo, lo.saturating_add(1u64 << shift))
-        };
+        self.lo = index & !(leaf::LEAF_PAGES - 1);
+        self.len = leaf::LEAF_PAGES;
+        self.bits = &NO_PAGES;
         let top = span_shift(t.height.max(1));
         let Some(mut node) = t.root.as_deref().filter(|_| index >> top == 0) else {
-            // Outside the tree: absent up to the next power-of-64 boundary we can name.
-            (self.lo, self.hi, self.what) = (index, index.wrapping_add(1), Cached::Absent);
-            return;
+            return; // outside the tree
         };
         let mut level = t.height;
         loop {
-            let shift = slot_shift(level);
-            let i = ((index >> shift) & 63) as u32;
-            let bit = 1u64 << i;
-            let (lo, hi) = span(shift);
-            if node.present & bit == 0 {
-                (self.lo, self.hi, self.what) = (lo, hi, Cached::Absent);
-                return;
-            }
-            if node.full & bit != 0 {
-                (self.lo, self.hi, self.what) = (lo, hi, Cached::Full);
-                return;
-            }
-            match &node.children[node.child_index(i)] {
-                Child::Node(n) => {
-                    node = n;
-                    level -= 1;
-                }
-                Child::Leaf(l) => {
-                    (self.lo, self.hi, self.what) = (lo, hi, Cached::Leaf(l));
+            let i = ((index >> slot_shift(level)) & 63) as usize;
+            match node.slot(i) {
+                SLOT_EMPTY => return,
+                SLOT_FULL => {
+                    self.bits = &ALL_PAGES;
                     return;
                 }
+                r => match &node.children[usize::from(r)] {
+                    Child::Node(n) => {
+                        node = n;
+                        level -= 1;
+                    }
+                    Child::Leaf(l) => {
+                        self.bits = &l.bits;
+                        return;
+                    }
+                },
             }
         }
     }
@@ -1507,37 +1651,71 @@ fn walk_runs<F: FnMut(u64, u64)>(
             acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
             continue;
         }
-        match &node.children[node.child_index(i)] {
+        match &node.children[node.kid(i as usize)] {
             Child::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
             Child::Leaf(l) => {
                 let a = lo.max(sbase) - sbase;
                 let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
-                let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
-                for w in fw..=lw {
-                    let mut e = match filter {
-                        Some(k) => l.mark_word(k, w),
-                        None => l.bits[w],
-                    };
-                    if w == fw {
-                        e &= !0u64 << (a & 63);
-                    }
-                    if w == lw && (b & 63) != 0 {
-                        e &= (1u64 << (b & 63)) - 1;
-                    }
-                    let wbase = sbase + ((w as u64) << 6);
-                    while e != 0 {
-                        let tz = e.trailing_zeros();
-                        let ones = (!(e >> tz)).trailing_zeros();
-                        let end = tz + ones;
-                        acc.add(wbase + u64::from(tz), wbase + u64::from(end));
-                        if end == 64 {
-                            break;
-                        }
-                        e &= !0u64 << end;
-                    }
+                match filter {
+                    None => leaf_runs(|w| l.bits[w], sbase, a, b, acc),
+                    Some(k) => leaf_runs(|w| l.mark_word(k, w), sbase, a, b, acc),
                 }
             }
         }
+    }
+}
+
+/// Hands `acc` the runs of set bits of a leaf's words (`word(w)`) within offsets `a..b`. A run
+/// is found with one trailing-zeros count at each end; the whole words in between are only
+/// compared with all-ones (a born-offline region onlined in 2 MiB blocks is mostly such words).
+#[inline(never)]
+fn leaf_runs<F: FnMut(u64, u64)>(
+    word: impl Fn(usize) -> u64,
+    sbase: u64,
+    a: u64,
+    b: u64,
+    acc: &mut RunAcc<'_, F>,
+) {
+    let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
+    let last_mask = if b & 63 == 0 {
+        u64::MAX
+    } else {
+        (1u64 << (b & 63)) - 1
+    };
+    let get = |w: usize| {
+        let e = word(w & 63);
+        if w == lw {
+            e & last_mask
+        } else {
+            e
+        }
+    };
+    let mut w = fw;
+    let mut e = get(w) & (!0u64 << (a & 63));
+    loop {
+        let wbase = sbase + ((w as u64) << 6);
+        while e != 0 {
+            let tz = e.trailing_zeros();
+            let end = tz + (!(e >> tz)).trailing_zeros();
+            if end == 64 {
+                // The run reaches the top of the word: on through the full words after it
+                // (the rest of it, in the next word, joins it in `acc`).
+                let mut v = w + 1;
+                while v <= lw && get(v) == u64::MAX {
+                    v += 1;
+                }
+                acc.add(wbase + u64::from(tz), sbase + b.min((v as u64) << 6));
+                w = v - 1;
+                break;
+            }
+            acc.add(wbase + u64::from(tz), wbase + u64::from(end));
+            e &= !0u64 << end;
+        }
+        w += 1;
+        if w > lw {
+            return;
+        }
+        e = get(w);
     }
 }
 
@@ -1557,7 +1735,7 @@ fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>)
         if node.full & (1 << i) != 0 {
             return Some(s_last);
         }
-        let found = match &node.children[node.child_index(i)] {
+        let found = match &node.children[node.kid(i as usize)] {
             Child::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
             Child::Leaf(l) => {
                 let off = s_last - sbase;
