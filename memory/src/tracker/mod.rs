@@ -342,7 +342,7 @@ impl Node {
     fn settle_child(&mut self, i: u32, idx: usize) {
         let bit = 1u64 << i;
         let (empty, full, any) = match &mut self.children[idx] {
-            Child::Leaf(l) => (l.count == 0, l.is_full_uniform(), l.any_marks()),
+            Child::Leaf(l) => (l.count() == 0, l.is_full_uniform(), l.any_marks()),
             Child::Node(n) => {
                 n.release_children();
                 (n.present == 0, n.is_full_uniform(), n.any_marks())
@@ -671,10 +671,12 @@ pub struct Tracker {
     /// `1 << span_shift(height)` while there is a root, 0 without: the first index past the
     /// tree (one compare for the fast paths).
     limit: u64,
+    /// Pages, not counting those of `by_marks`.
     count: u64,
     mark_count: [u64; MARK_COUNT],
     /// Pages added (wrapping: minus pages removed) by the single-page fast paths, per set of
-    /// marks: one add instead of one per mark; `count_marked` folds them in.
+    /// marks: one add instead of one per mark and one for the total; `len` and
+    /// `count_marked` fold them in.
     by_marks: [u64; 8],
     pool: Pool,
 }
@@ -695,11 +697,13 @@ impl Tracker {
 
     /// Number of tracked pages, O(1).
     pub fn len(&self) -> u64 {
-        self.count
+        self.by_marks
+            .iter()
+            .fold(self.count, |n, &c| n.wrapping_add(c))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.len() == 0
     }
 
     /// Number of tracked pages carrying `mark`, O(1).
@@ -826,7 +830,7 @@ impl Tracker {
         let root = self.root.as_mut().expect("root present");
         let d = root.apply(self.height, start, hi, op, &mut self.pool);
         root.release_children();
-        self.count = (self.count as i64 + d.present) as u64;
+        self.count = self.count.wrapping_add(d.present as u64);
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -897,15 +901,11 @@ impl Tracker {
             if leaf.bits[w] & b != 0 {
                 return Ok(false);
             }
-            if leaf.mixed.is_none()
-                && leaf.uniform == marks
-                && u64::from(leaf.count) + 1 < leaf::LEAF_PAGES
-            {
+            if leaf.fast_insert_ok(marks, 1) {
                 leaf.bits[w] |= b;
-                leaf.count += 1;
+                leaf.add_count(1);
                 let c = &mut self.by_marks[usize::from(marks.0 & 7)];
                 *c = c.wrapping_add(1);
-                self.count += 1;
                 return Ok(true);
             }
         }
@@ -928,13 +928,12 @@ impl Tracker {
             if leaf.bits[w] & b == 0 {
                 return Ok(false);
             }
-            if leaf.mixed.is_none() && leaf.count > 1 {
+            if leaf.fast_remove_ok(1) {
                 leaf.bits[w] &= !b;
-                leaf.count -= 1;
-                let marks = leaf.uniform;
+                leaf.add_count(1u32.wrapping_neg());
+                let marks = leaf.uniform();
                 let c = &mut self.by_marks[usize::from(marks.0 & 7)];
                 *c = c.wrapping_sub(1);
-                self.count -= 1;
                 return Ok(true);
             }
         }
@@ -955,11 +954,10 @@ impl Tracker {
         let mut node: &mut Node = root.as_deref_mut()?;
         let mut shift = top;
         loop {
+            // An empty or full slot's byte is past the end of `children`: one bounds check
+            // for both.
             let r = node.slot((index >> shift) as usize & 63);
-            if r >= SLOT_FULL {
-                return None;
-            }
-            match &mut node.children[usize::from(r)] {
+            match node.children.get_mut(usize::from(r))? {
                 Child::Node(n) => {
                     node = n;
                     shift -= SLOT_SHIFT;
@@ -1017,7 +1015,7 @@ impl Tracker {
         let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let lo = start & (leaf::LEAF_PAGES - 1);
         let n = u64::from(leaf.set_bits(lo, lo + (end - start)));
-        leaf.uniform = m;
+        leaf.set_uniform(m);
         let idx = node.child_index(i);
         node.children.insert(idx, Child::Leaf(leaf));
         node.present |= 1 << i;
@@ -1041,7 +1039,7 @@ impl Tracker {
             level -= 1;
         }
         let d = Delta::whole(1, n, m);
-        self.count += n;
+        self.count = self.count.wrapping_add(n);
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -1101,7 +1099,7 @@ impl Tracker {
         node.children.insert(idx, Child::Leaf(leaf));
         node.linked(i);
         let d = Delta::whole(-1, n, fm);
-        self.count -= n;
+        self.count = self.count.wrapping_sub(n);
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -1127,7 +1125,7 @@ impl Tracker {
         if leaf.mixed.is_some() {
             return None;
         }
-        let marks = leaf.uniform;
+        let marks = leaf.uniform();
         let lo = start & (leaf::LEAF_PAGES - 1);
         let hi = lo + (end - start);
         // Every page of the leaf must be inside the range: the range holds all `count` of them.
@@ -1139,7 +1137,7 @@ impl Tracker {
             inside +=
                 leaf::ones(leaf.bits[w & 63] & leaf::word_mask((a - wlo) as u32, (z - wlo) as u32));
         }
-        if inside != u32::from(leaf.count) {
+        if inside != u32::from(leaf.count()) {
             return None;
         }
         // The node's other slots must keep every mark this leaf had, so nothing above changes.
@@ -1152,7 +1150,7 @@ impl Tracker {
         node.release_children();
         node.unlinked(i, SLOT_EMPTY);
         let d = Delta::whole(-1, u64::from(inside), marks);
-        self.count -= u64::from(inside);
+        self.count = self.count.wrapping_sub(u64::from(inside));
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -1169,9 +1167,9 @@ impl Tracker {
         }
         match op {
             Op::Insert(m) => {
-                m == leaf.uniform && u64::from(leaf.count) + (end - start) < leaf::LEAF_PAGES
+                m == leaf.uniform() && u64::from(leaf.count()) + (end - start) < leaf::LEAF_PAGES
             }
-            Op::Remove => u64::from(leaf.count) > end - start,
+            Op::Remove => u64::from(leaf.count()) > end - start,
             _ => false,
         }
     }
@@ -1213,17 +1211,17 @@ impl Tracker {
         let lo = start & (leaf::LEAF_PAGES - 1);
         let hi = lo + (end - start);
         let (n, marks) = match op {
-            Op::Insert(m) if m == leaf.uniform => {
-                if u64::from(leaf.count) + (end - start) >= leaf::LEAF_PAGES {
+            Op::Insert(m) if m == leaf.uniform() => {
+                if u64::from(leaf.count()) + (end - start) >= leaf::LEAF_PAGES {
                     return None;
                 }
                 (i64::from(leaf.set_bits(lo, hi)), m)
             }
             Op::Remove => {
-                if u64::from(leaf.count) <= end - start {
+                if u64::from(leaf.count()) <= end - start {
                     return None;
                 }
-                (-i64::from(leaf.clear_bits(lo, hi)), leaf.uniform)
+                (-i64::from(leaf.clear_bits(lo, hi)), leaf.uniform())
             }
             _ => return None,
         };
@@ -1236,7 +1234,6 @@ impl Tracker {
                 d.marks[k] = n;
             }
         }
-        self.count = self.count.wrapping_add(n as u64);
         let c = &mut self.by_marks[usize::from(marks.0 & 7)];
         *c = c.wrapping_add(n as u64);
         Some(d)
@@ -1295,16 +1292,15 @@ impl Tracker {
         }
         let mut shift = self.top;
         loop {
+            // An empty or full slot's byte is past the end of `children`.
             let r = node.slot((index >> shift) as usize & 63);
-            if r >= SLOT_FULL {
-                return r == SLOT_FULL;
-            }
-            match &node.children[usize::from(r)] {
-                Child::Node(n) => {
+            match node.children.get(usize::from(r)) {
+                Some(Child::Node(n)) => {
                     node = n;
                     shift -= SLOT_SHIFT;
                 }
-                Child::Leaf(l) => return l.contains(index & (leaf::LEAF_PAGES - 1)),
+                Some(Child::Leaf(l)) => return l.contains(index & (leaf::LEAF_PAGES - 1)),
+                None => return r == SLOT_FULL,
             }
         }
     }
@@ -1475,7 +1471,9 @@ impl Tracker {
                 if want < 64 {
                     let sbase = base + (u64::from(i) << slot_shift(level));
                     match (&n.children[usize::from(want)], level) {
-                        (Child::Leaf(_), 1) => {}
+                        (Child::Leaf(l), 1) => {
+                            l.check().map_err(|e| format!("leaf 0x{sbase:x}: {e}"))?
+                        }
                         (Child::Node(c), l) if l > 1 => node(c, l - 1, sbase)?,
                         _ => return Err(format!("wrong child kind at 0x{sbase:x}")),
                     }
