@@ -909,6 +909,13 @@ impl Tracker {
                 return Ok(true);
             }
         }
+        self.insert_slow(index, marks)
+    }
+
+    /// `insert` off the fast path (out of line, so the fast path needs no stack frame).
+    #[cold]
+    #[inline(never)]
+    fn insert_slow(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -937,6 +944,13 @@ impl Tracker {
                 return Ok(true);
             }
         }
+        self.remove_slow(index)
+    }
+
+    /// `remove` off the fast path (out of line).
+    #[cold]
+    #[inline(never)]
+    fn remove_slow(&mut self, index: u64) -> Result<bool, TrackerError> {
         Ok(self.remove_range(index, 1)? == 1)
     }
 
