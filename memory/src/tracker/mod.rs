@@ -1027,7 +1027,7 @@ impl Tracker {
                 return Ok(false);
             }
             if leaf.fast_remove_ok(1) {
-                leaf.bits[w] &= !b;
+                leaf.bits[w] ^= b; // the bit is set
                 leaf.add_count(1u32.wrapping_neg());
                 let marks = leaf.uniform();
                 let c = &mut self.by_marks[usize::from(marks.0 & 7)];
