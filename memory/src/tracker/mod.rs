@@ -1057,6 +1057,12 @@ impl Tracker {
             return None;
         }
         let mut node: &mut Node = root.as_deref_mut()?;
+        // The usual heights (up to 64 GiB and 4 TiB of guest) unrolled: no loop control.
+        match top {
+            18 => return Self::descend::<2>(node, index),
+            24 => return Self::descend::<3>(node, index),
+            _ => {}
+        }
         let mut shift = top;
         // An empty or full slot's byte is past the end of the child vector: one bounds check
         // for both. Above level 1 the children are nodes, at level 1 leaves.
@@ -1064,6 +1070,19 @@ impl Tracker {
             let r = node.slot((index >> shift) as usize & 63);
             node = node.nodes.get_mut(usize::from(r))?;
             shift -= SLOT_SHIFT;
+        }
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
+    }
+
+    /// `leaf_mut` below a root at level `H`, unrolled.
+    #[inline(always)]
+    fn descend<const H: u32>(mut node: &mut Node, index: u64) -> Option<&mut Leaf> {
+        let mut level = H;
+        while level > 1 {
+            let r = node.slot((index >> slot_shift(level)) as usize & 63);
+            node = node.nodes.get_mut(usize::from(r))?;
+            level -= 1;
         }
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
         node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
