@@ -6,7 +6,7 @@
 //! aligned range; a leaf yields its runs of set bits, found a word at a time.
 
 use super::leaf::{Leaf, WORDS};
-use super::{slot_range_mask, slot_shift, span_shift, Child, Mark, Marks, Node, Tracker};
+use super::{slot_range_mask, slot_shift, span_shift, ChildRef, Mark, Marks, Node, Tracker};
 
 /// A piece of a run: pages `start..start+len`, all present, carrying `marks` (exactly, when the
 /// walk is by marks; otherwise the marks of the first page).
@@ -198,11 +198,11 @@ impl<'a> Iterator for Chunks<'a> {
                     marks: node.slot_marks(i),
                 });
             }
-            match &node.children[node.kid(i as usize)] {
-                Child::Leaf(l) => {
+            match node.child(node.kid(i as usize)) {
+                ChildRef::Leaf(l) => {
                     self.leaf = Some((l, sbase));
                 }
-                Child::Node(n) => self.push(n, level - 1, sbase),
+                ChildRef::Node(n) => self.push(n, level - 1, sbase),
             }
         }
     }

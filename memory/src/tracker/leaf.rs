@@ -19,13 +19,18 @@ pub struct MarkMaps(pub [[u64; WORDS]; MARK_COUNT], pub [u16; MARK_COUNT]);
 #[derive(Debug)]
 pub struct Leaf {
     pub bits: [u64; WORDS],
-    /// Present pages. (Pages carrying each mark: in `mixed`, the only case where they are
-    /// not `count` or 0.)
-    pub count: u16,
-    /// The marks of every present page, when `mixed` is `None`.
-    pub uniform: Marks,
+    /// In one word, so that the single-page fast paths test it with one compare: the number
+    /// of present pages (bits 0..16; pages carrying each mark are in `mixed`, the only case
+    /// where they are not the count or 0), the marks of every present page while `mixed` is
+    /// `None` (bits 16..24), and [`STATE_MIXED`] while `mixed` is `Some`.
+    state: u32,
     pub mixed: Option<FBox<MarkMaps>>,
 }
+
+/// `Leaf::state` of a leaf with per-mark bitmaps.
+const STATE_MIXED: u32 = 1 << 31;
+const STATE_COUNT: u32 = 0xffff;
+const MARKS_SHIFT: u32 = 16;
 
 /// Bit mask of positions `lo..hi` within one word, `lo < hi <= 64`.
 #[inline]
@@ -62,11 +67,71 @@ fn for_words(lo: u64, hi: u64, mut f: impl FnMut(usize, u64)) {
 }
 
 impl Leaf {
+    /// Present pages.
+    #[inline(always)]
+    pub fn count(&self) -> u16 {
+        (self.state & STATE_COUNT) as u16
+    }
+
+    /// The marks of every present page (meaningful while `mixed` is `None`).
+    #[inline(always)]
+    pub fn uniform(&self) -> Marks {
+        Marks((self.state >> MARKS_SHIFT) as u8)
+    }
+
+    /// Sets the marks of every present page of a leaf without mark bitmaps.
+    #[inline]
+    pub fn set_uniform(&mut self, m: Marks) {
+        debug_assert!(self.mixed.is_none());
+        self.state = u32::from(self.count()) | u32::from(m.0) << MARKS_SHIFT;
+    }
+
+    /// For `check_invariants`: the count against the bits, the mixed flag against `mixed`.
+    pub fn check(&self) -> Result<(), String> {
+        let ones: u32 = self.bits.iter().map(|w| w.count_ones()).sum();
+        if u32::from(self.count()) != ones {
+            return Err(format!("count {} for {ones} bits", self.count()));
+        }
+        if (self.state & STATE_MIXED != 0) != self.mixed.is_some() {
+            return Err(format!(
+                "state 0x{:x} with mixed {}",
+                self.state,
+                self.mixed.is_some()
+            ));
+        }
+        if self.mixed.is_some() && self.state & !(STATE_MIXED | STATE_COUNT) != 0 {
+            return Err(format!("state 0x{:x}: marks in a mixed leaf", self.state));
+        }
+        Ok(())
+    }
+
+    /// Whether `n` (<= `LEAF_PAGES`) pages with `marks` can be added without anything above
+    /// the leaf changing: no mark bitmaps, every page carries `marks`, and the leaf does not
+    /// fill up. One compare: a different set of marks or the mixed flag puts the difference
+    /// far above the count, or wraps it.
+    #[inline(always)]
+    pub fn fast_insert_ok(&self, marks: Marks, n: u32) -> bool {
+        self.state.wrapping_sub(u32::from(marks.0) << MARKS_SHIFT) < LEAF_PAGES as u32 - n
+    }
+
+    /// Whether `n` pages can be removed without anything above the leaf changing: no mark
+    /// bitmaps and more than `n` pages present.
+    #[inline(always)]
+    pub fn fast_remove_ok(&self, n: u32) -> bool {
+        // The mixed flag is the sign bit.
+        (self.state & (STATE_MIXED | STATE_COUNT)) as i32 > n as i32
+    }
+
+    /// Adds or takes `n` to or from the count of a leaf (fast paths: no carry, no borrow).
+    #[inline(always)]
+    pub fn add_count(&mut self, n: u32) {
+        self.state = self.state.wrapping_add(n);
+    }
+
     pub fn empty() -> Self {
         Leaf {
             bits: [0; WORDS],
-            count: 0,
-            uniform: Marks::NONE,
+            state: 0,
             mixed: None,
         }
     }
@@ -74,27 +139,25 @@ impl Leaf {
     /// Re-initialises a (pooled) leaf as a fully present one with uniform `marks`.
     pub fn set_full(&mut self, marks: Marks) {
         self.bits = [u64::MAX; WORDS];
-        self.count = LEAF_PAGES as u16;
-        self.uniform = marks;
+        self.state = LEAF_PAGES as u32 | u32::from(marks.0) << MARKS_SHIFT;
         self.mixed = None;
     }
 
     pub fn set_empty(&mut self) {
         self.bits = [0; WORDS];
-        self.count = 0;
-        self.uniform = Marks::NONE;
+        self.state = 0;
         self.mixed = None;
     }
 
     pub fn is_full_uniform(&self) -> Option<Marks> {
-        (u64::from(self.count) == LEAF_PAGES && self.mixed.is_none()).then_some(self.uniform)
+        (u64::from(self.count()) == LEAF_PAGES && self.mixed.is_none()).then_some(self.uniform())
     }
 
     /// Marks carried by at least one page.
     pub fn any_marks(&self) -> Marks {
         let Some(maps) = &self.mixed else {
-            return if self.count > 0 {
-                self.uniform
+            return if self.count() > 0 {
+                self.uniform()
             } else {
                 Marks::NONE
             };
@@ -115,7 +178,7 @@ impl Leaf {
 
     pub fn marks_at(&self, off: u64) -> Marks {
         match &self.mixed {
-            None => self.uniform,
+            None => self.uniform(),
             Some(maps) => {
                 let (w, b) = ((off >> 6) as usize, off & 63);
                 let mut m = Marks::NONE;
@@ -133,7 +196,7 @@ impl Leaf {
     #[inline]
     pub fn mark_word(&self, k: usize, w: usize) -> u64 {
         match &self.mixed {
-            None if self.uniform.has(k) => self.bits[w],
+            None if self.uniform().has(k) => self.bits[w],
             None => 0,
             Some(maps) => maps.0[k][w],
         }
@@ -143,7 +206,7 @@ impl Leaf {
     #[inline]
     pub fn exact_word(&self, marks: Marks, w: usize) -> u64 {
         match &self.mixed {
-            None if self.uniform == marks => self.bits[w],
+            None if self.uniform() == marks => self.bits[w],
             None => 0,
             Some(maps) => {
                 let mut e = self.bits[w];
@@ -182,7 +245,7 @@ impl Leaf {
             }
             n
         };
-        self.count += added as u16;
+        self.state += added; // below 4096 + 1: no carry out of the count
         added
     }
 
@@ -208,18 +271,18 @@ impl Leaf {
             }
             n
         };
-        self.count -= gone as u16;
+        self.state -= gone; // at most the count
         gone
     }
 
     /// Would applying `op` to `lo..hi` need a `MarkMaps` box? (Used to reserve ahead.)
     pub fn needs_maps(&self, op: Op, lo: u64, hi: u64) -> bool {
-        if self.mixed.is_some() || self.count == 0 {
+        if self.mixed.is_some() || self.count() == 0 {
             return false;
         }
         match op {
             Op::Insert(m) => {
-                if m == self.uniform || u64::from(self.count) == LEAF_PAGES {
+                if m == self.uniform() || u64::from(self.count()) == LEAF_PAGES {
                     return false;
                 }
                 let mut absent = 0u32;
@@ -230,13 +293,13 @@ impl Leaf {
             }
             Op::Remove => false,
             Op::SetMark(k) | Op::ClearMark(k) => {
-                let has = self.uniform.has(k);
+                let has = self.uniform().has(k);
                 if matches!(op, Op::SetMark(_)) == has {
                     return false;
                 }
                 let mut sel = 0u32;
                 for_words(lo, hi, |w, mask| sel += (self.bits[w] & mask).count_ones());
-                sel != 0 && sel != u32::from(self.count)
+                sel != 0 && sel != u32::from(self.count())
             }
         }
     }
@@ -244,16 +307,21 @@ impl Leaf {
     fn make_mixed(&mut self, pool: &mut Pool) {
         let mut maps = pool.take_maps();
         for k in 0..MARK_COUNT {
-            maps.0[k] = if self.uniform.has(k) {
+            maps.0[k] = if self.uniform().has(k) {
                 self.bits
             } else {
                 [0; WORDS]
             };
         }
         for k in 0..MARK_COUNT {
-            maps.1[k] = if self.uniform.has(k) { self.count } else { 0 };
+            maps.1[k] = if self.uniform().has(k) {
+                self.count()
+            } else {
+                0
+            };
         }
         self.mixed = Some(maps);
+        self.state = u32::from(self.count()) | STATE_MIXED;
     }
 
     /// Drops the mark bitmaps once every mark is on all present pages or on none.
@@ -263,13 +331,13 @@ impl Leaf {
         };
         let mut u = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if maps.1[k] == self.count && self.count > 0 {
+            if maps.1[k] == self.count() && self.count() > 0 {
                 u = u.with(k);
             } else if maps.1[k] != 0 {
                 return;
             }
         }
-        self.uniform = u;
+        self.state = u32::from(self.count()) | u32::from(u.0) << MARKS_SHIFT;
         self.mixed = None;
     }
 
@@ -283,9 +351,9 @@ impl Leaf {
                 if new == 0 {
                     return d;
                 }
-                if self.count == 0 {
-                    self.uniform = m;
-                } else if self.mixed.is_none() && self.uniform != m {
+                if self.count() == 0 {
+                    self.set_uniform(m);
+                } else if self.mixed.is_none() && self.uniform() != m {
                     self.make_mixed(pool);
                 }
                 let mixed = &mut self.mixed;
@@ -301,7 +369,7 @@ impl Leaf {
                         }
                     }
                 });
-                self.count += new as u16;
+                self.state += new;
                 d.present = i64::from(new);
                 for k in 0..MARK_COUNT {
                     if m.has(k) {
@@ -316,7 +384,7 @@ impl Leaf {
             Op::Remove => {
                 let mut gone_marks = [0u32; MARK_COUNT];
                 let mut gone = 0u32;
-                let uniform = self.uniform;
+                let uniform = self.uniform();
                 let mixed = &mut self.mixed;
                 let bits = &mut self.bits;
                 for_words(lo, hi, |w, mask| {
@@ -343,7 +411,7 @@ impl Leaf {
                         }
                     }
                 });
-                self.count -= gone as u16;
+                self.state -= gone;
                 d.present = -i64::from(gone);
                 for (k, gm) in gone_marks.iter().enumerate() {
                     if let Some(maps) = &mut self.mixed {
@@ -351,7 +419,7 @@ impl Leaf {
                     }
                     d.marks[k] = -i64::from(*gm);
                 }
-                if self.count == 0 {
+                if self.count() == 0 {
                     self.set_empty();
                 } else {
                     self.normalise();
@@ -360,7 +428,7 @@ impl Leaf {
             Op::SetMark(k) | Op::ClearMark(k) => {
                 let set = matches!(op, Op::SetMark(_));
                 if self.mixed.is_none() {
-                    if self.uniform.has(k) == set {
+                    if self.uniform().has(k) == set {
                         return d;
                     }
                     let mut sel = 0u32;
@@ -368,12 +436,12 @@ impl Leaf {
                     if sel == 0 {
                         return d;
                     }
-                    if sel == u32::from(self.count) {
-                        self.uniform = if set {
-                            self.uniform.with(k)
+                    if sel == u32::from(self.count()) {
+                        self.set_uniform(if set {
+                            self.uniform().with(k)
                         } else {
-                            self.uniform.without(k)
-                        };
+                            self.uniform().without(k)
+                        });
                         d.marks[k] = if set { i64::from(sel) } else { -i64::from(sel) };
                         return d;
                     }

@@ -138,10 +138,23 @@ impl Delta {
     }
 }
 
+/// A child being linked into a node.
 #[derive(Debug)]
 enum Child {
     Leaf(FBox<Leaf>),
     Node(FBox<Node>),
+}
+
+/// A node's child, borrowed.
+enum ChildRef<'a> {
+    Leaf(&'a Leaf),
+    Node(&'a Node),
+}
+
+/// A node's child, borrowed mutably.
+enum ChildMut<'a> {
+    Leaf(&'a mut Leaf),
+    Node(&'a mut Node),
 }
 
 #[derive(Debug)]
@@ -149,9 +162,14 @@ struct Node {
     present: u64,
     full: u64,
     marks: [u64; MARK_COUNT],
-    children: Vec<Child>,
+    /// The children of a node above level 1, densely in slot order (empty at level 1).
+    nodes: Vec<FBox<Node>>,
+    /// The children of a level-1 node (empty above): leaves, densely in slot order. Two typed
+    /// vectors instead of one of a two-kind enum: 8 bytes per child instead of 16, and the
+    /// single-page paths know the kind from the level (no tag test, no 16-byte stride).
+    leaves: Vec<FBox<Leaf>>,
     /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
-    /// index in `children` (the number of child slots below it). Recomputed by `reindex` at the
+    /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `reindex` at the
     /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
     /// popcount (a software one on baseline x86-64, a dozen instructions on the critical path)
     /// and no separate present/full tests.
@@ -187,7 +205,8 @@ impl Node {
             present: 0,
             full: 0,
             marks: [0; MARK_COUNT],
-            children: Vec::new(),
+            nodes: Vec::new(),
+            leaves: Vec::new(),
             rank: [SLOT_EMPTY; 64],
         }
     }
@@ -303,11 +322,72 @@ impl Node {
         Some(m)
     }
 
-    /// Frees the child vector of a node left with only full or empty slots.
+    /// Frees the child vectors of a node left with only full or empty slots.
     fn release_children(&mut self) {
-        if self.children.is_empty() && self.children.capacity() != 0 {
-            self.children = Vec::new();
+        if self.nodes.is_empty() && self.nodes.capacity() != 0 {
+            self.nodes = Vec::new();
         }
+        if self.leaves.is_empty() && self.leaves.capacity() != 0 {
+            self.leaves = Vec::new();
+        }
+    }
+
+    /// Number of children.
+    fn child_count(&self) -> usize {
+        self.nodes.len() + self.leaves.len()
+    }
+
+    /// The child at index `idx` of the dense child vectors (a node's children are all leaves
+    /// or all nodes).
+    fn child(&self, idx: usize) -> ChildRef<'_> {
+        if self.leaves.is_empty() {
+            ChildRef::Node(&self.nodes[idx])
+        } else {
+            ChildRef::Leaf(&self.leaves[idx])
+        }
+    }
+
+    fn child_mut(&mut self, idx: usize) -> ChildMut<'_> {
+        if self.leaves.is_empty() {
+            ChildMut::Node(&mut self.nodes[idx])
+        } else {
+            ChildMut::Leaf(&mut self.leaves[idx])
+        }
+    }
+
+    /// Puts `c` at index `idx` of the dense child vectors (room reserved beforehand).
+    fn insert_child(&mut self, idx: usize, c: Child) {
+        match c {
+            Child::Leaf(l) => {
+                debug_assert!(self.nodes.is_empty());
+                debug_assert!(self.leaves.len() < self.leaves.capacity(), "unreserved");
+                self.leaves.insert(idx, l);
+            }
+            Child::Node(n) => {
+                debug_assert!(self.leaves.is_empty());
+                debug_assert!(self.nodes.len() < self.nodes.capacity(), "unreserved");
+                self.nodes.insert(idx, n);
+            }
+        }
+    }
+
+    /// Drops the child at index `idx` of the dense child vectors.
+    fn remove_child(&mut self, idx: usize) {
+        if self.leaves.is_empty() {
+            self.nodes.remove(idx);
+        } else {
+            self.leaves.remove(idx);
+        }
+    }
+
+    /// Reserves room for `n` more children of a node at `level`.
+    fn reserve_children(&mut self, level: u32, n: usize) -> Result<(), AllocError> {
+        let r = if level == 1 {
+            self.leaves.try_reserve(n)
+        } else {
+            self.nodes.try_reserve(n)
+        };
+        r.map_err(|_| AllocError { bytes: n * 8 })
     }
 
     fn set_full(&mut self, marks: Marks) {
@@ -316,23 +396,23 @@ impl Node {
         for k in 0..MARK_COUNT {
             self.marks[k] = if marks.has(k) { u64::MAX } else { 0 };
         }
-        self.children.clear();
+        self.nodes.clear();
+        self.leaves.clear();
         self.rank = [SLOT_FULL; 64];
     }
 
     /// Exact heap bytes below and including this node's child vector (not the node itself).
     fn heap_bytes(&self) -> usize {
-        let mut b = self.children.capacity() * std::mem::size_of::<Child>();
-        for c in &self.children {
-            b += match c {
-                Child::Leaf(l) => {
-                    std::mem::size_of::<Leaf>()
-                        + l.mixed
-                            .as_ref()
-                            .map_or(0, |_| std::mem::size_of::<MarkMaps>())
-                }
-                Child::Node(n) => std::mem::size_of::<Node>() + n.heap_bytes(),
-            };
+        let mut b = self.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
+            + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>();
+        for l in &self.leaves {
+            b += std::mem::size_of::<Leaf>()
+                + l.mixed
+                    .as_ref()
+                    .map_or(0, |_| std::mem::size_of::<MarkMaps>());
+        }
+        for n in &self.nodes {
+            b += std::mem::size_of::<Node>() + n.heap_bytes();
         }
         b
     }
@@ -341,19 +421,19 @@ impl Node {
     /// it when it became uniform-full or empty.
     fn settle_child(&mut self, i: u32, idx: usize) {
         let bit = 1u64 << i;
-        let (empty, full, any) = match &mut self.children[idx] {
-            Child::Leaf(l) => (l.count == 0, l.is_full_uniform(), l.any_marks()),
-            Child::Node(n) => {
+        let (empty, full, any) = match self.child_mut(idx) {
+            ChildMut::Leaf(l) => (l.count() == 0, l.is_full_uniform(), l.any_marks()),
+            ChildMut::Node(n) => {
                 n.release_children();
                 (n.present == 0, n.is_full_uniform(), n.any_marks())
             }
         };
         if empty {
-            self.children.remove(idx);
+            self.remove_child(idx);
             self.present &= !bit;
             self.set_slot_marks(i, Marks::NONE);
         } else if let Some(m) = full {
-            self.children.remove(idx);
+            self.remove_child(idx);
             self.full |= bit;
             self.set_slot_marks(i, m);
         } else {
@@ -388,9 +468,9 @@ impl Node {
                 let child = if level == 1 {
                     Child::Leaf(pool.take_leaf())
                 } else {
-                    Child::Node(pool.take_node())
+                    Child::Node(pool.take_node(level - 1))
                 };
-                self.children.insert(idx, child);
+                self.insert_child(idx, child);
                 self.present |= bit;
             } else if self.full & bit != 0 {
                 let fm = self.slot_marks(i);
@@ -431,16 +511,16 @@ impl Node {
                     l.set_full(fm);
                     Child::Leaf(l)
                 } else {
-                    let mut n = pool.take_node();
+                    let mut n = pool.take_node(level - 1);
                     n.set_full(fm);
                     Child::Node(n)
                 };
-                self.children.insert(idx, child);
+                self.insert_child(idx, child);
             }
             let idx = self.child_index(i);
-            let cd = match &mut self.children[idx] {
-                Child::Leaf(l) => l.apply(op, s_lo, s_hi, pool),
-                Child::Node(n) => n.apply(level - 1, s_lo, s_hi, op, pool),
+            let cd = match self.child_mut(idx) {
+                ChildMut::Leaf(l) => l.apply(op, s_lo, s_hi, pool),
+                ChildMut::Node(n) => n.apply(level - 1, s_lo, s_hi, op, pool),
             };
             d.add(cd);
             self.settle_child(i, idx);
@@ -497,20 +577,18 @@ impl Node {
                     continue;
                 }
                 let idx = self.kid(i as usize);
-                match &mut self.children[idx] {
-                    Child::Leaf(l) => {
+                match self.child_mut(idx) {
+                    ChildMut::Leaf(l) => {
                         if l.needs_maps(op, s_lo, s_hi) {
                             need.maps += 1;
                         }
                     }
-                    Child::Node(n) => n.prepare(level - 1, s_lo, s_hi, op, need)?,
+                    ChildMut::Node(n) => n.prepare(level - 1, s_lo, s_hi, op, need)?,
                 }
             }
         }
         if grow > 0 {
-            self.children.try_reserve(grow).map_err(|_| AllocError {
-                bytes: grow * std::mem::size_of::<Child>(),
-            })?;
+            self.reserve_children(level, grow)?;
         }
         Ok(())
     }
@@ -577,9 +655,13 @@ impl Pool {
         while self.nodes.len() < need.nodes {
             let mut n = FBox::try_new(Node::empty())?;
             // Room for the children a new node gets within one operation: two partial edges,
-            // plus the old root when it becomes the top of a taller tree.
-            n.children.try_reserve_exact(3).map_err(|_| AllocError {
-                bytes: 2 * std::mem::size_of::<Child>(),
+            // plus the old root when it becomes the top of a taller tree. Its level is not
+            // known yet: room in both vectors, and `take_node` frees the one it will not use.
+            n.nodes.try_reserve_exact(3).map_err(|_| AllocError {
+                bytes: 3 * std::mem::size_of::<FBox<Node>>(),
+            })?;
+            n.leaves.try_reserve_exact(2).map_err(|_| AllocError {
+                bytes: 2 * std::mem::size_of::<FBox<Leaf>>(),
             })?;
             self.nodes.push(n);
         }
@@ -622,9 +704,17 @@ impl Pool {
         }
     }
 
-    fn take_node(&mut self) -> FBox<Node> {
+    /// A spare node for `level` (its other child vector freed).
+    fn take_node(&mut self, level: u32) -> FBox<Node> {
         match self.nodes.pop() {
-            Some(n) => n,
+            Some(mut n) => {
+                if level == 1 {
+                    n.nodes = Vec::new();
+                } else {
+                    n.leaves = Vec::new();
+                }
+                n
+            }
             None => panic!("tracker pool ran out of nodes: reservation miscounted"),
         }
     }
@@ -653,7 +743,8 @@ impl Pool {
                 .iter()
                 .map(|n| {
                     std::mem::size_of::<Node>()
-                        + n.children.capacity() * std::mem::size_of::<Child>()
+                        + n.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
+                        + n.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
                 })
                 .sum::<usize>()
             + self.leaves.len() * std::mem::size_of::<Leaf>()
@@ -671,10 +762,12 @@ pub struct Tracker {
     /// `1 << span_shift(height)` while there is a root, 0 without: the first index past the
     /// tree (one compare for the fast paths).
     limit: u64,
+    /// Pages, not counting those of `by_marks`.
     count: u64,
     mark_count: [u64; MARK_COUNT],
     /// Pages added (wrapping: minus pages removed) by the single-page fast paths, per set of
-    /// marks: one add instead of one per mark; `count_marked` folds them in.
+    /// marks: one add instead of one per mark and one for the total; `len` and
+    /// `count_marked` fold them in.
     by_marks: [u64; 8],
     pool: Pool,
 }
@@ -695,11 +788,13 @@ impl Tracker {
 
     /// Number of tracked pages, O(1).
     pub fn len(&self) -> u64 {
-        self.count
+        self.by_marks
+            .iter()
+            .fold(self.count, |n, &c| n.wrapping_add(c))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.len() == 0
     }
 
     /// Number of tracked pages carrying `mark`, O(1).
@@ -803,12 +898,12 @@ impl Tracker {
 
         // Phase 2: the changes, which cannot fail.
         if self.root.is_none() {
-            self.root = Some(self.pool.take_node());
+            self.root = Some(self.pool.take_node(need_h));
             self.height = need_h;
         }
         while self.height < need_h {
             let old = self.root.take().expect("root present");
-            let mut top = self.pool.take_node();
+            let mut top = self.pool.take_node(self.height + 1);
             if old.present != 0 {
                 top.present = 1;
                 if let Some(m) = old.is_full_uniform() {
@@ -816,7 +911,7 @@ impl Tracker {
                     top.set_slot_marks(0, m);
                 } else {
                     top.set_slot_marks(0, old.any_marks());
-                    top.children.push(Child::Node(old));
+                    top.insert_child(0, Child::Node(old));
                 }
             }
             top.reindex();
@@ -826,7 +921,7 @@ impl Tracker {
         let root = self.root.as_mut().expect("root present");
         let d = root.apply(self.height, start, hi, op, &mut self.pool);
         root.release_children();
-        self.count = (self.count as i64 + d.present) as u64;
+        self.count = self.count.wrapping_add(d.present as u64);
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -866,7 +961,7 @@ impl Tracker {
             if root.present != 1 || root.full & 1 != 0 {
                 break;
             }
-            let Some(Child::Node(child)) = root.children.pop() else {
+            let Some(child) = root.nodes.pop() else {
                 unreachable!("slot 0 of a node above level 1 holds a node")
             };
             self.root = Some(child);
@@ -897,18 +992,21 @@ impl Tracker {
             if leaf.bits[w] & b != 0 {
                 return Ok(false);
             }
-            if leaf.mixed.is_none()
-                && leaf.uniform == marks
-                && u64::from(leaf.count) + 1 < leaf::LEAF_PAGES
-            {
+            if leaf.fast_insert_ok(marks, 1) {
                 leaf.bits[w] |= b;
-                leaf.count += 1;
+                leaf.add_count(1);
                 let c = &mut self.by_marks[usize::from(marks.0 & 7)];
                 *c = c.wrapping_add(1);
-                self.count += 1;
                 return Ok(true);
             }
         }
+        self.insert_slow(index, marks)
+    }
+
+    /// `insert` off the fast path (out of line, so the fast path needs no stack frame).
+    #[cold]
+    #[inline(never)]
+    fn insert_slow(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -928,16 +1026,22 @@ impl Tracker {
             if leaf.bits[w] & b == 0 {
                 return Ok(false);
             }
-            if leaf.mixed.is_none() && leaf.count > 1 {
-                leaf.bits[w] &= !b;
-                leaf.count -= 1;
-                let marks = leaf.uniform;
+            if leaf.fast_remove_ok(1) {
+                leaf.bits[w] ^= b; // the bit is set
+                leaf.add_count(1u32.wrapping_neg());
+                let marks = leaf.uniform();
                 let c = &mut self.by_marks[usize::from(marks.0 & 7)];
                 *c = c.wrapping_sub(1);
-                self.count -= 1;
                 return Ok(true);
             }
         }
+        self.remove_slow(index)
+    }
+
+    /// `remove` off the fast path (out of line).
+    #[cold]
+    #[inline(never)]
+    fn remove_slow(&mut self, index: u64) -> Result<bool, TrackerError> {
         Ok(self.remove_range(index, 1)? == 1)
     }
 
@@ -949,24 +1053,43 @@ impl Tracker {
         limit: u64,
         index: u64,
     ) -> Option<&mut Leaf> {
+        let mut node: &mut Node = root.as_deref_mut()?;
+        // The usual heights (up to 64 GiB and 4 TiB of guest) unrolled: no loop control, and
+        // the index compared with the tree's span as a constant (one load less).
+        match top {
+            18 => return Self::descend::<2>(node, index),
+            24 => return Self::descend::<3>(node, index),
+            _ => {}
+        }
         if index >= limit {
             return None;
         }
-        let mut node: &mut Node = root.as_deref_mut()?;
         let mut shift = top;
-        loop {
+        // An empty or full slot's byte is past the end of the child vector: one bounds check
+        // for both. Above level 1 the children are nodes, at level 1 leaves.
+        while shift != LEAF_SHIFT {
             let r = node.slot((index >> shift) as usize & 63);
-            if r >= SLOT_FULL {
-                return None;
-            }
-            match &mut node.children[usize::from(r)] {
-                Child::Node(n) => {
-                    node = n;
-                    shift -= SLOT_SHIFT;
-                }
-                Child::Leaf(l) => return Some(l),
-            }
+            node = node.nodes.get_mut(usize::from(r))?;
+            shift -= SLOT_SHIFT;
         }
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
+    }
+
+    /// `leaf_mut` below a root at level `H`, unrolled.
+    #[inline(always)]
+    fn descend<const H: u32>(mut node: &mut Node, index: u64) -> Option<&mut Leaf> {
+        if index >> span_shift(H) != 0 {
+            return None;
+        }
+        let mut level = H;
+        while level > 1 {
+            let r = node.slot((index >> slot_shift(level)) as usize & 63);
+            node = node.nodes.get_mut(usize::from(r))?;
+            level -= 1;
+        }
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
     }
 
     /// Inserting into a missing leaf under an existing level-1 node: allocate the leaf (and the
@@ -998,10 +1121,7 @@ impl Tracker {
                 return Ok(None);
             }
             let idx = node.kid(i as usize);
-            match &mut node.children[idx] {
-                Child::Node(n) => node = n,
-                Child::Leaf(_) => unreachable!("leaves hang at level 1"),
-            }
+            node = &mut node.nodes[idx];
             level -= 1;
         }
         let i = ((start >> LEAF_SHIFT) & 63) as u32;
@@ -1009,17 +1129,13 @@ impl Tracker {
             return Ok(None);
         }
         // Everything that can fail, before any change.
-        node.children
-            .try_reserve(1)
-            .map_err(|_| TrackerError::NoMemory {
-                bytes: std::mem::size_of::<Child>(),
-            })?;
+        node.reserve_children(1, 1)?;
         let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let lo = start & (leaf::LEAF_PAGES - 1);
         let n = u64::from(leaf.set_bits(lo, lo + (end - start)));
-        leaf.uniform = m;
+        leaf.set_uniform(m);
         let idx = node.child_index(i);
-        node.children.insert(idx, Child::Leaf(leaf));
+        node.insert_child(idx, Child::Leaf(leaf));
         node.present |= 1 << i;
         node.set_slot_marks(i, m);
         node.linked(i);
@@ -1034,14 +1150,11 @@ impl Tracker {
                 }
             }
             let idx = node.kid(i as usize);
-            match &mut node.children[idx] {
-                Child::Node(n) => node = n,
-                Child::Leaf(_) => unreachable!("leaves hang at level 1"),
-            }
+            node = &mut node.nodes[idx];
             level -= 1;
         }
         let d = Delta::whole(1, n, m);
-        self.count += n;
+        self.count = self.count.wrapping_add(n);
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -1062,10 +1175,7 @@ impl Tracker {
                 return None;
             }
             let idx = node.kid(i as usize);
-            match &mut node.children[idx] {
-                Child::Node(n) => node = n,
-                Child::Leaf(_) => unreachable!("leaves hang at level 1"),
-            }
+            node = &mut node.nodes[idx];
             level -= 1;
         }
         Some(node)
@@ -1086,11 +1196,7 @@ impl Tracker {
         if node.full & (1 << i) == 0 {
             return Ok(None);
         }
-        node.children
-            .try_reserve(1)
-            .map_err(|_| TrackerError::NoMemory {
-                bytes: std::mem::size_of::<Child>(),
-            })?;
+        node.reserve_children(1, 1)?;
         let mut leaf = FBox::try_new_with(Leaf::empty)?;
         let fm = node.slot_marks(i);
         leaf.set_full(fm);
@@ -1098,10 +1204,10 @@ impl Tracker {
         let n = u64::from(leaf.clear_bits(lo, lo + (end - start)));
         node.full &= !(1 << i);
         let idx = node.child_index(i);
-        node.children.insert(idx, Child::Leaf(leaf));
+        node.insert_child(idx, Child::Leaf(leaf));
         node.linked(i);
         let d = Delta::whole(-1, n, fm);
-        self.count -= n;
+        self.count = self.count.wrapping_sub(n);
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -1121,13 +1227,11 @@ impl Tracker {
             return None;
         }
         let idx = node.kid(i as usize);
-        let Child::Leaf(leaf) = &node.children[idx] else {
-            unreachable!("leaves hang at level 1")
-        };
+        let leaf = &node.leaves[idx];
         if leaf.mixed.is_some() {
             return None;
         }
-        let marks = leaf.uniform;
+        let marks = leaf.uniform();
         let lo = start & (leaf::LEAF_PAGES - 1);
         let hi = lo + (end - start);
         // Every page of the leaf must be inside the range: the range holds all `count` of them.
@@ -1139,20 +1243,20 @@ impl Tracker {
             inside +=
                 leaf::ones(leaf.bits[w & 63] & leaf::word_mask((a - wlo) as u32, (z - wlo) as u32));
         }
-        if inside != u32::from(leaf.count) {
+        if inside != u32::from(leaf.count()) {
             return None;
         }
         // The node's other slots must keep every mark this leaf had, so nothing above changes.
         if (0..MARK_COUNT).any(|k| marks.has(k) && node.marks[k] & !bit == 0) {
             return None;
         }
-        node.children.remove(idx);
+        node.leaves.remove(idx);
         node.present &= !bit;
         node.set_slot_marks(i, Marks::NONE);
         node.release_children();
         node.unlinked(i, SLOT_EMPTY);
         let d = Delta::whole(-1, u64::from(inside), marks);
-        self.count -= u64::from(inside);
+        self.count = self.count.wrapping_sub(u64::from(inside));
         for k in 0..MARK_COUNT {
             self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
         }
@@ -1169,9 +1273,9 @@ impl Tracker {
         }
         match op {
             Op::Insert(m) => {
-                m == leaf.uniform && u64::from(leaf.count) + (end - start) < leaf::LEAF_PAGES
+                m == leaf.uniform() && u64::from(leaf.count()) + (end - start) < leaf::LEAF_PAGES
             }
-            Op::Remove => u64::from(leaf.count) > end - start,
+            Op::Remove => u64::from(leaf.count()) > end - start,
             _ => false,
         }
     }
@@ -1189,12 +1293,12 @@ impl Tracker {
             if kids & (1 << i) == 0 {
                 return None;
             }
-            match &node.children[node.kid(i as usize)] {
-                Child::Node(n) => {
+            match node.child(node.kid(i as usize)) {
+                ChildRef::Node(n) => {
                     node = n;
                     shift -= SLOT_SHIFT;
                 }
-                Child::Leaf(l) => return Some(l),
+                ChildRef::Leaf(l) => return Some(l),
             }
         }
     }
@@ -1213,17 +1317,17 @@ impl Tracker {
         let lo = start & (leaf::LEAF_PAGES - 1);
         let hi = lo + (end - start);
         let (n, marks) = match op {
-            Op::Insert(m) if m == leaf.uniform => {
-                if u64::from(leaf.count) + (end - start) >= leaf::LEAF_PAGES {
+            Op::Insert(m) if m == leaf.uniform() => {
+                if u64::from(leaf.count()) + (end - start) >= leaf::LEAF_PAGES {
                     return None;
                 }
                 (i64::from(leaf.set_bits(lo, hi)), m)
             }
             Op::Remove => {
-                if u64::from(leaf.count) <= end - start {
+                if u64::from(leaf.count()) <= end - start {
                     return None;
                 }
-                (-i64::from(leaf.clear_bits(lo, hi)), leaf.uniform)
+                (-i64::from(leaf.clear_bits(lo, hi)), leaf.uniform())
             }
             _ => return None,
         };
@@ -1236,7 +1340,6 @@ impl Tracker {
                 d.marks[k] = n;
             }
         }
-        self.count = self.count.wrapping_add(n as u64);
         let c = &mut self.by_marks[usize::from(marks.0 & 7)];
         *c = c.wrapping_add(n as u64);
         Some(d)
@@ -1271,12 +1374,12 @@ impl Tracker {
             if node.full & bit != 0 {
                 return Some(node.slot_marks(i));
             }
-            match &node.children[node.kid(i as usize)] {
-                Child::Node(n) => {
+            match node.child(node.kid(i as usize)) {
+                ChildRef::Node(n) => {
                     node = n;
                     level -= 1;
                 }
-                Child::Leaf(l) => {
+                ChildRef::Leaf(l) => {
                     let off = index & (leaf::LEAF_PAGES - 1);
                     return l.contains(off).then(|| l.marks_at(off));
                 }
@@ -1294,18 +1397,19 @@ impl Tracker {
             return false;
         }
         let mut shift = self.top;
-        loop {
+        // An empty or full slot's byte is past the end of the child vector.
+        while shift != LEAF_SHIFT {
             let r = node.slot((index >> shift) as usize & 63);
-            if r >= SLOT_FULL {
-                return r == SLOT_FULL;
+            match node.nodes.get(usize::from(r)) {
+                Some(n) => node = n,
+                None => return r == SLOT_FULL,
             }
-            match &node.children[usize::from(r)] {
-                Child::Node(n) => {
-                    node = n;
-                    shift -= SLOT_SHIFT;
-                }
-                Child::Leaf(l) => return l.contains(index & (leaf::LEAF_PAGES - 1)),
-            }
+            shift -= SLOT_SHIFT;
+        }
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        match node.leaves.get(usize::from(r)) {
+            Some(l) => l.contains(index & (leaf::LEAF_PAGES - 1)),
+            None => r == SLOT_FULL,
         }
     }
 
@@ -1451,11 +1555,18 @@ impl Tracker {
     pub fn check_invariants(&self) -> Result<(), String> {
         fn node(n: &Node, level: u32, base: u64) -> Result<(), String> {
             let kids = n.present & !n.full;
-            if n.children.len() != kids.count_ones() as usize {
+            if n.child_count() != kids.count_ones() as usize {
                 return Err(format!(
                     "node 0x{base:x} (level {level}): {} children for {} child slots",
-                    n.children.len(),
+                    n.child_count(),
                     kids.count_ones()
+                ));
+            }
+            if (level == 1 && !n.nodes.is_empty()) || (level > 1 && !n.leaves.is_empty()) {
+                return Err(format!(
+                    "node 0x{base:x} (level {level}): {} node and {} leaf children",
+                    n.nodes.len(),
+                    n.leaves.len()
                 ));
             }
             for i in 0..64u32 {
@@ -1474,10 +1585,11 @@ impl Tracker {
                 }
                 if want < 64 {
                     let sbase = base + (u64::from(i) << slot_shift(level));
-                    match (&n.children[usize::from(want)], level) {
-                        (Child::Leaf(_), 1) => {}
-                        (Child::Node(c), l) if l > 1 => node(c, l - 1, sbase)?,
-                        _ => return Err(format!("wrong child kind at 0x{sbase:x}")),
+                    match n.child(usize::from(want)) {
+                        ChildRef::Leaf(l) => {
+                            l.check().map_err(|e| format!("leaf 0x{sbase:x}: {e}"))?
+                        }
+                        ChildRef::Node(c) => node(c, level - 1, sbase)?,
                     }
                 }
             }
@@ -1551,12 +1663,12 @@ impl LookupCursor<'_> {
                     self.bits = &ALL_PAGES;
                     return;
                 }
-                r => match &node.children[usize::from(r)] {
-                    Child::Node(n) => {
+                r => match node.child(usize::from(r)) {
+                    ChildRef::Node(n) => {
                         node = n;
                         level -= 1;
                     }
-                    Child::Leaf(l) => {
+                    ChildRef::Leaf(l) => {
                         self.bits = &l.bits;
                         return;
                     }
@@ -1651,9 +1763,9 @@ fn walk_runs<F: FnMut(u64, u64)>(
             acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
             continue;
         }
-        match &node.children[node.kid(i as usize)] {
-            Child::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
-            Child::Leaf(l) => {
+        match node.child(node.kid(i as usize)) {
+            ChildRef::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
+            ChildRef::Leaf(l) => {
                 let a = lo.max(sbase) - sbase;
                 let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
                 match filter {
@@ -1735,9 +1847,9 @@ fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>)
         if node.full & (1 << i) != 0 {
             return Some(s_last);
         }
-        let found = match &node.children[node.kid(i as usize)] {
-            Child::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
-            Child::Leaf(l) => {
+        let found = match node.child(node.kid(i as usize)) {
+            ChildRef::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
+            ChildRef::Leaf(l) => {
                 let off = s_last - sbase;
                 let mut w = (off >> 6) as usize;
                 let mut mask = leaf::word_mask(0, (off & 63) as u32 + 1);
