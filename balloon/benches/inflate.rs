@@ -19,7 +19,7 @@ use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange};
 use balloon::testing::{pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use memory::{Backing, DiscardPolicy, MemoryManager, Reason, RegionKind, RegionSpec, SlotMapper};
+use memory::{Backing, DiscardPolicy, MemoryManager, Reason, RegionKind, RegionSpec};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const RAM: u64 = 260 << 20;
@@ -29,17 +29,6 @@ const PAGES: u32 = (256 << 20) >> 12;
 
 type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
-struct NoKvm;
-
-impl SlotMapper for NoKvm {
-    fn map(&mut self, _: u32, _: u64, _: u64, _: *mut u8) -> Result<(), String> {
-        Ok(())
-    }
-    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 /// Guest RAM as the VMM makes it: one boot region of `backing` behind the manager.
 fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>> {
     let spec = RegionSpec {
@@ -48,7 +37,7 @@ fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>>
         backing,
         kind: RegionKind::BootRam,
     };
-    let mut mm = MemoryManager::new(&[spec], Box::new(NoKvm)).expect("manager");
+    let mut mm = MemoryManager::new(&[spec], Box::new(balloon::testing::NoSlots)).expect("manager");
     mm.set_discard_policy(policy).expect("policy");
     Arc::new(Mutex::new(mm))
 }

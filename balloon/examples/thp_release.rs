@@ -19,17 +19,6 @@ use vm_memory::{Bytes, GuestAddress};
 
 const SIZE: u64 = 1 << 30;
 
-struct NoKvm;
-
-impl memory::SlotMapper for NoKvm {
-    fn map(&mut self, _: u32, _: u64, _: u64, _: *mut u8) -> Result<(), String> {
-        Ok(())
-    }
-    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), String> {
-        Ok(())
-    }
-}
-
 fn field(path: &str, name: &str) -> i64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -101,7 +90,7 @@ fn main() {
         backing,
         kind: RegionKind::BootRam,
     };
-    let mut mm = MemoryManager::new(&[spec], Box::new(NoKvm)).expect("manager");
+    let mut mm = MemoryManager::new(&[spec], Box::new(balloon::testing::NoSlots)).expect("manager");
     mm.set_discard_policy(DiscardPolicy::Deferred)
         .expect("policy");
     for p in 0..SIZE >> 12 {

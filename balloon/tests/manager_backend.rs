@@ -12,23 +12,12 @@ use balloon::{
     RELEASE_IDLE_DELAY,
 };
 use event_manager::{EventManager, SubscriberOps};
-use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec, SlotMapper};
+use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec};
 use virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
 
 const MIB: u64 = 1 << 20;
 const HOTPLUG_AT: u64 = 1 << 30;
-
-struct NoKvm;
-
-impl SlotMapper for NoKvm {
-    fn map(&mut self, _: u32, _: u64, _: u64, _: *mut u8) -> Result<(), String> {
-        Ok(())
-    }
-    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 fn manager() -> Arc<Mutex<MemoryManager>> {
     let specs = [
@@ -47,27 +36,48 @@ fn manager() -> Arc<Mutex<MemoryManager>> {
             },
         },
     ];
+    manager_of(&specs)
+}
+
+fn manager_of(specs: &[RegionSpec]) -> Arc<Mutex<MemoryManager>> {
     Arc::new(Mutex::new(
-        MemoryManager::new(&specs, Box::new(NoKvm)).expect("manager"),
+        MemoryManager::new(specs, Box::new(balloon::testing::NoSlots)).expect("manager"),
     ))
 }
 
-#[test]
-fn balloon_on_the_memory_manager() {
-    let mm = manager();
-    // As the VMM runs it: the manager queues, the device releases off the ack path.
+/// A balloon (no statistics) driven by the test driver over `mm`'s guest RAM.
+fn rig_on(
+    mm: &Arc<Mutex<MemoryManager>>,
+    config: BalloonConfig,
+) -> (BalloonRig, vm_memory::GuestMemoryMmap<()>) {
+    let mem = mm.lock().unwrap().guest_memory().clone();
+    let backend: Arc<dyn BalloonBackend> = mm.clone();
+    let config = BalloonConfig {
+        stats: false,
+        ..config
+    };
+    (BalloonRig::with_backend(mem.clone(), config, backend), mem)
+}
+
+/// As the VMM runs it: the manager queues discards, the device releases them off the ack path.
+fn deferred(mm: Arc<Mutex<MemoryManager>>) -> Arc<Mutex<MemoryManager>> {
     mm.lock()
         .unwrap()
         .set_discard_policy(DiscardPolicy::Deferred)
         .unwrap();
-    let mem = mm.lock().unwrap().guest_memory().clone();
-    let backend: Arc<dyn BalloonBackend> = mm.clone();
-    let config = BalloonConfig {
-        free_page_reporting: true,
-        stats: false,
-        ..BalloonConfig::default()
-    };
-    let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
+    mm
+}
+
+#[test]
+fn balloon_on_the_memory_manager() {
+    let mm = deferred(manager());
+    let (mut rig, mem) = rig_on(
+        &mm,
+        BalloonConfig {
+            free_page_reporting: true,
+            ..BalloonConfig::default()
+        },
+    );
     for p in 0x1000..0x1100u64 {
         mem.write_obj(7u8, GuestAddress(p << 12)).unwrap();
     }
@@ -165,15 +175,6 @@ fn virtio_mem_on_the_memory_manager() {
     assert_eq!(dev.plugged_size(), 0);
 }
 
-fn deferred_manager() -> Arc<Mutex<MemoryManager>> {
-    let mm = manager();
-    mm.lock()
-        .unwrap()
-        .set_discard_policy(DiscardPolicy::Deferred)
-        .unwrap();
-    mm
-}
-
 /// Whether the host page behind guest `pfn` is resident (mincore).
 fn resident(mem: &vm_memory::GuestMemoryMmap<()>, pfn: u64) -> bool {
     use vm_memory::GuestMemoryBackend;
@@ -192,7 +193,7 @@ fn burst_request(i: u32) -> Vec<u32> {
 
 #[test]
 fn burst_is_released_in_batches_and_by_the_idle_timer() {
-    let mm = deferred_manager();
+    let mm = deferred(manager());
     let mem = mm.lock().unwrap().guest_memory().clone();
     let backend: Arc<dyn BalloonBackend> = mm.clone();
     let config = BalloonConfig {
@@ -292,14 +293,8 @@ fn burst_is_released_in_batches_and_by_the_idle_timer() {
 
 #[test]
 fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
-    let mm = deferred_manager();
-    let mem = mm.lock().unwrap().guest_memory().clone();
-    let backend: Arc<dyn BalloonBackend> = mm.clone();
-    let config = BalloonConfig {
-        stats: false,
-        ..BalloonConfig::default()
-    };
-    let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
+    let mm = deferred(manager());
+    let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
     for i in 0..8 {
         for p in burst_request(i) {
             mem.write_obj(0x5au8, GuestAddress(u64::from(p) << 12))
@@ -359,20 +354,8 @@ fn balloon_releases_on_both_backings() {
             backing,
             kind: RegionKind::BootRam,
         };
-        let mm = Arc::new(Mutex::new(
-            MemoryManager::new(&[spec], Box::new(NoKvm)).expect("manager"),
-        ));
-        mm.lock()
-            .unwrap()
-            .set_discard_policy(DiscardPolicy::Deferred)
-            .unwrap();
-        let mem = mm.lock().unwrap().guest_memory().clone();
-        let backend: Arc<dyn BalloonBackend> = mm.clone();
-        let config = BalloonConfig {
-            stats: false,
-            ..BalloonConfig::default()
-        };
-        let mut rig = BalloonRig::with_backend(mem.clone(), config, backend);
+        let mm = deferred(manager_of(&[spec]));
+        let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
         for p in 0..((64 * MIB) >> 12) {
             mem.write_obj(0x3cu8, GuestAddress(p << 12)).unwrap();
         }
