@@ -19,7 +19,7 @@ use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange};
 use balloon::testing::{pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use memory::{Backing, DiscardPolicy, MemoryManager, Reason, RegionKind, RegionSpec};
+use memory::{Backing, DiscardPolicy, MemoryManager, Reason};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const RAM: u64 = 260 << 20;
@@ -31,15 +31,9 @@ type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// Guest RAM as the VMM makes it: one boot region of `backing` behind the manager.
 fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>> {
-    let spec = RegionSpec {
-        guest_addr: 0,
-        size: RAM,
-        backing,
-        kind: RegionKind::BootRam,
-    };
-    let mut mm = MemoryManager::new(&[spec], Box::new(balloon::testing::NoSlots)).expect("manager");
-    mm.set_discard_policy(policy).expect("policy");
-    Arc::new(Mutex::new(mm))
+    Arc::new(Mutex::new(balloon::testing::boot_ram_manager(
+        RAM, backing, policy,
+    )))
 }
 
 /// One `madvise(MADV_DONTNEED)` per page, no bookkeeping: the baseline.

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use memory::{Backing, DiscardPolicy, MemoryManager, PageRange, Reason, RegionKind, RegionSpec};
+use memory::{Backing, DiscardPolicy, PageRange, Reason};
 use vm_memory::{Bytes, GuestAddress};
 
 const SIZE: u64 = 1 << 30;
@@ -84,15 +84,7 @@ fn main() {
     } else {
         Backing::PrivateAnonymous
     };
-    let spec = RegionSpec {
-        guest_addr: 0,
-        size: SIZE,
-        backing,
-        kind: RegionKind::BootRam,
-    };
-    let mut mm = MemoryManager::new(&[spec], Box::new(balloon::testing::NoSlots)).expect("manager");
-    mm.set_discard_policy(DiscardPolicy::Deferred)
-        .expect("policy");
+    let mut mm = balloon::testing::boot_ram_manager(SIZE, backing, DiscardPolicy::Deferred);
     for p in 0..SIZE >> 12 {
         mm.guest_memory()
             .write_obj(0xa5u8, GuestAddress(p << 12))

@@ -556,17 +556,7 @@ impl BalloonRig {
             .map(|i| DriverQueue::new(&self.mem, QUEUE_BASE + i as u64 * QUEUE_STRIDE, size))
             .collect();
         self.dev.ack_features(features);
-        let activation = virtio::Activation {
-            mem: self.mem.clone(),
-            queues: self
-                .queues
-                .iter()
-                .enumerate()
-                .map(|(i, q)| q.active_queue(i))
-                .collect(),
-            interrupt: self.interrupt.clone(),
-            acked_features: features,
-        };
+        let activation = activation(&self.mem, &self.queues, self.interrupt.clone(), features);
         self.dev.activate(activation).expect("activation");
     }
 
@@ -642,12 +632,12 @@ impl MemRig {
         let features = self.dev.avail_features();
         self.queue = DriverQueue::new(&self.mem, QUEUE_BASE, self.dev.config().queue_size);
         self.dev.ack_features(features);
-        let activation = virtio::Activation {
-            mem: self.mem.clone(),
-            queues: vec![self.queue.active_queue(0)],
-            interrupt: self.interrupt.clone(),
-            acked_features: features,
-        };
+        let activation = activation(
+            &self.mem,
+            std::slice::from_ref(&self.queue),
+            self.interrupt.clone(),
+            features,
+        );
         self.dev.activate(activation).expect("activation");
     }
 
@@ -814,16 +804,7 @@ pub mod fuzz {
                 .map(|i| DriverQueue::new(&mem, 0x1000 * (i as u64 + 1), QSIZE))
                 .collect();
             dev.ack_features(accepted);
-            let _ = dev.activate(virtio::Activation {
-                mem: mem.clone(),
-                queues: queues
-                    .iter()
-                    .enumerate()
-                    .map(|(i, q)| q.active_queue(i))
-                    .collect(),
-                interrupt: interrupt.clone(),
-                acked_features: accepted,
-            });
+            let _ = dev.activate(activation(&mem, queues, interrupt.clone(), accepted));
         };
         activate(&mut dev, &mut inp, &mut queues);
         while !inp.done() {
@@ -897,12 +878,12 @@ pub mod fuzz {
             *q = DriverQueue::new(&mem, 0x1000, QSIZE);
             let f = dev.avail_features();
             dev.ack_features(f);
-            let _ = dev.activate(virtio::Activation {
-                mem: mem.clone(),
-                queues: vec![q.active_queue(0)],
-                interrupt: interrupt.clone(),
-                acked_features: f,
-            });
+            let _ = dev.activate(activation(
+                &mem,
+                std::slice::from_ref(q),
+                interrupt.clone(),
+                f,
+            ));
         };
         activate(&mut dev, &mut q);
         while !inp.done() {
@@ -989,4 +970,42 @@ impl memory::SlotMapper for NoSlots {
     fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// What a driver hands the device once it has laid out `queues`: queue `i` of the slice is the
+/// device's queue `i`, each with a fresh notification eventfd.
+pub fn activation(
+    mem: &GuestMemoryMmap,
+    queues: &[DriverQueue],
+    interrupt: std::sync::Arc<TestInterrupt>,
+    acked_features: u64,
+) -> virtio::Activation {
+    virtio::Activation {
+        mem: mem.clone(),
+        queues: queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.active_queue(i))
+            .collect(),
+        interrupt,
+        acked_features,
+    }
+}
+
+/// Guest RAM as the VMM makes it, without a hypervisor: one boot region of `size` bytes at guest
+/// address 0 on `backing`, behind a memory manager with discard `policy`.
+pub fn boot_ram_manager(
+    size: u64,
+    backing: memory::Backing,
+    policy: memory::DiscardPolicy,
+) -> memory::MemoryManager {
+    let spec = memory::RegionSpec {
+        guest_addr: 0,
+        size,
+        backing,
+        kind: memory::RegionKind::BootRam,
+    };
+    let mut mm = memory::MemoryManager::new(&[spec], Box::new(NoSlots)).expect("manager");
+    mm.set_discard_policy(policy).expect("policy");
+    mm
 }

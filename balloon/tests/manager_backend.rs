@@ -36,12 +36,8 @@ fn manager() -> Arc<Mutex<MemoryManager>> {
             },
         },
     ];
-    manager_of(&specs)
-}
-
-fn manager_of(specs: &[RegionSpec]) -> Arc<Mutex<MemoryManager>> {
     Arc::new(Mutex::new(
-        MemoryManager::new(specs, Box::new(balloon::testing::NoSlots)).expect("manager"),
+        MemoryManager::new(&specs, Box::new(balloon::testing::NoSlots)).expect("manager"),
     ))
 }
 
@@ -135,12 +131,12 @@ fn virtio_mem_on_the_memory_manager() {
     let mut q = DriverQueue::new(&mem, 0x1_0000, 128);
     let f = dev.avail_features();
     dev.ack_features(f);
-    dev.activate(virtio::Activation {
-        mem: mem.clone(),
-        queues: vec![q.active_queue(0)],
-        interrupt: Arc::new(TestInterrupt::default()),
-        acked_features: f,
-    })
+    dev.activate(balloon::testing::activation(
+        &mem,
+        std::slice::from_ref(&q),
+        Arc::new(TestInterrupt::default()),
+        f,
+    ))
     .unwrap();
     let mut req = |dev: &mut VirtioMem, kind: u16, addr: u64, nb: u16| -> u16 {
         mem.write_slice(
@@ -211,16 +207,12 @@ fn burst_is_released_in_batches_and_by_the_idle_timer() {
         let mut d = dev.lock().unwrap();
         let f = d.avail_features();
         d.ack_features(f);
-        d.activate(virtio::Activation {
-            mem: mem.clone(),
-            queues: queues
-                .iter()
-                .enumerate()
-                .map(|(i, q)| q.active_queue(i))
-                .collect(),
-            interrupt: interrupt.clone(),
-            acked_features: f,
-        })
+        d.activate(balloon::testing::activation(
+            &mem,
+            &queues,
+            interrupt.clone(),
+            f,
+        ))
         .unwrap();
     }
     em.run_with_timeout(0).unwrap();
@@ -348,13 +340,11 @@ fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
 #[test]
 fn balloon_releases_on_both_backings() {
     for backing in [Backing::PrivateAnonymous, Backing::PrivateAnonymousHuge] {
-        let spec = RegionSpec {
-            guest_addr: 0,
-            size: 64 * MIB,
+        let mm = Arc::new(Mutex::new(balloon::testing::boot_ram_manager(
+            64 * MIB,
             backing,
-            kind: RegionKind::BootRam,
-        };
-        let mm = deferred(manager_of(&[spec]));
+            DiscardPolicy::Deferred,
+        )));
         let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
         for p in 0..((64 * MIB) >> 12) {
             mem.write_obj(0x3cu8, GuestAddress(p << 12)).unwrap();

@@ -249,15 +249,26 @@ fn normalise(pages: &[PageRange]) -> Result<(Vec<(u64, u64)>, u64), Error> {
             runs.push((a, b));
         }
     }
-    runs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-    for (a, b) in runs {
-        match out.last_mut() {
-            Some(last) if a <= last.1 => last.1 = last.1.max(b),
-            _ => out.push((a, b)),
+    coalesce(&mut runs);
+    Ok((runs, refused))
+}
+
+/// Sorts `runs` (`[a, b)` pairs) and merges, in place, those that overlap or touch.
+fn coalesce(runs: &mut Vec<(u64, u64)>) {
+    if !runs.is_sorted() {
+        runs.sort_unstable();
+    }
+    let mut n = 0;
+    for i in 0..runs.len() {
+        let (a, b) = runs[i];
+        if n > 0 && a <= runs[n - 1].1 {
+            runs[n - 1].1 = runs[n - 1].1.max(b);
+        } else {
+            runs[n] = (a, b);
+            n += 1;
         }
     }
-    Ok((out, refused))
+    runs.truncate(n);
 }
 
 /// Splits `a..b` of a request by region: `(Some(r), a, b)` inside region `r`, `(None, a, b)`
@@ -942,17 +953,7 @@ impl MemoryManager {
             }
         }
         // Runs widened to huge pages may meet or overlap their neighbours.
-        if !todo.is_sorted() {
-            todo.sort_unstable();
-        }
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(todo.len());
-        for (x, y) in todo {
-            match merged.last_mut() {
-                Some(last) if x <= last.1 => last.1 = last.1.max(y),
-                _ => merged.push((x, y)),
-            }
-        }
-        let todo = merged;
+        coalesce(&mut todo);
         let g = &self.regions[r];
         let anonymous_private = matches!(
             g.spec.backing,

@@ -226,9 +226,7 @@ impl Leaf {
     /// the new pages share). Returns how many were clear.
     #[inline]
     pub fn set_bits(&mut self, lo: u64, hi: u64) -> u32 {
-        let (fw, lw) = ((lo >> 6) as usize & 63, ((hi - 1) >> 6) as usize & 63);
-        let first = !0u64 << (lo & 63);
-        let last = !0u64 >> (63 - ((hi - 1) & 63));
+        let (fw, lw, first, last) = word_masks(lo, hi);
         let bits = &mut self.bits;
         let added = if fw == lw {
             let m = first & last;
@@ -252,9 +250,7 @@ impl Leaf {
     /// Clears the presence bits of `lo..hi` (uniform leaves only). Returns how many were set.
     #[inline]
     pub fn clear_bits(&mut self, lo: u64, hi: u64) -> u32 {
-        let (fw, lw) = ((lo >> 6) as usize & 63, ((hi - 1) >> 6) as usize & 63);
-        let first = !0u64 << (lo & 63);
-        let last = !0u64 >> (63 - ((hi - 1) & 63));
+        let (fw, lw, first, last) = word_masks(lo, hi);
         let bits = &mut self.bits;
         let gone = if fw == lw {
             let m = first & last;
@@ -473,4 +469,16 @@ impl Leaf {
         }
         d
     }
+}
+
+/// The words of a leaf that `lo..hi` (a non-empty range inside one leaf) touches, and the masks
+/// of its bits in the first and the last of them.
+#[inline]
+fn word_masks(lo: u64, hi: u64) -> (usize, usize, u64, u64) {
+    (
+        (lo >> 6) as usize & 63,
+        ((hi - 1) >> 6) as usize & 63,
+        !0u64 << (lo & 63),
+        !0u64 >> (63 - ((hi - 1) & 63)),
+    )
 }
