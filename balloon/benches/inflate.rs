@@ -2,7 +2,8 @@
 //! avail ring) to the used-ring update, and pages released per second, on the product backend:
 //! memory/'s `MemoryManager` behind a `Mutex`, with the deferred discard policy, as the VMM builds
 //! it (vmm/src/vm.rs). The naive baseline issues one madvise per page on the same kind of mapping
-//! in the same run. Pages are touched before every request so that every discard really frees
+//! in the same run; the bursts also time the kernel's share alone (each request's ranges in one
+//! `process_madvise` call before the ack, no bookkeeping), the floor any backend meets. Pages are touched before every request so that every discard really frees
 //! memory.
 //!
 //! The burst group sends 64 such requests back to back, each after the previous ack (as Linux's
@@ -34,6 +35,77 @@ fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>>
     Arc::new(Mutex::new(balloon::testing::boot_ram_manager(
         RAM, backing, policy,
     )))
+}
+
+/// The kernel's share alone: each request's ranges released before the ack in one
+/// `process_madvise(MADV_DONTNEED)` call, with no bookkeeping at all (Linux 6.13+; where the
+/// kernel refuses, the bench panics rather than report a wrong floor).
+struct KernelBatchBackend {
+    mem: GuestMemoryMmap,
+    pidfd: i32,
+}
+
+impl KernelBatchBackend {
+    fn new(mem: GuestMemoryMmap) -> Self {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        Self { mem, pidfd }
+    }
+}
+
+impl BalloonBackend for KernelBatchBackend {
+    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        let iov: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|r| libc::iovec {
+                iov_base: self
+                    .mem
+                    .get_host_address(GuestAddress(r.start.0 << 12))
+                    .expect("guest RAM")
+                    .cast(),
+                iov_len: (r.count << 12) as usize,
+            })
+            .collect();
+        for chunk in iov.chunks(512) {
+            // SAFETY: every iovec is a range of the live guest mapping (the device cut the
+            // ranges to guest RAM); DONTNEED only drops contents the guest gave up.
+            let done = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    self.pidfd,
+                    chunk.as_ptr(),
+                    chunk.len(),
+                    libc::MADV_DONTNEED,
+                    0u32,
+                )
+            };
+            let want: usize = chunk.iter().map(|v| v.iov_len).sum();
+            assert_eq!(
+                done as usize,
+                want,
+                "process_madvise: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Outcome {
+            changed: ranges.iter().map(|r| r.count).sum(),
+            ..Outcome::default()
+        })
+    }
+    fn deflate(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
+        Ok(Outcome::default())
+    }
+    fn report_free(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
+        Ok(Outcome::default())
+    }
+    fn deflate_all(&self) -> Result<Outcome, BackendError> {
+        Ok(Outcome::default())
+    }
 }
 
 /// One `madvise(MADV_DONTNEED)` per page, no bookkeeping: the baseline.
@@ -238,19 +310,30 @@ fn contiguous_burst(i: u32) -> Vec<u32> {
 /// on huge pages, as huge pages again), sends the 64 requests, and releases what is left as the
 /// idle timer would (`release_now`). Criterion times everything the event loop spends until
 /// the memory is released; the acks of the same bursts are printed.
+/// Who releases a burst's pages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Releaser {
+    /// NaiveBackend: one madvise per page before each ack (the baseline).
+    Naive,
+    /// KernelBatchBackend: one process_madvise per request before its ack, no bookkeeping.
+    KernelOnly,
+    /// The product: memory's manager, deferred discards released after the acks.
+    Manager,
+}
+
 fn bench_burst(
     c: &mut Criterion,
     name: &str,
     backing: Backing,
-    naive: bool,
+    releaser: Releaser,
     pattern: fn(u32) -> Vec<u32>,
 ) {
     let mm = manager(backing, DiscardPolicy::Deferred);
     let mem = mm.lock().unwrap().guest_memory().clone();
-    let backend: Arc<dyn BalloonBackend> = if naive {
-        Arc::new(NaiveBackend { mem: mem.clone() })
-    } else {
-        mm.clone()
+    let backend: Arc<dyn BalloonBackend> = match releaser {
+        Releaser::Naive => Arc::new(NaiveBackend { mem: mem.clone() }),
+        Releaser::KernelOnly => Arc::new(KernelBatchBackend::new(mem.clone())),
+        Releaser::Manager => mm.clone(),
     };
     let mut rig = BalloonRig::with_backend(mem.clone(), no_stats(), backend);
     let requests: Vec<Vec<u8>> = (0..BURST).map(|i| pfn_bytes(&pattern(i))).collect();
@@ -345,10 +428,10 @@ fn bench_burst(
             median.as_secs_f64() * 1e3,
             acks.len(),
             pages / median.as_secs_f64() / 1e6,
-            if naive {
-                "one per page".to_string()
-            } else {
-                calls[calls.len() / 2].to_string()
+            match releaser {
+                Releaser::Naive => "one per page".to_string(),
+                Releaser::KernelOnly => "one per request".to_string(),
+                Releaser::Manager => calls[calls.len() / 2].to_string(),
             }
         );
     }
@@ -393,16 +476,17 @@ fn burst_benches(c: &mut Criterion) {
             ("scattered", scattered_burst as fn(u32) -> Vec<u32>),
             ("contiguous", contiguous_burst),
         ] {
-            for (name, naive) in [
-                ("naive_per_page_madvise", true),
-                ("manager", false),
-                ("naive_per_page_madvise_again", true),
+            for (name, releaser) in [
+                ("naive_per_page_madvise", Releaser::Naive),
+                ("kernel_only_process_madvise", Releaser::KernelOnly),
+                ("manager", Releaser::Manager),
+                ("naive_per_page_madvise_again", Releaser::Naive),
             ] {
                 bench_burst(
                     c,
                     &format!("{backing_name}/{pattern_name}/{name}"),
                     backing,
-                    naive,
+                    releaser,
                     pattern,
                 );
             }
