@@ -27,6 +27,10 @@ enum Op {
     Sprinkle(u64, u64, u64, u8),
     /// Single-page removals at `a`, `a + stride`, ...: leaves emptied page by page.
     Pluck(u64, u64, u64),
+    /// Runs of `len` pages every `len + gap` pages (`n` of them) inserted or (`None`) removed:
+    /// the balloon's shape, short ranges creating, filling, emptying and dropping leaves,
+    /// some across a leaf boundary; with `true`, inserted runs are then removed, last first.
+    Stripes(u64, u64, u64, u64, Option<u8>, bool),
 }
 
 /// Page numbers clustered around the interesting places: 0, leaf and node boundaries at every
@@ -85,6 +89,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (index(), 1u64..330, stride(), 0u8..3)
             .prop_map(|(a, n, s, m)| Op::Sprinkle(a, n, s, m)),
         2 => (index(), 1u64..330, stride()).prop_map(|(a, n, s)| Op::Pluck(a, n, s)),
+        3 => (
+            (index(), 1u64..700, 0u64..300, 1u64..24),
+            prop_oneof![Just(None), (0u8..3).prop_map(Some)],
+            any::<bool>()
+        )
+            .prop_map(|((a, len, gap, n), m, undo)| Op::Stripes(a, len, gap, n, m, undo)),
     ]
 }
 
@@ -243,6 +253,40 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for p in (0..n).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {
                     let want = m.remove(&p).is_some();
                     prop_assert_eq!(t.remove(p).unwrap(), want, "remove 0x{:x}", p);
+                }
+            }
+            Op::Stripes(a, len, gap, n, mk, undo) => {
+                let stripes: Vec<(u64, u64)> = (0..n)
+                    .map(|j| a + j * (len + gap))
+                    .filter(|&s| s <= MAX_INDEX)
+                    .map(|s| (s, clip(s, len)))
+                    .collect();
+                let undo = if mk.is_some() && undo {
+                    stripes.len()
+                } else {
+                    0
+                };
+                let steps = stripes.iter().map(|&s| (s, mk));
+                let back = stripes.iter().rev().take(undo).map(|&s| (s, None));
+                for ((s, len), mk) in steps.chain(back) {
+                    let (got, want) = if let Some(mk) = mk {
+                        let mut want = 0;
+                        for p in s..s + len {
+                            if let std::collections::btree_map::Entry::Vacant(e) = m.entry(p) {
+                                e.insert(Marks(mk));
+                                want += 1;
+                            }
+                        }
+                        (t.insert_range(s, len, Marks(mk)).unwrap(), want)
+                    } else {
+                        let keys: Vec<u64> = m.range(s..s + len).map(|(&k, _)| k).collect();
+                        for k in &keys {
+                            m.remove(k);
+                        }
+                        (t.remove_range(s, len).unwrap(), keys.len() as u64)
+                    };
+                    prop_assert_eq!(got, want, "stripe 0x{:x}+{} {:?}", s, len, mk);
+                    check_counts(&t, &m)?;
                 }
             }
             Op::ContainsRange(a, n) => {

@@ -825,34 +825,6 @@ impl Tracker {
             return Ok(Delta::default());
         }
         let end = Self::check(start, count)?;
-        if let Some(d) = self.leaf_fast(start, end, op) {
-            return Ok(d);
-        }
-        if let Op::Insert(m) = op {
-            if let Some(d) = self.new_leaf_fast(start, end, m)? {
-                return Ok(d);
-            }
-        }
-        if op == Op::Remove {
-            if let Some(d) = self.split_leaf_fast(start, end)? {
-                return Ok(d);
-            }
-            if let Some(d) = self.drop_leaf_fast(start, end) {
-                return Ok(d);
-            }
-        }
-        // A range across two leaves: both pieces on the fast path, or neither (so a failure
-        // further down still leaves the tree unchanged).
-        let mid = ((start >> LEAF_SHIFT) + 1) << LEAF_SHIFT;
-        if mid < end
-            && (end - 1) >> LEAF_SHIFT == mid >> LEAF_SHIFT
-            && self.leaf_fast_ok(start, mid, op)
-            && self.leaf_fast_ok(mid, end, op)
-        {
-            let mut d = self.leaf_fast(start, mid, op).expect("checked");
-            d.add(self.leaf_fast(mid, end, op).expect("checked"));
-            return Ok(d);
-        }
         let insert = matches!(op, Op::Insert(_));
         let (hi, need_h) = if insert {
             (end, height_for(end - 1).max(self.height))
@@ -977,6 +949,9 @@ impl Tracker {
         count: u64,
         marks: Marks,
     ) -> Result<u64, TrackerError> {
+        if let Some(n) = self.node_fast(start, count, Op::Insert(marks)) {
+            return Ok(n);
+        }
         Ok(self.run(start, count, Op::Insert(marks))?.present as u64)
     }
 
@@ -1012,6 +987,9 @@ impl Tracker {
 
     /// Removes pages `start..start+count`; returns how many were present.
     pub fn remove_range(&mut self, start: u64, count: u64) -> Result<u64, TrackerError> {
+        if let Some(n) = self.node_fast(start, count, Op::Remove) {
+            return Ok(n);
+        }
         Ok((-self.run(start, count, Op::Remove)?.present) as u64)
     }
 
@@ -1092,257 +1070,240 @@ impl Tracker {
         node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
     }
 
-    /// Inserting into a missing leaf under an existing level-1 node: allocate the leaf (and the
-    /// room for it) first, then link it and set the mark summaries on the path. Returns `None`
-    /// when the shape is different (the general path handles it).
-    fn new_leaf_fast(
-        &mut self,
-        start: u64,
-        end: u64,
-        m: Marks,
-    ) -> Result<Option<Delta>, TrackerError> {
-        if start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT
-            || self.height == 0
-            || start >> span_shift(self.height) != 0
-            || end - start >= leaf::LEAF_PAGES
-        {
-            return Ok(None);
-        }
-        let height = self.height;
-        let Some(root) = self.root.as_deref_mut() else {
-            return Ok(None);
-        };
-        let mut node: &mut Node = root;
-        let mut level = height;
-        while level > 1 {
-            let i = ((start >> slot_shift(level)) & 63) as u32;
-            let kids = node.present & !node.full;
-            if kids & (1 << i) == 0 {
-                return Ok(None);
-            }
-            let idx = node.kid(i as usize);
-            node = &mut node.nodes[idx];
-            level -= 1;
-        }
-        let i = ((start >> LEAF_SHIFT) & 63) as u32;
-        if node.present & (1 << i) != 0 {
-            return Ok(None);
-        }
-        // Everything that can fail, before any change.
-        node.reserve_children(1, 1)?;
-        let mut leaf = FBox::try_new_with(Leaf::empty)?;
-        let lo = start & (leaf::LEAF_PAGES - 1);
-        let n = u64::from(leaf.set_bits(lo, lo + (end - start)));
-        leaf.set_uniform(m);
-        let idx = node.child_index(i);
-        node.insert_child(idx, Child::Leaf(leaf));
-        node.present |= 1 << i;
-        node.set_slot_marks(i, m);
-        node.linked(i);
-        // The slots on the path above now have pages with `m` below them.
-        let mut node: &mut Node = self.root.as_deref_mut().expect("root");
-        let mut level = height;
-        while level > 1 {
-            let i = ((start >> slot_shift(level)) & 63) as u32;
-            for k in 0..MARK_COUNT {
-                if m.has(k) {
-                    node.marks[k] |= 1 << i;
-                }
-            }
-            let idx = node.kid(i as usize);
-            node = &mut node.nodes[idx];
-            level -= 1;
-        }
-        let d = Delta::whole(1, n, m);
-        self.count = self.count.wrapping_add(n);
-        for k in 0..MARK_COUNT {
-            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
-        }
-        Ok(Some(d))
-    }
-
-    /// The level-1 node above `index`, if the path to it is made of child pointers.
-    fn level1_mut(root: &mut Option<FBox<Node>>, height: u32, index: u64) -> Option<&mut Node> {
-        if height == 0 || index >> span_shift(height) != 0 {
+    /// The level-1 node above `index`, if the path to it is made of child pointers (the slot
+    /// bytes, as in `leaf_mut`).
+    #[inline]
+    fn level1_mut(
+        root: &mut Option<FBox<Node>>,
+        top: u32,
+        limit: u64,
+        index: u64,
+    ) -> Option<&mut Node> {
+        let mut node: &mut Node = root.as_deref_mut()?;
+        if index >= limit {
             return None;
         }
-        let mut node: &mut Node = root.as_deref_mut()?;
-        let mut level = height;
-        while level > 1 {
-            let i = ((index >> slot_shift(level)) & 63) as u32;
-            let kids = node.present & !node.full;
-            if kids & (1 << i) == 0 {
-                return None;
-            }
-            let idx = node.kid(i as usize);
-            node = &mut node.nodes[idx];
-            level -= 1;
+        let mut shift = top;
+        while shift != LEAF_SHIFT {
+            let r = node.slot((index >> shift) as usize & 63);
+            node = node.nodes.get_mut(usize::from(r))?;
+            shift -= SLOT_SHIFT;
         }
         Some(node)
     }
 
-    /// Removing part of a full leaf-sized slot under an existing level-1 node (onlining a 2 MiB
-    /// block of a born-offline region): allocate the leaf that replaces the multi-index entry
-    /// first, then link it. Nothing above the level-1 node changes: its pages still carry the
-    /// same marks.
-    fn split_leaf_fast(&mut self, start: u64, end: u64) -> Result<Option<Delta>, TrackerError> {
-        if start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT || end - start >= leaf::LEAF_PAGES {
-            return Ok(None);
-        }
-        let Some(node) = Self::level1_mut(&mut self.root, self.height, start) else {
-            return Ok(None);
-        };
-        let i = ((start >> LEAF_SHIFT) & 63) as u32;
-        if node.full & (1 << i) == 0 {
-            return Ok(None);
-        }
-        node.reserve_children(1, 1)?;
-        let mut leaf = FBox::try_new_with(Leaf::empty)?;
-        let fm = node.slot_marks(i);
-        leaf.set_full(fm);
-        let lo = start & (leaf::LEAF_PAGES - 1);
-        let n = u64::from(leaf.clear_bits(lo, lo + (end - start)));
-        node.full &= !(1 << i);
-        let idx = node.child_index(i);
-        node.insert_child(idx, Child::Leaf(leaf));
-        node.linked(i);
-        let d = Delta::whole(-1, n, fm);
-        self.count = self.count.wrapping_sub(n);
-        for k in 0..MARK_COUNT {
-            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
-        }
-        Ok(Some(d))
-    }
-
-    /// Removing the last pages of a uniform leaf whose level-1 node keeps other pages with the
-    /// same marks: unlink and free the leaf; the summaries above stay as they are. No allocation.
-    fn drop_leaf_fast(&mut self, start: u64, end: u64) -> Option<Delta> {
-        if start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
-            return None;
-        }
-        let node = Self::level1_mut(&mut self.root, self.height, start)?;
-        let i = ((start >> LEAF_SHIFT) & 63) as u32;
-        let bit = 1u64 << i;
-        if (node.present & !node.full) & bit == 0 || node.present & !bit == 0 {
-            return None;
-        }
-        let idx = node.kid(i as usize);
-        let leaf = &node.leaves[idx];
-        if leaf.mixed.is_some() {
-            return None;
-        }
-        let marks = leaf.uniform();
-        let lo = start & (leaf::LEAF_PAGES - 1);
-        let hi = lo + (end - start);
-        // Every page of the leaf must be inside the range: the range holds all `count` of them.
-        let mut inside = 0u32;
-        for w in (lo >> 6) as usize..=((hi - 1) >> 6) as usize {
-            let wlo = (w as u64) << 6;
-            let a = lo.max(wlo);
-            let z = hi.min(wlo + 64);
-            inside +=
-                leaf::ones(leaf.bits[w & 63] & leaf::word_mask((a - wlo) as u32, (z - wlo) as u32));
-        }
-        if inside != u32::from(leaf.count()) {
-            return None;
-        }
-        // The node's other slots must keep every mark this leaf had, so nothing above changes.
-        if (0..MARK_COUNT).any(|k| marks.has(k) && node.marks[k] & !bit == 0) {
-            return None;
-        }
-        node.leaves.remove(idx);
-        node.present &= !bit;
-        node.set_slot_marks(i, Marks::NONE);
-        node.release_children();
-        node.unlinked(i, SLOT_EMPTY);
-        let d = Delta::whole(-1, u64::from(inside), marks);
-        self.count = self.count.wrapping_sub(u64::from(inside));
-        for k in 0..MARK_COUNT {
-            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
-        }
-        Some(d)
-    }
-
-    /// Whether `leaf_fast` would take `start..end` (inside one leaf).
-    fn leaf_fast_ok(&self, start: u64, end: u64, op: Op) -> bool {
-        let Some(leaf) = self.leaf_ref(start) else {
-            return false;
-        };
-        if leaf.mixed.is_some() {
-            return false;
-        }
-        match op {
-            Op::Insert(m) => {
-                m == leaf.uniform() && u64::from(leaf.count()) + (end - start) < leaf::LEAF_PAGES
-            }
-            Op::Remove => u64::from(leaf.count()) > end - start,
-            _ => false,
-        }
-    }
-
-    /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
-    fn leaf_ref(&self, index: u64) -> Option<&Leaf> {
-        if index >> span_shift(self.height) != 0 {
-            return None;
-        }
-        let mut node: &Node = self.root.as_deref()?;
-        let mut shift = slot_shift(self.height);
-        loop {
-            let i = ((index >> shift) & 63) as u32;
-            let kids = node.present & !node.full;
-            if kids & (1 << i) == 0 {
-                return None;
-            }
-            match node.child(node.kid(i as usize)) {
-                ChildRef::Node(n) => {
-                    node = n;
-                    shift -= SLOT_SHIFT;
-                }
-                ChildRef::Leaf(l) => return Some(l),
-            }
-        }
-    }
-
-    /// Applies `op` straight to the one leaf holding `start..end` when that cannot change
-    /// anything above the leaf (uniform marks that stay uniform, not filling or emptying it).
+    /// Inserts or removes `start..start+count` (shorter than a leaf, so it touches at most two
+    /// slots of one level-1 node) when nothing above that node changes. This is the shape of
+    /// almost every balloon request, and of the single-page updates the single-page fast paths
+    /// leave (a leaf to create, split or drop), so it gets one walk and no planning:
+    /// - a leaf with uniform marks that neither fills up nor (on insert) gets other marks: its
+    ///   bits change;
+    /// - an empty slot on insert: a new leaf;
+    /// - a full slot on remove (a multi-index entry of one leaf, e.g. onlining a 2 MiB block of
+    ///   a born-offline region): a new leaf with every page but the range;
+    /// - a leaf that a removal empties: dropped, if the node keeps other pages with each of its
+    ///   marks (so the summaries above stay right);
+    /// - a full slot on insert, an empty one on remove: nothing to do.
+    ///
+    /// New leaves (and room for them) are allocated before anything changes; if that fails, or
+    /// the shape is another one, it returns `None` and the general path (which draws on the
+    /// reserved spares) does the work.
     #[inline]
-    fn leaf_fast(&mut self, start: u64, end: u64, op: Op) -> Option<Delta> {
-        if end - 1 > MAX_INDEX || start >> LEAF_SHIFT != (end - 1) >> LEAF_SHIFT {
+    fn node_fast(&mut self, start: u64, count: u64, op: Op) -> Option<u64> {
+        if count.wrapping_sub(1) >= leaf::LEAF_PAGES - 1 || start > MAX_INDEX {
             return None;
         }
-        let leaf = Self::leaf_mut(&mut self.root, self.top, self.limit, start)?;
-        if leaf.mixed.is_some() {
+        let end = start + count;
+        if end - 1 > MAX_INDEX || start >> span_shift(1) != (end - 1) >> span_shift(1) {
             return None;
         }
+        let node = Self::level1_mut(&mut self.root, self.top, self.limit, start)?;
+        // The most common case first: bits of one existing leaf.
         let lo = start & (leaf::LEAF_PAGES - 1);
-        let hi = lo + (end - start);
-        let (n, marks) = match op {
-            Op::Insert(m) if m == leaf.uniform() => {
-                if u64::from(leaf.count()) + (end - start) >= leaf::LEAF_PAGES {
-                    return None;
+        if lo + count <= leaf::LEAF_PAGES {
+            let r = node.slot((start >> LEAF_SHIFT) as usize & 63);
+            if let Some(leaf) = node.leaves.get_mut(usize::from(r)) {
+                let (n, marks) = match op {
+                    Op::Insert(m) if leaf.fast_insert_ok(m, count as u32) => {
+                        (i64::from(leaf.set_bits(lo, lo + count)), m)
+                    }
+                    Op::Remove if leaf.fast_remove_ok(count as u32) => {
+                        (-i64::from(leaf.clear_bits(lo, lo + count)), leaf.uniform())
+                    }
+                    _ => (i64::MIN, Marks::NONE),
+                };
+                if n != i64::MIN {
+                    let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                    *c = c.wrapping_add(n as u64);
+                    return Some(n.unsigned_abs());
                 }
-                (i64::from(leaf.set_bits(lo, hi)), m)
-            }
-            Op::Remove => {
-                if u64::from(leaf.count()) <= end - start {
-                    return None;
-                }
-                (-i64::from(leaf.clear_bits(lo, hi)), leaf.uniform())
-            }
-            _ => return None,
-        };
-        let mut d = Delta {
-            present: n,
-            ..Delta::default()
-        };
-        for k in 0..MARK_COUNT {
-            if marks.has(k) {
-                d.marks[k] = n;
             }
         }
-        let c = &mut self.by_marks[usize::from(marks.0 & 7)];
-        *c = c.wrapping_add(n as u64);
-        Some(d)
+        let (changed, mark_path) = Self::node_change(node, &mut self.by_marks, start, end, op)?;
+        if let (true, Op::Insert(m)) = (mark_path, op) {
+            let mut node: &mut Node = self.root.as_deref_mut().expect("root");
+            let mut level = self.height;
+            while level > 1 {
+                let i = ((start >> slot_shift(level)) & 63) as u32;
+                for k in 0..MARK_COUNT {
+                    if m.has(k) {
+                        node.marks[k] |= 1 << i;
+                    }
+                }
+                let idx = node.kid(i as usize);
+                node = &mut node.nodes[idx];
+                level -= 1;
+            }
+        }
+        Some(changed)
+    }
+
+    /// The rest of `node_fast` (out of line): every case, one or two slots. Returns the pages
+    /// changed, and whether the slots above the node must be told of a new leaf's marks.
+    #[inline(never)]
+    fn node_change(
+        node: &mut Node,
+        by_marks: &mut [u64; 8],
+        start: u64,
+        end: u64,
+        op: Op,
+    ) -> Option<(u64, bool)> {
+        #[derive(Clone, Copy)]
+        enum Piece {
+            Skip,
+            Bits,
+            New,
+            Split(Marks),
+            Drop,
+        }
+        let i0 = (start >> LEAF_SHIFT) as u32 & 63;
+        let i1 = ((end - 1) >> LEAF_SHIFT) as u32 & 63;
+        let mid = if i0 == i1 {
+            end
+        } else {
+            (start | (leaf::LEAF_PAGES - 1)) + 1
+        };
+        let pieces = [(i0, start, mid), (i1, mid, end)];
+        let used = if i0 == i1 { 1 } else { 2 };
+
+        // Which case each piece is, before any change.
+        let mut plan = [Piece::Skip; 2];
+        let (mut fresh, mut dropped, mut dropped_marks) = (0usize, 0u64, Marks::NONE);
+        for (p, &(i, a, b)) in pieces[..used].iter().enumerate() {
+            let n = (b - a) as u32;
+            let r = node.slot(i as usize);
+            plan[p] = match (op, r) {
+                (Op::Insert(_), SLOT_EMPTY) => {
+                    fresh += 1;
+                    Piece::New
+                }
+                (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => Piece::Skip,
+                (Op::Remove, SLOT_FULL) => {
+                    fresh += 1;
+                    Piece::Split(node.slot_marks(i))
+                }
+                (Op::Insert(m), r) if node.leaves[usize::from(r)].fast_insert_ok(m, n) => {
+                    Piece::Bits
+                }
+                (Op::Remove, r) => {
+                    let leaf = &node.leaves[usize::from(r)];
+                    if leaf.fast_remove_ok(n) {
+                        Piece::Bits
+                    } else if leaf.mixed.is_some() {
+                        return None;
+                    } else if leaf.count_in(a & (leaf::LEAF_PAGES - 1), n.into()) < leaf.count() {
+                        Piece::Bits
+                    } else {
+                        dropped |= 1 << i;
+                        dropped_marks.0 |= leaf.uniform().0;
+                        Piece::Drop
+                    }
+                }
+                _ => return None,
+            };
+        }
+        // Dropping leaves must leave the node other pages, with every mark the leaves had.
+        if dropped != 0
+            && (node.present & !dropped == 0
+                || (0..MARK_COUNT).any(|k| dropped_marks.has(k) && node.marks[k] & !dropped == 0))
+        {
+            return None;
+        }
+        // New leaves on insert: the slots above must already say that pages with these marks
+        // are below, or be walked afterwards.
+        let mut mark_path = false;
+        let mut leaves: [Option<FBox<Leaf>>; 2] = [None, None];
+        if fresh > 0 {
+            if let Op::Insert(m) = op {
+                mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
+            }
+            node.reserve_children(1, fresh).ok()?;
+            for l in &mut leaves[..fresh] {
+                *l = Some(FBox::try_new_with(Leaf::empty).ok()?);
+            }
+        }
+
+        // The changes, which cannot fail; the higher slot first, so the lower one's child index
+        // does not move.
+        let mut changed = 0u64;
+        let mut counts = [0i64; 8];
+        for p in (0..used).rev() {
+            let (i, a, b) = pieces[p];
+            let lo = a & (leaf::LEAF_PAGES - 1);
+            let hi = lo + (b - a);
+            let bit = 1u64 << i;
+            let (n, marks) = match plan[p] {
+                Piece::Skip => continue,
+                Piece::Bits => {
+                    let idx = node.kid(i as usize);
+                    let leaf = &mut node.leaves[idx];
+                    let n = if op == Op::Remove {
+                        -i64::from(leaf.clear_bits(lo, hi))
+                    } else {
+                        i64::from(leaf.set_bits(lo, hi))
+                    };
+                    (n, leaf.uniform())
+                }
+                Piece::New => {
+                    let Op::Insert(m) = op else { unreachable!() };
+                    let mut leaf = leaves[fresh - 1].take().expect("allocated");
+                    fresh -= 1;
+                    let n = leaf.set_bits(lo, hi);
+                    leaf.set_uniform(m);
+                    node.insert_child(node.child_index(i), Child::Leaf(leaf));
+                    node.present |= bit;
+                    node.set_slot_marks(i, m);
+                    node.linked(i);
+                    (i64::from(n), m)
+                }
+                Piece::Split(m) => {
+                    let mut leaf = leaves[fresh - 1].take().expect("allocated");
+                    fresh -= 1;
+                    leaf.set_full(m);
+                    let n = leaf.clear_bits(lo, hi);
+                    node.full &= !bit;
+                    node.insert_child(node.child_index(i), Child::Leaf(leaf));
+                    node.linked(i);
+                    (-i64::from(n), m)
+                }
+                Piece::Drop => {
+                    let leaf = node.leaves.remove(node.kid(i as usize));
+                    node.present &= !bit;
+                    node.set_slot_marks(i, Marks::NONE);
+                    node.unlinked(i, SLOT_EMPTY);
+                    (-i64::from(leaf.count()), leaf.uniform())
+                }
+            };
+            changed += n.unsigned_abs();
+            counts[usize::from(marks.0 & 7)] += n;
+        }
+        if dropped != 0 {
+            node.release_children();
+        }
+        for (c, n) in by_marks.iter_mut().zip(counts) {
+            *c = c.wrapping_add(n as u64);
+        }
+        Some((changed, mark_path))
     }
 
     /// Sets `mark` on the present pages of the range; returns how many did not have it.
@@ -1581,6 +1542,22 @@ impl Tracker {
                     return Err(format!(
                         "node 0x{base:x} (level {level}) slot {i}: byte {} should be {want}",
                         n.rank[i as usize]
+                    ));
+                }
+                // A child's summary bits are exactly the marks carried below it; an empty
+                // slot has none.
+                let summary = n.slot_marks(i);
+                let below = match want {
+                    SLOT_FULL => summary,
+                    SLOT_EMPTY => Marks::NONE,
+                    c => match n.child(usize::from(c)) {
+                        ChildRef::Leaf(l) => l.any_marks(),
+                        ChildRef::Node(c) => c.any_marks(),
+                    },
+                };
+                if summary != below {
+                    return Err(format!(
+                        "node 0x{base:x} (level {level}) slot {i}: summary {summary:?}, marks below {below:?}"
                     ));
                 }
                 if want < 64 {
