@@ -231,11 +231,16 @@ impl Node {
     /// `rank` after a child was put into slot `i` (which was empty or full): its index, and one
     /// more for every child after it. For the fast paths, instead of a whole `reindex`.
     fn linked(&mut self, i: u32) {
+        self.linked_at(i, self.child_index(i));
+    }
+
+    /// `linked` when the child's index `idx` is known.
+    fn linked_at(&mut self, i: u32, idx: usize) {
         let i = i as usize & 63;
         for r in &mut self.rank[i + 1..] {
             *r += u8::from(*r < 64);
         }
-        self.rank[i] = self.child_index(i as u32) as u8;
+        self.rank[i] = idx as u8;
     }
 
     /// `rank` after the child of slot `i` was taken out, leaving the slot `now`
@@ -949,6 +954,30 @@ impl Tracker {
         count: u64,
         marks: Marks,
     ) -> Result<u64, TrackerError> {
+        // Fast path: the range lies in one leaf, which keeps uniform marks and does not fill
+        // up, so nothing above the leaf changes.
+        let lo = start & (leaf::LEAF_PAGES - 1);
+        if count.wrapping_sub(1) < leaf::LEAF_PAGES - lo {
+            if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, start) {
+                if leaf.fast_insert_ok(marks, count as u32) {
+                    let n = leaf.set_bits(lo, lo + count);
+                    let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                    *c = c.wrapping_add(u64::from(n));
+                    return Ok(u64::from(n));
+                }
+            }
+        }
+        self.insert_range_slow(start, count, marks)
+    }
+
+    /// `insert_range` off the fast path (out of line).
+    #[inline(never)]
+    fn insert_range_slow(
+        &mut self,
+        start: u64,
+        count: u64,
+        marks: Marks,
+    ) -> Result<u64, TrackerError> {
         if let Some(n) = self.node_fast(start, count, Op::Insert(marks)) {
             return Ok(n);
         }
@@ -987,6 +1016,24 @@ impl Tracker {
 
     /// Removes pages `start..start+count`; returns how many were present.
     pub fn remove_range(&mut self, start: u64, count: u64) -> Result<u64, TrackerError> {
+        // Fast path: the range lies in one leaf with uniform marks that keeps some pages.
+        let lo = start & (leaf::LEAF_PAGES - 1);
+        if count.wrapping_sub(1) < leaf::LEAF_PAGES - lo {
+            if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, start) {
+                if leaf.fast_remove_ok(count as u32) {
+                    let n = leaf.clear_bits(lo, lo + count);
+                    let c = &mut self.by_marks[usize::from(leaf.uniform().0 & 7)];
+                    *c = c.wrapping_sub(u64::from(n));
+                    return Ok(u64::from(n));
+                }
+            }
+        }
+        self.remove_range_slow(start, count)
+    }
+
+    /// `remove_range` off the fast path (out of line).
+    #[inline(never)]
+    fn remove_range_slow(&mut self, start: u64, count: u64) -> Result<u64, TrackerError> {
         if let Some(n) = self.node_fast(start, count, Op::Remove) {
             return Ok(n);
         }
@@ -1139,7 +1186,12 @@ impl Tracker {
                 }
             }
         }
-        let (changed, mark_path) = Self::node_change(node, &mut self.by_marks, start, end, op)?;
+        let (changed, mark_path) = if lo + count <= leaf::LEAF_PAGES {
+            let i = (start >> LEAF_SHIFT) as u32 & 63;
+            Self::slot_change(node, &mut self.by_marks, i, lo, lo + count, op)?
+        } else {
+            Self::node_change(node, &mut self.by_marks, start, end, op)?
+        };
         if let (true, Op::Insert(m)) = (mark_path, op) {
             let mut node: &mut Node = self.root.as_deref_mut().expect("root");
             let mut level = self.height;
@@ -1156,6 +1208,78 @@ impl Tracker {
             }
         }
         Some(changed)
+    }
+
+    /// `node_fast` for a range inside slot `i` (pages `lo..hi` of it) that is not on the
+    /// leaf's own fast path: a new leaf, a split full slot, a leaf emptied and dropped. One
+    /// slot, so no planning: the one allocation comes first, then the changes.
+    #[inline(never)]
+    fn slot_change(
+        node: &mut Node,
+        by_marks: &mut [u64; 8],
+        i: u32,
+        lo: u64,
+        hi: u64,
+        op: Op,
+    ) -> Option<(u64, bool)> {
+        let bit = 1u64 << i;
+        let r = node.slot(i as usize);
+        let (n, marks, mark_path) = match (op, r) {
+            (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
+            (Op::Insert(m), SLOT_EMPTY) => {
+                let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
+                node.leaves.try_reserve(1).ok()?;
+                let mut leaf = FBox::try_new_with(Leaf::empty).ok()?;
+                let n = leaf.set_bits(lo, hi);
+                leaf.set_uniform(m);
+                let idx = node.child_index(i);
+                node.leaves.insert(idx, leaf);
+                node.present |= bit;
+                node.set_slot_marks(i, m);
+                node.linked_at(i, idx);
+                (i64::from(n), m, mark_path)
+            }
+            (Op::Remove, SLOT_FULL) => {
+                node.leaves.try_reserve(1).ok()?;
+                let mut leaf = FBox::try_new_with(Leaf::empty).ok()?;
+                let m = node.slot_marks(i);
+                leaf.set_full(m);
+                let n = leaf.clear_bits(lo, hi);
+                let idx = node.child_index(i);
+                node.leaves.insert(idx, leaf);
+                node.full &= !bit;
+                node.linked_at(i, idx);
+                (-i64::from(n), m, false)
+            }
+            (Op::Remove, r) => {
+                let idx = usize::from(r);
+                let leaf = &mut node.leaves[idx];
+                if leaf.mixed.is_some() {
+                    return None;
+                }
+                let m = leaf.uniform();
+                // Dropping the leaf must leave the node other pages, with each of its marks
+                // (so the slots above stay right); if it may not, it must not empty.
+                let may_drop = node.present & !bit != 0
+                    && (0..MARK_COUNT).all(|k| !m.has(k) || node.marks[k] & !bit != 0);
+                if !may_drop && leaf.count_in(lo, hi - lo) == leaf.count() {
+                    return None;
+                }
+                let n = leaf.clear_bits(lo, hi);
+                if leaf.count() == 0 {
+                    node.leaves.remove(idx);
+                    node.present &= !bit;
+                    node.set_slot_marks(i, Marks::NONE);
+                    node.unlinked(i, SLOT_EMPTY);
+                    node.release_children();
+                }
+                (-i64::from(n), m, false)
+            }
+            _ => return None,
+        };
+        let c = &mut by_marks[usize::from(marks.0 & 7)];
+        *c = c.wrapping_add(n as u64);
+        Some((n.unsigned_abs(), mark_path))
     }
 
     /// The rest of `node_fast` (out of line): every case, one or two slots. Returns the pages
