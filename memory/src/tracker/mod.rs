@@ -1746,35 +1746,65 @@ impl LookupCursor<'_> {
         self.bits[(d >> 6) as usize & (WORDS - 1)] >> (d & 63) & 1 != 0
     }
 
+    /// Moves the window to the leaf-sized block of `index`. Out of line (a lookup inside the
+    /// window needs none of it); the walk knows the kind of child from the level, as
+    /// `Tracker::leaf_mut` does, with the usual heights unrolled.
+    #[inline(never)]
     fn seek(&mut self, index: u64) {
         let t = self.tracker;
         self.lo = index & !(leaf::LEAF_PAGES - 1);
         self.len = leaf::LEAF_PAGES;
-        self.bits = &NO_PAGES;
-        let top = span_shift(t.height.max(1));
-        let Some(mut node) = t.root.as_deref().filter(|_| index >> top == 0) else {
-            return; // outside the tree
-        };
-        let mut level = t.height;
-        loop {
-            let i = ((index >> slot_shift(level)) & 63) as usize;
-            match node.slot(i) {
-                SLOT_EMPTY => return,
-                SLOT_FULL => {
-                    self.bits = &ALL_PAGES;
-                    return;
+        self.bits = match t.root.as_deref() {
+            None => &NO_PAGES,
+            Some(root) => match t.top {
+                18 => Self::window::<2>(root, index),
+                24 => Self::window::<3>(root, index),
+                _ if index >= t.limit => &NO_PAGES,
+                top => {
+                    let mut node = root;
+                    let mut shift = top;
+                    loop {
+                        let r = node.slot((index >> shift) as usize & 63);
+                        if shift == LEAF_SHIFT {
+                            break Self::bits_of(node.leaves.get(usize::from(r)), r);
+                        }
+                        match node.nodes.get(usize::from(r)) {
+                            Some(n) => node = n,
+                            None => break Self::bits_of(None, r),
+                        }
+                        shift -= SLOT_SHIFT;
+                    }
                 }
-                r => match node.child(usize::from(r)) {
-                    ChildRef::Node(n) => {
-                        node = n;
-                        level -= 1;
-                    }
-                    ChildRef::Leaf(l) => {
-                        self.bits = &l.bits;
-                        return;
-                    }
-                },
+            },
+        };
+    }
+
+    /// The window below a root at level `H`, unrolled.
+    #[inline(always)]
+    fn window<const H: u32>(mut node: &Node, index: u64) -> &[u64; WORDS] {
+        if index >> span_shift(H) != 0 {
+            return &NO_PAGES;
+        }
+        let mut level = H;
+        while level > 1 {
+            let r = node.slot((index >> slot_shift(level)) as usize & 63);
+            match node.nodes.get(usize::from(r)) {
+                Some(n) => node = n,
+                None => return Self::bits_of(None, r),
             }
+            level -= 1;
+        }
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        Self::bits_of(node.leaves.get(usize::from(r)), r)
+    }
+
+    /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot.
+    #[inline(always)]
+    fn bits_of(leaf: Option<&FBox<Leaf>>, r: u8) -> &[u64; WORDS] {
+        match leaf {
+            Some(l) => &l.bits,
+            None if r == SLOT_FULL => &ALL_PAGES,
+            None => &NO_PAGES,
         }
     }
 }
