@@ -1071,13 +1071,26 @@ impl Tracker {
     }
 
     /// The leaf holding `index`, if the path to it is made of child pointers all the way down.
-    #[inline]
+    #[inline(always)]
     fn leaf_mut(
         root: &mut Option<FBox<Node>>,
         top: u32,
         limit: u64,
         index: u64,
     ) -> Option<&mut Leaf> {
+        let node = Self::level1_mut(root, top, limit, index)?;
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
+    }
+
+    /// The level-1 node above `index`, if the path to it is made of child pointers.
+    #[inline(always)]
+    fn level1_mut(
+        root: &mut Option<FBox<Node>>,
+        top: u32,
+        limit: u64,
+        index: u64,
+    ) -> Option<&mut Node> {
         let mut node: &mut Node = root.as_deref_mut()?;
         // The usual heights (up to 64 GiB and 4 TiB of guest) unrolled: no loop control, and
         // the index compared with the tree's span as a constant (one load less).
@@ -1097,13 +1110,12 @@ impl Tracker {
             node = node.nodes.get_mut(usize::from(r))?;
             shift -= SLOT_SHIFT;
         }
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
+        Some(node)
     }
 
-    /// `leaf_mut` below a root at level `H`, unrolled.
+    /// `level1_mut` below a root at level `H`, unrolled.
     #[inline(always)]
-    fn descend<const H: u32>(mut node: &mut Node, index: u64) -> Option<&mut Leaf> {
+    fn descend<const H: u32>(mut node: &mut Node, index: u64) -> Option<&mut Node> {
         if index >> span_shift(H) != 0 {
             return None;
         }
@@ -1112,29 +1124,6 @@ impl Tracker {
             let r = node.slot((index >> slot_shift(level)) as usize & 63);
             node = node.nodes.get_mut(usize::from(r))?;
             level -= 1;
-        }
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
-    }
-
-    /// The level-1 node above `index`, if the path to it is made of child pointers (the slot
-    /// bytes, as in `leaf_mut`).
-    #[inline]
-    fn level1_mut(
-        root: &mut Option<FBox<Node>>,
-        top: u32,
-        limit: u64,
-        index: u64,
-    ) -> Option<&mut Node> {
-        let mut node: &mut Node = root.as_deref_mut()?;
-        if index >= limit {
-            return None;
-        }
-        let mut shift = top;
-        while shift != LEAF_SHIFT {
-            let r = node.slot((index >> shift) as usize & 63);
-            node = node.nodes.get_mut(usize::from(r))?;
-            shift -= SLOT_SHIFT;
         }
         Some(node)
     }
