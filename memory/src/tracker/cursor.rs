@@ -6,6 +6,7 @@
 //! aligned range; a leaf yields its runs of set bits, found a word at a time.
 
 use super::leaf::{Leaf, WORDS};
+use super::sparse::Sparse;
 use super::{slot_range_mask, slot_shift, span_shift, ChildRef, Mark, Marks, Node, Tracker};
 
 /// A piece of a run: pages `start..start+len`, all present, carrying `marks` (exactly, when the
@@ -37,6 +38,7 @@ pub struct Chunks<'a> {
     stack: [Option<Frame<'a>>; 8],
     depth: usize,
     leaf: Option<(&'a Leaf, u64)>,
+    sparse: Option<(&'a Sparse, u64)>,
     pos: u64,
     lo: u64,
     hi: u64,
@@ -57,6 +59,7 @@ impl<'a> Chunks<'a> {
             stack: [None; 8],
             depth: 0,
             leaf: None,
+            sparse: None,
             pos: lo,
             lo,
             hi,
@@ -74,6 +77,7 @@ impl<'a> Chunks<'a> {
         self.pos = from;
         self.depth = 0;
         self.leaf = None;
+        self.sparse = None;
         if let Some(root) = self.tracker.root.as_deref() {
             if self.lo < self.hi && self.lo >> span_shift(self.tracker.height) == 0 {
                 self.push(root, self.tracker.height, 0);
@@ -113,6 +117,32 @@ impl<'a> Chunks<'a> {
             Some(k) => leaf.mark_word(k, w),
             None => leaf.bits[w],
         }
+    }
+
+    /// The next run of pages inside the current sparse leaf, from `self.pos` (its marks are
+    /// its slot's summary: a walk filtered by a mark only enters it if it carries the mark).
+    fn next_in_sparse(&mut self, s: &'a Sparse, base: u64) -> Option<Chunk> {
+        let end = (base + (WORDS as u64) * 64).min(self.hi);
+        let pages = s.pages();
+        let from = self.pos.max(base) - base;
+        let first = pages.iter().position(|&e| u64::from(e) >= from)?;
+        let p = base + u64::from(pages[first]);
+        if p >= end {
+            return None;
+        }
+        let mut q = p + 1;
+        for &e in &pages[first + 1..] {
+            if base + u64::from(e) != q || q >= end {
+                break;
+            }
+            q += 1;
+        }
+        self.pos = q;
+        Some(Chunk {
+            start: p,
+            len: q - p,
+            marks: s.marks(),
+        })
     }
 
     /// The next run of matching pages inside the current leaf, from `self.pos`.
@@ -173,6 +203,12 @@ impl<'a> Iterator for Chunks<'a> {
                 }
                 self.leaf = None;
             }
+            if let Some((s, base)) = self.sparse {
+                if let Some(c) = self.next_in_sparse(s, base) {
+                    return Some(c);
+                }
+                self.sparse = None;
+            }
             if self.depth == 0 {
                 return None;
             }
@@ -197,6 +233,10 @@ impl<'a> Iterator for Chunks<'a> {
                     len: end - start,
                     marks: node.slot_marks(i),
                 });
+            }
+            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+                self.sparse = Some((s, sbase));
+                continue;
             }
             match node.child(node.kid(i as usize)) {
                 ChildRef::Leaf(l) => {

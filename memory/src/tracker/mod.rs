@@ -25,10 +25,12 @@
 mod cursor;
 pub mod fbox;
 mod leaf;
+mod sparse;
 
 pub use cursor::{Chunk, Chunks, MarkedRuns, Run, Runs};
 use fbox::{AllocError, FBox};
 use leaf::{Leaf, MarkMaps, LEAF_SHIFT, WORDS};
+use sparse::{Sparse, SPARSE_MAX};
 
 /// Number of marks per entry.
 pub const MARK_COUNT: usize = 3;
@@ -42,6 +44,10 @@ const SLOT_SHIFT: u32 = 6;
 const SLOT_EMPTY: u8 = 0xff;
 /// `Node::rank` of a full slot (multi-index entry). Child indexes are below 64.
 const SLOT_FULL: u8 = 0xfe;
+/// `Node::rank` of a sparse leaf: this plus its index in `Node::sparses`.
+const SLOT_SPARSE: u8 = 64;
+/// Most pages a new leaf made by an insert may have to be made sparse.
+const SPARSE_NEW: u64 = 8;
 const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
 
 /// Why a tracked page is offline, or what has been done to it. Used as a mark index.
@@ -168,6 +174,11 @@ struct Node {
     /// vectors instead of one of a two-kind enum: 8 bytes per child instead of 16, and the
     /// single-page paths know the kind from the level (no tag test, no 16-byte stride).
     leaves: Vec<FBox<Leaf>>,
+    /// The sparse leaves of a level-1 node, densely in slot order, and which slots hold them
+    /// (a third child kind, out of `leaves`, so the bitmap fast paths' bounds check on
+    /// `leaves` fails for them and nothing else changes there).
+    sparses: Vec<Sparse>,
+    sparse: u64,
     /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
     /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `reindex` at the
     /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
@@ -200,13 +211,15 @@ fn slot_range_mask(first: u32, last: u32) -> u64 {
 }
 
 impl Node {
-    fn empty() -> Node {
+    const fn empty() -> Node {
         Node {
             present: 0,
             full: 0,
             marks: [0; MARK_COUNT],
             nodes: Vec::new(),
             leaves: Vec::new(),
+            sparses: Vec::new(),
+            sparse: 0,
             rank: [SLOT_EMPTY; 64],
         }
     }
@@ -219,13 +232,62 @@ impl Node {
             self.rank[f.trailing_zeros() as usize] = SLOT_FULL;
             f &= f - 1;
         }
-        let mut k = self.present & !self.full;
+        let mut k = self.present & !self.full & !self.sparse;
         let mut r = 0u8;
         while k != 0 {
             self.rank[k.trailing_zeros() as usize] = r;
             r += 1;
             k &= k - 1;
         }
+        let mut k = self.sparse;
+        let mut r = SLOT_SPARSE;
+        while k != 0 {
+            self.rank[k.trailing_zeros() as usize] = r;
+            r += 1;
+            k &= k - 1;
+        }
+    }
+
+    /// The sparse leaf of a slot whose byte is `r`, if it holds one.
+    #[inline(always)]
+    fn sparse_at(&self, r: u8) -> Option<&Sparse> {
+        self.sparses
+            .get(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))
+    }
+
+    /// Index in `sparses` of a sparse leaf in slot `i`.
+    #[inline]
+    fn sparse_index(&self, i: u32) -> usize {
+        (self.sparse & below(i)).count_ones() as usize
+    }
+
+    /// `rank` after a sparse leaf was put at index `idx` of `sparses`, for slot `i`.
+    fn sparse_linked_at(&mut self, i: u32, idx: usize) {
+        let i = i as usize & 63;
+        for r in &mut self.rank[i + 1..] {
+            *r += u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
+        }
+        self.rank[i] = SLOT_SPARSE + idx as u8;
+    }
+
+    /// `rank` after the sparse leaf of slot `i` was taken out, leaving the slot `now`.
+    fn sparse_unlinked(&mut self, i: u32, now: u8) {
+        let i = i as usize & 63;
+        for r in &mut self.rank[i + 1..] {
+            *r -= u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
+        }
+        self.rank[i] = now;
+    }
+
+    /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
+    /// in `leaves` reserved). `rank` is left to the caller.
+    fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) {
+        let s = self.sparses.remove(self.sparse_index(i));
+        s.fill(&mut leaf);
+        self.sparse &= !(1u64 << i);
+        let idx = self.child_index(i);
+        debug_assert!(self.leaves.len() < self.leaves.capacity(), "unreserved");
+        self.leaves.insert(idx, leaf);
     }
 
     /// `rank` after a child was put into slot `i` (which was empty or full): its index, and one
@@ -262,6 +324,7 @@ impl Node {
             match (self.present >> i & 1, self.full >> i & 1) {
                 (0, _) => SLOT_EMPTY,
                 (_, 1) => SLOT_FULL,
+                _ if self.sparse >> i & 1 != 0 => SLOT_SPARSE + self.sparse_index(i as u32) as u8,
                 _ => self.child_index(i as u32) as u8,
             },
             "stale rank"
@@ -279,7 +342,7 @@ impl Node {
 
     #[inline]
     fn child_index(&self, i: u32) -> usize {
-        (self.present & !self.full & below(i)).count_ones() as usize
+        (self.present & !self.full & !self.sparse & below(i)).count_ones() as usize
     }
 
     fn slot_marks(&self, i: u32) -> Marks {
@@ -335,11 +398,14 @@ impl Node {
         if self.leaves.is_empty() && self.leaves.capacity() != 0 {
             self.leaves = Vec::new();
         }
+        if self.sparses.is_empty() && self.sparses.capacity() != 0 {
+            self.sparses = Vec::new();
+        }
     }
 
     /// Number of children.
     fn child_count(&self) -> usize {
-        self.nodes.len() + self.leaves.len()
+        self.nodes.len() + self.leaves.len() + self.sparses.len()
     }
 
     /// The child at index `idx` of the dense child vectors (a node's children are all leaves
@@ -403,13 +469,19 @@ impl Node {
         }
         self.nodes.clear();
         self.leaves.clear();
+        self.sparses.clear();
+        self.sparse = 0;
         self.rank = [SLOT_FULL; 64];
     }
 
     /// Exact heap bytes below and including this node's child vector (not the node itself).
     fn heap_bytes(&self) -> usize {
         let mut b = self.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
-            + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>();
+            + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
+            + self.sparses.capacity() * std::mem::size_of::<Sparse>();
+        for s in &self.sparses {
+            b += s.bytes();
+        }
         for l in &self.leaves {
             b += std::mem::size_of::<Leaf>()
                 + l.mixed
@@ -448,7 +520,7 @@ impl Node {
 
     /// Applies `op` to pages `lo..hi` relative to this node (at `level` >= 1).
     fn apply(&mut self, level: u32, lo: u64, hi: u64, op: Op, pool: &mut Pool) -> Delta {
-        let before = (self.present, self.full);
+        let before = (self.present, self.full, self.sparse);
         let sshift = slot_shift(level);
         let sspan = 1u64 << sshift;
         let first = (lo >> sshift) as u32;
@@ -521,6 +593,40 @@ impl Node {
                     Child::Node(n)
                 };
                 self.insert_child(idx, child);
+            } else if self.sparse & bit != 0 {
+                let si = self.sparse_index(i);
+                let s = &mut self.sparses[si];
+                let (sm, len) = (s.marks(), s.len() as u64);
+                match SparsePlan::of(op, whole, s, s_lo, s_hi) {
+                    SparsePlan::Skip => continue,
+                    SparsePlan::Remove => {
+                        let n = s.remove_range(s_lo, s_hi) as u64;
+                        d.add(Delta::whole(-1, n, sm));
+                        if n == len {
+                            self.sparses.remove(si);
+                            self.sparse &= !bit;
+                            self.present &= !bit;
+                            self.set_slot_marks(i, Marks::NONE);
+                        }
+                        continue;
+                    }
+                    SparsePlan::Marks(m) => {
+                        s.set_marks(m);
+                        self.set_slot_marks(i, m);
+                        for k in 0..MARK_COUNT {
+                            d.marks[k] += (i64::from(m.has(k)) - i64::from(sm.has(k))) * len as i64;
+                        }
+                        continue;
+                    }
+                    SparsePlan::Full => {
+                        self.sparses.remove(si);
+                        self.sparse &= !bit;
+                        self.full |= bit;
+                        d.add(Delta::whole(1, sspan - len, sm));
+                        continue;
+                    }
+                    SparsePlan::Convert => self.sparse_to_leaf(i, pool.take_leaf()),
+                }
             }
             let idx = self.child_index(i);
             let cd = match self.child_mut(idx) {
@@ -530,7 +636,7 @@ impl Node {
             d.add(cd);
             self.settle_child(i, idx);
         }
-        if (self.present, self.full) != before {
+        if (self.present, self.full, self.sparse) != before {
             self.reindex();
         }
         d
@@ -581,6 +687,19 @@ impl Node {
                 if whole && !matches!(op, Op::Insert(_)) {
                     continue;
                 }
+                if self.sparse & bit != 0 {
+                    let s = &self.sparses[self.sparse_index(i)];
+                    if let SparsePlan::Convert = SparsePlan::of(op, whole, s, s_lo, s_hi) {
+                        grow += 1;
+                        need.leaves += 1;
+                        let mut l = Leaf::empty();
+                        s.fill(&mut l);
+                        if l.needs_maps(op, s_lo, s_hi) {
+                            need.maps += 1;
+                        }
+                    }
+                    continue;
+                }
                 let idx = self.kid(i as usize);
                 match self.child_mut(idx) {
                     ChildMut::Leaf(l) => {
@@ -596,6 +715,39 @@ impl Node {
             self.reserve_children(level, grow)?;
         }
         Ok(())
+    }
+}
+
+/// What the general path does with a sparse leaf.
+enum SparsePlan {
+    /// Nothing changes.
+    Skip,
+    /// Pages go, in place (the leaf is dropped if emptied).
+    Remove,
+    /// Every page gets these marks.
+    Marks(Marks),
+    /// Every page of the slot is added with the leaf's marks: a full slot.
+    Full,
+    /// It becomes a bitmap leaf (from the pool), which the operation then works on.
+    Convert,
+}
+
+impl SparsePlan {
+    fn of(op: Op, whole: bool, s: &Sparse, lo: u64, hi: u64) -> SparsePlan {
+        let sm = s.marks();
+        let n = s.count_in(lo, hi);
+        match op {
+            Op::Insert(m) if whole && m == sm => SparsePlan::Full,
+            Op::Insert(_) if n as u64 == hi - lo => SparsePlan::Skip,
+            Op::Insert(_) => SparsePlan::Convert,
+            Op::Remove if n == 0 => SparsePlan::Skip,
+            Op::Remove => SparsePlan::Remove,
+            Op::SetMark(k) if sm.has(k) || n == 0 => SparsePlan::Skip,
+            Op::ClearMark(k) if !sm.has(k) || n == 0 => SparsePlan::Skip,
+            Op::SetMark(k) if n == s.len() => SparsePlan::Marks(sm.with(k)),
+            Op::ClearMark(k) if n == s.len() => SparsePlan::Marks(sm.without(k)),
+            _ => SparsePlan::Convert,
+        }
     }
 }
 
@@ -981,7 +1133,52 @@ impl Tracker {
         if let Some(n) = self.node_fast(start, count, Op::Insert(marks)) {
             return Ok(n);
         }
-        Ok(self.run(start, count, Op::Insert(marks))?.present as u64)
+        let n = self.run(start, count, Op::Insert(marks))?.present as u64;
+        if count <= SPARSE_NEW {
+            self.make_sparse(start);
+        }
+        Ok(n)
+    }
+
+    /// After the general path made a leaf for a few pages (the first pages below a new node):
+    /// the leaf of `index`, if it has at most `SPARSE_NEW` pages and uniform marks, becomes a
+    /// sparse leaf. Best effort: if the allocation fails, the bitmap leaf stays.
+    #[cold]
+    #[inline(never)]
+    fn make_sparse(&mut self, index: u64) {
+        let Some(node) = Self::level1_mut(&mut self.root, self.top, self.limit, index) else {
+            return;
+        };
+        let i = (index >> LEAF_SHIFT) as u32 & 63;
+        let Some(leaf) = node.leaves.get(usize::from(node.slot(i as usize))) else {
+            return;
+        };
+        let n = u64::from(leaf.count());
+        if n > SPARSE_NEW || leaf.mixed.is_some() {
+            return;
+        }
+        if node.sparses.try_reserve(1).is_err() {
+            return;
+        }
+        let Ok(mut sp) = Sparse::try_new(sparse::cap_for(n as usize), leaf.uniform()) else {
+            return;
+        };
+        let mut w = 0;
+        while sp.len() < n as usize {
+            let bits = leaf.bits[w];
+            for b in 0..64 {
+                if bits >> b & 1 != 0 {
+                    sp.insert(((w as u64) << 6) + b);
+                }
+            }
+            w += 1;
+        }
+        let idx = node.kid(i as usize);
+        node.leaves.remove(idx);
+        node.sparse |= 1 << i;
+        node.sparses.insert(node.sparse_index(i), sp);
+        node.reindex();
+        node.release_children();
     }
 
     /// Adds one page; returns whether it was absent.
@@ -1011,6 +1208,9 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn insert_slow(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
+        if let Some(added) = self.sparse_insert(index, marks) {
+            return Ok(added);
+        }
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -1067,6 +1267,9 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn remove_slow(&mut self, index: u64) -> Result<bool, TrackerError> {
+        if let Some(removed) = self.sparse_remove(index) {
+            return Ok(removed);
+        }
         Ok(self.remove_range(index, 1)? == 1)
     }
 
@@ -1215,6 +1418,23 @@ impl Tracker {
         let r = node.slot(i as usize);
         let (n, marks, mark_path) = match (op, r) {
             (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
+            (Op::Insert(m), SLOT_EMPTY) if hi - lo <= SPARSE_NEW => {
+                let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
+                node.sparses.try_reserve(1).ok()?;
+                let mut sp = Sparse::try_new(sparse::cap_for((hi - lo) as usize), m).ok()?;
+                let n = sp.insert_range(lo, hi);
+                let idx = node.sparse_index(i);
+                node.sparses.insert(idx, sp);
+                node.present |= bit;
+                node.sparse |= bit;
+                node.set_slot_marks(i, m);
+                node.sparse_linked_at(i, idx);
+                (n as i64, m, mark_path)
+            }
+            (op, r) if node.sparse_at(r).is_some() => {
+                let (n, m) = Self::sparse_change(node, i, lo, hi, op)?;
+                (n, m, false)
+            }
             (Op::Insert(m), SLOT_EMPTY) => {
                 let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
                 node.leaves.try_reserve(1).ok()?;
@@ -1271,6 +1491,107 @@ impl Tracker {
         Some((n.unsigned_abs(), mark_path))
     }
 
+    /// `slot_change` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
+    /// needed) while it keeps one set of marks and at most `SPARSE_MAX` pages, or turned into
+    /// a bitmap leaf first when it would not; pages removed in place, the leaf dropped when
+    /// emptied if the node keeps other pages with its marks. `None` (nothing changed, or only
+    /// the conversion) for the general path. Returns the change in pages and their marks.
+    fn sparse_change(node: &mut Node, i: u32, lo: u64, hi: u64, op: Op) -> Option<(i64, Marks)> {
+        let bit = 1u64 << i;
+        let si = node.sparse_index(i);
+        let s = &mut node.sparses[si];
+        let sm = s.marks();
+        let have = s.count_in(lo, hi);
+        match op {
+            Op::Insert(_) if have as u64 == hi - lo => Some((0, sm)),
+            Op::Insert(m) if m != sm => None,
+            Op::Insert(m) => {
+                let want = s.len() + (hi - lo) as usize - have;
+                if want > SPARSE_MAX {
+                    if want >= leaf::LEAF_PAGES as usize {
+                        return None;
+                    }
+                    node.leaves.try_reserve(1).ok()?;
+                    let leaf = FBox::try_new_with(Leaf::empty).ok()?;
+                    node.sparse_to_leaf(i, leaf);
+                    node.reindex();
+                    let idx = node.kid(i as usize);
+                    let n = node.leaves[idx].set_bits(lo, hi);
+                    return Some((i64::from(n), m));
+                }
+                if want > s.cap() {
+                    s.try_grow(sparse::cap_for(want)).ok()?;
+                }
+                Some((s.insert_range(lo, hi) as i64, m))
+            }
+            Op::Remove if have == 0 => Some((0, sm)),
+            Op::Remove if have < s.len() => Some((-(s.remove_range(lo, hi) as i64), sm)),
+            Op::Remove => {
+                let may_drop = node.present & !bit != 0
+                    && (0..MARK_COUNT).all(|k| !sm.has(k) || node.marks[k] & !bit != 0);
+                if !may_drop {
+                    return None;
+                }
+                let n = s.len() as i64;
+                node.sparses.remove(si);
+                node.present &= !bit;
+                node.sparse &= !bit;
+                node.set_slot_marks(i, Marks::NONE);
+                node.sparse_unlinked(i, SLOT_EMPTY);
+                node.release_children();
+                Some((-n, sm))
+            }
+            _ => None,
+        }
+    }
+
+    /// Single-page insert into a sparse leaf (from `insert_slow`): one walk. `None` if the
+    /// page's slot holds no sparse leaf or the insert is not one it can do in place.
+    #[inline]
+    fn sparse_insert(&mut self, index: u64, marks: Marks) -> Option<bool> {
+        let node = Self::level1_mut(&mut self.root, self.top, self.limit, index)?;
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        let s = node
+            .sparses
+            .get_mut(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))?;
+        let off = index & (leaf::LEAF_PAGES - 1);
+        if s.marks() != marks {
+            return if s.contains(off) { Some(false) } else { None };
+        }
+        let added = match s.insert(off) {
+            Some(a) => a,
+            None if s.cap() < SPARSE_MAX => {
+                s.try_grow(s.cap() + sparse::STEP).ok()?;
+                s.insert(off)?
+            }
+            None => return None,
+        };
+        if added {
+            let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+            *c = c.wrapping_add(1);
+        }
+        Some(added)
+    }
+
+    /// Single-page remove from a sparse leaf that keeps pages (from `remove_slow`).
+    #[inline]
+    fn sparse_remove(&mut self, index: u64) -> Option<bool> {
+        let node = Self::level1_mut(&mut self.root, self.top, self.limit, index)?;
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        let s = node
+            .sparses
+            .get_mut(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))?;
+        if s.len() == 1 {
+            return None;
+        }
+        let removed = s.remove(index & (leaf::LEAF_PAGES - 1));
+        if removed {
+            let c = &mut self.by_marks[usize::from(s.marks().0 & 7)];
+            *c = c.wrapping_sub(1);
+        }
+        Some(removed)
+    }
+
     /// The rest of `node_fast` (out of line): every case, one or two slots. Returns the pages
     /// changed, and whether the slots above the node must be told of a new leaf's marks.
     #[inline(never)]
@@ -1315,6 +1636,7 @@ impl Tracker {
                     fresh += 1;
                     Piece::Split(node.slot_marks(i))
                 }
+                (_, r) if r >= SLOT_SPARSE => return None,
                 (Op::Insert(m), r) if node.leaves[usize::from(r)].fast_insert_ok(m, n) => {
                     Piece::Bits
                 }
@@ -1448,6 +1770,11 @@ impl Tracker {
             if node.full & bit != 0 {
                 return Some(node.slot_marks(i));
             }
+            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+                return s
+                    .contains(index & (leaf::LEAF_PAGES - 1))
+                    .then(|| s.marks());
+            }
             match node.child(node.kid(i as usize)) {
                 ChildRef::Node(n) => {
                     node = n;
@@ -1483,7 +1810,7 @@ impl Tracker {
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
         match node.leaves.get(usize::from(r)) {
             Some(l) => l.contains(index & (leaf::LEAF_PAGES - 1)),
-            None => r == SLOT_FULL,
+            None => r == SLOT_FULL || (r != SLOT_EMPTY && sparse_contains(node, r, index)),
         }
     }
 
@@ -1636,7 +1963,9 @@ impl Tracker {
                     kids.count_ones()
                 ));
             }
-            if (level == 1 && !n.nodes.is_empty()) || (level > 1 && !n.leaves.is_empty()) {
+            if (level == 1 && !n.nodes.is_empty())
+                || (level > 1 && (!n.leaves.is_empty() || !n.sparses.is_empty() || n.sparse != 0))
+            {
                 return Err(format!(
                     "node 0x{base:x} (level {level}): {} node and {} leaf children",
                     n.nodes.len(),
@@ -1648,9 +1977,16 @@ impl Tracker {
                     SLOT_EMPTY
                 } else if n.full >> i & 1 != 0 {
                     SLOT_FULL
+                } else if n.sparse >> i & 1 != 0 {
+                    SLOT_SPARSE + n.sparse_index(i) as u8
                 } else {
                     n.child_index(i) as u8
                 };
+                if n.sparse >> i & 1 != 0 && (n.present >> i & 1 == 0 || n.full >> i & 1 != 0) {
+                    return Err(format!(
+                        "node 0x{base:x} slot {i}: sparse flag on a non-child"
+                    ));
+                }
                 if n.rank[i as usize] != want {
                     return Err(format!(
                         "node 0x{base:x} (level {level}) slot {i}: byte {} should be {want}",
@@ -1663,6 +1999,13 @@ impl Tracker {
                 let below = match want {
                     SLOT_FULL => summary,
                     SLOT_EMPTY => Marks::NONE,
+                    c if c >= SLOT_SPARSE => {
+                        let s = &n.sparses[usize::from(c - SLOT_SPARSE)];
+                        let sbase = base + (u64::from(i) << slot_shift(level));
+                        s.check()
+                            .map_err(|e| format!("sparse leaf 0x{sbase:x}: {e}"))?;
+                        s.marks()
+                    }
                     c => match n.child(usize::from(c)) {
                         ChildRef::Leaf(l) => l.any_marks(),
                         ChildRef::Node(c) => c.any_marks(),
@@ -1712,6 +2055,21 @@ impl Tracker {
 /// The bits of a window inside an empty or a full slot, for the lookup cursor.
 static NO_PAGES: [u64; WORDS] = [0; WORDS];
 static ALL_PAGES: [u64; WORDS] = [u64::MAX; WORDS];
+/// The window of one page in a sparse leaf, present or not (distinct statics, so `seek` can
+/// tell them from the leaf-sized windows).
+static SPARSE_HIT: [u64; WORDS] = [1; WORDS];
+static SPARSE_MISS: [u64; WORDS] = [0; WORDS];
+/// A node without children, for the lookup cursor's empty and full slots above level 1.
+static EMPTY_NODE: Node = Node::empty();
+
+/// Whether the slot whose byte is `r` holds a sparse leaf with page `index`. Off the bitmap
+/// leaves' path.
+#[cold]
+#[inline(never)]
+fn sparse_contains(node: &Node, r: u8, index: u64) -> bool {
+    node.sparse_at(r)
+        .is_some_and(|s| s.contains(index & (leaf::LEAF_PAGES - 1)))
+}
 
 /// See [`Tracker::lookup_cursor`].
 pub struct LookupCursor<'a> {
@@ -1755,17 +2113,21 @@ impl LookupCursor<'_> {
                     loop {
                         let r = node.slot((index >> shift) as usize & 63);
                         if shift == LEAF_SHIFT {
-                            break Self::bits_of(node.leaves.get(usize::from(r)), r);
+                            break Self::bits_of(node, r, index);
                         }
                         match node.nodes.get(usize::from(r)) {
                             Some(n) => node = n,
-                            None => break Self::bits_of(None, r),
+                            None => break Self::bits_of(&EMPTY_NODE, r, index),
                         }
                         shift -= SLOT_SHIFT;
                     }
                 }
             },
         };
+        if std::ptr::eq(self.bits, &SPARSE_HIT) || std::ptr::eq(self.bits, &SPARSE_MISS) {
+            self.lo = index;
+            self.len = 1;
+        }
     }
 
     /// The window below a root at level `H`, unrolled.
@@ -1779,20 +2141,24 @@ impl LookupCursor<'_> {
             let r = node.slot((index >> slot_shift(level)) as usize & 63);
             match node.nodes.get(usize::from(r)) {
                 Some(n) => node = n,
-                None => return Self::bits_of(None, r),
+                None => return Self::bits_of(&EMPTY_NODE, r, index),
             }
             level -= 1;
         }
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        Self::bits_of(node.leaves.get(usize::from(r)), r)
+        Self::bits_of(node, r, index)
     }
 
-    /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot.
+    /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot; for a sparse
+    /// leaf, those of a full or an empty slot as `index` is present or not (`seek` then
+    /// narrows the window to `index`).
     #[inline(always)]
-    fn bits_of(leaf: Option<&FBox<Leaf>>, r: u8) -> &[u64; WORDS] {
-        match leaf {
+    fn bits_of(node: &Node, r: u8, index: u64) -> &[u64; WORDS] {
+        match node.leaves.get(usize::from(r)) {
             Some(l) => &l.bits,
             None if r == SLOT_FULL => &ALL_PAGES,
+            None if sparse_contains(node, r, index) => &SPARSE_HIT,
+            None if r != SLOT_EMPTY => &SPARSE_MISS,
             None => &NO_PAGES,
         }
     }
@@ -1883,6 +2249,17 @@ fn walk_runs<F: FnMut(u64, u64)>(
             acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
             continue;
         }
+        if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+            let a = lo.max(sbase) - sbase;
+            let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
+            for &e in s.pages() {
+                let e = u64::from(e);
+                if (a..b).contains(&e) {
+                    acc.add(sbase + e, sbase + e + 1);
+                }
+            }
+            continue;
+        }
         match node.child(node.kid(i as usize)) {
             ChildRef::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
             ChildRef::Leaf(l) => {
@@ -1966,6 +2343,13 @@ fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>)
         let s_last = last.min(sbase + (1 << sshift) - 1);
         if node.full & (1 << i) != 0 {
             return Some(s_last);
+        }
+        if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+            let off = s_last - sbase;
+            if let Some(&e) = s.pages().iter().rev().find(|&&e| u64::from(e) <= off) {
+                return Some(sbase + u64::from(e));
+            }
+            continue;
         }
         let found = match node.child(node.kid(i as usize)) {
             ChildRef::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
