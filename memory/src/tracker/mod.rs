@@ -280,14 +280,20 @@ impl Node {
     }
 
     /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
-    /// in `leaves` reserved). `rank` is left to the caller.
-    fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) {
+    /// in `leaves` reserved), `rank` included; returns its index in `leaves`.
+    fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) -> usize {
         let s = self.sparses.remove(self.sparse_index(i));
         s.fill(&mut leaf);
+        if self.sparses.is_empty() {
+            self.sparses = Vec::new();
+        }
         self.sparse &= !(1u64 << i);
         let idx = self.child_index(i);
         debug_assert!(self.leaves.len() < self.leaves.capacity(), "unreserved");
         self.leaves.insert(idx, leaf);
+        self.sparse_unlinked(i, SLOT_EMPTY);
+        self.linked_at(i, idx);
+        idx
     }
 
     /// `rank` after a child was put into slot `i` (which was empty or full): its index, and one
@@ -625,7 +631,9 @@ impl Node {
                         d.add(Delta::whole(1, sspan - len, sm));
                         continue;
                     }
-                    SparsePlan::Convert => self.sparse_to_leaf(i, pool.take_leaf()),
+                    SparsePlan::Convert => {
+                        self.sparse_to_leaf(i, pool.take_leaf());
+                    }
                 }
             }
             let idx = self.child_index(i);
@@ -1513,9 +1521,7 @@ impl Tracker {
                     }
                     node.leaves.try_reserve(1).ok()?;
                     let leaf = FBox::try_new_with(Leaf::empty).ok()?;
-                    node.sparse_to_leaf(i, leaf);
-                    node.reindex();
-                    let idx = node.kid(i as usize);
+                    let idx = node.sparse_to_leaf(i, leaf);
                     let n = node.leaves[idx].set_bits(lo, hi);
                     return Some((i64::from(n), m));
                 }
@@ -1564,7 +1570,15 @@ impl Tracker {
                 s.try_grow(s.cap() + sparse::STEP).ok()?;
                 s.insert(off)?
             }
-            None => return None,
+            None => {
+                // Past the most a sparse leaf holds: a bitmap leaf from here on.
+                node.leaves.try_reserve(1).ok()?;
+                let leaf = FBox::try_new_with(Leaf::empty).ok()?;
+                let i = (index >> LEAF_SHIFT) as u32 & 63;
+                let idx = node.sparse_to_leaf(i, leaf);
+                node.leaves[idx].set_bits(off, off + 1);
+                true
+            }
         };
         if added {
             let c = &mut self.by_marks[usize::from(marks.0 & 7)];
@@ -2252,7 +2266,8 @@ fn walk_runs<F: FnMut(u64, u64)>(
         if let Some(s) = node.sparse_at(node.slot(i as usize)) {
             let a = lo.max(sbase) - sbase;
             let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
-            for &e in s.pages() {
+            let mut buf = [0; SPARSE_MAX];
+            for &e in s.sorted(&mut buf) {
                 let e = u64::from(e);
                 if (a..b).contains(&e) {
                     acc.add(sbase + e, sbase + e + 1);
@@ -2346,7 +2361,7 @@ fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>)
         }
         if let Some(s) = node.sparse_at(node.slot(i as usize)) {
             let off = s_last - sbase;
-            if let Some(&e) = s.pages().iter().rev().find(|&&e| u64::from(e) <= off) {
+            if let Some(&e) = s.pages().iter().filter(|&&e| u64::from(e) <= off).max() {
                 return Some(sbase + u64::from(e));
             }
             continue;

@@ -1,9 +1,13 @@
-//! Sparse leaves: up to [`SPARSE_MAX`] page offsets of one leaf-sized block, sorted, all with the
-//! same marks, in a small allocation that grows [`STEP`] entries at a time. A leaf with few pages
+//! Sparse leaves: up to [`SPARSE_MAX`] page offsets of one leaf-sized block, unordered, all with
+//! the same marks, in a small allocation that grows [`STEP`] entries at a time. A leaf with few pages
 //! (random single pages at low density: ~41 per leaf at 1%) costs 2 bytes a page plus a 2-byte
 //! header instead of a 528-byte bitmap. It becomes a bitmap leaf when it would pass
 //! `SPARSE_MAX` pages, when its pages would get different marks, or when the general path
 //! needs a bitmap to work on; bitmap leaves never turn back into sparse ones.
+//!
+//! The offsets are unordered: an insert is a branch-free compare of the whole capacity (which
+//! LLVM vectorises, 16 entries at a time) and a store at the end, no search and no memmove;
+//! the in-order walks sort a copy.
 
 use super::fbox::AllocError;
 use super::leaf::Leaf;
@@ -12,15 +16,15 @@ use super::Marks;
 /// Most pages a sparse leaf holds.
 pub const SPARSE_MAX: usize = 64;
 /// Capacity steps (entries).
-pub const STEP: usize = 8;
+pub const STEP: usize = 16;
 /// Unused entries: above every page offset (< 4096), so a scan over the whole capacity counts
 /// only the used ones.
 const UNUSED: u16 = 0xffff;
 const LEN_MASK: u16 = 0xff;
 const MARKS_SHIFT: u32 = 8;
 
-/// `0`: the header (page count in bits 0..8, marks in bits 8..11); `1..=cap`: page offsets in
-/// increasing order, then [`UNUSED`].
+/// `0`: the header (page count in bits 0..8, marks in bits 8..11); `1..=cap`: the page offsets,
+/// then [`UNUSED`].
 #[derive(Debug)]
 pub struct Sparse(Box<[u16]>);
 
@@ -67,10 +71,18 @@ impl Sparse {
         self.0[0] = (self.0[0] & LEN_MASK) | u16::from(m.0) << MARKS_SHIFT;
     }
 
-    /// The page offsets, in increasing order.
+    /// The page offsets, unordered.
     #[inline]
     pub fn pages(&self) -> &[u16] {
         &self.0[1..=self.len()]
+    }
+
+    /// The page offsets in increasing order, copied into `buf`.
+    pub fn sorted<'b>(&self, buf: &'b mut [u16; SPARSE_MAX]) -> &'b [u16] {
+        let n = self.len();
+        buf[..n].copy_from_slice(self.pages());
+        buf[..n].sort_unstable();
+        &buf[..n]
     }
 
     /// Heap bytes of the entries.
@@ -78,53 +90,43 @@ impl Sparse {
         2 * self.0.len()
     }
 
-    /// How many pages are below `x`: a compare over the whole capacity, without branches
-    /// (unused entries are above every offset).
+    /// Whether page `off` is present: a compare of the whole capacity, `STEP` entries at a
+    /// time, without branches (unused entries match no offset).
     #[inline(always)]
-    fn rank(&self, x: u16) -> usize {
-        let mut n = 0u16;
-        for &e in &self.0[1..] {
-            n += u16::from(e < x);
-        }
-        usize::from(n)
-    }
-
-    #[inline]
     pub fn contains(&self, off: u64) -> bool {
         let x = off as u16;
-        let p = self.rank(x);
-        self.0.get(p + 1) == Some(&x)
+        let mut acc = [0u16; STEP];
+        for c in self.0[1..].chunks_exact(STEP) {
+            for j in 0..STEP {
+                acc[j] |= u16::from(c[j] == x);
+            }
+        }
+        acc.iter().fold(0, |a, &b| a | b) != 0
     }
 
     /// Adds page `off`: `Some(true)` if added, `Some(false)` if present, `None` if it is absent
     /// and there is no room.
-    #[inline]
+    #[inline(always)]
     pub fn insert(&mut self, off: u64) -> Option<bool> {
-        let x = off as u16;
-        let p = self.rank(x) + 1;
-        if self.0.get(p) == Some(&x) {
+        if self.contains(off) {
             return Some(false);
         }
         let len = self.len();
-        if len == self.cap() {
-            return None;
-        }
-        self.0.copy_within(p..=len, p + 1);
-        self.0[p] = x;
+        let e = self.0.get_mut(len + 1)?;
+        *e = off as u16;
         self.0[0] += 1;
         Some(true)
     }
 
-    /// Removes page `off`; returns whether it was present.
+    /// Removes page `off`; returns whether it was present. The last offset takes its place.
     #[inline]
     pub fn remove(&mut self, off: u64) -> bool {
         let x = off as u16;
-        let p = self.rank(x) + 1;
-        if self.0.get(p) != Some(&x) {
-            return false;
-        }
         let len = self.len();
-        self.0.copy_within(p + 1..=len, p);
+        let Some(p) = self.0[1..=len].iter().position(|&e| e == x) else {
+            return false;
+        };
+        self.0[p + 1] = self.0[len];
         self.0[len] = UNUSED;
         self.0[0] -= 1;
         true
@@ -169,14 +171,19 @@ impl Sparse {
         n
     }
 
-    /// Room for `cap` pages (more than now): a new allocation, or nothing changes.
+    /// Room for `cap` pages (more than now), reallocated; nothing changes if that fails.
     pub fn try_grow(&mut self, cap: usize) -> Result<(), AllocError> {
         debug_assert!(cap > self.cap() && cap <= SPARSE_MAX);
-        let mut v = alloc(cap)?;
-        v.extend_from_slice(&self.0);
-        v.resize(cap + 1, UNUSED);
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let r = v.try_reserve_exact(cap + 1 - v.len());
+        if r.is_ok() {
+            v.resize(cap + 1, UNUSED);
+        }
+        // Exact capacity either way: no reallocation here.
         self.0 = v.into_boxed_slice();
-        Ok(())
+        r.map_err(|_| AllocError {
+            bytes: 2 * (cap + 1),
+        })
     }
 
     /// Writes the pages and marks into an empty bitmap leaf.
@@ -188,8 +195,8 @@ impl Sparse {
         leaf.set_uniform(self.marks());
     }
 
-    /// For `check_invariants`: a count within the capacity, offsets in increasing order (so no
-    /// duplicates) and inside the leaf, unused entries marked, the header's spare bits clear.
+    /// For `check_invariants`: a count within the capacity, no offset twice, all inside the
+    /// leaf, unused entries marked, the header's spare bits clear.
     pub fn check(&self) -> Result<(), String> {
         let len = self.len();
         if len == 0 || len > self.cap() || self.cap() > SPARSE_MAX {
@@ -201,9 +208,13 @@ impl Sparse {
         if self.0[0] >> (MARKS_SHIFT + 3) != 0 {
             return Err(format!("sparse header 0x{:x}", self.0[0]));
         }
-        let p = self.pages();
+        if self.cap() % STEP != 0 {
+            return Err(format!("sparse capacity {}", self.cap()));
+        }
+        let mut buf = [0; SPARSE_MAX];
+        let p = self.sorted(&mut buf);
         if p.windows(2).any(|w| w[0] >= w[1]) || p[len - 1] >= 4096 {
-            return Err(format!("sparse pages out of order or range: {p:?}"));
+            return Err(format!("sparse pages repeated or out of range: {p:?}"));
         }
         if self.0[len + 1..].iter().any(|&e| e != UNUSED) {
             return Err("sparse leaf: an unused entry is not marked unused".into());
