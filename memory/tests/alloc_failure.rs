@@ -96,13 +96,13 @@ fn populated() -> Tracker {
     t.insert_range(4096 * 100, 4096 * 2, BAL).unwrap(); // two full leaf slots under a node
     t.set_mark(400_100, 50, Mark::Discarded).unwrap();
     t.insert(MAX_INDEX, BAL).unwrap();
-    // Sparse leaves: one at its first capacity (16 pages), one at the most it holds (64), one
+    // Sparse leaves: one at its first capacity (15 pages), one at the most it holds (63), one
     // of 3 pages.
-    for k in 0..16 {
-        t.insert(SPARSE_16 + 13 * k, BAL).unwrap();
+    for k in 0..15 {
+        t.insert(SPARSE_15 + 13 * k, BAL).unwrap();
     }
-    for k in 0..64 {
-        t.insert(SPARSE_64 + 31 * k, BAL).unwrap();
+    for k in 0..63 {
+        t.insert(SPARSE_63 + 31 * k, BAL).unwrap();
     }
     for k in 0..3 {
         t.insert(SPARSE_3 + 100 * k, BAL).unwrap();
@@ -110,8 +110,8 @@ fn populated() -> Tracker {
     t
 }
 
-const SPARSE_16: u64 = 4096 * 110;
-const SPARSE_64: u64 = 4096 * 111;
+const SPARSE_15: u64 = 4096 * 110;
+const SPARSE_63: u64 = 4096 * 111;
 const SPARSE_3: u64 = 4096 * 112;
 
 type Operation = fn(&mut Tracker) -> Result<u64, TrackerError>;
@@ -156,13 +156,13 @@ fn operations() -> Vec<(&'static str, Operation)> {
             t.insert(4096 * 113 + 5, BAL).map(u64::from)
         }),
         ("insert one page into a sparse leaf that must grow", |t| {
-            t.insert(SPARSE_16 + 1, BAL).map(u64::from)
+            t.insert(SPARSE_15 + 1, BAL).map(u64::from)
         }),
         ("insert a run into a sparse leaf that must grow", |t| {
-            t.insert_range(SPARSE_16 + 2, 5, BAL)
+            t.insert_range(SPARSE_15 + 2, 5, BAL)
         }),
         ("insert one page into a sparse leaf at its largest", |t| {
-            t.insert(SPARSE_64 + 1, BAL).map(u64::from)
+            t.insert(SPARSE_63 + 1, BAL).map(u64::from)
         }),
         ("insert a run past a sparse leaf's largest", |t| {
             t.insert_range(SPARSE_3 + 1, 90, BAL)
@@ -174,7 +174,7 @@ fn operations() -> Vec<(&'static str, Operation)> {
             t.insert_range(4096 * 109 + 5, 4096 * 4, UNP)
         }),
         ("set a mark on part of a sparse leaf", |t| {
-            t.set_mark(SPARSE_64, 40, Mark::Discarded)
+            t.set_mark(SPARSE_63, 40, Mark::Discarded)
         }),
         ("remove part of a sparse leaf and a full slot", |t| {
             t.remove_range(4096 * 101 + 7, SPARSE_3 + 150 - (4096 * 101 + 7))

@@ -1168,7 +1168,7 @@ impl Tracker {
         if node.sparses.try_reserve(1).is_err() {
             return;
         }
-        let Ok(mut sp) = Sparse::try_new(sparse::cap_for(n as usize), leaf.uniform()) else {
+        let Ok(mut sp) = Sparse::try_new(sparse::chunks_for(n as usize), leaf.uniform()) else {
             return;
         };
         let mut w = 0;
@@ -1429,7 +1429,7 @@ impl Tracker {
             (Op::Insert(m), SLOT_EMPTY) if hi - lo <= SPARSE_NEW => {
                 let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
                 node.sparses.try_reserve(1).ok()?;
-                let mut sp = Sparse::try_new(sparse::cap_for((hi - lo) as usize), m).ok()?;
+                let mut sp = Sparse::try_new(sparse::chunks_for((hi - lo) as usize), m).ok()?;
                 let n = sp.insert_range(lo, hi);
                 let idx = node.sparse_index(i);
                 node.sparses.insert(idx, sp);
@@ -1526,7 +1526,7 @@ impl Tracker {
                     return Some((i64::from(n), m));
                 }
                 if want > s.cap() {
-                    s.try_grow(sparse::cap_for(want)).ok()?;
+                    s.try_grow(sparse::chunks_for(want)).ok()?;
                 }
                 Some((s.insert_range(lo, hi) as i64, m))
             }
@@ -1567,7 +1567,7 @@ impl Tracker {
         let added = match s.insert(off) {
             Some(a) => a,
             None if s.cap() < SPARSE_MAX => {
-                s.try_grow(s.cap() + sparse::STEP).ok()?;
+                s.try_grow(s.chunks() + 1).ok()?;
                 s.insert(off)?
             }
             None => {

@@ -13,68 +13,92 @@ use super::fbox::AllocError;
 use super::leaf::Leaf;
 use super::Marks;
 
-/// Most pages a sparse leaf holds.
-pub const SPARSE_MAX: usize = 64;
-/// Capacity steps (entries).
+/// Capacity steps (entries): one chunk of 16 `u16`s, the first of which holds the header.
 pub const STEP: usize = 16;
-/// Unused entries: above every page offset (< 4096), so a scan over the whole capacity counts
-/// only the used ones.
+/// Most pages a sparse leaf holds: four chunks, less the header.
+pub const SPARSE_MAX: usize = 4 * STEP - 1;
+/// Unused entries: equal to no page offset (< 4096).
 const UNUSED: u16 = 0xffff;
+/// The header: [`HEADER`] (so it equals no page offset either), the page count in bits 0..8,
+/// the marks in bits 8..11.
+const HEADER: u16 = 0x8000;
 const LEN_MASK: u16 = 0xff;
 const MARKS_SHIFT: u32 = 8;
 
-/// `0`: the header (page count in bits 0..8, marks in bits 8..11); `1..=cap`: the page offsets,
-/// then [`UNUSED`].
+/// Chunks of 16 entries: entry 0 is the header, then the page offsets (unordered), then
+/// [`UNUSED`]. A lookup compares every entry of every chunk with the offset, 16 at a time.
 #[derive(Debug)]
-pub struct Sparse(Box<[u16]>);
+pub struct Sparse(Box<[[u16; STEP]]>);
 
-fn alloc(cap: usize) -> Result<Vec<u16>, AllocError> {
+fn alloc(chunks: usize) -> Result<Vec<[u16; STEP]>, AllocError> {
     let mut v = Vec::new();
-    v.try_reserve_exact(cap + 1).map_err(|_| AllocError {
-        bytes: 2 * (cap + 1),
+    v.try_reserve_exact(chunks).map_err(|_| AllocError {
+        bytes: 2 * STEP * chunks,
     })?;
     Ok(v)
 }
 
-/// Capacity for `n` pages.
+/// Chunks for `n` pages.
 #[inline]
-pub fn cap_for(n: usize) -> usize {
-    n.div_ceil(STEP).max(1) * STEP
+pub fn chunks_for(n: usize) -> usize {
+    (n + 1).div_ceil(STEP)
 }
 
 impl Sparse {
-    /// An empty sparse leaf with room for `cap` pages, carrying `marks`.
-    pub fn try_new(cap: usize, marks: Marks) -> Result<Sparse, AllocError> {
-        debug_assert!(cap <= SPARSE_MAX);
-        let mut v = alloc(cap)?;
-        v.push(u16::from(marks.0) << MARKS_SHIFT);
-        v.resize(cap + 1, UNUSED);
+    /// An empty sparse leaf of `chunks` chunks, carrying `marks`.
+    pub fn try_new(chunks: usize, marks: Marks) -> Result<Sparse, AllocError> {
+        debug_assert!((1..=4).contains(&chunks));
+        let mut v = alloc(chunks)?;
+        v.resize(chunks, [UNUSED; STEP]);
+        v[0][0] = HEADER | u16::from(marks.0) << MARKS_SHIFT;
         Ok(Sparse(v.into_boxed_slice()))
     }
 
     #[inline(always)]
-    pub fn len(&self) -> usize {
-        usize::from(self.0[0] & LEN_MASK)
+    fn header(&self) -> u16 {
+        self.0[0][0]
     }
 
     #[inline(always)]
+    pub fn len(&self) -> usize {
+        usize::from(self.header() & LEN_MASK)
+    }
+
+    /// Most pages it holds without growing.
+    #[inline(always)]
     pub fn cap(&self) -> usize {
-        self.0.len() - 1
+        self.0.len() * STEP - 1
+    }
+
+    /// Chunks allocated.
+    #[inline(always)]
+    pub fn chunks(&self) -> usize {
+        self.0.len()
     }
 
     #[inline(always)]
     pub fn marks(&self) -> Marks {
-        Marks((self.0[0] >> MARKS_SHIFT) as u8)
+        Marks(((self.header() >> MARKS_SHIFT) & 7) as u8)
     }
 
     pub fn set_marks(&mut self, m: Marks) {
-        self.0[0] = (self.0[0] & LEN_MASK) | u16::from(m.0) << MARKS_SHIFT;
+        self.0[0][0] = HEADER | (self.header() & LEN_MASK) | u16::from(m.0) << MARKS_SHIFT;
+    }
+
+    #[inline(always)]
+    fn flat(&self) -> &[u16] {
+        self.0.as_flattened()
+    }
+
+    #[inline(always)]
+    fn flat_mut(&mut self) -> &mut [u16] {
+        self.0.as_flattened_mut()
     }
 
     /// The page offsets, unordered.
     #[inline]
     pub fn pages(&self) -> &[u16] {
-        &self.0[1..=self.len()]
+        &self.flat()[1..=self.len()]
     }
 
     /// The page offsets in increasing order, copied into `buf`.
@@ -87,21 +111,17 @@ impl Sparse {
 
     /// Heap bytes of the entries.
     pub fn bytes(&self) -> usize {
-        2 * self.0.len()
+        2 * STEP * self.0.len()
     }
 
-    /// Whether page `off` is present: a compare of the whole capacity, `STEP` entries at a
-    /// time, without branches (unused entries match no offset).
+    /// Whether page `off` is present: every entry compared with it, a chunk of 16 at a time
+    /// without branches (the header and the unused entries match no offset).
     #[inline(always)]
     pub fn contains(&self, off: u64) -> bool {
         let x = off as u16;
-        let mut acc = [0u16; STEP];
-        for c in self.0[1..].chunks_exact(STEP) {
-            for j in 0..STEP {
-                acc[j] |= u16::from(c[j] == x);
-            }
-        }
-        acc.iter().fold(0, |a, &b| a | b) != 0
+        self.0
+            .iter()
+            .any(|c| c.iter().fold(0u16, |a, &e| a | u16::from(e == x)) != 0)
     }
 
     /// Adds page `off`: `Some(true)` if added, `Some(false)` if present, `None` if it is absent
@@ -112,9 +132,9 @@ impl Sparse {
             return Some(false);
         }
         let len = self.len();
-        let e = self.0.get_mut(len + 1)?;
+        let e = self.flat_mut().get_mut(len + 1)?;
         *e = off as u16;
-        self.0[0] += 1;
+        self.0[0][0] += 1;
         Some(true)
     }
 
@@ -123,12 +143,13 @@ impl Sparse {
     pub fn remove(&mut self, off: u64) -> bool {
         let x = off as u16;
         let len = self.len();
-        let Some(p) = self.0[1..=len].iter().position(|&e| e == x) else {
+        let f = self.flat_mut();
+        let Some(p) = f[1..=len].iter().position(|&e| e == x) else {
             return false;
         };
-        self.0[p + 1] = self.0[len];
-        self.0[len] = UNUSED;
-        self.0[0] -= 1;
+        f[p + 1] = f[len];
+        f[len] = UNUSED;
+        f[0] -= 1;
         true
     }
 
@@ -143,19 +164,20 @@ impl Sparse {
     /// Removes the pages of `lo..hi`; returns how many were present.
     pub fn remove_range(&mut self, lo: u64, hi: u64) -> usize {
         let len = self.len();
+        let f = self.flat_mut();
         let mut w = 1;
         for r in 1..=len {
-            let e = self.0[r];
+            let e = f[r];
             if !(lo..hi).contains(&u64::from(e)) {
-                self.0[w] = e;
+                f[w] = e;
                 w += 1;
             }
         }
         let gone = len + 1 - w;
-        for e in &mut self.0[w..=len] {
+        for e in &mut f[w..=len] {
             *e = UNUSED;
         }
-        self.0[0] -= gone as u16;
+        f[0] -= gone as u16;
         gone
     }
 
@@ -171,25 +193,25 @@ impl Sparse {
         n
     }
 
-    /// Room for `cap` pages (more than now), reallocated; nothing changes if that fails.
-    pub fn try_grow(&mut self, cap: usize) -> Result<(), AllocError> {
-        debug_assert!(cap > self.cap() && cap <= SPARSE_MAX);
+    /// Grows to `chunks` chunks (more than now), reallocated; nothing changes if that fails.
+    pub fn try_grow(&mut self, chunks: usize) -> Result<(), AllocError> {
+        debug_assert!(chunks > self.0.len() && chunks <= 4);
         let mut v = std::mem::take(&mut self.0).into_vec();
-        let r = v.try_reserve_exact(cap + 1 - v.len());
+        let r = v.try_reserve_exact(chunks - v.len());
         if r.is_ok() {
-            v.resize(cap + 1, UNUSED);
+            v.resize(chunks, [UNUSED; STEP]);
         }
         // Exact capacity either way: no reallocation here.
         self.0 = v.into_boxed_slice();
         r.map_err(|_| AllocError {
-            bytes: 2 * (cap + 1),
+            bytes: 2 * STEP * chunks,
         })
     }
 
     /// Writes the pages and marks into an empty bitmap leaf.
     pub fn fill(&self, leaf: &mut Leaf) {
         for &e in self.pages() {
-            leaf.bits[usize::from(e >> 6)] |= 1 << (e & 63);
+            leaf.bits[usize::from(e >> 6) & 63] |= 1 << (e & 63);
         }
         leaf.add_count(self.len() as u32);
         leaf.set_uniform(self.marks());
@@ -205,18 +227,17 @@ impl Sparse {
                 self.cap()
             ));
         }
-        if self.0[0] >> (MARKS_SHIFT + 3) != 0 {
-            return Err(format!("sparse header 0x{:x}", self.0[0]));
-        }
-        if self.cap() % STEP != 0 {
-            return Err(format!("sparse capacity {}", self.cap()));
+        if self.header() & !(HEADER | LEN_MASK | 7 << MARKS_SHIFT) != 0
+            || self.header() & HEADER == 0
+        {
+            return Err(format!("sparse header 0x{:x}", self.header()));
         }
         let mut buf = [0; SPARSE_MAX];
         let p = self.sorted(&mut buf);
         if p.windows(2).any(|w| w[0] >= w[1]) || p[len - 1] >= 4096 {
             return Err(format!("sparse pages repeated or out of range: {p:?}"));
         }
-        if self.0[len + 1..].iter().any(|&e| e != UNUSED) {
+        if self.flat()[len + 1..].iter().any(|&e| e != UNUSED) {
             return Err("sparse leaf: an unused entry is not marked unused".into());
         }
         Ok(())
