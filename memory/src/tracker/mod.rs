@@ -1216,9 +1216,52 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn insert_slow(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
-        if let Some(added) = self.sparse_insert(index, marks) {
-            return Ok(added);
+        // A sparse leaf with room and the same marks: one more walk, a small function.
+        if let Some(node) = Self::level1_mut(&mut self.root, self.top, self.limit, index) {
+            let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+            let k = usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE));
+            if let Some(s) = node.sparses.get_mut(k) {
+                if let Some(added) = Self::sparse_insert(s, &mut self.by_marks, index, marks) {
+                    return Ok(added);
+                }
+                if s.marks() == marks {
+                    if let Some(()) = Self::sparse_full(node, index) {
+                        let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                        *c = c.wrapping_add(1);
+                        return Ok(true);
+                    }
+                }
+            }
         }
+        self.insert_general(index, marks)
+    }
+
+    /// Adds page `index` (absent) to the full sparse leaf of its slot in `node`: the leaf
+    /// grows a chunk, or past `SPARSE_MAX` becomes a bitmap leaf. `None` (nothing changed)
+    /// if an allocation fails.
+    #[cold]
+    #[inline(never)]
+    fn sparse_full(node: &mut Node, index: u64) -> Option<()> {
+        let i = (index >> LEAF_SHIFT) as u32 & 63;
+        let off = index & (leaf::LEAF_PAGES - 1);
+        let si = node.sparse_index(i);
+        let s = &mut node.sparses[si];
+        if s.cap() < SPARSE_MAX {
+            s.try_grow(s.chunks() + 1).ok()?;
+            s.insert(off)?;
+        } else {
+            node.leaves.try_reserve(1).ok()?;
+            let leaf = FBox::try_new_with(Leaf::empty).ok()?;
+            let idx = node.sparse_to_leaf(i, leaf);
+            node.leaves[idx].set_bits(off, off + 1);
+        }
+        Some(())
+    }
+
+    /// `insert` when neither fast path could do it (out of line, so `insert_slow` stays small).
+    #[cold]
+    #[inline(never)]
+    fn insert_general(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -1429,7 +1472,10 @@ impl Tracker {
             (Op::Insert(m), SLOT_EMPTY) if hi - lo <= SPARSE_NEW => {
                 let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
                 node.sparses.try_reserve(1).ok()?;
-                let mut sp = Sparse::try_new(sparse::chunks_for((hi - lo) as usize), m).ok()?;
+                // Two chunks (31 pages) from the start: a leaf that gets one page at random
+                // usually gets more, and a grow is a reallocation.
+                let chunks = sparse::chunks_for((hi - lo) as usize).max(2);
+                let mut sp = Sparse::try_new(chunks, m).ok()?;
                 let n = sp.insert_range(lo, hi);
                 let idx = node.sparse_index(i);
                 node.sparses.insert(idx, sp);
@@ -1551,37 +1597,23 @@ impl Tracker {
         }
     }
 
-    /// Single-page insert into a sparse leaf (from `insert_slow`): one walk. `None` if the
-    /// page's slot holds no sparse leaf or the insert is not one it can do in place.
-    #[inline]
-    fn sparse_insert(&mut self, index: u64, marks: Marks) -> Option<bool> {
-        let node = Self::level1_mut(&mut self.root, self.top, self.limit, index)?;
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        let s = node
-            .sparses
-            .get_mut(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))?;
+    /// Single-page insert into a sparse leaf, from `insert` once its bounds check on the
+    /// bitmap leaves failed: in place, when the leaf has the page's marks and room for it.
+    /// `None` otherwise (`insert_general` grows it or makes it a bitmap leaf).
+    #[inline(always)]
+    fn sparse_insert(
+        s: &mut Sparse,
+        by_marks: &mut [u64; 8],
+        index: u64,
+        marks: Marks,
+    ) -> Option<bool> {
         let off = index & (leaf::LEAF_PAGES - 1);
         if s.marks() != marks {
             return if s.contains(off) { Some(false) } else { None };
         }
-        let added = match s.insert(off) {
-            Some(a) => a,
-            None if s.cap() < SPARSE_MAX => {
-                s.try_grow(s.chunks() + 1).ok()?;
-                s.insert(off)?
-            }
-            None => {
-                // Past the most a sparse leaf holds: a bitmap leaf from here on.
-                node.leaves.try_reserve(1).ok()?;
-                let leaf = FBox::try_new_with(Leaf::empty).ok()?;
-                let i = (index >> LEAF_SHIFT) as u32 & 63;
-                let idx = node.sparse_to_leaf(i, leaf);
-                node.leaves[idx].set_bits(off, off + 1);
-                true
-            }
-        };
+        let added = s.insert(off)?;
         if added {
-            let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+            let c = &mut by_marks[usize::from(marks.0 & 7)];
             *c = c.wrapping_add(1);
         }
         Some(added)

@@ -115,7 +115,9 @@ impl Sparse {
     }
 
     /// Whether page `off` is present: every entry compared with it, a chunk of 16 at a time
-    /// without branches (the header and the unused entries match no offset).
+    /// (two vector compares and a mask; the header and the unused entries match no offset).
+    /// Written so that LLVM vectorises within a chunk: a branch-free loop over all chunks was
+    /// vectorised across them instead (gathers), three times slower.
     #[inline(always)]
     pub fn contains(&self, off: u64) -> bool {
         let x = off as u16;
