@@ -96,10 +96,10 @@ fn populated() -> Tracker {
     t.insert_range(4096 * 100, 4096 * 2, BAL).unwrap(); // two full leaf slots under a node
     t.set_mark(400_100, 50, Mark::Discarded).unwrap();
     t.insert(MAX_INDEX, BAL).unwrap();
-    // Sparse leaves: one at its first capacity (15 pages), one at the most it holds (63), one
+    // Sparse leaves: one full at two chunks (31 pages, as a new one starts), one at the most it holds (63), one
     // of 3 pages.
-    for k in 0..15 {
-        t.insert(SPARSE_15 + 13 * k, BAL).unwrap();
+    for k in 0..31 {
+        t.insert(SPARSE_31 + 13 * k, BAL).unwrap();
     }
     for k in 0..63 {
         t.insert(SPARSE_63 + 31 * k, BAL).unwrap();
@@ -110,7 +110,7 @@ fn populated() -> Tracker {
     t
 }
 
-const SPARSE_15: u64 = 4096 * 110;
+const SPARSE_31: u64 = 4096 * 110;
 const SPARSE_63: u64 = 4096 * 111;
 const SPARSE_3: u64 = 4096 * 112;
 
@@ -156,10 +156,10 @@ fn operations() -> Vec<(&'static str, Operation)> {
             t.insert(4096 * 113 + 5, BAL).map(u64::from)
         }),
         ("insert one page into a sparse leaf that must grow", |t| {
-            t.insert(SPARSE_15 + 1, BAL).map(u64::from)
+            t.insert(SPARSE_31 + 1, BAL).map(u64::from)
         }),
         ("insert a run into a sparse leaf that must grow", |t| {
-            t.insert_range(SPARSE_15 + 2, 5, BAL)
+            t.insert_range(SPARSE_31 + 2, 5, BAL)
         }),
         ("insert one page into a sparse leaf at its largest", |t| {
             t.insert(SPARSE_63 + 1, BAL).map(u64::from)

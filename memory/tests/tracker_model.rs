@@ -63,7 +63,9 @@ fn count() -> impl Strategy<Value = u64> {
 }
 
 fn stride() -> impl Strategy<Value = u64> {
-    prop_oneof![Just(1u64), 1u64..4, 1u64..16]
+    // Up to 16: leaves filled page by page; beyond: a few pages in each of many leaves
+    // (sparse leaves created, grown, given other marks, emptied).
+    prop_oneof![Just(1u64), 1u64..4, 1u64..16, 17u64..1500]
 }
 
 fn window() -> impl Strategy<Value = Option<(u64, u64)>> {

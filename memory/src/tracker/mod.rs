@@ -47,7 +47,7 @@ const SLOT_FULL: u8 = 0xfe;
 /// `Node::rank` of a sparse leaf: this plus its index in `Node::sparses`.
 const SLOT_SPARSE: u8 = 64;
 /// Most pages a new leaf made by an insert may have to be made sparse.
-const SPARSE_NEW: u64 = 8;
+const SPARSE_NEW: u64 = 1;
 const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
 
 /// Why a tracked page is offline, or what has been done to it. Used as a mark index.
@@ -211,7 +211,7 @@ fn slot_range_mask(first: u32, last: u32) -> u64 {
 }
 
 impl Node {
-    const fn empty() -> Node {
+    fn empty() -> Node {
         Node {
             present: 0,
             full: 0,
@@ -1253,7 +1253,9 @@ impl Tracker {
             node.leaves.try_reserve(1).ok()?;
             let leaf = FBox::try_new_with(Leaf::empty).ok()?;
             let idx = node.sparse_to_leaf(i, leaf);
-            node.leaves[idx].set_bits(off, off + 1);
+            let l = &mut node.leaves[idx];
+            l.bits[(off >> 6) as usize & 63] |= 1 << (off & 63);
+            l.add_count(1);
         }
         Some(())
     }
@@ -1470,22 +1472,9 @@ impl Tracker {
         let (n, marks, mark_path) = match (op, r) {
             (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
             (Op::Insert(m), SLOT_EMPTY) if hi - lo <= SPARSE_NEW => {
-                let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
-                node.sparses.try_reserve(1).ok()?;
-                // Two chunks (31 pages) from the start: a leaf that gets one page at random
-                // usually gets more, and a grow is a reallocation.
-                let chunks = sparse::chunks_for((hi - lo) as usize).max(2);
-                let mut sp = Sparse::try_new(chunks, m).ok()?;
-                let n = sp.insert_range(lo, hi);
-                let idx = node.sparse_index(i);
-                node.sparses.insert(idx, sp);
-                node.present |= bit;
-                node.sparse |= bit;
-                node.set_slot_marks(i, m);
-                node.sparse_linked_at(i, idx);
-                (n as i64, m, mark_path)
+                Self::new_sparse(node, i, lo, hi, m)?
             }
-            (op, r) if node.sparse_at(r).is_some() => {
+            (op, r) if (SLOT_SPARSE..SLOT_FULL).contains(&r) => {
                 let (n, m) = Self::sparse_change(node, i, lo, hi, op)?;
                 (n, m, false)
             }
@@ -1545,11 +1534,37 @@ impl Tracker {
         Some((n.unsigned_abs(), mark_path))
     }
 
+    /// `slot_change` for an insert of a few pages into an empty slot: a new sparse leaf.
+    #[inline(never)]
+    fn new_sparse(
+        node: &mut Node,
+        i: u32,
+        lo: u64,
+        hi: u64,
+        m: Marks,
+    ) -> Option<(i64, Marks, bool)> {
+        let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
+        node.sparses.try_reserve(1).ok()?;
+        // Two chunks (31 pages) from the start: a leaf that gets one page at random usually
+        // gets more, and a grow is a reallocation.
+        let chunks = sparse::chunks_for((hi - lo) as usize).max(2);
+        let mut sp = Sparse::try_new(chunks, m).ok()?;
+        let n = sp.insert_range(lo, hi);
+        let idx = node.sparse_index(i);
+        node.sparses.insert(idx, sp);
+        node.present |= 1 << i;
+        node.sparse |= 1 << i;
+        node.set_slot_marks(i, m);
+        node.sparse_linked_at(i, idx);
+        Some((n as i64, m, mark_path))
+    }
+
     /// `slot_change` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
     /// needed) while it keeps one set of marks and at most `SPARSE_MAX` pages, or turned into
     /// a bitmap leaf first when it would not; pages removed in place, the leaf dropped when
     /// emptied if the node keeps other pages with its marks. `None` (nothing changed, or only
     /// the conversion) for the general path. Returns the change in pages and their marks.
+    #[inline(never)]
     fn sparse_change(node: &mut Node, i: u32, lo: u64, hi: u64, op: Op) -> Option<(i64, Marks)> {
         let bit = 1u64 << i;
         let si = node.sparse_index(i);
@@ -2101,12 +2116,6 @@ impl Tracker {
 /// The bits of a window inside an empty or a full slot, for the lookup cursor.
 static NO_PAGES: [u64; WORDS] = [0; WORDS];
 static ALL_PAGES: [u64; WORDS] = [u64::MAX; WORDS];
-/// The window of one page in a sparse leaf, present or not (distinct statics, so `seek` can
-/// tell them from the leaf-sized windows).
-static SPARSE_HIT: [u64; WORDS] = [1; WORDS];
-static SPARSE_MISS: [u64; WORDS] = [0; WORDS];
-/// A node without children, for the lookup cursor's empty and full slots above level 1.
-static EMPTY_NODE: Node = Node::empty();
 
 /// Whether the slot whose byte is `r` holds a sparse leaf with page `index`. Off the bitmap
 /// leaves' path.
@@ -2147,64 +2156,85 @@ impl LookupCursor<'_> {
         let t = self.tracker;
         self.lo = index & !(leaf::LEAF_PAGES - 1);
         self.len = leaf::LEAF_PAGES;
-        self.bits = match t.root.as_deref() {
-            None => &NO_PAGES,
+        let bits = match t.root.as_deref() {
+            None => Some(&NO_PAGES),
             Some(root) => match t.top {
                 18 => Self::window::<2>(root, index),
                 24 => Self::window::<3>(root, index),
-                _ if index >= t.limit => &NO_PAGES,
+                _ if index >= t.limit => Some(&NO_PAGES),
                 top => {
                     let mut node = root;
                     let mut shift = top;
                     loop {
                         let r = node.slot((index >> shift) as usize & 63);
                         if shift == LEAF_SHIFT {
-                            break Self::bits_of(node, r, index);
+                            break Self::leaf_bits(node, r);
                         }
                         match node.nodes.get(usize::from(r)) {
                             Some(n) => node = n,
-                            None => break Self::bits_of(&EMPTY_NODE, r, index),
+                            None => break Some(Self::bits_of(None, r)),
                         }
                         shift -= SLOT_SHIFT;
                     }
                 }
             },
         };
-        if std::ptr::eq(self.bits, &SPARSE_HIT) || std::ptr::eq(self.bits, &SPARSE_MISS) {
-            self.lo = index;
-            self.len = 1;
+        match bits {
+            Some(b) => self.bits = b,
+            None => self.sparse_seek(index),
         }
+    }
+
+    /// `seek` into a sparse leaf: a window of the one page, all ones or all zeros.
+    #[cold]
+    #[inline(never)]
+    fn sparse_seek(&mut self, index: u64) {
+        self.lo = index;
+        self.len = 1;
+        self.bits = if self.tracker.contains(index) {
+            &ALL_PAGES
+        } else {
+            &NO_PAGES
+        };
     }
 
     /// The window below a root at level `H`, unrolled.
     #[inline(always)]
-    fn window<const H: u32>(mut node: &Node, index: u64) -> &[u64; WORDS] {
+    fn window<const H: u32>(mut node: &Node, index: u64) -> Option<&[u64; WORDS]> {
         if index >> span_shift(H) != 0 {
-            return &NO_PAGES;
+            return Some(&NO_PAGES);
         }
         let mut level = H;
         while level > 1 {
             let r = node.slot((index >> slot_shift(level)) as usize & 63);
             match node.nodes.get(usize::from(r)) {
                 Some(n) => node = n,
-                None => return Self::bits_of(&EMPTY_NODE, r, index),
+                None => return Some(Self::bits_of(None, r)),
             }
             level -= 1;
         }
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        Self::bits_of(node, r, index)
+        Self::leaf_bits(node, r)
     }
 
-    /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot; for a sparse
-    /// leaf, those of a full or an empty slot as `index` is present or not (`seek` then
-    /// narrows the window to `index`).
+    /// The window of slot byte `r` of level-1 node `node`, as `bits_of`; `None` for a sparse
+    /// leaf.
     #[inline(always)]
-    fn bits_of(node: &Node, r: u8, index: u64) -> &[u64; WORDS] {
+    fn leaf_bits(node: &Node, r: u8) -> Option<&[u64; WORDS]> {
         match node.leaves.get(usize::from(r)) {
+            Some(l) => Some(&l.bits),
+            None if r == SLOT_FULL => Some(&ALL_PAGES),
+            None if r == SLOT_EMPTY => Some(&NO_PAGES),
+            None => None,
+        }
+    }
+
+    /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot.
+    #[inline(always)]
+    fn bits_of(leaf: Option<&FBox<Leaf>>, r: u8) -> &[u64; WORDS] {
+        match leaf {
             Some(l) => &l.bits,
             None if r == SLOT_FULL => &ALL_PAGES,
-            None if sparse_contains(node, r, index) => &SPARSE_HIT,
-            None if r != SLOT_EMPTY => &SPARSE_MISS,
             None => &NO_PAGES,
         }
     }
