@@ -79,6 +79,8 @@ fn op() -> impl Strategy<Value = Op> {
     let filt = prop_oneof![Just(None), (0usize..3).prop_map(Some)];
     prop_oneof![
         6 => (index(), count(), 0u8..8).prop_map(|(a, n, m)| Op::Insert(a, n, m)),
+        // A whole leaf (over a sparse leaf of the same marks: a full slot).
+        1 => (index(), 0u8..3).prop_map(|(a, m)| Op::Insert(a & !4095, 4096, m)),
         4 => (index(), count()).prop_map(|(a, n)| Op::Remove(a, n)),
         2 => (index(), count(), 0usize..3).prop_map(|(a, n, k)| Op::SetMark(a, n, k)),
         2 => (index(), count(), 0usize..3).prop_map(|(a, n, k)| Op::ClearMark(a, n, k)),
