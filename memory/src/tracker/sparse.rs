@@ -114,16 +114,22 @@ impl Sparse {
         2 * STEP * self.0.len()
     }
 
-    /// Whether page `off` is present: every entry compared with it, a chunk of 16 at a time
-    /// (two vector compares and a mask; the header and the unused entries match no offset).
-    /// Written so that LLVM vectorises within a chunk: a branch-free loop over all chunks was
+    /// Whether page `off` is present: every entry compared with it, without branches (the
+    /// header and the unused entries match no offset). One arm per number of chunks, so LLVM
+    /// vectorises within the chunks (two compares each); a loop over the chunks was
     /// vectorised across them instead (gathers), three times slower.
     #[inline(always)]
     pub fn contains(&self, off: u64) -> bool {
         let x = off as u16;
-        self.0
-            .iter()
-            .any(|c| c.iter().fold(0u16, |a, &e| a | u16::from(e == x)) != 0)
+        let hits = |c: &[u16; STEP]| c.iter().fold(0u16, |a, &e| a | u16::from(e == x));
+        let any = match &*self.0 {
+            [a] => hits(a),
+            [a, b] => hits(a) | hits(b),
+            [a, b, c] => hits(a) | hits(b) | hits(c),
+            [a, b, c, d] => hits(a) | hits(b) | hits(c) | hits(d),
+            _ => self.0.iter().fold(0, |acc, c| acc | hits(c)),
+        };
+        any != 0
     }
 
     /// Adds page `off`: `Some(true)` if added, `Some(false)` if present, `None` if it is absent
