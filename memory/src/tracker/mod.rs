@@ -176,15 +176,22 @@ struct Node {
     leaves: Vec<FBox<Leaf>>,
     /// The sparse leaves of a level-1 node, densely in slot order, and which slots hold them
     /// (a third child kind, out of `leaves`, so the bitmap fast paths' bounds check on
-    /// `leaves` fails for them and nothing else changes there).
-    sparses: Vec<Sparse>,
-    sparse: u64,
+    /// `leaves` fails for them and nothing else changes there). Boxed, and only while there
+    /// are some: 8 bytes in every node instead of 32.
+    sp: Option<FBox<SparseKids>>,
     /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
     /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `reindex` at the
     /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
     /// popcount (a software one on baseline x86-64, a dozen instructions on the critical path)
     /// and no separate present/full tests.
     rank: [u8; 64],
+}
+
+/// A level-1 node's sparse leaves: which slots hold them, and the leaves in slot order.
+#[derive(Debug, Default)]
+struct SparseKids {
+    mask: u64,
+    v: Vec<Sparse>,
 }
 
 #[inline]
@@ -218,8 +225,7 @@ impl Node {
             marks: [0; MARK_COUNT],
             nodes: Vec::new(),
             leaves: Vec::new(),
-            sparses: Vec::new(),
-            sparse: 0,
+            sp: None,
             rank: [SLOT_EMPTY; 64],
         }
     }
@@ -232,14 +238,15 @@ impl Node {
             self.rank[f.trailing_zeros() as usize] = SLOT_FULL;
             f &= f - 1;
         }
-        let mut k = self.present & !self.full & !self.sparse;
+        let sparse = self.smask();
+        let mut k = self.present & !self.full & !sparse;
         let mut r = 0u8;
         while k != 0 {
             self.rank[k.trailing_zeros() as usize] = r;
             r += 1;
             k &= k - 1;
         }
-        let mut k = self.sparse;
+        let mut k = sparse;
         let mut r = SLOT_SPARSE;
         while k != 0 {
             self.rank[k.trailing_zeros() as usize] = r;
@@ -248,17 +255,57 @@ impl Node {
         }
     }
 
+    /// Slots holding sparse leaves.
+    #[inline(always)]
+    fn smask(&self) -> u64 {
+        match &self.sp {
+            Some(k) => k.mask,
+            None => 0,
+        }
+    }
+
+    /// The sparse leaves, in slot order.
+    #[inline(always)]
+    fn sparses(&self) -> &[Sparse] {
+        match &self.sp {
+            Some(k) => &k.v,
+            None => &[],
+        }
+    }
+
+    /// The sparse leaves and their slots, which must exist.
+    fn sk(&mut self) -> &mut SparseKids {
+        self.sp.as_mut().expect("sparse leaves")
+    }
+
+    /// The sparse leaves and their slots, allocated if there are none yet (with room for
+    /// one more leaf).
+    fn sk_reserve(&mut self) -> Result<&mut SparseKids, AllocError> {
+        if self.sp.is_none() {
+            self.sp = Some(FBox::try_new(SparseKids::default())?);
+        }
+        if self.sk().v.try_reserve(1).is_err() {
+            if self.sk().v.is_empty() {
+                self.sp = None;
+            }
+            return Err(AllocError {
+                bytes: std::mem::size_of::<Sparse>(),
+            });
+        }
+        Ok(self.sk())
+    }
+
     /// The sparse leaf of a slot whose byte is `r`, if it holds one.
     #[inline(always)]
     fn sparse_at(&self, r: u8) -> Option<&Sparse> {
-        self.sparses
+        self.sparses()
             .get(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))
     }
 
     /// Index in `sparses` of a sparse leaf in slot `i`.
     #[inline]
     fn sparse_index(&self, i: u32) -> usize {
-        (self.sparse & below(i)).count_ones() as usize
+        (self.smask() & below(i)).count_ones() as usize
     }
 
     /// `rank` after a sparse leaf was put at index `idx` of `sparses`, for slot `i`.
@@ -282,12 +329,14 @@ impl Node {
     /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
     /// in `leaves` reserved), `rank` included; returns its index in `leaves`.
     fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) -> usize {
-        let s = self.sparses.remove(self.sparse_index(i));
+        let si = self.sparse_index(i);
+        let k = self.sk();
+        let s = k.v.remove(si);
+        k.mask &= !(1u64 << i);
         s.fill(&mut leaf);
-        if self.sparses.is_empty() {
-            self.sparses = Vec::new();
+        if k.v.is_empty() {
+            self.sp = None;
         }
-        self.sparse &= !(1u64 << i);
         let idx = self.child_index(i);
         debug_assert!(self.leaves.len() < self.leaves.capacity(), "unreserved");
         self.leaves.insert(idx, leaf);
@@ -330,7 +379,7 @@ impl Node {
             match (self.present >> i & 1, self.full >> i & 1) {
                 (0, _) => SLOT_EMPTY,
                 (_, 1) => SLOT_FULL,
-                _ if self.sparse >> i & 1 != 0 => SLOT_SPARSE + self.sparse_index(i as u32) as u8,
+                _ if self.smask() >> i & 1 != 0 => SLOT_SPARSE + self.sparse_index(i as u32) as u8,
                 _ => self.child_index(i as u32) as u8,
             },
             "stale rank"
@@ -348,7 +397,7 @@ impl Node {
 
     #[inline]
     fn child_index(&self, i: u32) -> usize {
-        (self.present & !self.full & !self.sparse & below(i)).count_ones() as usize
+        (self.present & !self.full & !self.smask() & below(i)).count_ones() as usize
     }
 
     fn slot_marks(&self, i: u32) -> Marks {
@@ -404,14 +453,14 @@ impl Node {
         if self.leaves.is_empty() && self.leaves.capacity() != 0 {
             self.leaves = Vec::new();
         }
-        if self.sparses.is_empty() && self.sparses.capacity() != 0 {
-            self.sparses = Vec::new();
+        if self.sp.as_ref().is_some_and(|k| k.v.is_empty()) {
+            self.sp = None;
         }
     }
 
     /// Number of children.
     fn child_count(&self) -> usize {
-        self.nodes.len() + self.leaves.len() + self.sparses.len()
+        self.nodes.len() + self.leaves.len() + self.sparses().len()
     }
 
     /// The child at index `idx` of the dense child vectors (a node's children are all leaves
@@ -475,8 +524,7 @@ impl Node {
         }
         self.nodes.clear();
         self.leaves.clear();
-        self.sparses.clear();
-        self.sparse = 0;
+        self.sp = None;
         self.rank = [SLOT_FULL; 64];
     }
 
@@ -484,10 +532,11 @@ impl Node {
     fn heap_bytes(&self) -> usize {
         let mut b = self.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
             + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
-            + self.sparses.capacity() * std::mem::size_of::<Sparse>();
-        for s in &self.sparses {
-            b += s.bytes();
-        }
+            + self.sp.as_ref().map_or(0, |k| {
+                std::mem::size_of::<SparseKids>()
+                    + k.v.capacity() * std::mem::size_of::<Sparse>()
+                    + k.v.iter().map(Sparse::bytes).sum::<usize>()
+            });
         for l in &self.leaves {
             b += std::mem::size_of::<Leaf>()
                 + l.mixed
@@ -526,7 +575,7 @@ impl Node {
 
     /// Applies `op` to pages `lo..hi` relative to this node (at `level` >= 1).
     fn apply(&mut self, level: u32, lo: u64, hi: u64, op: Op, pool: &mut Pool) -> Delta {
-        let before = (self.present, self.full, self.sparse);
+        let before = (self.present, self.full, self.smask());
         let sshift = slot_shift(level);
         let sspan = 1u64 << sshift;
         let first = (lo >> sshift) as u32;
@@ -599,9 +648,9 @@ impl Node {
                     Child::Node(n)
                 };
                 self.insert_child(idx, child);
-            } else if self.sparse & bit != 0 {
+            } else if self.smask() & bit != 0 {
                 let si = self.sparse_index(i);
-                let s = &mut self.sparses[si];
+                let s = &mut self.sk().v[si];
                 let (sm, len) = (s.marks(), s.len() as u64);
                 match SparsePlan::of(op, whole, s, s_lo, s_hi) {
                     SparsePlan::Skip => continue,
@@ -609,8 +658,9 @@ impl Node {
                         let n = s.remove_range(s_lo, s_hi) as u64;
                         d.add(Delta::whole(-1, n, sm));
                         if n == len {
-                            self.sparses.remove(si);
-                            self.sparse &= !bit;
+                            let k = self.sk();
+                            k.v.remove(si);
+                            k.mask &= !bit;
                             self.present &= !bit;
                             self.set_slot_marks(i, Marks::NONE);
                         }
@@ -625,8 +675,9 @@ impl Node {
                         continue;
                     }
                     SparsePlan::Full => {
-                        self.sparses.remove(si);
-                        self.sparse &= !bit;
+                        let k = self.sk();
+                        k.v.remove(si);
+                        k.mask &= !bit;
                         self.full |= bit;
                         d.add(Delta::whole(1, sspan - len, sm));
                         continue;
@@ -644,7 +695,7 @@ impl Node {
             d.add(cd);
             self.settle_child(i, idx);
         }
-        if (self.present, self.full, self.sparse) != before {
+        if (self.present, self.full, self.smask()) != before {
             self.reindex();
         }
         d
@@ -695,8 +746,8 @@ impl Node {
                 if whole && !matches!(op, Op::Insert(_)) {
                     continue;
                 }
-                if self.sparse & bit != 0 {
-                    let s = &self.sparses[self.sparse_index(i)];
+                if self.smask() & bit != 0 {
+                    let s = &self.sparses()[self.sparse_index(i)];
                     if let SparsePlan::Convert = SparsePlan::of(op, whole, s, s_lo, s_hi) {
                         grow += 1;
                         need.leaves += 1;
@@ -1165,9 +1216,6 @@ impl Tracker {
         if n > SPARSE_NEW || leaf.mixed.is_some() {
             return;
         }
-        if node.sparses.try_reserve(1).is_err() {
-            return;
-        }
         let Ok(mut sp) = Sparse::try_new(sparse::chunks_for(n as usize), leaf.uniform()) else {
             return;
         };
@@ -1181,10 +1229,14 @@ impl Tracker {
             }
             w += 1;
         }
+        let si = node.sparse_index(i);
         let idx = node.kid(i as usize);
+        let Ok(k) = node.sk_reserve() else {
+            return;
+        };
+        k.v.insert(si, sp);
+        k.mask |= 1 << i;
         node.leaves.remove(idx);
-        node.sparse |= 1 << i;
-        node.sparses.insert(node.sparse_index(i), sp);
         node.reindex();
         node.release_children();
     }
@@ -1220,7 +1272,7 @@ impl Tracker {
         if let Some(node) = Self::level1_mut(&mut self.root, self.top, self.limit, index) {
             let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
             let k = usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE));
-            if let Some(s) = node.sparses.get_mut(k) {
+            if let Some(s) = node.sp.as_mut().and_then(|sk| sk.v.get_mut(k)) {
                 if let Some(added) = Self::sparse_insert(s, &mut self.by_marks, index, marks) {
                     return Ok(added);
                 }
@@ -1245,7 +1297,7 @@ impl Tracker {
         let i = (index >> LEAF_SHIFT) as u32 & 63;
         let off = index & (leaf::LEAF_PAGES - 1);
         let si = node.sparse_index(i);
-        let s = &mut node.sparses[si];
+        let s = &mut node.sk().v[si];
         if s.cap() < SPARSE_MAX {
             s.try_grow(s.chunks() + 1).ok()?;
             s.insert(off)?;
@@ -1544,16 +1596,16 @@ impl Tracker {
         m: Marks,
     ) -> Option<(i64, Marks, bool)> {
         let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
-        node.sparses.try_reserve(1).ok()?;
         // Two chunks (31 pages) from the start: a leaf that gets one page at random usually
         // gets more, and a grow is a reallocation.
         let chunks = sparse::chunks_for((hi - lo) as usize).max(2);
         let mut sp = Sparse::try_new(chunks, m).ok()?;
         let n = sp.insert_range(lo, hi);
         let idx = node.sparse_index(i);
-        node.sparses.insert(idx, sp);
+        let k = node.sk_reserve().ok()?;
+        k.v.insert(idx, sp);
+        k.mask |= 1 << i;
         node.present |= 1 << i;
-        node.sparse |= 1 << i;
         node.set_slot_marks(i, m);
         node.sparse_linked_at(i, idx);
         Some((n as i64, m, mark_path))
@@ -1568,7 +1620,7 @@ impl Tracker {
     fn sparse_change(node: &mut Node, i: u32, lo: u64, hi: u64, op: Op) -> Option<(i64, Marks)> {
         let bit = 1u64 << i;
         let si = node.sparse_index(i);
-        let s = &mut node.sparses[si];
+        let s = &mut node.sp.as_mut().expect("sparse leaves").v[si];
         let sm = s.marks();
         let have = s.count_in(lo, hi);
         match op {
@@ -1600,9 +1652,10 @@ impl Tracker {
                     return None;
                 }
                 let n = s.len() as i64;
-                node.sparses.remove(si);
+                let k = node.sk();
+                k.v.remove(si);
+                k.mask &= !bit;
                 node.present &= !bit;
-                node.sparse &= !bit;
                 node.set_slot_marks(i, Marks::NONE);
                 node.sparse_unlinked(i, SLOT_EMPTY);
                 node.release_children();
@@ -1640,7 +1693,9 @@ impl Tracker {
         let node = Self::level1_mut(&mut self.root, self.top, self.limit, index)?;
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
         let s = node
-            .sparses
+            .sp
+            .as_mut()?
+            .v
             .get_mut(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))?;
         if s.len() == 1 {
             return None;
@@ -2025,12 +2080,14 @@ impl Tracker {
                 ));
             }
             if (level == 1 && !n.nodes.is_empty())
-                || (level > 1 && (!n.leaves.is_empty() || !n.sparses.is_empty() || n.sparse != 0))
+                || (level > 1 && (!n.leaves.is_empty() || n.sp.is_some()))
+                || n.sp.as_ref().is_some_and(|k| k.v.is_empty())
             {
                 return Err(format!(
-                    "node 0x{base:x} (level {level}): {} node and {} leaf children",
+                    "node 0x{base:x} (level {level}): {} node, {} leaf and {:?} sparse children",
                     n.nodes.len(),
-                    n.leaves.len()
+                    n.leaves.len(),
+                    n.sp.as_ref().map(|k| k.v.len())
                 ));
             }
             for i in 0..64u32 {
@@ -2038,12 +2095,12 @@ impl Tracker {
                     SLOT_EMPTY
                 } else if n.full >> i & 1 != 0 {
                     SLOT_FULL
-                } else if n.sparse >> i & 1 != 0 {
+                } else if n.smask() >> i & 1 != 0 {
                     SLOT_SPARSE + n.sparse_index(i) as u8
                 } else {
                     n.child_index(i) as u8
                 };
-                if n.sparse >> i & 1 != 0 && (n.present >> i & 1 == 0 || n.full >> i & 1 != 0) {
+                if n.smask() >> i & 1 != 0 && (n.present >> i & 1 == 0 || n.full >> i & 1 != 0) {
                     return Err(format!(
                         "node 0x{base:x} slot {i}: sparse flag on a non-child"
                     ));
@@ -2061,7 +2118,7 @@ impl Tracker {
                     SLOT_FULL => summary,
                     SLOT_EMPTY => Marks::NONE,
                     c if c >= SLOT_SPARSE => {
-                        let s = &n.sparses[usize::from(c - SLOT_SPARSE)];
+                        let s = &n.sparses()[usize::from(c - SLOT_SPARSE)];
                         let sbase = base + (u64::from(i) << slot_shift(level));
                         s.check()
                             .map_err(|e| format!("sparse leaf 0x{sbase:x}: {e}"))?;
