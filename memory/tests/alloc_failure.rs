@@ -96,8 +96,8 @@ fn populated() -> Tracker {
     t.insert_range(4096 * 100, 4096 * 2, BAL).unwrap(); // two full leaf slots under a node
     t.set_mark(400_100, 50, Mark::Discarded).unwrap();
     t.insert(MAX_INDEX, BAL).unwrap();
-    // Sparse leaves: one full at two chunks (31 pages, as a new one starts), one at the most it holds (63), one
-    // of 3 pages.
+    // Sparse leaves (made by `compact`): one full at two chunks (31 pages), one at the most it
+    // holds (63), one of 3 pages.
     for k in 0..31 {
         t.insert(SPARSE_31 + 13 * k, BAL).unwrap();
     }
@@ -107,6 +107,7 @@ fn populated() -> Tracker {
     for k in 0..3 {
         t.insert(SPARSE_3 + 100 * k, BAL).unwrap();
     }
+    assert_eq!(t.compact(SPARSE_31, 3 * 4096), 3);
     t
 }
 
@@ -151,9 +152,6 @@ fn operations() -> Vec<(&'static str, Operation)> {
         }),
         ("set a mark on part of a uniform leaf", |t| {
             t.set_mark(300_007, 1, Mark::Discarded)
-        }),
-        ("insert one page, a new sparse leaf under a node", |t| {
-            t.insert(4096 * 113 + 5, BAL).map(u64::from)
         }),
         ("insert one page into a sparse leaf that must grow", |t| {
             t.insert(SPARSE_31 + 1, BAL).map(u64::from)
@@ -218,6 +216,36 @@ fn failed_updates_leave_the_tree_unchanged_and_retries_succeed() {
             "{name}: expected the operation to need memory"
         );
     }
+}
+
+/// `compact` is best effort: with any allocation failing, the leaves it could not turn stay
+/// bitmaps, the contents never change and `heap_bytes` stays exact; with memory, it turns them.
+#[test]
+fn compact_under_failing_allocations_changes_nothing_observable() {
+    let mut t = populated();
+    for k in 0..40 {
+        t.insert(4096 * 120 + 97 * k, UNP).unwrap();
+        t.insert(4096 * 121 + 89 * k, BAL).unwrap();
+    }
+    let before = snapshot(&t);
+    let base = live() - t.heap_bytes() as isize;
+    let mut turned = 0;
+    for budget in 0..12 {
+        turned += with_budget(budget, || t.compact(0, 1 << 30));
+        assert_eq!(snapshot(&t), before, "compact with {budget} allocations");
+        assert_eq!(
+            live() - base,
+            t.heap_bytes() as isize,
+            "heap after {budget}"
+        );
+        t.check_invariants().unwrap();
+    }
+    assert!(
+        turned >= 2,
+        "the two 40-page leaves were turned, with enough allocations"
+    );
+    assert_eq!(t.compact(0, 1 << 30), 0, "nothing left to turn");
+    assert_eq!(snapshot(&t), before);
 }
 
 #[test]

@@ -46,8 +46,6 @@ const SLOT_EMPTY: u8 = 0xff;
 const SLOT_FULL: u8 = 0xfe;
 /// `Node::rank` of a sparse leaf: this plus its index in `Node::sparses`.
 const SLOT_SPARSE: u8 = 64;
-/// Most pages a new leaf made by an insert may have to be made sparse.
-const SPARSE_NEW: u64 = 1;
 const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
 
 /// Why a tracked page is offline, or what has been done to it. Used as a mark index.
@@ -308,15 +306,6 @@ impl Node {
         (self.smask() & below(i)).count_ones() as usize
     }
 
-    /// `rank` after a sparse leaf was put at index `idx` of `sparses`, for slot `i`.
-    fn sparse_linked_at(&mut self, i: u32, idx: usize) {
-        let i = i as usize & 63;
-        for r in &mut self.rank[i + 1..] {
-            *r += u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
-        }
-        self.rank[i] = SLOT_SPARSE + idx as u8;
-    }
-
     /// `rank` after the sparse leaf of slot `i` was taken out, leaving the slot `now`.
     fn sparse_unlinked(&mut self, i: u32, now: u8) {
         let i = i as usize & 63;
@@ -324,6 +313,64 @@ impl Node {
             *r -= u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
         }
         self.rank[i] = now;
+    }
+
+    /// `Tracker::compact` below this node (at `level`, covering pages from `base`), for pages
+    /// `lo..hi`.
+    fn compact(&mut self, level: u32, base: u64, lo: u64, hi: u64) -> usize {
+        let sshift = slot_shift(level);
+        let first = ((lo.max(base) - base) >> sshift) as u32;
+        let last = ((hi.min(base + (1u64 << span_shift(level))) - 1 - base) >> sshift) as u32;
+        let mut kids = self.present & !self.full & slot_range_mask(first, last);
+        let mut n = 0;
+        if level == 1 {
+            kids &= !self.smask();
+            while kids != 0 {
+                let i = kids.trailing_zeros();
+                kids &= kids - 1;
+                n += usize::from(self.compact_leaf(i));
+            }
+        } else {
+            while kids != 0 {
+                let i = kids.trailing_zeros();
+                kids &= kids - 1;
+                let idx = self.kid(i as usize);
+                let sbase = base + (u64::from(i) << sshift);
+                n += self.nodes[idx].compact(level - 1, sbase, lo, hi);
+            }
+        }
+        n
+    }
+
+    /// Turns the bitmap leaf of slot `i` (level 1) into a sparse leaf if it has at most
+    /// `SPARSE_MAX` pages with uniform marks and the allocations succeed.
+    fn compact_leaf(&mut self, i: u32) -> bool {
+        let idx = self.kid(i as usize);
+        let leaf = &self.leaves[idx];
+        let n = usize::from(leaf.count());
+        if n > SPARSE_MAX || leaf.mixed.is_some() {
+            return false;
+        }
+        let Ok(mut sp) = Sparse::try_new(sparse::chunks_for(n), leaf.uniform()) else {
+            return false;
+        };
+        for (w, &bits) in leaf.bits.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                sp.insert(((w as u64) << 6) + u64::from(b.trailing_zeros()));
+                b &= b - 1;
+            }
+        }
+        let si = self.sparse_index(i);
+        let Ok(k) = self.sk_reserve() else {
+            return false;
+        };
+        k.v.insert(si, sp);
+        k.mask |= 1 << i;
+        self.leaves.remove(idx);
+        self.reindex();
+        self.release_children();
+        true
     }
 
     /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
@@ -1192,53 +1239,22 @@ impl Tracker {
         if let Some(n) = self.node_fast(start, count, Op::Insert(marks)) {
             return Ok(n);
         }
-        let n = self.run(start, count, Op::Insert(marks))?.present as u64;
-        if count <= SPARSE_NEW {
-            self.make_sparse(start);
-        }
-        Ok(n)
+        Ok(self.run(start, count, Op::Insert(marks))?.present as u64)
     }
 
-    /// After the general path made a leaf for a few pages (the first pages below a new node):
-    /// the leaf of `index`, if it has at most `SPARSE_NEW` pages and uniform marks, becomes a
-    /// sparse leaf. Best effort: if the allocation fails, the bitmap leaf stays.
-    #[cold]
-    #[inline(never)]
-    fn make_sparse(&mut self, index: u64) {
-        let Some(node) = Self::level1_mut(&mut self.root, self.top, self.limit, index) else {
-            return;
-        };
-        let i = (index >> LEAF_SHIFT) as u32 & 63;
-        let Some(leaf) = node.leaves.get(usize::from(node.slot(i as usize))) else {
-            return;
-        };
-        let n = u64::from(leaf.count());
-        if n > SPARSE_NEW || leaf.mixed.is_some() {
-            return;
+    /// Turns the bitmap leaves in `start..start+count` that hold at most [`SPARSE_MAX`]
+    /// pages, all with the same marks, into sparse leaves (2 bytes a page instead of a
+    /// 528-byte bitmap), and returns how many it turned. Updates never make sparse leaves
+    /// themselves, so that the single-page paths stay bitmap flips: the memory manager calls
+    /// this on the ranges of each request once the request is done, as roaring's
+    /// `run_optimize` is called. Best effort: a leaf whose sparse copy cannot be allocated
+    /// stays a bitmap. Observable contents never change.
+    pub fn compact(&mut self, start: u64, count: u64) -> usize {
+        let end = start.saturating_add(count).min(self.limit);
+        match self.root.as_deref_mut() {
+            Some(root) if start < end => root.compact(self.height, 0, start, end),
+            _ => 0,
         }
-        let Ok(mut sp) = Sparse::try_new(sparse::chunks_for(n as usize), leaf.uniform()) else {
-            return;
-        };
-        let mut w = 0;
-        while sp.len() < n as usize {
-            let bits = leaf.bits[w];
-            for b in 0..64 {
-                if bits >> b & 1 != 0 {
-                    sp.insert(((w as u64) << 6) + b);
-                }
-            }
-            w += 1;
-        }
-        let si = node.sparse_index(i);
-        let idx = node.kid(i as usize);
-        let Ok(k) = node.sk_reserve() else {
-            return;
-        };
-        k.v.insert(si, sp);
-        k.mask |= 1 << i;
-        node.leaves.remove(idx);
-        node.reindex();
-        node.release_children();
     }
 
     /// Adds one page; returns whether it was absent.
@@ -1523,9 +1539,6 @@ impl Tracker {
         let r = node.slot(i as usize);
         let (n, marks, mark_path) = match (op, r) {
             (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
-            (Op::Insert(m), SLOT_EMPTY) if hi - lo <= SPARSE_NEW => {
-                Self::new_sparse(node, i, lo, hi, m)?
-            }
             (op, r) if (SLOT_SPARSE..SLOT_FULL).contains(&r) => {
                 let (n, m) = Self::sparse_change(node, i, lo, hi, op)?;
                 (n, m, false)
@@ -1584,31 +1597,6 @@ impl Tracker {
         let c = &mut by_marks[usize::from(marks.0 & 7)];
         *c = c.wrapping_add(n as u64);
         Some((n.unsigned_abs(), mark_path))
-    }
-
-    /// `slot_change` for an insert of a few pages into an empty slot: a new sparse leaf.
-    #[inline(never)]
-    fn new_sparse(
-        node: &mut Node,
-        i: u32,
-        lo: u64,
-        hi: u64,
-        m: Marks,
-    ) -> Option<(i64, Marks, bool)> {
-        let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
-        // Two chunks (31 pages) from the start: a leaf that gets one page at random usually
-        // gets more, and a grow is a reallocation.
-        let chunks = sparse::chunks_for((hi - lo) as usize).max(2);
-        let mut sp = Sparse::try_new(chunks, m).ok()?;
-        let n = sp.insert_range(lo, hi);
-        let idx = node.sparse_index(i);
-        let k = node.sk_reserve().ok()?;
-        k.v.insert(idx, sp);
-        k.mask |= 1 << i;
-        node.present |= 1 << i;
-        node.set_slot_marks(i, m);
-        node.sparse_linked_at(i, idx);
-        Some((n as i64, m, mark_path))
     }
 
     /// `slot_change` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
