@@ -282,7 +282,9 @@ impl Node {
         if self.sp.is_none() {
             self.sp = Some(FBox::try_new(SparseKids::default())?);
         }
-        if self.sk().v.try_reserve(1).is_err() {
+        // Exactly one more: `compact` must not leave the tree bigger than it found it (a
+        // doubled vector of 64 sparse leaves would be 1 KiB), and it runs rarely.
+        if self.sk().v.try_reserve_exact(1).is_err() {
             if self.sk().v.is_empty() {
                 self.sp = None;
             }
