@@ -50,6 +50,12 @@ pub trait BalloonBackend: Send + Sync {
     fn release_pending(&self) -> Result<u64, BackendError> {
         Ok(0)
     }
+    /// The balloon has been quiet for a while ([`crate::balloon::COMPACT_IDLE_DELAY`] after
+    /// its last inflate, deflate or release): shrink the bookkeeping of ballooned pages.
+    /// Returns how many units (tracker leaves) were compacted.
+    fn compact(&self) -> u64 {
+        0
+    }
 }
 
 /// The host side of virtio-mem. Ranges are whole device blocks inside the device's region.

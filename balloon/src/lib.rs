@@ -24,6 +24,6 @@ pub mod testing;
 pub use backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRange, Pfn};
 pub use balloon::{
     Balloon, BalloonConfig, BalloonCounters, BalloonError, BalloonStats, StatTag,
-    RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
+    COMPACT_IDLE_DELAY, RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
 };
 pub use mem::{MemConfig, MemCounters, MemError, MemState, VirtioMem};

@@ -67,6 +67,10 @@ impl BalloonBackend for Mutex<MemoryManager> {
         }
         mm.flush_discards().map_err(manager_error)
     }
+
+    fn compact(&self) -> u64 {
+        lock(self).compact()
+    }
 }
 
 impl MemBackend for Mutex<MemoryManager> {

@@ -8,8 +8,8 @@ use balloon::testing::{
     mem_request_bytes, BalloonRig, Desc, DriverQueue, TestInterrupt, BUFFER_BASE,
 };
 use balloon::{
-    Balloon, BalloonBackend, BalloonConfig, MemBackend, VirtioMem, RELEASE_BATCH_PAGES,
-    RELEASE_IDLE_DELAY,
+    Balloon, BalloonBackend, BalloonConfig, MemBackend, VirtioMem, COMPACT_IDLE_DELAY,
+    RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
 };
 use event_manager::{EventManager, SubscriberOps};
 use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec};
@@ -62,6 +62,68 @@ fn deferred(mm: Arc<Mutex<MemoryManager>>) -> Arc<Mutex<MemoryManager>> {
         .set_discard_policy(DiscardPolicy::Deferred)
         .unwrap();
     mm
+}
+
+/// A balloon that has been quiet for `COMPACT_IDLE_DELAY` has the manager compact its
+/// tracker: the two boot-RAM leaves holding 40 scattered ballooned pages each become sparse
+/// leaves, and the balloon goes on working on them.
+#[test]
+fn a_quiet_balloon_compacts_the_tracker() {
+    let mm = deferred(manager());
+    let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
+    let pfns: Vec<u32> = (0..40)
+        .map(|k| 0x100 + 97 * k)
+        .chain((0..40).map(|k| 0x1100 + 89 * k))
+        .collect();
+    for &p in &pfns {
+        mem.write_obj(5u8, GuestAddress(u64::from(p) << 12))
+            .unwrap();
+    }
+    assert_eq!(rig.inflate(&pfns).len(), 1);
+    std::thread::sleep(RELEASE_IDLE_DELAY);
+    assert_eq!(rig.dev.release_timer_fired(), 80, "idle timer releases");
+    let heap = mm.lock().unwrap().stats().tracker_heap_bytes;
+    // Not quiet for long enough yet: nothing compacted.
+    assert_eq!(rig.dev.release_timer_fired(), 0);
+    assert_eq!(mm.lock().unwrap().stats().tracker_compacted_leaves, 0);
+
+    std::thread::sleep(COMPACT_IDLE_DELAY);
+    rig.dev.release_timer_fired();
+    let s = mm.lock().unwrap().stats();
+    assert_eq!(s.tracker_compacted_leaves, 2);
+    // Two 528-byte bitmaps become two sparse leaves of 40 pages (96 bytes each, and the
+    // node's list of them); the nodes themselves stay.
+    assert!(
+        s.tracker_heap_bytes + 700 < heap,
+        "tracker heap {heap} -> {} bytes",
+        s.tracker_heap_bytes
+    );
+    assert_eq!(s.ballooned_bytes, 80 * 4096);
+
+    // Deflate half of them, inflate others in the same leaves: the sparse leaves take the
+    // changes (and turn back into bitmaps where they must).
+    rig.deflate(&pfns[..20]);
+    let more: Vec<u32> = (0..30).map(|k| 0x180 + 101 * k).collect();
+    for &p in &more {
+        mem.write_obj(6u8, GuestAddress(u64::from(p) << 12))
+            .unwrap();
+    }
+    assert_eq!(rig.inflate(&more).len(), 1);
+    assert_eq!(rig.dev.release_now(), 30);
+    let s = mm.lock().unwrap().stats();
+    assert_eq!(s.ballooned_bytes, (60 + 30) * 4096);
+    for &p in pfns[20..].iter().chain(&more) {
+        let v: u8 = mem.read_obj(GuestAddress(u64::from(p) << 12)).unwrap();
+        assert_eq!(v, 0, "ballooned page {p:#x} was discarded");
+    }
+    let t = mm.lock().unwrap();
+    for &p in &pfns[..20] {
+        assert!(!t.tracker().contains(u64::from(p)), "deflated {p:#x}");
+    }
+    for &p in pfns[20..].iter().chain(&more) {
+        assert!(t.tracker().contains(u64::from(p)), "ballooned {p:#x}");
+    }
+    t.tracker().check_invariants().unwrap();
 }
 
 #[test]

@@ -340,13 +340,17 @@ fn density<S: PageSet>(o: &Opts, gib: u64) {
         return;
     }
     let universe = gib * GIB_PAGES;
-    let mut cells = Vec::new();
+    let (mut cells, mut settled) = (Vec::new(), Vec::new());
     for pct in [1u64, 5, 25, 50, 90] {
         let pages = random_pages(universe, pct as f64 / 100.0, 7 + pct);
         let base = LIVE.load(Relaxed);
-        let s: S = filled(universe, &pages);
+        let mut s: S = filled(universe, &pages);
         let heap = LIVE.load(Relaxed) - base;
         cells.push(format!("{:.3}", heap as f64 / pages.len() as f64));
+        if s.settle() {
+            let heap = LIVE.load(Relaxed) - base;
+            settled.push(format!("{:.3}", heap as f64 / pages.len() as f64));
+        }
         drop(s);
     }
     let base = LIVE.load(Relaxed);
@@ -361,6 +365,15 @@ fn density<S: PageSet>(o: &Opts, gib: u64) {
         cells.join(" | "),
         fmt_bytes(gib_cost as f64)
     );
+    if !settled.is_empty() {
+        println!(
+            "| {} GiB | {}, after compact | {} | {} |",
+            gib,
+            S::NAME,
+            settled.join(" | "),
+            fmt_bytes(gib_cost as f64)
+        );
+    }
 }
 
 macro_rules! each {

@@ -212,6 +212,8 @@ pub struct MemoryStats {
     pub discard_calls: u64,
     /// Heap bytes held by the offline-page tracker.
     pub tracker_heap_bytes: u64,
+    /// Tracker leaves turned into sparse leaves by [`crate::MemoryManager::compact`].
+    pub tracker_compacted_leaves: u64,
 }
 
 /// When the host backing of newly offline pages is released.

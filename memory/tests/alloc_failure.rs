@@ -96,8 +96,24 @@ fn populated() -> Tracker {
     t.insert_range(4096 * 100, 4096 * 2, BAL).unwrap(); // two full leaf slots under a node
     t.set_mark(400_100, 50, Mark::Discarded).unwrap();
     t.insert(MAX_INDEX, BAL).unwrap();
+    // Sparse leaves (made by `compact`): one full at two chunks (31 pages), one at the most it
+    // holds (63), one of 3 pages.
+    for k in 0..31 {
+        t.insert(SPARSE_31 + 13 * k, BAL).unwrap();
+    }
+    for k in 0..63 {
+        t.insert(SPARSE_63 + 31 * k, BAL).unwrap();
+    }
+    for k in 0..3 {
+        t.insert(SPARSE_3 + 100 * k, BAL).unwrap();
+    }
+    assert_eq!(t.compact(SPARSE_31, 3 * 4096), 3);
     t
 }
+
+const SPARSE_31: u64 = 4096 * 110;
+const SPARSE_63: u64 = 4096 * 111;
+const SPARSE_3: u64 = 4096 * 112;
 
 type Operation = fn(&mut Tracker) -> Result<u64, TrackerError>;
 
@@ -136,6 +152,30 @@ fn operations() -> Vec<(&'static str, Operation)> {
         }),
         ("set a mark on part of a uniform leaf", |t| {
             t.set_mark(300_007, 1, Mark::Discarded)
+        }),
+        ("insert one page into a sparse leaf that must grow", |t| {
+            t.insert(SPARSE_31 + 1, BAL).map(u64::from)
+        }),
+        ("insert a run into a sparse leaf that must grow", |t| {
+            t.insert_range(SPARSE_31 + 2, 5, BAL)
+        }),
+        ("insert one page into a sparse leaf at its largest", |t| {
+            t.insert(SPARSE_63 + 1, BAL).map(u64::from)
+        }),
+        ("insert a run past a sparse leaf's largest", |t| {
+            t.insert_range(SPARSE_3 + 1, 90, BAL)
+        }),
+        ("insert one page with other marks into a sparse leaf", |t| {
+            t.insert(SPARSE_3 + 1, UNP).map(u64::from)
+        }),
+        ("insert a run over sparse leaves and others", |t| {
+            t.insert_range(4096 * 109 + 5, 4096 * 4, UNP)
+        }),
+        ("set a mark on part of a sparse leaf", |t| {
+            t.set_mark(SPARSE_63, 40, Mark::Discarded)
+        }),
+        ("remove part of a sparse leaf and a full slot", |t| {
+            t.remove_range(4096 * 101 + 7, SPARSE_3 + 150 - (4096 * 101 + 7))
         }),
     ]
 }
@@ -176,6 +216,36 @@ fn failed_updates_leave_the_tree_unchanged_and_retries_succeed() {
             "{name}: expected the operation to need memory"
         );
     }
+}
+
+/// `compact` is best effort: with any allocation failing, the leaves it could not turn stay
+/// bitmaps, the contents never change and `heap_bytes` stays exact; with memory, it turns them.
+#[test]
+fn compact_under_failing_allocations_changes_nothing_observable() {
+    let mut t = populated();
+    for k in 0..40 {
+        t.insert(4096 * 120 + 97 * k, UNP).unwrap();
+        t.insert(4096 * 121 + 89 * k, BAL).unwrap();
+    }
+    let before = snapshot(&t);
+    let base = live() - t.heap_bytes() as isize;
+    let mut turned = 0;
+    for budget in 0..12 {
+        turned += with_budget(budget, || t.compact(0, 1 << 30));
+        assert_eq!(snapshot(&t), before, "compact with {budget} allocations");
+        assert_eq!(
+            live() - base,
+            t.heap_bytes() as isize,
+            "heap after {budget}"
+        );
+        t.check_invariants().unwrap();
+    }
+    assert!(
+        turned >= 2,
+        "the two 40-page leaves were turned, with enough allocations"
+    );
+    assert_eq!(t.compact(0, 1 << 30), 0, "nothing left to turn");
+    assert_eq!(snapshot(&t), before);
 }
 
 #[test]

@@ -31,6 +31,10 @@ enum Op {
     /// the balloon's shape, short ranges creating, filling, emptying and dropping leaves,
     /// some across a leaf boundary; with `true`, inserted runs are then removed, last first.
     Stripes(u64, u64, u64, u64, Option<u8>, bool),
+    /// `compact` over a range (leaves of few pages become sparse; nothing observable changes),
+    /// then single pages at `a`, `a + stride`, ... (`n` of them, with marks `m`), so sparse
+    /// leaves grow, fill and turn back into bitmaps.
+    Compact(u64, u64, u64, u64, u8),
 }
 
 /// Page numbers clustered around the interesting places: 0, leaf and node boundaries at every
@@ -63,7 +67,9 @@ fn count() -> impl Strategy<Value = u64> {
 }
 
 fn stride() -> impl Strategy<Value = u64> {
-    prop_oneof![Just(1u64), 1u64..4, 1u64..16]
+    // Up to 16: leaves filled page by page; beyond: a few pages in each of many leaves
+    // (sparse leaves created, grown, given other marks, emptied).
+    prop_oneof![Just(1u64), 1u64..4, 1u64..16, 17u64..1500]
 }
 
 fn window() -> impl Strategy<Value = Option<(u64, u64)>> {
@@ -77,6 +83,8 @@ fn op() -> impl Strategy<Value = Op> {
     let filt = prop_oneof![Just(None), (0usize..3).prop_map(Some)];
     prop_oneof![
         6 => (index(), count(), 0u8..8).prop_map(|(a, n, m)| Op::Insert(a, n, m)),
+        // A whole leaf (over a sparse leaf of the same marks: a full slot).
+        1 => (index(), 0u8..3).prop_map(|(a, m)| Op::Insert(a & !4095, 4096, m)),
         4 => (index(), count()).prop_map(|(a, n)| Op::Remove(a, n)),
         2 => (index(), count(), 0usize..3).prop_map(|(a, n, k)| Op::SetMark(a, n, k)),
         2 => (index(), count(), 0usize..3).prop_map(|(a, n, k)| Op::ClearMark(a, n, k)),
@@ -95,6 +103,11 @@ fn op() -> impl Strategy<Value = Op> {
             any::<bool>()
         )
             .prop_map(|((a, len, gap, n), m, undo)| Op::Stripes(a, len, gap, n, m, undo)),
+        3 => (
+            prop_oneof![(index(), 1u64..40000), Just((0u64, u64::MAX))],
+            (1u64..300, 0u64..90, 0u8..3)
+        )
+            .prop_map(|((a, n), (s, k, m))| Op::Compact(a, n, s, k, m)),
     ]
 }
 
@@ -239,6 +252,23 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     .map(|c| (c.start, c.len, c.marks))
                     .collect();
                 prop_assert_eq!(got, model_runs(&m, None, w, true));
+            }
+            Op::Compact(a, n, stride, k, mk) => {
+                let before = t.heap_bytes();
+                let turned = t.compact(a, n);
+                prop_assert!(
+                    turned == 0 || t.heap_bytes() < before,
+                    "compact grew the tree"
+                );
+                check_counts(&t, &m)?;
+                let a = a.min(MAX_INDEX);
+                for p in (0..k).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {
+                    let want = !m.contains_key(&p);
+                    if want {
+                        m.insert(p, Marks(mk));
+                    }
+                    prop_assert_eq!(t.insert(p, Marks(mk)).unwrap(), want, "insert 0x{:x}", p);
+                }
             }
             Op::Sprinkle(a, n, stride, mk) => {
                 for p in (0..n).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {

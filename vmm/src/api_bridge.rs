@@ -726,6 +726,10 @@ impl ApiHandler {
             stats.free_reported_bytes,
         );
         c.insert("memory_tracker_heap_bytes".into(), stats.tracker_heap_bytes);
+        c.insert(
+            "memory_tracker_compacted_leaves".into(),
+            stats.tracker_compacted_leaves,
+        );
         if let Some(b) = self.view.balloon.as_deref() {
             let k = lock(b).counters();
             c.insert("balloon_inflated_pages".into(), k.inflated_pages);

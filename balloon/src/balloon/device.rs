@@ -44,6 +44,10 @@ pub const RELEASE_BATCH_PAGES: u64 = 4096;
 pub const RELEASE_IDLE_DELAY: Duration = Duration::from_millis(2);
 /// After a failed release, try again this much later (the backend keeps what it could not do).
 const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long the balloon must be quiet (no inflate, deflate or release) before the backend is
+/// asked to compact its bookkeeping ([`BalloonBackend::compact`]): long enough that a stream of
+/// requests never waits for it, short enough that a settled balloon soon costs the host little.
+pub const COMPACT_IDLE_DELAY: Duration = Duration::from_secs(1);
 
 pub(crate) struct DeviceQueue {
     pub(crate) role: QueueRole,
@@ -83,8 +87,15 @@ pub struct Balloon {
     pub(crate) activation_evt: virtio::ActivationEvent,
     pub(crate) stats_timer: TimerFd,
     /// One-shot: fires once the inflate queue has been idle for [`RELEASE_IDLE_DELAY`] with
-    /// pages still unreleased.
+    /// pages still unreleased, or (`timer_for_compact`) once the balloon has been quiet for
+    /// [`COMPACT_IDLE_DELAY`] with a compaction due.
     pub(crate) release_timer: TimerFd,
+    /// `release_timer` is armed for the compaction, not for a release.
+    timer_for_compact: bool,
+    /// The balloon changed since the backend last compacted.
+    compact_due: bool,
+    /// When pages were last inflated, deflated or released.
+    last_activity: Option<Instant>,
     /// Whether `release_timer` is armed.
     release_armed: bool,
     /// The event loop refused to watch `release_timer`: release after every ack instead.
@@ -142,6 +153,9 @@ impl Balloon {
             stats_timer,
             release_timer,
             release_armed: false,
+            timer_for_compact: false,
+            compact_due: false,
+            last_activity: None,
             release_unwatched: false,
             unreleased_pages: 0,
             last_inflate: None,
@@ -249,7 +263,10 @@ impl Balloon {
         self.disarm_release_timer();
         let pages = std::mem::take(&mut self.unreleased_pages);
         match self.backend.release_pending() {
-            Ok(n) => n,
+            Ok(n) => {
+                self.note_activity();
+                n
+            }
             Err(e) => {
                 self.backend_failed("inflateq", &e);
                 // The backend keeps what it could not release: try again later (or on the next
@@ -267,7 +284,9 @@ impl Balloon {
         // Non-blocking: a disarmed timer just reads EAGAIN.
         let _ = self.release_timer.wait();
         self.release_armed = false;
+        self.timer_for_compact = false;
         if self.unreleased_pages == 0 {
+            self.compact_if_quiet();
             return 0;
         }
         let idle = self
@@ -290,15 +309,51 @@ impl Balloon {
             return;
         }
         self.last_inflate = Some(Instant::now());
-        if !self.release_armed && self.arm_release_timer(RELEASE_IDLE_DELAY).is_err() {
+        if (!self.release_armed || self.timer_for_compact)
+            && self.arm_release_timer(RELEASE_IDLE_DELAY).is_err()
+        {
             // Without a timer nothing would release these pages later: do it now.
             self.release_now();
+        }
+    }
+
+    /// Pages were inflated, deflated or released: the backend is to compact once the balloon
+    /// has been quiet for [`COMPACT_IDLE_DELAY`] (the release timer does it when no release is
+    /// pending).
+    fn note_activity(&mut self) {
+        self.compact_due = true;
+        self.last_activity = Some(Instant::now());
+        if !self.release_armed && self.arm_release_timer(COMPACT_IDLE_DELAY).is_ok() {
+            self.timer_for_compact = true;
+        }
+    }
+
+    /// The release timer fired with nothing to release: compact if the balloon has been quiet
+    /// long enough, or wait for the rest of the delay.
+    fn compact_if_quiet(&mut self) {
+        if !self.compact_due {
+            return;
+        }
+        let quiet = self
+            .last_activity
+            .map_or(COMPACT_IDLE_DELAY, |t| t.elapsed());
+        if quiet < COMPACT_IDLE_DELAY {
+            if self.arm_release_timer(COMPACT_IDLE_DELAY - quiet).is_ok() {
+                self.timer_for_compact = true;
+            }
+            return;
+        }
+        self.compact_due = false;
+        let leaves = self.backend.compact();
+        if leaves > 0 {
+            info!("virtio-balloon: quiet for {COMPACT_IDLE_DELAY:?}: {leaves} tracker leaves compacted");
         }
     }
 
     fn arm_release_timer(&mut self, after: Duration) -> Result<(), ()> {
         // A zero duration would disarm the timer.
         let after = after.max(Duration::from_micros(1));
+        self.timer_for_compact = false;
         match self.release_timer.reset(after, None) {
             Ok(()) => {
                 self.release_armed = true;
@@ -566,6 +621,9 @@ impl Balloon {
                     self.counters.reinflated_pfns += o.unchanged;
                     self.ballooned_pages += o.changed;
                 } else {
+                    if o.changed > 0 {
+                        self.note_activity();
+                    }
                     self.counters.deflated_pages += o.changed;
                     self.ballooned_pages = self.ballooned_pages.saturating_sub(o.changed);
                     if o.unchanged > 0 {

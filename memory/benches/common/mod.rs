@@ -32,6 +32,11 @@ pub trait PageSet {
     }
     /// Number of maximal runs and of pages, walking the runs in order.
     fn runs(&self) -> (u64, u64);
+    /// What the owner does once a request is done (the tracker: `compact`, which the memory
+    /// manager calls on each request's ranges). Whether there is such a step.
+    fn settle(&mut self) -> bool {
+        false
+    }
 }
 
 fn coalesce(sorted: impl Iterator<Item = u64>) -> (u64, u64) {
@@ -75,6 +80,10 @@ impl PageSet for Tracker {
     }
     fn remove_range(&mut self, a: u64, n: u64) -> u64 {
         Tracker::remove_range(self, a, n).unwrap()
+    }
+    fn settle(&mut self) -> bool {
+        self.compact(0, u64::MAX);
+        true
     }
     fn runs(&self) -> (u64, u64) {
         let (mut runs, mut pages) = (0, 0);

@@ -6,6 +6,7 @@
 //! aligned range; a leaf yields its runs of set bits, found a word at a time.
 
 use super::leaf::{Leaf, WORDS};
+use super::sparse::SPARSE_MAX;
 use super::{slot_range_mask, slot_shift, span_shift, ChildRef, Mark, Marks, Node, Tracker};
 
 /// A piece of a run: pages `start..start+len`, all present, carrying `marks` (exactly, when the
@@ -37,6 +38,12 @@ pub struct Chunks<'a> {
     stack: [Option<Frame<'a>>; 8],
     depth: usize,
     leaf: Option<(&'a Leaf, u64)>,
+    /// The current sparse leaf: its base and marks, and its pages in increasing order (a copy,
+    /// `sparse_next..sparse_len` still to visit).
+    sparse: Option<(u64, Marks)>,
+    sparse_pages: [u16; SPARSE_MAX],
+    sparse_next: usize,
+    sparse_len: usize,
     pos: u64,
     lo: u64,
     hi: u64,
@@ -57,6 +64,10 @@ impl<'a> Chunks<'a> {
             stack: [None; 8],
             depth: 0,
             leaf: None,
+            sparse: None,
+            sparse_pages: [0; SPARSE_MAX],
+            sparse_next: 0,
+            sparse_len: 0,
             pos: lo,
             lo,
             hi,
@@ -74,6 +85,7 @@ impl<'a> Chunks<'a> {
         self.pos = from;
         self.depth = 0;
         self.leaf = None;
+        self.sparse = None;
         if let Some(root) = self.tracker.root.as_deref() {
             if self.lo < self.hi && self.lo >> span_shift(self.tracker.height) == 0 {
                 self.push(root, self.tracker.height, 0);
@@ -113,6 +125,34 @@ impl<'a> Chunks<'a> {
             Some(k) => leaf.mark_word(k, w),
             None => leaf.bits[w],
         }
+    }
+
+    /// The next run of pages inside the current sparse leaf, from `self.pos` (its marks are
+    /// its slot's summary: a walk filtered by a mark only enters it if it carries the mark).
+    fn next_in_sparse(&mut self, base: u64, marks: Marks) -> Option<Chunk> {
+        let end = (base + (WORDS as u64) * 64).min(self.hi);
+        let pages = &self.sparse_pages[..self.sparse_len];
+        let mut k = self.sparse_next;
+        while k < pages.len() && base + u64::from(pages[k]) < self.pos {
+            k += 1;
+        }
+        let p = base + u64::from(*pages.get(k)?);
+        if p >= end {
+            return None;
+        }
+        let mut q = p + 1;
+        k += 1;
+        while k < pages.len() && base + u64::from(pages[k]) == q && q < end {
+            q += 1;
+            k += 1;
+        }
+        self.sparse_next = k;
+        self.pos = q;
+        Some(Chunk {
+            start: p,
+            len: q - p,
+            marks,
+        })
     }
 
     /// The next run of matching pages inside the current leaf, from `self.pos`.
@@ -173,6 +213,12 @@ impl<'a> Iterator for Chunks<'a> {
                 }
                 self.leaf = None;
             }
+            if let Some((base, marks)) = self.sparse {
+                if let Some(c) = self.next_in_sparse(base, marks) {
+                    return Some(c);
+                }
+                self.sparse = None;
+            }
             if self.depth == 0 {
                 return None;
             }
@@ -197,6 +243,12 @@ impl<'a> Iterator for Chunks<'a> {
                     len: end - start,
                     marks: node.slot_marks(i),
                 });
+            }
+            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+                self.sparse_len = s.sorted(&mut self.sparse_pages).len();
+                self.sparse_next = 0;
+                self.sparse = Some((sbase, s.marks()));
+                continue;
             }
             match node.child(node.kid(i as usize)) {
                 ChildRef::Leaf(l) => {

@@ -238,7 +238,7 @@ impl Leaf {
     /// A balloon rarely names a page twice, so a word is only counted (a popcount, which
     /// baseline x86-64 does in software, a dozen instructions) when some page of it in the
     /// range was already present; the loop is plain stores otherwise.
-    #[inline]
+    #[inline(always)]
     pub fn set_bits(&mut self, lo: u64, hi: u64) -> u32 {
         let (fw, lw, first, last) = word_masks(lo, hi);
         let b = &mut self.bits;
@@ -262,7 +262,7 @@ impl Leaf {
 
     /// Clears the presence bits of `lo..hi` (uniform leaves only). Returns how many were set.
     /// As in `set_bits`, only words with a page of the range missing are counted.
-    #[inline]
+    #[inline(always)]
     pub fn clear_bits(&mut self, lo: u64, hi: u64) -> u32 {
         let (fw, lw, first, last) = word_masks(lo, hi);
         let b = &mut self.bits;

@@ -25,10 +25,12 @@
 mod cursor;
 pub mod fbox;
 mod leaf;
+mod sparse;
 
 pub use cursor::{Chunk, Chunks, MarkedRuns, Run, Runs};
 use fbox::{AllocError, FBox};
 use leaf::{Leaf, MarkMaps, LEAF_SHIFT, WORDS};
+use sparse::{Sparse, SPARSE_MAX};
 
 /// Number of marks per entry.
 pub const MARK_COUNT: usize = 3;
@@ -42,6 +44,8 @@ const SLOT_SHIFT: u32 = 6;
 const SLOT_EMPTY: u8 = 0xff;
 /// `Node::rank` of a full slot (multi-index entry). Child indexes are below 64.
 const SLOT_FULL: u8 = 0xfe;
+/// `Node::rank` of a sparse leaf: this plus its index in `Node::sparses`.
+const SLOT_SPARSE: u8 = 64;
 const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
 
 /// Why a tracked page is offline, or what has been done to it. Used as a mark index.
@@ -168,12 +172,24 @@ struct Node {
     /// vectors instead of one of a two-kind enum: 8 bytes per child instead of 16, and the
     /// single-page paths know the kind from the level (no tag test, no 16-byte stride).
     leaves: Vec<FBox<Leaf>>,
+    /// The sparse leaves of a level-1 node, densely in slot order, and which slots hold them
+    /// (a third child kind, out of `leaves`, so the bitmap fast paths' bounds check on
+    /// `leaves` fails for them and nothing else changes there). Boxed, and only while there
+    /// are some: 8 bytes in every node instead of 32.
+    sp: Option<FBox<SparseKids>>,
     /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
     /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `reindex` at the
     /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
     /// popcount (a software one on baseline x86-64, a dozen instructions on the critical path)
     /// and no separate present/full tests.
     rank: [u8; 64],
+}
+
+/// A level-1 node's sparse leaves: which slots hold them, and the leaves in slot order.
+#[derive(Debug, Default)]
+struct SparseKids {
+    mask: u64,
+    v: Vec<Sparse>,
 }
 
 #[inline]
@@ -207,6 +223,7 @@ impl Node {
             marks: [0; MARK_COUNT],
             nodes: Vec::new(),
             leaves: Vec::new(),
+            sp: None,
             rank: [SLOT_EMPTY; 64],
         }
     }
@@ -219,13 +236,162 @@ impl Node {
             self.rank[f.trailing_zeros() as usize] = SLOT_FULL;
             f &= f - 1;
         }
-        let mut k = self.present & !self.full;
+        let sparse = self.smask();
+        let mut k = self.present & !self.full & !sparse;
         let mut r = 0u8;
         while k != 0 {
             self.rank[k.trailing_zeros() as usize] = r;
             r += 1;
             k &= k - 1;
         }
+        let mut k = sparse;
+        let mut r = SLOT_SPARSE;
+        while k != 0 {
+            self.rank[k.trailing_zeros() as usize] = r;
+            r += 1;
+            k &= k - 1;
+        }
+    }
+
+    /// Slots holding sparse leaves.
+    #[inline(always)]
+    fn smask(&self) -> u64 {
+        match &self.sp {
+            Some(k) => k.mask,
+            None => 0,
+        }
+    }
+
+    /// The sparse leaves, in slot order.
+    #[inline(always)]
+    fn sparses(&self) -> &[Sparse] {
+        match &self.sp {
+            Some(k) => &k.v,
+            None => &[],
+        }
+    }
+
+    /// The sparse leaves and their slots, which must exist.
+    fn sk(&mut self) -> &mut SparseKids {
+        self.sp.as_mut().expect("sparse leaves")
+    }
+
+    /// The sparse leaves and their slots, allocated if there are none yet (with room for
+    /// one more leaf).
+    fn sk_reserve(&mut self) -> Result<&mut SparseKids, AllocError> {
+        if self.sp.is_none() {
+            self.sp = Some(FBox::try_new(SparseKids::default())?);
+        }
+        // Exactly one more: `compact` must not leave the tree bigger than it found it (a
+        // doubled vector of 64 sparse leaves would be 1 KiB), and it runs rarely.
+        if self.sk().v.try_reserve_exact(1).is_err() {
+            if self.sk().v.is_empty() {
+                self.sp = None;
+            }
+            return Err(AllocError {
+                bytes: std::mem::size_of::<Sparse>(),
+            });
+        }
+        Ok(self.sk())
+    }
+
+    /// The sparse leaf of a slot whose byte is `r`, if it holds one.
+    #[inline(always)]
+    fn sparse_at(&self, r: u8) -> Option<&Sparse> {
+        self.sparses()
+            .get(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))
+    }
+
+    /// Index in `sparses` of a sparse leaf in slot `i`.
+    #[inline]
+    fn sparse_index(&self, i: u32) -> usize {
+        (self.smask() & below(i)).count_ones() as usize
+    }
+
+    /// `rank` after the sparse leaf of slot `i` was taken out, leaving the slot `now`.
+    fn sparse_unlinked(&mut self, i: u32, now: u8) {
+        let i = i as usize & 63;
+        for r in &mut self.rank[i + 1..] {
+            *r -= u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
+        }
+        self.rank[i] = now;
+    }
+
+    /// `Tracker::compact` below this node (at `level`, covering pages from `base`), for pages
+    /// `lo..hi`.
+    fn compact(&mut self, level: u32, base: u64, lo: u64, hi: u64) -> usize {
+        let sshift = slot_shift(level);
+        let first = ((lo.max(base) - base) >> sshift) as u32;
+        let last = ((hi.min(base + (1u64 << span_shift(level))) - 1 - base) >> sshift) as u32;
+        let mut kids = self.present & !self.full & slot_range_mask(first, last);
+        let mut n = 0;
+        if level == 1 {
+            kids &= !self.smask();
+            while kids != 0 {
+                let i = kids.trailing_zeros();
+                kids &= kids - 1;
+                n += usize::from(self.compact_leaf(i));
+            }
+        } else {
+            while kids != 0 {
+                let i = kids.trailing_zeros();
+                kids &= kids - 1;
+                let idx = self.kid(i as usize);
+                let sbase = base + (u64::from(i) << sshift);
+                n += self.nodes[idx].compact(level - 1, sbase, lo, hi);
+            }
+        }
+        n
+    }
+
+    /// Turns the bitmap leaf of slot `i` (level 1) into a sparse leaf if it has at most
+    /// `SPARSE_MAX` pages with uniform marks and the allocations succeed.
+    fn compact_leaf(&mut self, i: u32) -> bool {
+        let idx = self.kid(i as usize);
+        let leaf = &self.leaves[idx];
+        let n = usize::from(leaf.count());
+        if n > SPARSE_MAX || leaf.mixed.is_some() {
+            return false;
+        }
+        let Ok(mut sp) = Sparse::try_new(sparse::chunks_for(n), leaf.uniform()) else {
+            return false;
+        };
+        for (w, &bits) in leaf.bits.iter().enumerate() {
+            let mut b = bits;
+            while b != 0 {
+                sp.insert(((w as u64) << 6) + u64::from(b.trailing_zeros()));
+                b &= b - 1;
+            }
+        }
+        let si = self.sparse_index(i);
+        let Ok(k) = self.sk_reserve() else {
+            return false;
+        };
+        k.v.insert(si, sp);
+        k.mask |= 1 << i;
+        self.leaves.remove(idx);
+        self.reindex();
+        self.release_children();
+        true
+    }
+
+    /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
+    /// in `leaves` reserved), `rank` included; returns its index in `leaves`.
+    fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) -> usize {
+        let si = self.sparse_index(i);
+        let k = self.sk();
+        let s = k.v.remove(si);
+        k.mask &= !(1u64 << i);
+        s.fill(&mut leaf);
+        if k.v.is_empty() {
+            self.sp = None;
+        }
+        let idx = self.child_index(i);
+        debug_assert!(self.leaves.len() < self.leaves.capacity(), "unreserved");
+        self.leaves.insert(idx, leaf);
+        self.sparse_unlinked(i, SLOT_EMPTY);
+        self.linked_at(i, idx);
+        idx
     }
 
     /// `rank` after a child was put into slot `i` (which was empty or full): its index, and one
@@ -262,6 +428,7 @@ impl Node {
             match (self.present >> i & 1, self.full >> i & 1) {
                 (0, _) => SLOT_EMPTY,
                 (_, 1) => SLOT_FULL,
+                _ if self.smask() >> i & 1 != 0 => SLOT_SPARSE + self.sparse_index(i as u32) as u8,
                 _ => self.child_index(i as u32) as u8,
             },
             "stale rank"
@@ -279,7 +446,7 @@ impl Node {
 
     #[inline]
     fn child_index(&self, i: u32) -> usize {
-        (self.present & !self.full & below(i)).count_ones() as usize
+        (self.present & !self.full & !self.smask() & below(i)).count_ones() as usize
     }
 
     fn slot_marks(&self, i: u32) -> Marks {
@@ -335,11 +502,14 @@ impl Node {
         if self.leaves.is_empty() && self.leaves.capacity() != 0 {
             self.leaves = Vec::new();
         }
+        if self.sp.as_ref().is_some_and(|k| k.v.is_empty()) {
+            self.sp = None;
+        }
     }
 
     /// Number of children.
     fn child_count(&self) -> usize {
-        self.nodes.len() + self.leaves.len()
+        self.nodes.len() + self.leaves.len() + self.sparses().len()
     }
 
     /// The child at index `idx` of the dense child vectors (a node's children are all leaves
@@ -403,13 +573,19 @@ impl Node {
         }
         self.nodes.clear();
         self.leaves.clear();
+        self.sp = None;
         self.rank = [SLOT_FULL; 64];
     }
 
     /// Exact heap bytes below and including this node's child vector (not the node itself).
     fn heap_bytes(&self) -> usize {
         let mut b = self.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
-            + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>();
+            + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
+            + self.sp.as_ref().map_or(0, |k| {
+                std::mem::size_of::<SparseKids>()
+                    + k.v.capacity() * std::mem::size_of::<Sparse>()
+                    + k.v.iter().map(Sparse::bytes).sum::<usize>()
+            });
         for l in &self.leaves {
             b += std::mem::size_of::<Leaf>()
                 + l.mixed
@@ -448,7 +624,7 @@ impl Node {
 
     /// Applies `op` to pages `lo..hi` relative to this node (at `level` >= 1).
     fn apply(&mut self, level: u32, lo: u64, hi: u64, op: Op, pool: &mut Pool) -> Delta {
-        let before = (self.present, self.full);
+        let before = (self.present, self.full, self.smask());
         let sshift = slot_shift(level);
         let sspan = 1u64 << sshift;
         let first = (lo >> sshift) as u32;
@@ -521,6 +697,44 @@ impl Node {
                     Child::Node(n)
                 };
                 self.insert_child(idx, child);
+            } else if self.smask() & bit != 0 {
+                let si = self.sparse_index(i);
+                let s = &mut self.sk().v[si];
+                let (sm, len) = (s.marks(), s.len() as u64);
+                match SparsePlan::of(op, whole, s, s_lo, s_hi) {
+                    SparsePlan::Skip => continue,
+                    SparsePlan::Remove => {
+                        let n = s.remove_range(s_lo, s_hi) as u64;
+                        d.add(Delta::whole(-1, n, sm));
+                        if n == len {
+                            let k = self.sk();
+                            k.v.remove(si);
+                            k.mask &= !bit;
+                            self.present &= !bit;
+                            self.set_slot_marks(i, Marks::NONE);
+                        }
+                        continue;
+                    }
+                    SparsePlan::Marks(m) => {
+                        s.set_marks(m);
+                        self.set_slot_marks(i, m);
+                        for k in 0..MARK_COUNT {
+                            d.marks[k] += (i64::from(m.has(k)) - i64::from(sm.has(k))) * len as i64;
+                        }
+                        continue;
+                    }
+                    SparsePlan::Full => {
+                        let k = self.sk();
+                        k.v.remove(si);
+                        k.mask &= !bit;
+                        self.full |= bit;
+                        d.add(Delta::whole(1, sspan - len, sm));
+                        continue;
+                    }
+                    SparsePlan::Convert => {
+                        self.sparse_to_leaf(i, pool.take_leaf());
+                    }
+                }
             }
             let idx = self.child_index(i);
             let cd = match self.child_mut(idx) {
@@ -530,7 +744,7 @@ impl Node {
             d.add(cd);
             self.settle_child(i, idx);
         }
-        if (self.present, self.full) != before {
+        if (self.present, self.full, self.smask()) != before {
             self.reindex();
         }
         d
@@ -581,6 +795,19 @@ impl Node {
                 if whole && !matches!(op, Op::Insert(_)) {
                     continue;
                 }
+                if self.smask() & bit != 0 {
+                    let s = &self.sparses()[self.sparse_index(i)];
+                    if let SparsePlan::Convert = SparsePlan::of(op, whole, s, s_lo, s_hi) {
+                        grow += 1;
+                        need.leaves += 1;
+                        let mut l = Leaf::empty();
+                        s.fill(&mut l);
+                        if l.needs_maps(op, s_lo, s_hi) {
+                            need.maps += 1;
+                        }
+                    }
+                    continue;
+                }
                 let idx = self.kid(i as usize);
                 match self.child_mut(idx) {
                     ChildMut::Leaf(l) => {
@@ -596,6 +823,39 @@ impl Node {
             self.reserve_children(level, grow)?;
         }
         Ok(())
+    }
+}
+
+/// What the general path does with a sparse leaf.
+enum SparsePlan {
+    /// Nothing changes.
+    Skip,
+    /// Pages go, in place (the leaf is dropped if emptied).
+    Remove,
+    /// Every page gets these marks.
+    Marks(Marks),
+    /// Every page of the slot is added with the leaf's marks: a full slot.
+    Full,
+    /// It becomes a bitmap leaf (from the pool), which the operation then works on.
+    Convert,
+}
+
+impl SparsePlan {
+    fn of(op: Op, whole: bool, s: &Sparse, lo: u64, hi: u64) -> SparsePlan {
+        let sm = s.marks();
+        let n = s.count_in(lo, hi);
+        match op {
+            Op::Insert(m) if whole && m == sm => SparsePlan::Full,
+            Op::Insert(_) if n as u64 == hi - lo => SparsePlan::Skip,
+            Op::Insert(_) => SparsePlan::Convert,
+            Op::Remove if n == 0 => SparsePlan::Skip,
+            Op::Remove => SparsePlan::Remove,
+            Op::SetMark(k) if sm.has(k) || n == 0 => SparsePlan::Skip,
+            Op::ClearMark(k) if !sm.has(k) || n == 0 => SparsePlan::Skip,
+            Op::SetMark(k) if n == s.len() => SparsePlan::Marks(sm.with(k)),
+            Op::ClearMark(k) if n == s.len() => SparsePlan::Marks(sm.without(k)),
+            _ => SparsePlan::Convert,
+        }
     }
 }
 
@@ -984,6 +1244,21 @@ impl Tracker {
         Ok(self.run(start, count, Op::Insert(marks))?.present as u64)
     }
 
+    /// Turns the bitmap leaves in `start..start+count` that hold at most [`SPARSE_MAX`]
+    /// pages, all with the same marks, into sparse leaves (2 bytes a page instead of a
+    /// 528-byte bitmap), and returns how many it turned. Updates never make sparse leaves
+    /// themselves, so that the single-page paths stay bitmap flips: the memory manager calls
+    /// this on the ranges of each request once the request is done, as roaring's
+    /// `run_optimize` is called. Best effort: a leaf whose sparse copy cannot be allocated
+    /// stays a bitmap. Observable contents never change.
+    pub fn compact(&mut self, start: u64, count: u64) -> usize {
+        let end = start.saturating_add(count).min(self.limit);
+        match self.root.as_deref_mut() {
+            Some(root) if start < end => root.compact(self.height, 0, start, end),
+            _ => 0,
+        }
+    }
+
     /// Adds one page; returns whether it was absent.
     #[inline]
     pub fn insert(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
@@ -1011,6 +1286,54 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn insert_slow(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
+        // A sparse leaf with room and the same marks: one more walk, a small function.
+        if let Some(node) = Self::level1_mut(&mut self.root, self.top, self.limit, index) {
+            let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+            let k = usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE));
+            if let Some(s) = node.sp.as_mut().and_then(|sk| sk.v.get_mut(k)) {
+                if let Some(added) = Self::sparse_insert(s, &mut self.by_marks, index, marks) {
+                    return Ok(added);
+                }
+                if s.marks() == marks {
+                    if let Some(()) = Self::sparse_full(node, index) {
+                        let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                        *c = c.wrapping_add(1);
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        self.insert_general(index, marks)
+    }
+
+    /// Adds page `index` (absent) to the full sparse leaf of its slot in `node`: the leaf
+    /// grows a chunk, or past `SPARSE_MAX` becomes a bitmap leaf. `None` (nothing changed)
+    /// if an allocation fails.
+    #[cold]
+    #[inline(never)]
+    fn sparse_full(node: &mut Node, index: u64) -> Option<()> {
+        let i = (index >> LEAF_SHIFT) as u32 & 63;
+        let off = index & (leaf::LEAF_PAGES - 1);
+        let si = node.sparse_index(i);
+        let s = &mut node.sk().v[si];
+        if s.cap() < SPARSE_MAX {
+            s.try_grow(s.chunks() + 1).ok()?;
+            s.insert(off)?;
+        } else {
+            node.leaves.try_reserve(1).ok()?;
+            let leaf = FBox::try_new_with(Leaf::empty).ok()?;
+            let idx = node.sparse_to_leaf(i, leaf);
+            let l = &mut node.leaves[idx];
+            l.bits[(off >> 6) as usize & 63] |= 1 << (off & 63);
+            l.add_count(1);
+        }
+        Some(())
+    }
+
+    /// `insert` when neither fast path could do it (out of line, so `insert_slow` stays small).
+    #[cold]
+    #[inline(never)]
+    fn insert_general(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -1067,6 +1390,9 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn remove_slow(&mut self, index: u64) -> Result<bool, TrackerError> {
+        if let Some(removed) = self.sparse_remove(index) {
+            return Ok(removed);
+        }
         Ok(self.remove_range(index, 1)? == 1)
     }
 
@@ -1215,6 +1541,10 @@ impl Tracker {
         let r = node.slot(i as usize);
         let (n, marks, mark_path) = match (op, r) {
             (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
+            (op, r) if (SLOT_SPARSE..SLOT_FULL).contains(&r) => {
+                let (n, m) = Self::sparse_change(node, i, lo, hi, op)?;
+                (n, m, false)
+            }
             (Op::Insert(m), SLOT_EMPTY) => {
                 let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
                 node.leaves.try_reserve(1).ok()?;
@@ -1271,6 +1601,103 @@ impl Tracker {
         Some((n.unsigned_abs(), mark_path))
     }
 
+    /// `slot_change` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
+    /// needed) while it keeps one set of marks and at most `SPARSE_MAX` pages, or turned into
+    /// a bitmap leaf first when it would not; pages removed in place, the leaf dropped when
+    /// emptied if the node keeps other pages with its marks. `None` (nothing changed, or only
+    /// the conversion) for the general path. Returns the change in pages and their marks.
+    #[inline(never)]
+    fn sparse_change(node: &mut Node, i: u32, lo: u64, hi: u64, op: Op) -> Option<(i64, Marks)> {
+        let bit = 1u64 << i;
+        let si = node.sparse_index(i);
+        let s = &mut node.sp.as_mut().expect("sparse leaves").v[si];
+        let sm = s.marks();
+        let have = s.count_in(lo, hi);
+        match op {
+            Op::Insert(_) if have as u64 == hi - lo => Some((0, sm)),
+            Op::Insert(m) if m != sm => None,
+            Op::Insert(m) => {
+                let want = s.len() + (hi - lo) as usize - have;
+                if want > SPARSE_MAX {
+                    if want >= leaf::LEAF_PAGES as usize {
+                        return None;
+                    }
+                    node.leaves.try_reserve(1).ok()?;
+                    let leaf = FBox::try_new_with(Leaf::empty).ok()?;
+                    let idx = node.sparse_to_leaf(i, leaf);
+                    let n = node.leaves[idx].set_bits(lo, hi);
+                    return Some((i64::from(n), m));
+                }
+                if want > s.cap() {
+                    s.try_grow(sparse::chunks_for(want)).ok()?;
+                }
+                Some((s.insert_range(lo, hi) as i64, m))
+            }
+            Op::Remove if have == 0 => Some((0, sm)),
+            Op::Remove if have < s.len() => Some((-(s.remove_range(lo, hi) as i64), sm)),
+            Op::Remove => {
+                let may_drop = node.present & !bit != 0
+                    && (0..MARK_COUNT).all(|k| !sm.has(k) || node.marks[k] & !bit != 0);
+                if !may_drop {
+                    return None;
+                }
+                let n = s.len() as i64;
+                let k = node.sk();
+                k.v.remove(si);
+                k.mask &= !bit;
+                node.present &= !bit;
+                node.set_slot_marks(i, Marks::NONE);
+                node.sparse_unlinked(i, SLOT_EMPTY);
+                node.release_children();
+                Some((-n, sm))
+            }
+            _ => None,
+        }
+    }
+
+    /// Single-page insert into a sparse leaf, from `insert` once its bounds check on the
+    /// bitmap leaves failed: in place, when the leaf has the page's marks and room for it.
+    /// `None` otherwise (`insert_general` grows it or makes it a bitmap leaf).
+    #[inline(always)]
+    fn sparse_insert(
+        s: &mut Sparse,
+        by_marks: &mut [u64; 8],
+        index: u64,
+        marks: Marks,
+    ) -> Option<bool> {
+        let off = index & (leaf::LEAF_PAGES - 1);
+        if s.marks() != marks {
+            return if s.contains(off) { Some(false) } else { None };
+        }
+        let added = s.insert(off)?;
+        if added {
+            let c = &mut by_marks[usize::from(marks.0 & 7)];
+            *c = c.wrapping_add(1);
+        }
+        Some(added)
+    }
+
+    /// Single-page remove from a sparse leaf that keeps pages (from `remove_slow`).
+    #[inline]
+    fn sparse_remove(&mut self, index: u64) -> Option<bool> {
+        let node = Self::level1_mut(&mut self.root, self.top, self.limit, index)?;
+        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        let s = node
+            .sp
+            .as_mut()?
+            .v
+            .get_mut(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))?;
+        if s.len() == 1 {
+            return None;
+        }
+        let removed = s.remove(index & (leaf::LEAF_PAGES - 1));
+        if removed {
+            let c = &mut self.by_marks[usize::from(s.marks().0 & 7)];
+            *c = c.wrapping_sub(1);
+        }
+        Some(removed)
+    }
+
     /// The rest of `node_fast` (out of line): every case, one or two slots. Returns the pages
     /// changed, and whether the slots above the node must be told of a new leaf's marks.
     #[inline(never)]
@@ -1315,6 +1742,7 @@ impl Tracker {
                     fresh += 1;
                     Piece::Split(node.slot_marks(i))
                 }
+                (_, r) if r >= SLOT_SPARSE => return None,
                 (Op::Insert(m), r) if node.leaves[usize::from(r)].fast_insert_ok(m, n) => {
                     Piece::Bits
                 }
@@ -1448,6 +1876,11 @@ impl Tracker {
             if node.full & bit != 0 {
                 return Some(node.slot_marks(i));
             }
+            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+                return s
+                    .contains(index & (leaf::LEAF_PAGES - 1))
+                    .then(|| s.marks());
+            }
             match node.child(node.kid(i as usize)) {
                 ChildRef::Node(n) => {
                     node = n;
@@ -1483,7 +1916,7 @@ impl Tracker {
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
         match node.leaves.get(usize::from(r)) {
             Some(l) => l.contains(index & (leaf::LEAF_PAGES - 1)),
-            None => r == SLOT_FULL,
+            None => r == SLOT_FULL || (r != SLOT_EMPTY && sparse_contains(node, r, index)),
         }
     }
 
@@ -1636,11 +2069,15 @@ impl Tracker {
                     kids.count_ones()
                 ));
             }
-            if (level == 1 && !n.nodes.is_empty()) || (level > 1 && !n.leaves.is_empty()) {
+            if (level == 1 && !n.nodes.is_empty())
+                || (level > 1 && (!n.leaves.is_empty() || n.sp.is_some()))
+                || n.sp.as_ref().is_some_and(|k| k.v.is_empty())
+            {
                 return Err(format!(
-                    "node 0x{base:x} (level {level}): {} node and {} leaf children",
+                    "node 0x{base:x} (level {level}): {} node, {} leaf and {:?} sparse children",
                     n.nodes.len(),
-                    n.leaves.len()
+                    n.leaves.len(),
+                    n.sp.as_ref().map(|k| k.v.len())
                 ));
             }
             for i in 0..64u32 {
@@ -1648,9 +2085,16 @@ impl Tracker {
                     SLOT_EMPTY
                 } else if n.full >> i & 1 != 0 {
                     SLOT_FULL
+                } else if n.smask() >> i & 1 != 0 {
+                    SLOT_SPARSE + n.sparse_index(i) as u8
                 } else {
                     n.child_index(i) as u8
                 };
+                if n.smask() >> i & 1 != 0 && (n.present >> i & 1 == 0 || n.full >> i & 1 != 0) {
+                    return Err(format!(
+                        "node 0x{base:x} slot {i}: sparse flag on a non-child"
+                    ));
+                }
                 if n.rank[i as usize] != want {
                     return Err(format!(
                         "node 0x{base:x} (level {level}) slot {i}: byte {} should be {want}",
@@ -1663,6 +2107,13 @@ impl Tracker {
                 let below = match want {
                     SLOT_FULL => summary,
                     SLOT_EMPTY => Marks::NONE,
+                    c if c >= SLOT_SPARSE => {
+                        let s = &n.sparses()[usize::from(c - SLOT_SPARSE)];
+                        let sbase = base + (u64::from(i) << slot_shift(level));
+                        s.check()
+                            .map_err(|e| format!("sparse leaf 0x{sbase:x}: {e}"))?;
+                        s.marks()
+                    }
                     c => match n.child(usize::from(c)) {
                         ChildRef::Leaf(l) => l.any_marks(),
                         ChildRef::Node(c) => c.any_marks(),
@@ -1713,6 +2164,15 @@ impl Tracker {
 static NO_PAGES: [u64; WORDS] = [0; WORDS];
 static ALL_PAGES: [u64; WORDS] = [u64::MAX; WORDS];
 
+/// Whether the slot whose byte is `r` holds a sparse leaf with page `index`. Off the bitmap
+/// leaves' path.
+#[cold]
+#[inline(never)]
+fn sparse_contains(node: &Node, r: u8, index: u64) -> bool {
+    node.sparse_at(r)
+        .is_some_and(|s| s.contains(index & (leaf::LEAF_PAGES - 1)))
+}
+
 /// See [`Tracker::lookup_cursor`].
 pub struct LookupCursor<'a> {
     tracker: &'a Tracker,
@@ -1743,48 +2203,77 @@ impl LookupCursor<'_> {
         let t = self.tracker;
         self.lo = index & !(leaf::LEAF_PAGES - 1);
         self.len = leaf::LEAF_PAGES;
-        self.bits = match t.root.as_deref() {
-            None => &NO_PAGES,
+        let bits = match t.root.as_deref() {
+            None => Some(&NO_PAGES),
             Some(root) => match t.top {
                 18 => Self::window::<2>(root, index),
                 24 => Self::window::<3>(root, index),
-                _ if index >= t.limit => &NO_PAGES,
+                _ if index >= t.limit => Some(&NO_PAGES),
                 top => {
                     let mut node = root;
                     let mut shift = top;
                     loop {
                         let r = node.slot((index >> shift) as usize & 63);
                         if shift == LEAF_SHIFT {
-                            break Self::bits_of(node.leaves.get(usize::from(r)), r);
+                            break Self::leaf_bits(node, r);
                         }
                         match node.nodes.get(usize::from(r)) {
                             Some(n) => node = n,
-                            None => break Self::bits_of(None, r),
+                            None => break Some(Self::bits_of(None, r)),
                         }
                         shift -= SLOT_SHIFT;
                     }
                 }
             },
         };
+        match bits {
+            Some(b) => self.bits = b,
+            None => self.sparse_seek(index),
+        }
+    }
+
+    /// `seek` into a sparse leaf: a window of the one page, all ones or all zeros.
+    #[cold]
+    #[inline(never)]
+    fn sparse_seek(&mut self, index: u64) {
+        self.lo = index;
+        self.len = 1;
+        self.bits = if self.tracker.contains(index) {
+            &ALL_PAGES
+        } else {
+            &NO_PAGES
+        };
     }
 
     /// The window below a root at level `H`, unrolled.
     #[inline(always)]
-    fn window<const H: u32>(mut node: &Node, index: u64) -> &[u64; WORDS] {
+    fn window<const H: u32>(mut node: &Node, index: u64) -> Option<&[u64; WORDS]> {
         if index >> span_shift(H) != 0 {
-            return &NO_PAGES;
+            return Some(&NO_PAGES);
         }
         let mut level = H;
         while level > 1 {
             let r = node.slot((index >> slot_shift(level)) as usize & 63);
             match node.nodes.get(usize::from(r)) {
                 Some(n) => node = n,
-                None => return Self::bits_of(None, r),
+                None => return Some(Self::bits_of(None, r)),
             }
             level -= 1;
         }
         let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        Self::bits_of(node.leaves.get(usize::from(r)), r)
+        Self::leaf_bits(node, r)
+    }
+
+    /// The window of slot byte `r` of level-1 node `node`, as `bits_of`; `None` for a sparse
+    /// leaf.
+    #[inline(always)]
+    fn leaf_bits(node: &Node, r: u8) -> Option<&[u64; WORDS]> {
+        match node.leaves.get(usize::from(r)) {
+            Some(l) => Some(&l.bits),
+            None if r == SLOT_FULL => Some(&ALL_PAGES),
+            None if r == SLOT_EMPTY => Some(&NO_PAGES),
+            None => None,
+        }
     }
 
     /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot.
@@ -1883,6 +2372,18 @@ fn walk_runs<F: FnMut(u64, u64)>(
             acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
             continue;
         }
+        if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+            let a = lo.max(sbase) - sbase;
+            let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
+            let mut buf = [0; SPARSE_MAX];
+            for &e in s.sorted(&mut buf) {
+                let e = u64::from(e);
+                if (a..b).contains(&e) {
+                    acc.add(sbase + e, sbase + e + 1);
+                }
+            }
+            continue;
+        }
         match node.child(node.kid(i as usize)) {
             ChildRef::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
             ChildRef::Leaf(l) => {
@@ -1966,6 +2467,13 @@ fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>)
         let s_last = last.min(sbase + (1 << sshift) - 1);
         if node.full & (1 << i) != 0 {
             return Some(s_last);
+        }
+        if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+            let off = s_last - sbase;
+            if let Some(&e) = s.pages().iter().filter(|&&e| u64::from(e) <= off).max() {
+                return Some(sbase + u64::from(e));
+            }
+            continue;
         }
         let found = match node.child(node.kid(i as usize)) {
             ChildRef::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
