@@ -13,8 +13,10 @@ use memory::{Backing, DiscardPolicy, MemoryManager, Outcome, PageRange, Reason};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
-const BOOT: u64 = 1024; // pages 0..1024 (4 MiB), private anonymous (4 KiB or huge pages)
-const HOT_START: u64 = 1536; // a 2 MiB hole, then 8 MiB of hot-add memory on a memfd
+// Boot RAM: pages 0..9216 (36 MiB: two whole tracker leaves, which `compact` may turn sparse,
+// and part of a third), private anonymous (4 KiB or huge pages).
+const BOOT: u64 = 9216;
+const HOT_START: u64 = BOOT + 512; // a 2 MiB hole, then 8 MiB of hot-add memory on a memfd
 const BLOCK: u64 = 512; // 2 MiB blocks
 const HOT_END: u64 = HOT_START + 4 * BLOCK;
 const SPACE: u64 = HOT_END + 256; // requests also name pages past the end
@@ -35,6 +37,8 @@ enum Req {
     Unplug(u64, u64),
     Flush,
     Policy(bool),
+    /// `compact`: leaves of few offline pages become sparse; nothing observable changes.
+    Compact,
 }
 
 fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
@@ -58,12 +62,16 @@ fn req() -> impl Strategy<Value = Req> {
         4 => (ranges(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
         4 => (ranges(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
         2 => (scattered(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
+        // A few single pages: leaves that `compact` turns into sparse leaves.
+        2 => prop::collection::vec((0..SPACE, 1u64..2), 1..12)
+            .prop_map(|r| Req::Offline(r, Reason::Ballooned)),
         1 => (scattered(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
         2 => ranges().prop_map(Req::Free),
         2 => block_range.clone().prop_map(|(a, n)| Req::Plug(a, n)),
         2 => block_range.prop_map(|(a, n)| Req::Unplug(a, n)),
         1 => Just(Req::Flush),
         1 => any::<bool>().prop_map(Req::Policy),
+        2 => Just(Req::Compact),
     ]
 }
 
@@ -176,7 +184,7 @@ impl Model {
                     }
                 }
             }
-            Req::Flush | Req::Policy(_) => {}
+            Req::Flush | Req::Policy(_) | Req::Compact => {}
         }
         o
     }
@@ -224,6 +232,11 @@ fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
             Req::Unplug(a, n) => m.unplug(PageRange::new(*a, *n)).unwrap(),
             Req::Flush => {
                 m.flush_discards().unwrap();
+                Outcome::default()
+            }
+            Req::Compact => {
+                m.compact();
+                m.tracker().check_invariants().unwrap();
                 Outcome::default()
             }
             Req::Policy(deferred) => {
