@@ -1457,15 +1457,18 @@ impl Tracker {
     /// Inserts or removes `start..start+count` (shorter than a leaf, so it touches at most two
     /// slots of one level-1 node) when nothing above that node changes. This is the shape of
     /// almost every balloon request, and of the single-page updates the single-page fast paths
-    /// leave (a leaf to create, split or drop), so it gets one walk and no planning:
-    /// - a leaf with uniform marks that neither fills up nor (on insert) gets other marks: its
-    ///   bits change;
-    /// - an empty slot on insert: a new leaf;
+    /// leave (a leaf to create, split or drop), so it gets one walk and no planning (the bits
+    /// of one existing leaf, the commonest case, are done before, in `insert_range` and
+    /// `remove_range`):
+    /// - in one slot (`slot_change`): an empty slot on insert gets a new leaf;
     /// - a full slot on remove (a multi-index entry of one leaf, e.g. onlining a 2 MiB block of
     ///   a born-offline region): a new leaf with every page but the range;
     /// - a leaf that a removal empties: dropped, if the node keeps other pages with each of its
     ///   marks (so the summaries above stay right);
-    /// - a full slot on insert, an empty one on remove: nothing to do.
+    /// - a full slot on insert, an empty one on remove: nothing to do;
+    /// - a sparse leaf: changed in place, or turned into a bitmap leaf first;
+    /// - over two slots (`node_change`): each slot's case, and a leaf whose bits change, all
+    ///   planned before either changes.
     ///
     /// New leaves (and room for them) are allocated before anything changes; if that fails, or
     /// the shape is another one, it returns `None` and the general path (which draws on the
@@ -1480,27 +1483,8 @@ impl Tracker {
             return None;
         }
         let node = Self::level1_mut(&mut self.root, self.top, self.limit, start)?;
-        // The most common case first: bits of one existing leaf.
+        // (The bits of one existing leaf were tried by `insert_range`/`remove_range`.)
         let lo = start & (leaf::LEAF_PAGES - 1);
-        if lo + count <= leaf::LEAF_PAGES {
-            let r = node.slot((start >> LEAF_SHIFT) as usize & 63);
-            if let Some(leaf) = node.leaves.get_mut(usize::from(r)) {
-                let (n, marks) = match op {
-                    Op::Insert(m) if leaf.fast_insert_ok(m, count as u32) => {
-                        (i64::from(leaf.set_bits(lo, lo + count)), m)
-                    }
-                    Op::Remove if leaf.fast_remove_ok(count as u32) => {
-                        (-i64::from(leaf.clear_bits(lo, lo + count)), leaf.uniform())
-                    }
-                    _ => (i64::MIN, Marks::NONE),
-                };
-                if n != i64::MIN {
-                    let c = &mut self.by_marks[usize::from(marks.0 & 7)];
-                    *c = c.wrapping_add(n as u64);
-                    return Some(n.unsigned_abs());
-                }
-            }
-        }
         let (changed, mark_path) = if lo + count <= leaf::LEAF_PAGES {
             let i = (start >> LEAF_SHIFT) as u32 & 63;
             Self::slot_change(node, &mut self.by_marks, i, lo, lo + count, op)?
