@@ -85,8 +85,8 @@ rm -rf "$OV" "$T/overlay-$port.cpio"
 # image is left behind whatever happens to QEMU later. Old console logs go after two days.
 exec 3<"$T/initrd-$port.img"
 rm -f "$T/initrd-$port.img"
-find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 'monitor-*.sock' \) \
-    -mtime +2 -delete 2>/dev/null || true
+find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 'monitor-*.sock' \
+    -o -name 'kallsyms-*.txt' \) -mtime +2 -delete 2>/dev/null || true
 
 # TCG's TSC runs at this machine's rate; telling the kernel avoids a failed calibration under load.
 # A soft lockup prints every CPU's stack, not only the stuck one's: a CPU spinning in the kernel

@@ -163,6 +163,9 @@ pub struct TestHost {
 struct HostFiles {
     console: PathBuf,
     monitor: PathBuf,
+    /// The test host kernel's text symbols, taken at boot (Debian ships no System.map, and
+    /// KASLR moves the kernel at each boot), to name the functions the vCPUs' RIPs are in.
+    kallsyms: PathBuf,
 }
 
 impl HostFiles {
@@ -175,6 +178,7 @@ impl HostFiles {
             .map_or(console.as_str(), |i| &console[i..]);
         let lines: Vec<&str> = since_ready.lines().collect();
         let tail = lines[lines.len().saturating_sub(3 * TAIL_LINES)..].join("\n");
+        let symbols = std::fs::read_to_string(&self.kallsyms).unwrap_or_default();
         let regs = monitor_command(&self.monitor, "info registers -a")
             .map(|out| {
                 out.lines()
@@ -183,6 +187,17 @@ impl HostFiles {
                         ["CPU#", "RIP=", "CR0=", "EFER="]
                             .iter()
                             .any(|p| l.starts_with(p))
+                    })
+                    .map(|l| {
+                        // A RIP in the nested guest (the VMM's) finds no symbol or a wrong one.
+                        let sym = l
+                            .strip_prefix("RIP=")
+                            .and_then(|r| u64::from_str_radix(r.get(..16)?, 16).ok())
+                            .and_then(|rip| kernel_symbol(&symbols, rip));
+                        match sym {
+                            Some(sym) => format!("{l}  [test host kernel: {sym}?]"),
+                            None => l.to_string(),
+                        }
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -194,6 +209,30 @@ impl HostFiles {
             self.console.display()
         )
     }
+}
+
+/// `addr` as `function+0xoffset [module]` from /proc/kallsyms lines ("ADDR t NAME [MODULE]"),
+/// if a text symbol starts at most 64 KiB below it.
+fn kernel_symbol(kallsyms: &str, addr: u64) -> Option<String> {
+    let mut best: Option<(u64, &str)> = None;
+    for line in kallsyms.lines() {
+        let mut f = line.splitn(3, ' ');
+        let (Some(a), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Ok(a) = u64::from_str_radix(a, 16) else {
+            continue;
+        };
+        if matches!(kind, "t" | "T") && a <= addr && best.is_none_or(|(b, _)| a > b) {
+            best = Some((a, name));
+        }
+    }
+    let (start, name) = best.filter(|(start, _)| addr - start < 0x10000)?;
+    let (func, module) = match name.split_once(char::is_whitespace) {
+        Some((f, m)) => (f, format!(" {}", m.trim())),
+        None => (name, String::new()),
+    };
+    Some(format!("{func}+{:#x}{module}", addr - start))
 }
 
 /// One command on QEMU's human monitor at `socket`; returns its output.
@@ -904,6 +943,27 @@ fn agent_spawn(
     Ok((id, conn))
 }
 
+/// Saves the test host kernel's text symbols (about 2 MB, under 2 s) for [`HostFiles::report`].
+fn save_kallsyms(addr: SocketAddr, path: &Path) {
+    let req = Request::Exec {
+        argv: vec![
+            "grep".into(),
+            "-E".into(),
+            "^[0-9a-f]+ [tT] ".into(),
+            "/proc/kallsyms".into(),
+        ],
+        timeout_ms: 30_000,
+    };
+    let saved = agent_call(addr, &req)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            std::fs::write(path, r.stdout.unwrap_or_default()).map_err(|e| e.to_string())
+        });
+    if let Err(e) = saved {
+        eprintln!("e2e: no test host symbols in {}: {e}", path.display());
+    }
+}
+
 fn run_script(script: &Path, env: &[(&str, &str)]) -> Result<(), String> {
     let st = Command::new(script)
         .envs(env.iter().copied())
@@ -1041,11 +1101,14 @@ fn boot_testhost(
             Ok(r) if r.kvm == Some(true) => {
                 // resources/testhost.sh puts the monitor's socket next to the console log.
                 let monitor = log.with_file_name(format!("monitor-{port}.sock"));
+                let kallsyms = log.with_file_name(format!("kallsyms-{port}.txt"));
+                save_kallsyms(addr, &kallsyms);
                 return Ok((
                     addr,
                     HostFiles {
                         console: log,
                         monitor,
+                        kallsyms,
                     },
                 ));
             }
@@ -1118,9 +1181,16 @@ mod tests {
             c.write_all(b"info registers -a\r\n\r\nCPU#0\r\nRAX=0 RBX=0\r\nRIP=ffffffff81000000 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\r\nCR0=80050033 CR2=0 CR3=1000 CR4=350ef0\r\n(qemu) ")
                 .unwrap();
         });
+        let kallsyms = dir.join("kallsyms.txt");
+        std::fs::write(
+            &kallsyms,
+            "ffffffff80ff0000 T _text\nffffffff81000000 t native_safe_halt\n",
+        )
+        .unwrap();
         let files = HostFiles {
             console,
             monitor: monitor.clone(),
+            kallsyms,
         };
         let r = files.report();
         server.join().unwrap();
@@ -1132,6 +1202,10 @@ mod tests {
             r.contains("CPU#0\nRIP=ffffffff81000000") && r.contains("CR0=80050033"),
             "{r}"
         );
+        assert!(
+            r.contains("[test host kernel: native_safe_halt+0x0?]"),
+            "{r}"
+        );
         assert!(!r.contains("RAX="), "{r}");
         // Without a monitor the report still has the console and says why the rest is missing.
         std::fs::remove_file(&monitor).unwrap();
@@ -1141,6 +1215,33 @@ mod tests {
             "{r}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kernel_symbols_name_the_function_and_module() {
+        let k = "ffffffff81000000 T _text\n\
+                 ffffffff81000100 t native_safe_halt\n\
+                 ffffffff81000200 D some_data\n\
+                 ffffffffc0400000 t svm_vcpu_run\t[kvm_amd]\n";
+        assert_eq!(
+            kernel_symbol(k, 0xffffffff8100010b).as_deref(),
+            Some("native_safe_halt+0xb")
+        );
+        // Data symbols do not count; the text symbol below still does.
+        assert_eq!(
+            kernel_symbol(k, 0xffffffff81000210).as_deref(),
+            Some("native_safe_halt+0x110")
+        );
+        assert_eq!(
+            kernel_symbol(k, 0xffffffffc0400020).as_deref(),
+            Some("svm_vcpu_run+0x20 [kvm_amd]")
+        );
+        assert_eq!(kernel_symbol(k, 0xffffffff80000000), None);
+        assert_eq!(
+            kernel_symbol(k, 0xffffffffc0500000),
+            None,
+            "too far from any symbol"
+        );
     }
 
     #[test]
