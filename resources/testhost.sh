@@ -85,18 +85,24 @@ rm -rf "$OV" "$T/overlay-$port.cpio"
 # image is left behind whatever happens to QEMU later. Old console logs go after two days.
 exec 3<"$T/initrd-$port.img"
 rm -f "$T/initrd-$port.img"
-find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' \) -mtime +2 -delete 2>/dev/null || true
+find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 'monitor-*.sock' \
+    -o -name 'kallsyms-*.txt' \) -mtime +2 -delete 2>/dev/null || true
 
 # TCG's TSC runs at this machine's rate; telling the kernel avoids a failed calibration under load.
+# A soft lockup prints every CPU's stack, not only the stuck one's: a CPU spinning in the kernel
+# is often waiting for another CPU, and that one's stack is the one that explains the hang.
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
 args=(
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem" -no-reboot
     -kernel "$T/bzImage" -initrd /proc/self/fd/3
-    -append "console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz"
+    -append "console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz softlockup_all_cpu_backtrace=1"
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7000" -device virtio-net-pci,netdev=n0
 )
 if [ -n "$logfile" ]; then
-    args+=(-display none -monitor none -serial "file:$logfile")
+    # The monitor on a socket next to the log, to look at a hung test host from outside, e.g.
+    # echo "info registers -a" | socat - UNIX-CONNECT:build/testhost/monitor-PORT.sock
+    args+=(-display none -monitor "unix:$T/monitor-$port.sock,server=on,wait=off"
+        -serial "file:$logfile")
 else
     args+=(-nographic)
 fi

@@ -151,9 +151,110 @@ pub struct TestHost {
     guest_dir: String,
     scratch: String,
     agent: Option<SocketAddr>,
+    /// Nested mode: the test host's console log and QEMU monitor, for [`HostFiles::report`].
+    files: Option<Arc<HostFiles>>,
     next_vm: AtomicU64,
     /// Nested mode: seconds from starting QEMU until the agent reported /dev/kvm.
     boot_secs: f64,
+}
+
+/// Where to look at a nested test host from outside when it stops answering.
+#[derive(Debug)]
+struct HostFiles {
+    console: PathBuf,
+    monitor: PathBuf,
+    /// The test host kernel's text symbols, taken at boot (Debian ships no System.map, and
+    /// KASLR moves the kernel at each boot), to name the functions the vCPUs' RIPs are in.
+    kallsyms: PathBuf,
+}
+
+impl HostFiles {
+    /// What the test host's kernel printed last (the console shows warnings and worse, e.g. soft
+    /// lockups and RCU stalls with their stacks) and where QEMU's vCPUs are, from the monitor.
+    fn report(&self) -> String {
+        let console = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let since_ready = console
+            .find("TESTHOST-READY")
+            .map_or(console.as_str(), |i| &console[i..]);
+        let lines: Vec<&str> = since_ready.lines().collect();
+        let tail = lines[lines.len().saturating_sub(3 * TAIL_LINES)..].join("\n");
+        let symbols = std::fs::read_to_string(&self.kallsyms).unwrap_or_default();
+        let regs = monitor_command(&self.monitor, "info registers -a")
+            .map(|out| {
+                out.lines()
+                    .map(|l| l.trim())
+                    .filter(|l| {
+                        ["CPU#", "RIP=", "CR0=", "EFER="]
+                            .iter()
+                            .any(|p| l.starts_with(p))
+                    })
+                    .map(|l| {
+                        // A RIP in the nested guest (the VMM's) finds no symbol or a wrong one.
+                        let sym = l
+                            .strip_prefix("RIP=")
+                            .and_then(|r| u64::from_str_radix(r.get(..16)?, 16).ok())
+                            .and_then(|rip| kernel_symbol(&symbols, rip));
+                        match sym {
+                            Some(sym) => format!("{l}  [test host kernel: {sym}?]"),
+                            None => l.to_string(),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|e| format!("(no answer from {}: {e})", self.monitor.display()));
+        format!(
+            "--- test host console ({}) since TESTHOST-READY, tail ---\n{tail}\n\
+             --- test host vCPUs (QEMU monitor) ---\n{regs}",
+            self.console.display()
+        )
+    }
+}
+
+/// `addr` as `function+0xoffset [module]` from /proc/kallsyms lines ("ADDR t NAME [MODULE]"),
+/// if a text symbol starts at most 64 KiB below it.
+fn kernel_symbol(kallsyms: &str, addr: u64) -> Option<String> {
+    let mut best: Option<(u64, &str)> = None;
+    for line in kallsyms.lines() {
+        let mut f = line.splitn(3, ' ');
+        let (Some(a), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Ok(a) = u64::from_str_radix(a, 16) else {
+            continue;
+        };
+        if matches!(kind, "t" | "T") && a <= addr && best.is_none_or(|(b, _)| a > b) {
+            best = Some((a, name));
+        }
+    }
+    let (start, name) = best.filter(|(start, _)| addr - start < 0x10000)?;
+    let (func, module) = match name.split_once(char::is_whitespace) {
+        Some((f, m)) => (f, format!(" {}", m.trim())),
+        None => (name, String::new()),
+    };
+    Some(format!("{func}+{:#x}{module}", addr - start))
+}
+
+/// One command on QEMU's human monitor at `socket`; returns its output.
+fn monitor_command(socket: &Path, command: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let read_prompt = |s: &mut std::os::unix::net::UnixStream| -> std::io::Result<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(b"(qemu) ") {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    read_prompt(&mut s)?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    read_prompt(&mut s)
 }
 
 /// Why there is no test host: nothing on this machine can run a VMM (tests skip), or starting
@@ -251,6 +352,7 @@ impl TestHost {
                     guest_dir: build.join("guest").display().to_string(),
                     scratch: scratch.display().to_string(),
                     agent: None,
+                    files: None,
                     next_vm: AtomicU64::new(0),
                     boot_secs: 0.0,
                 })
@@ -258,7 +360,7 @@ impl TestHost {
             Mode::Nested => {
                 let agent_bin = agent_binary()?;
                 let t = Instant::now();
-                let addr = boot_testhost(&root, vmm.as_deref().ok(), &agent_bin)?;
+                let (addr, files) = boot_testhost(&root, vmm.as_deref().ok(), &agent_bin)?;
                 let boot_secs = t.elapsed().as_secs_f64();
                 Ok(TestHost {
                     mode,
@@ -266,6 +368,7 @@ impl TestHost {
                     guest_dir: "/guest".into(),
                     scratch: "/tmp".into(),
                     agent: Some(addr),
+                    files: Some(Arc::new(files)),
                     next_vm: AtomicU64::new(0),
                     boot_secs,
                 })
@@ -343,7 +446,16 @@ impl TestHost {
                 Backend::Local(Proc::spawn(&argv, move |ev| sink.push(ev))?)
             }
             Some(addr) => {
-                let (id, conn) = agent_spawn(addr, &argv, shared.clone())?;
+                let (id, conn) = agent_spawn(addr, &argv, shared.clone()).inspect_err(|e| {
+                    // A test host that stops answering is gone for the rest of the binary: say
+                    // what its kernel and QEMU show where the failure is reported.
+                    if let Some(f) = &self.files {
+                        eprintln!(
+                            "e2e: the test host's agent failed ({e}); its state:\n{}",
+                            f.report()
+                        );
+                    }
+                })?;
                 Backend::Remote { addr, id, conn }
             }
         };
@@ -355,6 +467,7 @@ impl TestHost {
             cursor: Mutex::new(0),
             run_seq: AtomicU64::new(0),
             argv,
+            host: self.files.clone(),
         })
     }
 }
@@ -368,6 +481,8 @@ pub struct Vm {
     cursor: Mutex<u64>,
     run_seq: AtomicU64,
     argv: Vec<String>,
+    /// Nested mode: the test host, to report on when the VMM does not die.
+    host: Option<Arc<HostFiles>>,
 }
 
 enum Backend {
@@ -732,7 +847,16 @@ impl Drop for Vm {
     fn drop(&mut self) {
         if self.exit_status().is_none() {
             self.signal(libc::SIGKILL);
-            let _ = self.wait_exit_status(Duration::from_secs(10));
+            if self.wait_exit_status(Duration::from_secs(10)).is_err() {
+                // The next test's VMM would fail to start on a wedged test host; this is where
+                // the wedge began.
+                if let Some(h) = &self.host {
+                    eprintln!(
+                        "e2e: the VMM had not ended 10 s after SIGKILL; the test host's state:\n{}",
+                        h.report()
+                    );
+                }
+            }
         }
         if let Backend::Remote { conn, .. } = &self.backend {
             let _ = conn.shutdown(std::net::Shutdown::Both);
@@ -819,6 +943,27 @@ fn agent_spawn(
     Ok((id, conn))
 }
 
+/// Saves the test host kernel's text symbols (about 2 MB, under 2 s) for [`HostFiles::report`].
+fn save_kallsyms(addr: SocketAddr, path: &Path) {
+    let req = Request::Exec {
+        argv: vec![
+            "grep".into(),
+            "-E".into(),
+            "^[0-9a-f]+ [tT] ".into(),
+            "/proc/kallsyms".into(),
+        ],
+        timeout_ms: 30_000,
+    };
+    let saved = agent_call(addr, &req)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            std::fs::write(path, r.stdout.unwrap_or_default()).map_err(|e| e.to_string())
+        });
+    if let Err(e) = saved {
+        eprintln!("e2e: no test host symbols in {}: {e}", path.display());
+    }
+}
+
 fn run_script(script: &Path, env: &[(&str, &str)]) -> Result<(), String> {
     let st = Command::new(script)
         .envs(env.iter().copied())
@@ -889,7 +1034,11 @@ fn agent_binary() -> Result<PathBuf, String> {
 /// Boots the test host (resources/testhost.sh) and waits until its agent reports /dev/kvm.
 /// QEMU dies with this process: it is started from a thread that lives as long as it does,
 /// with PR_SET_PDEATHSIG.
-fn boot_testhost(root: &Path, vmm: Option<&Path>, agent: &Path) -> Result<SocketAddr, String> {
+fn boot_testhost(
+    root: &Path,
+    vmm: Option<&Path>,
+    agent: &Path,
+) -> Result<(SocketAddr, HostFiles), String> {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free port: {e}"))?
@@ -949,7 +1098,20 @@ fn boot_testhost(root: &Path, vmm: Option<&Path>, agent: &Path) -> Result<Socket
             ));
         }
         match agent_call(addr, &Request::Ping) {
-            Ok(r) if r.kvm == Some(true) => return Ok(addr),
+            Ok(r) if r.kvm == Some(true) => {
+                // resources/testhost.sh puts the monitor's socket next to the console log.
+                let monitor = log.with_file_name(format!("monitor-{port}.sock"));
+                let kallsyms = log.with_file_name(format!("kallsyms-{port}.txt"));
+                save_kallsyms(addr, &kallsyms);
+                return Ok((
+                    addr,
+                    HostFiles {
+                        console: log,
+                        monitor,
+                        kallsyms,
+                    },
+                ));
+            }
             Ok(_) => {
                 return Err(format!(
                     "the test host has no /dev/kvm (kvm_amd did not load); console tail:\n{}",
@@ -996,6 +1158,93 @@ mod tests {
     }
 
     #[test]
+    fn host_report_shows_the_console_since_ready_and_the_vcpus() {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("e2e-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let console = dir.join("console.log");
+        std::fs::write(
+            &console,
+            "boot noise\nTESTHOST-READY uptime=4\n[ 81.1] watchdog: BUG: soft lockup - CPU#1\n",
+        )
+        .unwrap();
+        // A stand-in for QEMU's monitor: a banner and prompt, then one answer per command.
+        let monitor = dir.join("monitor.sock");
+        let _ = std::fs::remove_file(&monitor);
+        let listener = std::os::unix::net::UnixListener::bind(&monitor).unwrap();
+        let server = thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.write_all(b"QEMU 7.2 monitor\r\n(qemu) ").unwrap();
+            let mut cmd = [0u8; 64];
+            let n = c.read(&mut cmd).unwrap();
+            assert_eq!(&cmd[..n], b"info registers -a\n");
+            c.write_all(b"info registers -a\r\n\r\nCPU#0\r\nRAX=0 RBX=0\r\nRIP=ffffffff81000000 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\r\nCR0=80050033 CR2=0 CR3=1000 CR4=350ef0\r\n(qemu) ")
+                .unwrap();
+        });
+        let kallsyms = dir.join("kallsyms.txt");
+        std::fs::write(
+            &kallsyms,
+            "ffffffff80ff0000 T _text\nffffffff81000000 t native_safe_halt\n",
+        )
+        .unwrap();
+        let files = HostFiles {
+            console,
+            monitor: monitor.clone(),
+            kallsyms,
+        };
+        let r = files.report();
+        server.join().unwrap();
+        assert!(
+            r.contains("soft lockup - CPU#1") && !r.contains("boot noise"),
+            "{r}"
+        );
+        assert!(
+            r.contains("CPU#0\nRIP=ffffffff81000000") && r.contains("CR0=80050033"),
+            "{r}"
+        );
+        assert!(
+            r.contains("[test host kernel: native_safe_halt+0x0?]"),
+            "{r}"
+        );
+        assert!(!r.contains("RAX="), "{r}");
+        // Without a monitor the report still has the console and says why the rest is missing.
+        std::fs::remove_file(&monitor).unwrap();
+        let r = files.report();
+        assert!(
+            r.contains("soft lockup") && r.contains("no answer from"),
+            "{r}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kernel_symbols_name_the_function_and_module() {
+        let k = "ffffffff81000000 T _text\n\
+                 ffffffff81000100 t native_safe_halt\n\
+                 ffffffff81000200 D some_data\n\
+                 ffffffffc0400000 t svm_vcpu_run\t[kvm_amd]\n";
+        assert_eq!(
+            kernel_symbol(k, 0xffffffff8100010b).as_deref(),
+            Some("native_safe_halt+0xb")
+        );
+        // Data symbols do not count; the text symbol below still does.
+        assert_eq!(
+            kernel_symbol(k, 0xffffffff81000210).as_deref(),
+            Some("native_safe_halt+0x110")
+        );
+        assert_eq!(
+            kernel_symbol(k, 0xffffffffc0400020).as_deref(),
+            Some("svm_vcpu_run+0x20 [kvm_amd]")
+        );
+        assert_eq!(kernel_symbol(k, 0xffffffff80000000), None);
+        assert_eq!(
+            kernel_symbol(k, 0xffffffffc0500000),
+            None,
+            "too far from any symbol"
+        );
+    }
+
+    #[test]
     fn wait_for_consumes_and_reports_the_tail() {
         let vm_shared = Arc::new(Shared::default());
         for l in ["a", "MARK 1", "b", "MARK 2"] {
@@ -1008,6 +1257,7 @@ mod tests {
             cursor: Mutex::new(0),
             run_seq: AtomicU64::new(0),
             argv: vec!["fake".into()],
+            host: None,
         };
         let t = Duration::from_millis(50);
         assert_eq!(vm.wait_for("MARK", t).unwrap(), "MARK 1");

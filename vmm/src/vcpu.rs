@@ -140,10 +140,23 @@ fn run(id: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext) -> ExitReason {
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault, or a reset through a path KVM handles itself. Say where the
                 // vCPU was: this is the only trace a guest crash before its console leaves.
+                // KVM on AMD re-initializes the vCPU (INIT) when it takes the shutdown exit,
+                // so there the registers read back are the reset values, not the fault's.
                 let where_ = match (vcpu.get_regs(), vcpu.get_sregs()) {
                     (Ok(r), Ok(s)) => format!(
-                        "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-                        r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer
+                        "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}{}",
+                        r.rip,
+                        r.rsp,
+                        s.cr0,
+                        s.cr3,
+                        s.cr4,
+                        s.efer,
+                        if r.rip == 0xfff0 && s.cs.base == 0xffff_0000 {
+                            " (the reset state: KVM re-initialized the vCPU, as it does on \
+                             AMD, so where it faulted is lost)"
+                        } else {
+                            ""
+                        }
                     ),
                     _ => "registers unavailable".to_string(),
                 };
