@@ -37,6 +37,29 @@ fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>>
     )))
 }
 
+/// A baseline backend: only inflate does anything (these benches never deflate or report).
+trait Inflate: Send + Sync {
+    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError>;
+}
+
+/// A baseline as a [`BalloonBackend`].
+struct InflateOnly<T>(T);
+
+impl<T: Inflate> BalloonBackend for InflateOnly<T> {
+    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+        self.0.inflate(ranges)
+    }
+    fn deflate(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
+        Ok(Outcome::default())
+    }
+    fn report_free(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
+        Ok(Outcome::default())
+    }
+    fn deflate_all(&self) -> Result<Outcome, BackendError> {
+        Ok(Outcome::default())
+    }
+}
+
 /// The kernel's share alone: each request's ranges released before the ack in one
 /// `process_madvise(MADV_DONTNEED)` call, with no bookkeeping at all (Linux 6.13+; where the
 /// kernel refuses, the bench panics rather than report a wrong floor).
@@ -58,7 +81,7 @@ impl KernelBatchBackend {
     }
 }
 
-impl BalloonBackend for KernelBatchBackend {
+impl Inflate for KernelBatchBackend {
     fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         let iov: Vec<libc::iovec> = ranges
             .iter()
@@ -97,15 +120,6 @@ impl BalloonBackend for KernelBatchBackend {
             ..Outcome::default()
         })
     }
-    fn deflate(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
-    fn report_free(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
-    fn deflate_all(&self) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
 }
 
 /// One `madvise(MADV_DONTNEED)` per page, no bookkeeping: the baseline.
@@ -113,7 +127,7 @@ struct NaiveBackend {
     mem: GuestMemoryMmap,
 }
 
-impl BalloonBackend for NaiveBackend {
+impl Inflate for NaiveBackend {
     fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
         let mut o = Outcome::default();
         for r in ranges {
@@ -139,35 +153,17 @@ impl BalloonBackend for NaiveBackend {
         }
         Ok(o)
     }
-    fn deflate(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
-    fn report_free(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
-    fn deflate_all(&self) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
 }
 
 /// Records nothing, releases nothing: the device's own cost.
 struct NullBackend;
 
-impl BalloonBackend for NullBackend {
+impl Inflate for NullBackend {
     fn inflate(&self, r: &[PageRange]) -> Result<Outcome, BackendError> {
         Ok(Outcome {
             changed: r.iter().map(|r| r.count).sum(),
             ..Outcome::default()
         })
-    }
-    fn deflate(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
-    fn report_free(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
-    }
-    fn deflate_all(&self) -> Result<Outcome, BackendError> {
-        Ok(Outcome::default())
     }
 }
 
@@ -224,8 +220,8 @@ fn bench_single(c: &mut Criterion, name: &str, mode: Single, pattern: fn(u32) ->
     let mm = manager(Backing::PrivateAnonymous, policy);
     let mem = mm.lock().unwrap().guest_memory().clone();
     let backend: Arc<dyn BalloonBackend> = match mode {
-        Single::Naive => Arc::new(NaiveBackend { mem: mem.clone() }),
-        Single::DeviceOnly => Arc::new(NullBackend),
+        Single::Naive => Arc::new(InflateOnly(NaiveBackend { mem: mem.clone() })),
+        Single::DeviceOnly => Arc::new(InflateOnly(NullBackend)),
         _ => mm.clone(),
     };
     let mut rig = BalloonRig::with_backend(mem.clone(), no_stats(), backend);
@@ -331,8 +327,8 @@ fn bench_burst(
     let mm = manager(backing, DiscardPolicy::Deferred);
     let mem = mm.lock().unwrap().guest_memory().clone();
     let backend: Arc<dyn BalloonBackend> = match releaser {
-        Releaser::Naive => Arc::new(NaiveBackend { mem: mem.clone() }),
-        Releaser::KernelOnly => Arc::new(KernelBatchBackend::new(mem.clone())),
+        Releaser::Naive => Arc::new(InflateOnly(NaiveBackend { mem: mem.clone() })),
+        Releaser::KernelOnly => Arc::new(InflateOnly(KernelBatchBackend::new(mem.clone()))),
         Releaser::Manager => mm.clone(),
     };
     let mut rig = BalloonRig::with_backend(mem.clone(), no_stats(), backend);

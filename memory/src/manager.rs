@@ -117,6 +117,9 @@ pub struct MemoryManager {
     /// Batched `MADV_DONTNEED` for flushes of many runs.
     batch: sys::BatchDontneed,
     counters: Counters,
+    /// The pages whose tracker entries requests changed since the last `compact`, as one
+    /// span: what `compact` walks (a settled balloon's tree is not walked again).
+    changed: Option<(u64, u64)>,
 }
 
 fn validate_spec(i: usize, s: &RegionSpec) -> Result<(), Error> {
@@ -416,6 +419,7 @@ impl MemoryManager {
             queue: Vec::new(),
             batch: sys::BatchDontneed::open(),
             counters: Counters::default(),
+            changed: None,
         })
     }
 
@@ -464,6 +468,7 @@ impl MemoryManager {
     /// outside hot-add regions.
     pub fn offline(&mut self, pages: &[PageRange], reason: Reason) -> Result<Outcome, Error> {
         let (runs, refused) = normalise(pages)?;
+        self.note_changed(&runs);
         let mut out = Outcome {
             refused,
             ..Outcome::default()
@@ -485,6 +490,7 @@ impl MemoryManager {
     /// pages of blocks that are not plugged (use [`MemoryManager::plug`]).
     pub fn online(&mut self, pages: &[PageRange], reason: Reason) -> Result<Outcome, Error> {
         let (runs, refused) = normalise(pages)?;
+        self.note_changed(&runs);
         let mut out = Outcome {
             refused,
             ..Outcome::default()
@@ -525,11 +531,25 @@ impl MemoryManager {
     /// Shrinks the tracker: leaves holding few offline pages (at most 63 of their 4096) become
     /// sparse leaves, 2 bytes a page instead of a 528-byte bitmap (`Tracker::compact`). The
     /// tracker's updates never do this themselves, so that they stay bit flips; the balloon
-    /// calls it once it has been quiet for a while. Returns the leaves turned.
+    /// calls it once it has been quiet for a while. Only the span of pages that requests
+    /// changed since the last call is walked. Returns the leaves turned.
     pub fn compact(&mut self) -> u64 {
-        let n = self.tracker.compact(0, u64::MAX) as u64;
+        let Some((a, b)) = self.changed.take() else {
+            return 0;
+        };
+        let n = self.tracker.compact(a, b - a) as u64;
         self.counters.compacted_leaves += n;
         n
+    }
+
+    /// Widens the span `compact` walks to sorted, coalesced `runs`.
+    fn note_changed(&mut self, runs: &[(u64, u64)]) {
+        if let (Some(&(a, _)), Some(&(_, b))) = (runs.first(), runs.last()) {
+            self.changed = Some(match self.changed {
+                Some((x, y)) => (x.min(a), y.max(b)),
+                None => (a, b),
+            });
+        }
     }
 
     /// Releases the backing of queued pages that are still offline and not yet discarded.
@@ -801,6 +821,7 @@ impl MemoryManager {
 
     fn plug_range(&mut self, range: PageRange, plug: bool) -> Result<Outcome, Error> {
         let (runs, refused) = normalise(&[range])?;
+        self.note_changed(&runs);
         let mut out = Outcome {
             refused,
             ..Outcome::default()

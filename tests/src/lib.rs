@@ -176,8 +176,7 @@ impl HostFiles {
         let since_ready = console
             .find("TESTHOST-READY")
             .map_or(console.as_str(), |i| &console[i..]);
-        let lines: Vec<&str> = since_ready.lines().collect();
-        let tail = lines[lines.len().saturating_sub(3 * TAIL_LINES)..].join("\n");
+        let tail = last_lines(since_ready, 3 * TAIL_LINES);
         let symbols = std::fs::read_to_string(&self.kallsyms).unwrap_or_default();
         let regs = monitor_command(&self.monitor, "info registers -a")
             .map(|out| {
@@ -209,6 +208,12 @@ impl HostFiles {
             self.console.display()
         )
     }
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `addr` as `function+0xoffset [module]` from /proc/kallsyms lines ("ADDR t NAME [MODULE]"),
@@ -1083,9 +1088,10 @@ fn boot_testhost(
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let tail = |log: &Path| {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+        last_lines(
+            &std::fs::read_to_string(log).unwrap_or_default(),
+            TAIL_LINES,
+        )
     };
     loop {
         if let Ok(why) = rx.try_recv() {

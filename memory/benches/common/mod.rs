@@ -32,8 +32,9 @@ pub trait PageSet {
     }
     /// Number of maximal runs and of pages, walking the runs in order.
     fn runs(&self) -> (u64, u64);
-    /// What the owner does once a request is done (the tracker: `compact`, which the memory
-    /// manager calls on each request's ranges). Whether there is such a step.
+    /// What the owner does once it has been quiet for a while (the tracker: `compact`, which
+    /// the memory manager runs when the balloon has been quiet for a second). Whether there is
+    /// such a step.
     fn settle(&mut self) -> bool {
         false
     }

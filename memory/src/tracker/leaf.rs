@@ -39,17 +39,6 @@ pub fn word_mask(lo: u32, hi: u32) -> u64 {
     upper & !((1u64 << lo) - 1)
 }
 
-/// Set bits of `x`, with the empty and full words (most words of runs) taken without a
-/// popcount, which baseline x86-64 does in software.
-#[inline(always)]
-pub fn ones(x: u64) -> u32 {
-    match x {
-        0 => 0,
-        u64::MAX => 64,
-        _ => x.count_ones(),
-    }
-}
-
 /// Set bits of `x`, where `x` is almost always 0: a test instead of a popcount then.
 #[inline(always)]
 fn seen(x: u64) -> u32 {
@@ -284,24 +273,11 @@ impl Leaf {
         gone
     }
 
-    /// Present pages of `lo..lo+n` (a non-empty range inside the leaf).
-    pub fn count_in(&self, lo: u64, n: u64) -> u16 {
-        let (fw, lw, first, last) = word_masks(lo, lo + n);
-        if fw == lw {
-            (self.bits[fw] & first & last).count_ones() as u16
-        } else {
-            self.count_words(fw, lw, first, last) as u16
-        }
-    }
-
-    /// Present pages in words `fw..=lw` (`fw < lw`), masked by `first` and `last` at the ends.
-    fn count_words(&self, fw: usize, lw: usize, first: u64, last: u64) -> u32 {
-        let b = &self.bits;
-        let mut n = (first & b[fw]).count_ones() + (last & b[lw]).count_ones();
-        for w in &b[fw + 1..lw] {
-            n += ones(*w);
-        }
-        n
+    /// Present pages of `lo..hi` (a non-empty range inside the leaf).
+    pub fn count_in(&self, lo: u64, hi: u64) -> u16 {
+        let mut n = 0;
+        for_words(lo, hi, |w, mask| n += (self.bits[w] & mask).count_ones());
+        n as u16
     }
 
     /// Would applying `op` to `lo..hi` need a `MarkMaps` box? (Used to reserve ahead.)

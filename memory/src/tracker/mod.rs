@@ -449,6 +449,20 @@ impl Node {
         (self.present & !self.full & !self.smask() & below(i)).count_ones() as usize
     }
 
+    /// Whether emptying the slots of `slots` leaves this node pages, with each mark of `marks`
+    /// still carried by another slot: then the summaries above it stay right and a fast path
+    /// may drop those children without walking up.
+    fn keeps_without(&self, slots: u64, marks: Marks) -> bool {
+        self.present & !slots != 0
+            && (0..MARK_COUNT).all(|k| !marks.has(k) || self.marks[k] & !slots != 0)
+    }
+
+    /// Whether no slot has some mark of `m` (a new child with `m` must then tell the slots
+    /// above it).
+    fn lacks_any(&self, m: Marks) -> bool {
+        (0..MARK_COUNT).any(|k| m.has(k) && self.marks[k] == 0)
+    }
+
     fn slot_marks(&self, i: u32) -> Marks {
         let mut m = Marks::NONE;
         for k in 0..MARK_COUNT {
@@ -1248,9 +1262,9 @@ impl Tracker {
     /// pages, all with the same marks, into sparse leaves (2 bytes a page instead of a
     /// 528-byte bitmap), and returns how many it turned. Updates never make sparse leaves
     /// themselves, so that the single-page paths stay bitmap flips: the memory manager calls
-    /// this on the ranges of each request once the request is done, as roaring's
-    /// `run_optimize` is called. Best effort: a leaf whose sparse copy cannot be allocated
-    /// stays a bitmap. Observable contents never change.
+    /// this on what changed once its user has been quiet for a while (`MemoryManager::compact`),
+    /// as roaring's `run_optimize` is called. Best effort: a leaf whose sparse copy cannot be
+    /// allocated stays a bitmap. Observable contents never change.
     pub fn compact(&mut self, start: u64, count: u64) -> usize {
         let end = start.saturating_add(count).min(self.limit);
         match self.root.as_deref_mut() {
@@ -1286,54 +1300,6 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn insert_slow(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
-        // A sparse leaf with room and the same marks: one more walk, a small function.
-        if let Some(node) = Self::level1_mut(&mut self.root, self.top, self.limit, index) {
-            let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-            let k = usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE));
-            if let Some(s) = node.sp.as_mut().and_then(|sk| sk.v.get_mut(k)) {
-                if let Some(added) = Self::sparse_insert(s, &mut self.by_marks, index, marks) {
-                    return Ok(added);
-                }
-                if s.marks() == marks {
-                    if let Some(()) = Self::sparse_full(node, index) {
-                        let c = &mut self.by_marks[usize::from(marks.0 & 7)];
-                        *c = c.wrapping_add(1);
-                        return Ok(true);
-                    }
-                }
-            }
-        }
-        self.insert_general(index, marks)
-    }
-
-    /// Adds page `index` (absent) to the full sparse leaf of its slot in `node`: the leaf
-    /// grows a chunk, or past `SPARSE_MAX` becomes a bitmap leaf. `None` (nothing changed)
-    /// if an allocation fails.
-    #[cold]
-    #[inline(never)]
-    fn sparse_full(node: &mut Node, index: u64) -> Option<()> {
-        let i = (index >> LEAF_SHIFT) as u32 & 63;
-        let off = index & (leaf::LEAF_PAGES - 1);
-        let si = node.sparse_index(i);
-        let s = &mut node.sk().v[si];
-        if s.cap() < SPARSE_MAX {
-            s.try_grow(s.chunks() + 1).ok()?;
-            s.insert(off)?;
-        } else {
-            node.leaves.try_reserve(1).ok()?;
-            let leaf = FBox::try_new_with(Leaf::empty).ok()?;
-            let idx = node.sparse_to_leaf(i, leaf);
-            let l = &mut node.leaves[idx];
-            l.bits[(off >> 6) as usize & 63] |= 1 << (off & 63);
-            l.add_count(1);
-        }
-        Some(())
-    }
-
-    /// `insert` when neither fast path could do it (out of line, so `insert_slow` stays small).
-    #[cold]
-    #[inline(never)]
-    fn insert_general(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         Ok(self.insert_range(index, 1, marks)? == 1)
     }
 
@@ -1390,9 +1356,6 @@ impl Tracker {
     #[cold]
     #[inline(never)]
     fn remove_slow(&mut self, index: u64) -> Result<bool, TrackerError> {
-        if let Some(removed) = self.sparse_remove(index) {
-            return Ok(removed);
-        }
         Ok(self.remove_range(index, 1)? == 1)
     }
 
@@ -1530,7 +1493,7 @@ impl Tracker {
                 (n, m, false)
             }
             (Op::Insert(m), SLOT_EMPTY) => {
-                let mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
+                let mark_path = node.lacks_any(m);
                 node.leaves.try_reserve(1).ok()?;
                 let mut leaf = FBox::try_new_with(Leaf::empty).ok()?;
                 let n = leaf.set_bits(lo, hi);
@@ -1556,18 +1519,16 @@ impl Tracker {
             }
             (Op::Remove, r) => {
                 let idx = usize::from(r);
-                let leaf = &mut node.leaves[idx];
+                let leaf = &node.leaves[idx];
                 if leaf.mixed.is_some() {
                     return None;
                 }
                 let m = leaf.uniform();
-                // Dropping the leaf must leave the node other pages, with each of its marks
-                // (so the slots above stay right); if it may not, it must not empty.
-                let may_drop = node.present & !bit != 0
-                    && (0..MARK_COUNT).all(|k| !m.has(k) || node.marks[k] & !bit != 0);
-                if !may_drop && leaf.count_in(lo, hi - lo) == leaf.count() {
+                // A leaf the node may not drop (`keeps_without`) must not empty.
+                if !node.keeps_without(bit, m) && leaf.count_in(lo, hi) == leaf.count() {
                     return None;
                 }
+                let leaf = &mut node.leaves[idx];
                 let n = leaf.clear_bits(lo, hi);
                 if leaf.count() == 0 {
                     node.leaves.remove(idx);
@@ -1594,7 +1555,8 @@ impl Tracker {
     fn sparse_change(node: &mut Node, i: u32, lo: u64, hi: u64, op: Op) -> Option<(i64, Marks)> {
         let bit = 1u64 << i;
         let si = node.sparse_index(i);
-        let s = &mut node.sp.as_mut().expect("sparse leaves").v[si];
+        let keeps = node.keeps_without(bit, node.sparses()[si].marks());
+        let s = &mut node.sk().v[si];
         let sm = s.marks();
         let have = s.count_in(lo, hi);
         match op {
@@ -1620,9 +1582,7 @@ impl Tracker {
             Op::Remove if have == 0 => Some((0, sm)),
             Op::Remove if have < s.len() => Some((-(s.remove_range(lo, hi) as i64), sm)),
             Op::Remove => {
-                let may_drop = node.present & !bit != 0
-                    && (0..MARK_COUNT).all(|k| !sm.has(k) || node.marks[k] & !bit != 0);
-                if !may_drop {
+                if !keeps {
                     return None;
                 }
                 let n = s.len() as i64;
@@ -1639,51 +1599,9 @@ impl Tracker {
         }
     }
 
-    /// Single-page insert into a sparse leaf, from `insert` once its bounds check on the
-    /// bitmap leaves failed: in place, when the leaf has the page's marks and room for it.
-    /// `None` otherwise (`insert_general` grows it or makes it a bitmap leaf).
-    #[inline(always)]
-    fn sparse_insert(
-        s: &mut Sparse,
-        by_marks: &mut [u64; 8],
-        index: u64,
-        marks: Marks,
-    ) -> Option<bool> {
-        let off = index & (leaf::LEAF_PAGES - 1);
-        if s.marks() != marks {
-            return if s.contains(off) { Some(false) } else { None };
-        }
-        let added = s.insert(off)?;
-        if added {
-            let c = &mut by_marks[usize::from(marks.0 & 7)];
-            *c = c.wrapping_add(1);
-        }
-        Some(added)
-    }
-
-    /// Single-page remove from a sparse leaf that keeps pages (from `remove_slow`).
-    #[inline]
-    fn sparse_remove(&mut self, index: u64) -> Option<bool> {
-        let node = Self::level1_mut(&mut self.root, self.top, self.limit, index)?;
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
-        let s = node
-            .sp
-            .as_mut()?
-            .v
-            .get_mut(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))?;
-        if s.len() == 1 {
-            return None;
-        }
-        let removed = s.remove(index & (leaf::LEAF_PAGES - 1));
-        if removed {
-            let c = &mut self.by_marks[usize::from(s.marks().0 & 7)];
-            *c = c.wrapping_sub(1);
-        }
-        Some(removed)
-    }
-
-    /// The rest of `node_fast` (out of line): every case, one or two slots. Returns the pages
-    /// changed, and whether the slots above the node must be told of a new leaf's marks.
+    /// `node_fast` for a range over two slots (the end of one leaf and the start of the next):
+    /// both slots' cases planned before either changes. Returns the pages changed, and whether
+    /// the slots above the node must be told of a new leaf's marks.
     #[inline(never)]
     fn node_change(
         node: &mut Node,
@@ -1701,19 +1619,14 @@ impl Tracker {
             Drop,
         }
         let i0 = (start >> LEAF_SHIFT) as u32 & 63;
-        let i1 = ((end - 1) >> LEAF_SHIFT) as u32 & 63;
-        let mid = if i0 == i1 {
-            end
-        } else {
-            (start | (leaf::LEAF_PAGES - 1)) + 1
-        };
-        let pieces = [(i0, start, mid), (i1, mid, end)];
-        let used = if i0 == i1 { 1 } else { 2 };
+        let mid = (start | (leaf::LEAF_PAGES - 1)) + 1;
+        debug_assert!(mid < end && (end - 1) >> LEAF_SHIFT == mid >> LEAF_SHIFT);
+        let pieces = [(i0, start, mid), (i0 + 1, mid, end)];
 
         // Which case each piece is, before any change.
         let mut plan = [Piece::Skip; 2];
         let (mut fresh, mut dropped, mut dropped_marks) = (0usize, 0u64, Marks::NONE);
-        for (p, &(i, a, b)) in pieces[..used].iter().enumerate() {
+        for (p, &(i, a, b)) in pieces.iter().enumerate() {
             let n = (b - a) as u32;
             let r = node.slot(i as usize);
             plan[p] = match (op, r) {
@@ -1736,7 +1649,11 @@ impl Tracker {
                         Piece::Bits
                     } else if leaf.mixed.is_some() {
                         return None;
-                    } else if leaf.count_in(a & (leaf::LEAF_PAGES - 1), n.into()) < leaf.count() {
+                    } else if leaf.count_in(
+                        a & (leaf::LEAF_PAGES - 1),
+                        (a & (leaf::LEAF_PAGES - 1)) + u64::from(n),
+                    ) < leaf.count()
+                    {
                         Piece::Bits
                     } else {
                         dropped |= 1 << i;
@@ -1747,11 +1664,7 @@ impl Tracker {
                 _ => return None,
             };
         }
-        // Dropping leaves must leave the node other pages, with every mark the leaves had.
-        if dropped != 0
-            && (node.present & !dropped == 0
-                || (0..MARK_COUNT).any(|k| dropped_marks.has(k) && node.marks[k] & !dropped == 0))
-        {
+        if dropped != 0 && !node.keeps_without(dropped, dropped_marks) {
             return None;
         }
         // New leaves on insert: the slots above must already say that pages with these marks
@@ -1760,7 +1673,7 @@ impl Tracker {
         let mut leaves: [Option<FBox<Leaf>>; 2] = [None, None];
         if fresh > 0 {
             if let Op::Insert(m) = op {
-                mark_path = (0..MARK_COUNT).any(|k| m.has(k) && node.marks[k] == 0);
+                mark_path = node.lacks_any(m);
             }
             node.reserve_children(1, fresh).ok()?;
             for l in &mut leaves[..fresh] {
@@ -1772,7 +1685,7 @@ impl Tracker {
         // does not move.
         let mut changed = 0u64;
         let mut counts = [0i64; 8];
-        for p in (0..used).rev() {
+        for p in (0..2).rev() {
             let (i, a, b) = pieces[p];
             let lo = a & (leaf::LEAF_PAGES - 1);
             let hi = lo + (b - a);
@@ -2203,7 +2116,7 @@ impl LookupCursor<'_> {
                         }
                         match node.nodes.get(usize::from(r)) {
                             Some(n) => node = n,
-                            None => break Some(Self::bits_of(None, r)),
+                            None => break Some(Self::slot_bits(r)),
                         }
                         shift -= SLOT_SHIFT;
                     }
@@ -2240,7 +2153,7 @@ impl LookupCursor<'_> {
             let r = node.slot((index >> slot_shift(level)) as usize & 63);
             match node.nodes.get(usize::from(r)) {
                 Some(n) => node = n,
-                None => return Some(Self::bits_of(None, r)),
+                None => return Some(Self::slot_bits(r)),
             }
             level -= 1;
         }
@@ -2248,25 +2161,24 @@ impl LookupCursor<'_> {
         Self::leaf_bits(node, r)
     }
 
-    /// The window of slot byte `r` of level-1 node `node`, as `bits_of`; `None` for a sparse
-    /// leaf.
+    /// The window of slot byte `r` of level-1 node `node`: its bitmap leaf's bits, or
+    /// `slot_bits`; `None` for a sparse leaf.
     #[inline(always)]
     fn leaf_bits(node: &Node, r: u8) -> Option<&[u64; WORDS]> {
         match node.leaves.get(usize::from(r)) {
             Some(l) => Some(&l.bits),
-            None if r == SLOT_FULL => Some(&ALL_PAGES),
-            None if r == SLOT_EMPTY => Some(&NO_PAGES),
-            None => None,
+            None if (SLOT_SPARSE..SLOT_FULL).contains(&r) => None,
+            None => Some(Self::slot_bits(r)),
         }
     }
 
-    /// A leaf's bits, or those of a full (`r` is [`SLOT_FULL`]) or an empty slot.
+    /// The window of a slot with no child: all pages of a full one, none of an empty one.
     #[inline(always)]
-    fn bits_of(leaf: Option<&FBox<Leaf>>, r: u8) -> &[u64; WORDS] {
-        match leaf {
-            Some(l) => &l.bits,
-            None if r == SLOT_FULL => &ALL_PAGES,
-            None => &NO_PAGES,
+    fn slot_bits(r: u8) -> &'static [u64; WORDS] {
+        if r == SLOT_FULL {
+            &ALL_PAGES
+        } else {
+            &NO_PAGES
         }
     }
 }

@@ -70,12 +70,6 @@ impl Sparse {
         self.0.len() * STEP - 1
     }
 
-    /// Chunks allocated.
-    #[inline(always)]
-    pub fn chunks(&self) -> usize {
-        self.0.len()
-    }
-
     #[inline(always)]
     pub fn marks(&self) -> Marks {
         Marks(((self.header() >> MARKS_SHIFT) & 7) as u8)
@@ -144,21 +138,6 @@ impl Sparse {
         *e = off as u16;
         self.0[0][0] += 1;
         Some(true)
-    }
-
-    /// Removes page `off`; returns whether it was present. The last offset takes its place.
-    #[inline]
-    pub fn remove(&mut self, off: u64) -> bool {
-        let x = off as u16;
-        let len = self.len();
-        let f = self.flat_mut();
-        let Some(p) = f[1..=len].iter().position(|&e| e == x) else {
-            return false;
-        };
-        f[p + 1] = f[len];
-        f[len] = UNUSED;
-        f[0] -= 1;
-        true
     }
 
     /// Present pages of `lo..hi`.
