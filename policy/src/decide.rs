@@ -28,6 +28,8 @@ const FLAT_TREND: f64 = 0.5;
 /// One VM's proposal before the budget pass.
 #[derive(Debug, Clone, Copy)]
 struct Assessment {
+    /// The observation's target (where the VM stands).
+    target: u64,
     lo: u64,
     weight: u64,
     proposed: u64,
@@ -66,7 +68,11 @@ pub fn decide(
             assess(params, vm, memory, now)
         })
         .collect();
-    let over_budget_mib = fit_budget(host.budget_mib, &mut assessed);
+    let over_budget_mib = fit_budget(
+        host.budget_mib,
+        params.hysteresis_min_mib / 2,
+        &mut assessed,
+    );
 
     let mut total_target_mib = 0u64;
     let decisions = vms
@@ -136,7 +142,8 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
                 || grew(report.oom_kill, last.oom_kill)
                 || (!inflating && grew(report.alloc_stall, last.alloc_stall));
             let growth = (used as f64 - last.used_mib as f64) / secs;
-            let trend = 0.5 * memory.trend_mib_per_s + 0.5 * growth.max(0.0);
+            // Fast attack, slow decay: a guest that starts allocating is believed at once.
+            let trend = growth.max(0.5 * memory.trend_mib_per_s);
             memory.trend_mib_per_s = if trend < FLAT_TREND { 0.0 } else { trend };
             memory.report = Some(report);
         }
@@ -192,6 +199,7 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
         }
         let proposed = proposed.clamp(lo, hi);
         return Assessment {
+            target: vm.target_mib,
             lo,
             weight,
             proposed,
@@ -246,6 +254,7 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
     let proposed = proposed.clamp(lo, hi);
     let need = used.clamp(lo, proposed);
     Assessment {
+        target,
         lo,
         weight,
         proposed,
@@ -299,7 +308,13 @@ fn note_pressure(p: &Params, memory: &mut VmMemory, now: Duration) {
 /// Cuts the proposals down until they add up to `budget`: every VM keeps its floor (its minimum;
 /// all of a frozen VM's proposal); then working sets are served, then buffers, then idle memory,
 /// each tier shared by weight. Returns how far the floors alone exceed the budget.
-fn fit_budget(budget: u64, assessed: &mut [Assessment]) -> u64 {
+///
+/// A share that lands within `granule` of the VM's current target is rounded down to the target
+/// (a small rise) or to `granule` below it (a small cut): without this, noise in one guest's
+/// statistics moves every squeezed VM by a few MiB each tick, and the slack a rounded-down cut
+/// leaves absorbs the next small rises. Rounding only ever goes down (the budget holds) and keeps
+/// a larger share larger (more pressure still never gives less memory).
+fn fit_budget(budget: u64, granule: u64, assessed: &mut [Assessment]) -> u64 {
     let total: u64 = assessed.iter().map(|a| a.proposed).sum();
     if total <= budget {
         return 0;
@@ -338,6 +353,15 @@ fn fit_budget(budget: u64, assessed: &mut [Assessment]) -> u64 {
         break;
     }
     for (a, g) in assessed.iter_mut().zip(grant) {
+        let floor = floor(a);
+        let g = if g > a.target && g < a.target.saturating_add(granule) {
+            a.target
+        } else if g < a.target && g > a.target.saturating_sub(granule) {
+            a.target.saturating_sub(granule)
+        } else {
+            g
+        }
+        .max(floor);
         if g < a.proposed {
             a.proposed = g;
             a.reason = Reason::BudgetSqueeze;
