@@ -309,10 +309,10 @@ fn note_pressure(p: &Params, memory: &mut VmMemory, now: Duration) {
 /// all of a frozen VM's proposal); then working sets are served, then buffers, then idle memory,
 /// each tier shared by weight. Returns how far the floors alone exceed the budget.
 ///
-/// A share that lands within `granule` of the VM's current target is rounded down to the target
-/// (a small rise) or to `granule` below it (a small cut): without this, noise in one guest's
-/// statistics moves every squeezed VM by a few MiB each tick, and the slack a rounded-down cut
-/// leaves absorbs the next small rises. Rounding only ever goes down (the budget holds) and keeps
+/// A share that lands less than `2 * granule` above the VM's current target is rounded down to
+/// the target, and one less than `granule` below it to `granule` below it: without this, noise in
+/// one guest's statistics moves every squeezed VM by a few MiB each tick; the slack a rounded cut
+/// leaves absorbs the next small rises, and a VM cut that way is not raised back for the slack. Rounding only ever goes down (the budget holds) and keeps
 /// a larger share larger (more pressure still never gives less memory).
 fn fit_budget(budget: u64, granule: u64, assessed: &mut [Assessment]) -> u64 {
     let total: u64 = assessed.iter().map(|a| a.proposed).sum();
@@ -354,7 +354,7 @@ fn fit_budget(budget: u64, granule: u64, assessed: &mut [Assessment]) -> u64 {
     }
     for (a, g) in assessed.iter_mut().zip(grant) {
         let floor = floor(a);
-        let g = if g > a.target && g < a.target.saturating_add(granule) {
+        let g = if g > a.target && g < a.target.saturating_add(2 * granule) {
             a.target
         } else if g < a.target && g > a.target.saturating_sub(granule) {
             a.target.saturating_sub(granule)

@@ -3,6 +3,7 @@
 //! `cargo bench -p policy --bench simulate` prints a markdown table. Options (after `--`):
 //! `--scales 10,100,1000` (budget = scale x boot size), `--seconds 3600` (simulated time),
 //! `--no-search` (skip the search for the largest fleet that fits; report the 1.5x fleet only).
+//! `SIM_PARAMS='{"buffer_pct": 30}'` runs the policy with other parameters.
 //!
 //! Every VM: min 256, boot 2048, max 4096 MiB, weight 100. Static allocation reserves each VM's
 //! boot size (no balloon, no free page reporting), so it fits `scale` VMs. The other two
@@ -208,8 +209,15 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
     out
 }
 
+/// The policy's parameters: the defaults, or `SIM_PARAMS` (a JSON object, as for the daemon's
+/// `PUT /host/memory`) to try others.
 fn policy() -> Manager {
-    Manager::Policy(Params::default(), PolicyState::new(), BTreeMap::new())
+    let params = std::env::var("SIM_PARAMS").map_or_else(
+        |_| Params::default(),
+        |json| serde_json::from_str(&json).expect("SIM_PARAMS: a JSON object of Params fields"),
+    );
+    params.validate().expect("SIM_PARAMS");
+    Manager::Policy(params, PolicyState::new(), BTreeMap::new())
 }
 
 /// The largest fleet (up to 4x scale) whose run fits the budget, by bisection (assumes that a
