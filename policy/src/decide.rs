@@ -178,37 +178,8 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
     memory.deflate_on_oom_events = vm.deflate_on_oom_events;
 
     let stats = vm.stats.filter(|s| s.available_memory.is_some());
-    let fresh = stats.filter(|s| s.age_ms.is_some_and(|age| age <= p.stale_after_ms));
-    if fresh.is_none() {
-        flags.frozen = true;
-        let mut reason = if stats.is_some_and(|s| s.age_ms.is_some()) {
-            Reason::FrozenStaleStats
-        } else {
-            Reason::FrozenNoStats
-        };
-        // Never below what the guest has now or was promised: nothing is shrunk blind.
-        let mut proposed = vm.current_mib.max(vm.target_mib);
-        if deflated_on_oom {
-            flags.pressure = true;
-            reason = Reason::PressureGrow;
-            proposed = proposed.max(
-                vm.current_mib
-                    .saturating_add(p.pressure_grow_mib)
-                    .min(grow_cap),
-            );
-        }
-        let proposed = proposed.clamp(lo, hi);
-        return Assessment {
-            target: vm.target_mib,
-            lo,
-            weight,
-            proposed,
-            reason: limit_reason(reason, proposed, vm.target_mib, lo, hi),
-            flags,
-            wanted: None,
-            need: proposed,
-            comfort: proposed,
-        };
+    if stats.is_none_or(|s| s.age_ms.is_none_or(|age| age > p.stale_after_ms)) {
+        return assess_frozen(p, vm, stats, deflated_on_oom, (lo, hi), weight, flags);
     }
 
     let reading = read_stats(p, vm, memory, now);
@@ -263,6 +234,48 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
         wanted: Some(wanted),
         need,
         comfort: wanted.clamp(need, proposed),
+    }
+}
+
+/// A VM without fresh statistics: held where it is (never below what the guest has or was
+/// promised: nothing is shrunk blind), raised only when the VMM saw deflate-on-OOM.
+fn assess_frozen(
+    p: &Params,
+    vm: &VmObservation,
+    stats: Option<crate::GuestStats>,
+    deflated_on_oom: bool,
+    (lo, hi): (u64, u64),
+    weight: u64,
+    mut flags: Flags,
+) -> Assessment {
+    flags.frozen = true;
+    let mut reason = if stats.is_some_and(|s| s.age_ms.is_some()) {
+        Reason::FrozenStaleStats
+    } else {
+        Reason::FrozenNoStats
+    };
+    let mut proposed = vm.current_mib.max(vm.target_mib);
+    if deflated_on_oom {
+        flags.pressure = true;
+        reason = Reason::PressureGrow;
+        let grow_cap = vm.target_mib.saturating_add(p.grow_step_max_mib);
+        proposed = proposed.max(
+            vm.current_mib
+                .saturating_add(p.pressure_grow_mib)
+                .min(grow_cap),
+        );
+    }
+    let proposed = proposed.clamp(lo, hi);
+    Assessment {
+        target: vm.target_mib,
+        lo,
+        weight,
+        proposed,
+        reason: limit_reason(reason, proposed, vm.target_mib, lo, hi),
+        flags,
+        wanted: None,
+        need: proposed,
+        comfort: proposed,
     }
 }
 

@@ -89,7 +89,9 @@ pub struct VmObservation {
     pub deflate_on_oom_events: Option<u64>,
 }
 
-/// The host as the caller sees it this tick.
+/// The host as the caller sees it this tick. This version enforces the budget only: the host's
+/// MemAvailable and PSI are carried so decisions can be shown beside them, and are the inputs for
+/// a later host-pressure rule (README.md, "Not yet").
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HostObservation {
     /// The memory the VMs' targets may add up to, MiB (default in the daemon: host memory minus a
