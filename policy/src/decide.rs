@@ -10,7 +10,6 @@
 //! cuts the proposals down to the budget when they do not fit, and [`decide`] records what the
 //! next tick needs to remember.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::decision::{Decision, Flags, Plan, Reason};
@@ -58,16 +57,17 @@ pub fn decide(
     state: &mut PolicyState,
     now: Duration,
 ) -> Plan {
-    let seen: HashSet<&str> = vms.iter().map(|vm| vm.id.as_str()).collect();
-    state.vms.retain(|id, _| seen.contains(id.as_str()));
-
-    let mut assessed: Vec<Assessment> = vms
-        .iter()
-        .map(|vm| {
-            let memory = state.vms.entry(vm.id.clone()).or_default();
-            assess(params, vm, memory, now)
-        })
-        .collect();
+    // One hash lookup per VM: VMs seen this tick are stamped with `now`, the rest forgotten after.
+    let mut assessed: Vec<Assessment> = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let memory = match state.vms.get_mut(&vm.id) {
+            Some(memory) => memory,
+            None => state.vms.entry(vm.id.clone()).or_default(),
+        };
+        memory.seen_at = Some(now);
+        assessed.push(assess(params, vm, memory, now));
+    }
+    state.vms.retain(|_, memory| memory.seen_at == Some(now));
     let over_budget_mib = fit_budget(
         host.budget_mib,
         params.hysteresis_min_mib / 2,

@@ -70,4 +70,6 @@ pub(crate) struct VmMemory {
     pub backoff_until: Option<Duration>,
     /// Back-offs in a row (each doubles the next, up to 16x); reset after a quiet spell.
     pub backoffs: u32,
+    /// The tick that last observed this VM (VMs not seen at a tick are forgotten).
+    pub seen_at: Option<Duration>,
 }

@@ -285,3 +285,21 @@ fn noise_in_one_guest_does_not_move_the_other_squeezed_vms_every_tick() {
         "b's target changed {changes_b} times in 35 ticks"
     );
 }
+
+#[test]
+fn a_vm_no_longer_observed_is_forgotten() {
+    let mut state = PolicyState::new();
+    let p = Params::default();
+    let now = Duration::from_secs(1);
+    decide(
+        &p,
+        &host(1 << 20),
+        &[vm("a", 1024, 500), vm("b", 1024, 500)],
+        &mut state,
+        now,
+    );
+    assert_eq!(state.len(), 2);
+    let later = Duration::from_secs(2);
+    decide(&p, &host(1 << 20), &[vm("b", 1024, 500)], &mut state, later);
+    assert_eq!(state.len(), 1);
+}
