@@ -1,0 +1,430 @@
+//! The policy itself: one tick, observations in, a [`Plan`] out.
+//!
+//! Conventions in this file: `lo`/`hi` are a VM's effective min/max (MiB); `used` is its working
+//! set, what it can use now minus what it says is available (free plus reclaimable cache);
+//! `wanted` is `used` plus the buffer plus the projected growth, within `lo..=hi`; `band` is the
+//! hysteresis: a target in `wanted..=wanted + band` is left alone.
+//!
+//! A tick runs in three passes: [`assess`] proposes a target for each VM on its own (grow under
+//! pressure, take back idle memory step by step, freeze without fresh statistics), [`fit_budget`]
+//! cuts the proposals down to the budget when they do not fit, and [`decide`] records what the
+//! next tick needs to remember.
+
+use std::time::Duration;
+
+use crate::decision::{Decision, Flags, Plan, Reason};
+use crate::observation::{HostObservation, VmObservation};
+use crate::params::Params;
+use crate::state::{PolicyState, Report, VmMemory};
+
+const MIB: u64 = 1 << 20;
+/// Reports closer together than this are the same report seen twice (the VMM's statistics
+/// interval is whole seconds; the caller's age readings jitter by a few milliseconds).
+const SAME_REPORT: Duration = Duration::from_millis(500);
+/// A working-set trend below this (MiB/s) is noise and counts as flat.
+const FLAT_TREND: f64 = 0.5;
+
+/// One VM's proposal before the budget pass.
+#[derive(Debug, Clone, Copy)]
+struct Assessment {
+    /// The observation's target (where the VM stands).
+    target: u64,
+    lo: u64,
+    weight: u64,
+    proposed: u64,
+    reason: Reason,
+    flags: Flags,
+    wanted: Option<u64>,
+    /// What the budget pass gives first: the working set (below it the guest would OOM or
+    /// swap), within `lo..=proposed`. For a frozen VM, its whole proposal.
+    need: u64,
+    /// What it gives next: `wanted` within `need..=proposed`. Above it is idle memory, cut first.
+    comfort: u64,
+}
+
+/// Decides every VM's target for this tick.
+///
+/// `vms` are this tick's observations (ids unique); `state` is what the previous ticks left, owned
+/// by the caller (a fresh one is safe); `now` is the caller's monotonic clock, used only for
+/// rates and back-offs. The returned plan has one decision per VM in the order of `vms`.
+/// Guarantees, for any input: every target is within the VM's `min..=max`; the targets add up to
+/// at most the budget unless the VMs' floors (minimums, and the current size of frozen VMs) alone
+/// exceed it, which `over_budget_mib` then reports.
+pub fn decide(
+    params: &Params,
+    host: &HostObservation,
+    vms: &[VmObservation],
+    state: &mut PolicyState,
+    now: Duration,
+) -> Plan {
+    // One hash lookup per VM: VMs seen this tick are stamped with `now`, the rest forgotten after.
+    let mut assessed: Vec<Assessment> = Vec::with_capacity(vms.len());
+    for vm in vms {
+        let memory = match state.vms.get_mut(&vm.id) {
+            Some(memory) => memory,
+            None => state.vms.entry(vm.id.clone()).or_default(),
+        };
+        memory.seen_at = Some(now);
+        assessed.push(assess(params, vm, memory, now));
+    }
+    state.vms.retain(|_, memory| memory.seen_at == Some(now));
+    let over_budget_mib = fit_budget(
+        host.budget_mib,
+        params.hysteresis_min_mib / 2,
+        &mut assessed,
+    );
+
+    let mut total_target_mib = 0u64;
+    let decisions = vms
+        .iter()
+        .zip(assessed)
+        .map(|(vm, a)| {
+            if a.proposed < vm.target_mib && !a.flags.frozen {
+                if let Some(memory) = state.vms.get_mut(&vm.id) {
+                    memory.last_shrink_at = Some(now);
+                }
+            }
+            total_target_mib = total_target_mib.saturating_add(a.proposed);
+            Decision {
+                id: vm.id.clone(),
+                target_mib: a.proposed,
+                previous_mib: vm.target_mib,
+                reason: a.reason,
+                flags: a.flags,
+                wanted_mib: a.wanted,
+            }
+        })
+        .collect();
+    Plan {
+        decisions,
+        total_target_mib,
+        over_budget_mib,
+    }
+}
+
+/// Signals read from one VM's statistics this tick.
+struct Reading {
+    used: u64,
+    available: u64,
+    /// Faults, swap-in, stalls or OOM kills since the previous report.
+    counter_pressure: bool,
+    trend_mib_per_s: f64,
+}
+
+/// Reads the report in `vm.stats` (known to be fresh), updating the VM's memory when it is new.
+fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) -> Reading {
+    let stats = vm.stats.unwrap_or_default();
+    let available = stats.available_memory.unwrap_or(0) / MIB;
+    let used = vm.current_mib.saturating_sub(available);
+    let at = now.saturating_sub(Duration::from_millis(stats.age_ms.unwrap_or(0)));
+    let report = Report {
+        at,
+        major_faults: stats.major_faults,
+        swap_in: stats.swap_in,
+        alloc_stall: stats.alloc_stall,
+        oom_kill: stats.oom_kill,
+        used_mib: used,
+    };
+    match memory.report {
+        Some(last) if at < last.at + SAME_REPORT => {}
+        Some(last) => {
+            let secs = (at - last.at).as_secs_f64();
+            let rate = |new: Option<u64>, old: Option<u64>| match (new, old) {
+                (Some(n), Some(o)) => n.saturating_sub(o) as f64 / secs,
+                _ => 0.0,
+            };
+            let grew = |new: Option<u64>, old: Option<u64>| rate(new, old) > 0.0;
+            // A balloon that is inflating makes the guest reclaim, so stalls then are ours.
+            let inflating = vm.current_mib > vm.target_mib;
+            memory.counter_pressure = rate(report.major_faults, last.major_faults)
+                > p.major_fault_rate as f64
+                || rate(report.swap_in, last.swap_in) / 1024.0 > p.swap_in_kib_rate as f64
+                || grew(report.oom_kill, last.oom_kill)
+                || (!inflating && grew(report.alloc_stall, last.alloc_stall));
+            let growth = (used as f64 - last.used_mib as f64) / secs;
+            // Fast attack, slow decay: a guest that starts allocating is believed at once.
+            let trend = growth.max(0.5 * memory.trend_mib_per_s);
+            memory.trend_mib_per_s = if trend < FLAT_TREND { 0.0 } else { trend };
+            memory.report = Some(report);
+        }
+        None => memory.report = Some(report),
+    }
+    Reading {
+        used,
+        available,
+        counter_pressure: memory.counter_pressure,
+        trend_mib_per_s: memory.trend_mib_per_s,
+    }
+}
+
+/// Proposes one VM's target from its own observation, ignoring the budget.
+fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) -> Assessment {
+    let mut flags = Flags::default();
+    let limits = vm.limits;
+    let (lo, hi) = if limits.min_mib > limits.max_mib {
+        flags.bad_limits = true;
+        (limits.max_mib, limits.max_mib)
+    } else {
+        (limits.min_mib, limits.max_mib)
+    };
+    let weight = u64::from(limits.weight.max(1));
+    let grow_cap = vm.target_mib.saturating_add(p.grow_step_max_mib);
+
+    // Deflate-on-OOM is counted by the VMM, not the guest: it holds even when the stats are stale.
+    let deflated_on_oom = matches!(
+        (vm.deflate_on_oom_events, memory.deflate_on_oom_events),
+        (Some(new), Some(old)) if new > old
+    );
+    memory.deflate_on_oom_events = vm.deflate_on_oom_events;
+
+    let stats = vm.stats.filter(|s| s.available_memory.is_some());
+    if stats.is_none_or(|s| s.age_ms.is_none_or(|age| age > p.stale_after_ms)) {
+        return assess_frozen(p, vm, stats, deflated_on_oom, (lo, hi), weight, flags);
+    }
+
+    let reading = read_stats(p, vm, memory, now);
+    let used = reading.used;
+    let buffer = (used.saturating_mul(p.buffer_pct) / 100).max(p.buffer_min_mib);
+    let projected = (reading.trend_mib_per_s * p.lookahead_ms as f64 / 1000.0) as u64;
+    let wanted = used
+        .saturating_add(buffer)
+        .saturating_add(projected)
+        .clamp(lo, hi);
+    let band = (vm.target_mib.saturating_mul(p.hysteresis_pct) / 100).max(p.hysteresis_min_mib);
+    let pressure = reading.available < buffer / 2 || reading.counter_pressure || deflated_on_oom;
+    flags.pressure = pressure;
+
+    if pressure {
+        note_pressure(p, memory, now);
+    }
+    let in_backoff = memory.backoff_until.is_some_and(|until| until > now);
+    flags.backoff = in_backoff;
+
+    let target = vm.target_mib;
+    let settle_at = wanted.saturating_add(band / 2);
+    let (proposed, reason) = if pressure {
+        let grow_to = settle_at.max(vm.current_mib.saturating_add(p.pressure_grow_mib));
+        (target.max(grow_to.min(grow_cap)), Reason::PressureGrow)
+    } else if wanted > target {
+        (settle_at.min(grow_cap), Reason::WorkingSetGrow)
+    } else if target > wanted.saturating_add(band) {
+        if in_backoff {
+            (target, Reason::BackOff)
+        } else if vm.current_mib > target.saturating_add(p.shrink_step_min_mib) {
+            (target, Reason::InProgress)
+        } else {
+            let step = (target.saturating_mul(p.shrink_step_pct) / 100).max(p.shrink_step_min_mib);
+            (
+                settle_at.max(target.saturating_sub(step)),
+                Reason::IdleReclaim,
+            )
+        }
+    } else {
+        (target, Reason::Hold)
+    };
+    let proposed = proposed.clamp(lo, hi);
+    let need = used.clamp(lo, proposed);
+    Assessment {
+        target,
+        lo,
+        weight,
+        proposed,
+        reason: limit_reason(reason, proposed, target, lo, hi),
+        flags,
+        wanted: Some(wanted),
+        need,
+        comfort: wanted.clamp(need, proposed),
+    }
+}
+
+/// A VM without fresh statistics: held where it is (never below what the guest has or was
+/// promised: nothing is shrunk blind), raised only when the VMM saw deflate-on-OOM.
+fn assess_frozen(
+    p: &Params,
+    vm: &VmObservation,
+    stats: Option<crate::GuestStats>,
+    deflated_on_oom: bool,
+    (lo, hi): (u64, u64),
+    weight: u64,
+    mut flags: Flags,
+) -> Assessment {
+    flags.frozen = true;
+    let mut reason = if stats.is_some_and(|s| s.age_ms.is_some()) {
+        Reason::FrozenStaleStats
+    } else {
+        Reason::FrozenNoStats
+    };
+    let mut proposed = vm.current_mib.max(vm.target_mib);
+    if deflated_on_oom {
+        flags.pressure = true;
+        reason = Reason::PressureGrow;
+        let grow_cap = vm.target_mib.saturating_add(p.grow_step_max_mib);
+        proposed = proposed.max(
+            vm.current_mib
+                .saturating_add(p.pressure_grow_mib)
+                .min(grow_cap),
+        );
+    }
+    let proposed = proposed.clamp(lo, hi);
+    Assessment {
+        target: vm.target_mib,
+        lo,
+        weight,
+        proposed,
+        reason: limit_reason(reason, proposed, vm.target_mib, lo, hi),
+        flags,
+        wanted: None,
+        need: proposed,
+        comfort: proposed,
+    }
+}
+
+/// A target pinned at a limit: `AtMin`/`AtMax` say so when the policy would have moved it further
+/// but nothing changed; a change keeps the reason that made it.
+fn limit_reason(reason: Reason, proposed: u64, target: u64, lo: u64, hi: u64) -> Reason {
+    if proposed != target {
+        return if proposed == lo && target < lo {
+            Reason::AtMin
+        } else if proposed == hi && target > hi {
+            Reason::AtMax
+        } else {
+            reason
+        };
+    }
+    match reason {
+        Reason::PressureGrow | Reason::WorkingSetGrow if proposed == hi => Reason::AtMax,
+        Reason::IdleReclaim | Reason::Hold if proposed == lo => Reason::AtMin,
+        _ => reason,
+    }
+}
+
+/// Pressure soon after a shrink means the shrink went too far: no idle reclaim for a while,
+/// longer at each repeat.
+fn note_pressure(p: &Params, memory: &mut VmMemory, now: Duration) {
+    let backoff = Duration::from_millis(p.backoff_ms);
+    if memory
+        .backoff_until
+        .is_some_and(|until| now > until + backoff * 4)
+    {
+        memory.backoffs = 0;
+    }
+    let Some(shrunk_at) = memory.last_shrink_at else {
+        return;
+    };
+    if now.saturating_sub(shrunk_at) <= Duration::from_millis(p.backoff_window_ms) {
+        memory.backoff_until = Some(now + backoff * (1u32 << memory.backoffs.min(4)));
+        memory.backoffs = memory.backoffs.saturating_add(1);
+        memory.last_shrink_at = None;
+    }
+}
+
+/// Cuts the proposals down until they add up to `budget`: every VM keeps its floor (its minimum;
+/// all of a frozen VM's proposal); then working sets are served, then buffers, then idle memory,
+/// each tier shared by weight. Returns how far the floors alone exceed the budget.
+///
+/// A share that lands less than `2 * granule` above the VM's current target is rounded down to
+/// the target, and one less than `granule` below it to `granule` below it: without this, noise in
+/// one guest's statistics moves every squeezed VM by a few MiB each tick; the slack a rounded cut
+/// leaves absorbs the next small rises, and a VM cut that way is not raised back for the slack. Rounding only ever goes down (the budget holds) and keeps
+/// a larger share larger (more pressure still never gives less memory).
+fn fit_budget(budget: u64, granule: u64, assessed: &mut [Assessment]) -> u64 {
+    let total: u64 = assessed.iter().map(|a| a.proposed).sum();
+    if total <= budget {
+        return 0;
+    }
+    let floor = |a: &Assessment| if a.flags.frozen { a.proposed } else { a.lo };
+    let floors: u64 = assessed.iter().map(floor).sum();
+    let mut room = budget.saturating_sub(floors);
+    let mut grant: Vec<u64> = assessed.iter().map(floor).collect();
+    type Tier = fn(&Assessment) -> (u64, u64);
+    let tiers: [Tier; 3] = [
+        |a| (a.lo, a.need),
+        |a| (a.need, a.comfort),
+        |a| (a.comfort, a.proposed),
+    ];
+    for tier in tiers {
+        let sizes: Vec<u64> = assessed
+            .iter()
+            .map(|a| {
+                let (from, to) = tier(a);
+                if a.flags.frozen {
+                    0
+                } else {
+                    to.saturating_sub(from)
+                }
+            })
+            .collect();
+        let wanted: u64 = sizes.iter().sum();
+        if wanted <= room {
+            grant.iter_mut().zip(&sizes).for_each(|(g, s)| *g += s);
+            room -= wanted;
+            continue;
+        }
+        let weights: Vec<u64> = assessed.iter().map(|a| a.weight).collect();
+        let shares = water_fill(&sizes, &weights, room);
+        grant.iter_mut().zip(&shares).for_each(|(g, s)| *g += s);
+        break;
+    }
+    for (a, g) in assessed.iter_mut().zip(grant) {
+        let floor = floor(a);
+        let g = if g > a.target && g < a.target.saturating_add(2 * granule) {
+            a.target
+        } else if g < a.target && g > a.target.saturating_sub(granule) {
+            a.target.saturating_sub(granule)
+        } else {
+            g
+        }
+        .max(floor);
+        if g < a.proposed {
+            a.proposed = g;
+            a.reason = Reason::BudgetSqueeze;
+            a.flags.squeezed = true;
+        }
+    }
+    floors.saturating_sub(budget)
+}
+
+/// Shares `room` among claims of `sizes` in proportion to `weights`: each gets
+/// `min(size, lambda * weight)` with one `lambda` for all, rounded down (so the shares never add
+/// up to more than `room`). A larger own size never gives a smaller share.
+fn water_fill(sizes: &[u64], weights: &[u64], room: u64) -> Vec<u64> {
+    let mut order: Vec<usize> = (0..sizes.len()).filter(|&i| sizes[i] > 0).collect();
+    // Ascending size per weight: the claims that are satisfied first.
+    order.sort_unstable_by(|&i, &j| {
+        (u128::from(sizes[i]) * u128::from(weights[j]))
+            .cmp(&(u128::from(sizes[j]) * u128::from(weights[i])))
+    });
+    let mut shares = vec![0u64; sizes.len()];
+    let mut room = u128::from(room);
+    let mut weight_left: u128 = order.iter().map(|&i| u128::from(weights[i])).sum();
+    let mut rest = order.as_slice();
+    while let Some((&i, tail)) = rest.split_first() {
+        let (size, weight) = (u128::from(sizes[i]), u128::from(weights[i]));
+        if size * weight_left > room * weight {
+            break;
+        }
+        shares[i] = sizes[i];
+        room -= size;
+        weight_left -= weight;
+        rest = tail;
+    }
+    // Everyone left is limited by lambda = room / weight_left.
+    for &i in rest {
+        shares[i] = (room * u128::from(weights[i]) / weight_left) as u64;
+    }
+    shares
+}
+
+#[cfg(test)]
+mod tests {
+    use super::water_fill;
+
+    #[test]
+    fn water_fill_shares_by_weight_and_caps_by_size() {
+        assert_eq!(water_fill(&[100, 100], &[1, 1], 100), vec![50, 50]);
+        assert_eq!(water_fill(&[100, 100], &[3, 1], 100), vec![75, 25]);
+        assert_eq!(water_fill(&[10, 100], &[1, 1], 100), vec![10, 90]);
+        assert_eq!(water_fill(&[0, 100], &[1, 1], 50), vec![0, 50]);
+        assert_eq!(water_fill(&[7, 7, 7], &[1, 1, 1], 10), vec![3, 3, 3]);
+    }
+}

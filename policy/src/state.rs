@@ -1,0 +1,75 @@
+//! What the policy remembers between ticks. The caller owns it and passes it to every
+//! [`crate::decide`] call, so the function stays pure: the same observations, state and time give
+//! the same plan. A fresh (default) state is always safe: rates and back-offs start over.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The policy's memory of every VM it has seen, by id. VMs absent from a tick's observations are
+/// forgotten at that tick.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyState {
+    pub(crate) vms: HashMap<String, VmMemory>,
+}
+
+impl PolicyState {
+    /// A state that remembers nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many VMs the state remembers.
+    pub fn len(&self) -> usize {
+        self.vms.len()
+    }
+
+    /// True when the state remembers no VM.
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty()
+    }
+
+    /// Until when the VM `id` is in a back-off (not shrunk), if it is in one at `now`.
+    pub fn backoff_until(&self, id: &str, now: Duration) -> Option<Duration> {
+        self.vms
+            .get(id)
+            .and_then(|m| m.backoff_until)
+            .filter(|until| *until > now)
+    }
+}
+
+/// Cumulative counters of one statistics report, and when the guest made it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Report {
+    /// `now - age` at the tick that saw this report.
+    pub at: Duration,
+    pub major_faults: Option<u64>,
+    pub swap_in: Option<u64>,
+    pub alloc_stall: Option<u64>,
+    pub oom_kill: Option<u64>,
+    /// The guest's working set (current minus available), MiB.
+    pub used_mib: u64,
+}
+
+/// What the policy keeps about one VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct VmMemory {
+    /// The last statistics report seen (its counters give rates at the next report).
+    pub report: Option<Report>,
+    /// Pressure read from the counters at the last new report; kept until the next one, so a tick
+    /// between two reports sees the same signals.
+    pub counter_pressure: bool,
+    /// Growth of the working set, MiB per second, smoothed over reports; never negative.
+    pub trend_mib_per_s: f64,
+    /// Deflate-on-OOM count at the last tick.
+    pub deflate_on_oom_events: Option<u64>,
+    /// When the policy last lowered this VM's target.
+    pub last_shrink_at: Option<Duration>,
+    /// No idle reclaim before this time.
+    pub backoff_until: Option<Duration>,
+    /// Back-offs in a row (each doubles the next, up to 16x); reset after a quiet spell.
+    pub backoffs: u32,
+    /// The tick that last observed this VM (VMs not seen at a tick are forgotten).
+    pub seen_at: Option<Duration>,
+}

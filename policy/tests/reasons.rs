@@ -1,0 +1,305 @@
+//! One scenario per [`Reason`]: what the daemon would see, and the target a user expects.
+
+use std::time::Duration;
+
+use policy::{
+    decide, Decision, GuestStats, HostObservation, Params, PolicyState, Reason, VmLimits,
+    VmObservation,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn limits() -> VmLimits {
+    VmLimits {
+        min_mib: 256,
+        max_mib: 4096,
+        boot_mib: 2048,
+        weight: 100,
+    }
+}
+
+/// A VM at `target` = `current` MiB whose guest reports `available` MiB, fresh.
+fn vm(id: &str, target: u64, available: u64) -> VmObservation {
+    VmObservation {
+        id: id.into(),
+        limits: limits(),
+        target_mib: target,
+        current_mib: target,
+        stats: Some(GuestStats {
+            available_memory: Some(available * MIB),
+            free_memory: Some(available * MIB / 2),
+            disk_caches: Some(available * MIB / 2),
+            major_faults: Some(0),
+            swap_in: Some(0),
+            age_ms: Some(500),
+            ..GuestStats::default()
+        }),
+        rss_mib: None,
+        deflate_on_oom_events: Some(0),
+    }
+}
+
+fn host(budget: u64) -> HostObservation {
+    HostObservation {
+        budget_mib: budget,
+        mem_available_mib: None,
+        psi_some_avg10: None,
+        psi_full_avg10: None,
+    }
+}
+
+fn one(vm: VmObservation, state: &mut PolicyState, now_s: u64) -> Decision {
+    let plan = decide(
+        &Params::default(),
+        &host(1 << 20),
+        &[vm],
+        state,
+        Duration::from_secs(now_s),
+    );
+    plan.decisions.into_iter().next().unwrap()
+}
+
+#[test]
+fn idle_guest_is_shrunk_by_at_most_one_step_per_tick() {
+    // 2048 MiB, 1848 available: working set 200 MiB, wanted 200 + 256 buffer.
+    let d = one(vm("a", 2048, 1848), &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::IdleReclaim);
+    assert_eq!(d.wanted_mib, Some(456));
+    // 5% of 2048 is 102 MiB.
+    assert_eq!(d.target_mib, 2048 - 102);
+    assert!(d.changed());
+}
+
+#[test]
+fn guest_with_little_available_memory_grows_under_pressure() {
+    // 1024 MiB with 40 MiB available: used 984, buffer 256, pressure (40 < 128).
+    let d = one(vm("a", 1024, 40), &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::PressureGrow);
+    assert!(d.flags.pressure);
+    assert!(d.target_mib >= 984 + 256, "{d:?}");
+}
+
+#[test]
+fn guest_whose_working_set_grew_past_its_buffer_grows() {
+    // 1024 MiB, 150 available: used 874, buffer 256 > 150 but 150 is not below half of it.
+    let d = one(vm("a", 1024, 150), &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::WorkingSetGrow);
+    assert!(!d.flags.pressure);
+    assert!(d.target_mib >= 874 + 256, "{d:?}");
+}
+
+#[test]
+fn guest_near_its_wanted_size_is_held() {
+    // 1024 MiB, 300 available: used 724, wanted 980; the band is 102 MiB.
+    let d = one(vm("a", 1024, 300), &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::Hold);
+    assert_eq!(d.target_mib, 1024);
+}
+
+#[test]
+fn vm_without_statistics_is_frozen_and_never_shrunk() {
+    let mut v = vm("a", 1024, 900);
+    v.stats = None;
+    v.current_mib = 1500; // a shrink in progress: stop it where it is
+    let d = one(v, &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::FrozenNoStats);
+    assert!(d.flags.frozen);
+    assert_eq!(d.target_mib, 1500);
+}
+
+#[test]
+fn vm_with_stale_statistics_is_frozen() {
+    let mut v = vm("a", 2048, 1800);
+    v.stats.as_mut().unwrap().age_ms = Some(60_000);
+    let d = one(v, &mut PolicyState::new(), 100);
+    assert_eq!(d.reason, Reason::FrozenStaleStats);
+    assert_eq!(d.target_mib, 2048);
+}
+
+#[test]
+fn frozen_vm_still_grows_after_deflate_on_oom() {
+    let mut state = PolicyState::new();
+    let mut v = vm("a", 1024, 10);
+    v.stats = None;
+    one(v.clone(), &mut state, 10);
+    v.deflate_on_oom_events = Some(3);
+    let d = one(v, &mut state, 11);
+    assert_eq!(d.reason, Reason::PressureGrow);
+    assert!(d.flags.frozen && d.flags.pressure);
+    assert_eq!(d.target_mib, 1024 + 128);
+}
+
+#[test]
+fn shrink_waits_for_the_balloon_to_reach_the_last_target() {
+    let mut v = vm("a", 1500, 1400);
+    v.current_mib = 1800;
+    let d = one(v, &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::InProgress);
+    assert_eq!(d.target_mib, 1500);
+}
+
+#[test]
+fn pressure_right_after_a_shrink_backs_off_further_shrinks() {
+    let mut state = PolicyState::new();
+    // Tick 1: idle, shrunk.
+    let d = one(vm("a", 2048, 1848), &mut state, 10);
+    assert_eq!(d.reason, Reason::IdleReclaim);
+    // Tick 2: the guest then shows major faults.
+    let mut v = vm("a", d.target_mib, 1700);
+    v.stats.as_mut().unwrap().major_faults = Some(100_000);
+    let d = one(v, &mut state, 12);
+    assert!(d.flags.pressure, "{d:?}");
+    assert!(state.backoff_until("a", Duration::from_secs(12)).is_some());
+    // Tick 3: idle again, but in back-off: no shrink.
+    let mut v = vm("a", d.target_mib, 1700);
+    v.stats.as_mut().unwrap().major_faults = Some(100_000);
+    let d = one(v, &mut state, 14);
+    assert_eq!(d.reason, Reason::BackOff);
+    assert!(d.flags.backoff);
+    assert!(!d.changed());
+    // After the back-off (300 s) it shrinks again.
+    let mut v = vm("a", d.target_mib, 1700);
+    v.stats.as_mut().unwrap().major_faults = Some(100_000);
+    let d = one(v, &mut state, 400);
+    assert_eq!(d.reason, Reason::IdleReclaim);
+}
+
+#[test]
+fn idle_guest_at_its_minimum_says_so() {
+    // Working set 62 MiB, wanted 318, min 512.
+    let mut v = vm("a", 512, 450);
+    v.limits.min_mib = 512;
+    let d = one(v, &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::AtMin);
+    assert_eq!(d.target_mib, 512);
+}
+
+#[test]
+fn guest_under_pressure_at_its_maximum_says_so() {
+    let d = one(vm("a", 4096, 10), &mut PolicyState::new(), 10);
+    assert_eq!(d.reason, Reason::AtMax);
+    assert_eq!(d.target_mib, 4096);
+}
+
+#[test]
+fn budget_squeeze_takes_idle_memory_before_working_sets() {
+    // Two VMs at 2048: "busy" uses 1500 MiB, "idle" 100 MiB; budget 2600.
+    let vms = [vm("busy", 2048, 548), vm("idle", 2048, 1948)];
+    let plan = decide(
+        &Params::default(),
+        &host(2600),
+        &vms,
+        &mut PolicyState::new(),
+        Duration::from_secs(10),
+    );
+    assert!(plan.total_target_mib <= 2600, "{plan:?}");
+    let busy = &plan.decisions[0];
+    let idle = &plan.decisions[1];
+    assert!(busy.target_mib >= 1500 + 300, "{plan:?}");
+    assert_eq!(idle.reason, Reason::BudgetSqueeze);
+    assert!(idle.flags.squeezed);
+    assert!(idle.target_mib < 2048 - 102, "faster than a step: {plan:?}");
+}
+
+#[test]
+fn budget_below_the_minimums_reports_the_shortfall() {
+    let vms = [vm("a", 2048, 100), vm("b", 2048, 100)];
+    let plan = decide(
+        &Params::default(),
+        &host(400),
+        &vms,
+        &mut PolicyState::new(),
+        Duration::from_secs(10),
+    );
+    assert_eq!(plan.over_budget_mib, 512 - 400);
+    assert!(plan.decisions.iter().all(|d| d.target_mib == 256));
+}
+
+#[test]
+fn params_accept_a_partial_object_and_explain_a_bad_value() {
+    let p: Params = serde_json::from_str(r#"{"buffer_pct": 30}"#).unwrap();
+    assert_eq!(p.buffer_pct, 30);
+    assert_eq!(p.shrink_step_pct, Params::default().shrink_step_pct);
+    assert!(serde_json::from_str::<Params>(r#"{"bufer_pct": 30}"#).is_err());
+    let p = Params {
+        shrink_step_pct: 0,
+        ..Params::default()
+    };
+    assert_eq!(
+        p.validate().unwrap_err().to_string(),
+        "shrink_step_pct: 0 % is out of range 1..=100 %"
+    );
+    assert!(Params::default().validate().is_ok());
+}
+
+#[test]
+fn guest_stats_read_the_vmm_statistics_body() {
+    // The shape of GET /balloon/statistics (api/src/responses.rs BalloonStats).
+    let body = r#"{"target_pages":0,"actual_pages":0,"target_mib":0,"actual_mib":0,
+        "major_faults":12,"available_memory":1048576,"hugetlb_failures":0,"age_ms":700}"#;
+    let s: GuestStats = serde_json::from_str(body).unwrap();
+    assert_eq!(s.major_faults, Some(12));
+    assert_eq!(s.available_memory, Some(1 << 20));
+    assert_eq!(s.age_ms, Some(700));
+    assert_eq!(s.swap_in, None);
+}
+
+#[test]
+fn noise_in_one_guest_does_not_move_the_other_squeezed_vms_every_tick() {
+    // Two busy VMs (1500 MiB used each) on a budget of 3400: both are squeezed. Then one
+    // guest's available memory wobbles by 5 MiB each tick; the other's target should settle.
+    let p = Params::default();
+    let mut state = PolicyState::new();
+    let mut targets = [2048u64, 2048];
+    let mut changes_b = 0;
+    for tick in 0..40u64 {
+        let wobble = if tick % 2 == 0 { 0 } else { 5 };
+        let vms: Vec<VmObservation> = ["a", "b"]
+            .iter()
+            .zip(targets)
+            .map(|(id, t)| {
+                let mut v = vm(id, t, t.saturating_sub(1500));
+                let s = v.stats.as_mut().unwrap();
+                s.major_faults = Some(0);
+                if *id == "a" {
+                    s.available_memory = Some((t - 1500 - wobble) * MIB);
+                }
+                v
+            })
+            .collect();
+        let plan = decide(
+            &p,
+            &host(3400),
+            &vms,
+            &mut state,
+            Duration::from_secs(tick * 2),
+        );
+        assert!(plan.total_target_mib <= 3400);
+        if tick >= 5 && plan.decisions[1].changed() {
+            changes_b += 1;
+        }
+        targets = [plan.decisions[0].target_mib, plan.decisions[1].target_mib];
+    }
+    assert!(
+        changes_b <= 2,
+        "b's target changed {changes_b} times in 35 ticks"
+    );
+}
+
+#[test]
+fn a_vm_no_longer_observed_is_forgotten() {
+    let mut state = PolicyState::new();
+    let p = Params::default();
+    let now = Duration::from_secs(1);
+    decide(
+        &p,
+        &host(1 << 20),
+        &[vm("a", 1024, 500), vm("b", 1024, 500)],
+        &mut state,
+        now,
+    );
+    assert_eq!(state.len(), 2);
+    let later = Duration::from_secs(2);
+    decide(&p, &host(1 << 20), &[vm("b", 1024, 500)], &mut state, later);
+    assert_eq!(state.len(), 1);
+}
