@@ -16,6 +16,7 @@
 //!   not from a guest that showed pressure right after an earlier shrink (back-off);
 //! - when memory is short, idle memory goes first, then buffers, then working sets, by weight.
 
+mod budget;
 mod decide;
 mod decision;
 mod observation;
