@@ -109,7 +109,17 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
         used_mib: used,
     };
     match memory.report {
-        Some(last) if at < last.at + SAME_REPORT => {}
+        // The same report again: its working set was computed against the size the guest had
+        // when it was new; the size moved since (the balloon, virtio-mem), the report did not.
+        Some(last) if at < last.at + SAME_REPORT => {
+            let used = last.used_mib;
+            return Reading {
+                used,
+                available: vm.current_mib.saturating_sub(used),
+                counter_pressure: memory.counter_pressure,
+                trend_mib_per_s: memory.trend_mib_per_s,
+            };
+        }
         Some(last) => {
             let secs = (at - last.at).as_secs_f64();
             let rate = |new: Option<u64>, old: Option<u64>| match (new, old) {
