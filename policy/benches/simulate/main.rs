@@ -3,7 +3,10 @@
 //! `cargo bench -p policy --bench simulate` prints a markdown table. Options (after `--`):
 //! `--scales 10,100,1000` (budget = scale x boot size), `--seconds 3600` (simulated time),
 //! `--no-search` (skip the search for the largest fleet that fits; report the 1.5x fleet only).
-//! `SIM_PARAMS='{"buffer_pct": 30}'` runs the policy with other parameters.
+//! `SIM_PARAMS='{"buffer_pct": 30}'` runs the policy with other parameters. To see why (on
+//! stderr, each run starting with a `run:` line): `SIM_TRACE=N` prints VM N's observation and
+//! decision at every policy tick, `SIM_PRESSURE=1` every guest-second under pressure with the
+//! guest's state; `SIM_SEED=N` draws other traces.
 //!
 //! Every VM: min 256, boot 2048, max 4096 MiB, weight 100. Static allocation reserves each VM's
 //! boot size (no balloon, no free page reporting), so it fits `scale` VMs. The other two
@@ -84,8 +87,11 @@ impl Manager {
             Manager::Policy(params, state, reasons) => {
                 let plan = decide(params, host, vms, state, now);
                 let took = start.elapsed();
-                if std::env::var_os("SIM_TRACE").is_some() {
-                    let (v, d) = (&vms[0], &plan.decisions[0]);
+                if let Some(k) = std::env::var("SIM_TRACE")
+                    .ok()
+                    .and_then(|k| k.parse::<usize>().ok())
+                {
+                    let (v, d) = (&vms[k], &plan.decisions[k]);
                     let s = v.stats.unwrap_or_default();
                     eprintln!(
                         "t={} cur={} avail={} cache={} faults={:?} -> {} {:?} wanted={:?} total={} {:?}",
@@ -129,12 +135,19 @@ impl Outcome {
     }
 }
 
+/// VM `vm`'s trace seed; `SIM_SEED=N` (default 0) draws another set of traces, to see how much
+/// a result owes to one draw.
 fn seed(kind: Kind, vm: usize) -> u64 {
-    (kind as u64) << 32 | vm as u64
+    let draw: u64 = std::env::var("SIM_SEED").map_or(0, |s| s.parse().expect("SIM_SEED: a number"));
+    draw << 40 | (kind as u64) << 32 | vm as u64
 }
 
 fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) -> Outcome {
     let managed = !matches!(manager, Manager::Static);
+    let show_pressure = std::env::var_os("SIM_PRESSURE").is_some();
+    if show_pressure || std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("run: {} {} {vms}", kind.name(), manager.name());
+    }
     let mut traces: Vec<Trace> = (0..vms).map(|i| Trace::new(kind, seed(kind, i))).collect();
     let mut guests: Vec<Guest> = traces
         .iter_mut()
@@ -164,8 +177,13 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
     };
     for t in 1..=seconds {
         let mut resident = 0.0;
-        for (g, tr) in guests.iter_mut().zip(&mut traces) {
-            g.step(t, &tr.next(t as f64));
+        for (i, (g, tr)) in guests.iter_mut().zip(&mut traces).enumerate() {
+            let before = g.pressure_seconds;
+            let d = tr.next(t as f64);
+            g.step(t, &d);
+            if show_pressure && g.pressure_seconds > before {
+                eprintln!("pressure: vm{i} t={t} {}", g.describe(&d));
+            }
             resident += g.resident();
         }
         out.peak_resident = out.peak_resident.max(resident);
