@@ -206,7 +206,14 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
         } else if vm.current_mib > target.saturating_add(p.shrink_step_min_mib) {
             (target, Reason::InProgress)
         } else {
-            let step = (target.saturating_mul(p.shrink_step_pct) / 100).max(p.shrink_step_min_mib);
+            let mut step =
+                (target.saturating_mul(p.shrink_step_pct) / 100).max(p.shrink_step_min_mib);
+            // A VM whose shrinks never hurt it (no back-off) sheds half its excess at a time,
+            // within a cap: far above what it wants, that is a few ticks instead of dozens.
+            if memory.backoffs == 0 {
+                let fast = (target - settle_at).div_ceil(2);
+                step = step.max(fast.min(target.saturating_mul(p.fast_shrink_pct) / 100));
+            }
             (
                 settle_at.max(target.saturating_sub(step)),
                 Reason::IdleReclaim,

@@ -34,6 +34,9 @@ pub struct Params {
     pub shrink_step_pct: u64,
     /// The shrink step is never smaller than this, MiB (default 32).
     pub shrink_step_min_mib: u64,
+    /// A VM that never needed a back-off sheds half of its idle memory per tick, at most this
+    /// percent of its target (default 25); the step above still applies when it is larger.
+    pub fast_shrink_pct: u64,
     /// Most a target may rise in one tick, MiB (default 2048). Large on purpose: a guest that
     /// waits for memory is stalled, and deflating a balloon is cheap.
     pub grow_step_max_mib: u64,
@@ -68,6 +71,7 @@ impl Default for Params {
             buffer_min_mib: 256,
             shrink_step_pct: 5,
             shrink_step_min_mib: 32,
+            fast_shrink_pct: 25,
             grow_step_max_mib: 2048,
             pressure_grow_mib: 128,
             hysteresis_pct: 10,
@@ -87,10 +91,11 @@ const MIB_MAX: u64 = 1 << 30; // 1 PiB in MiB: a bound that only catches nonsens
 impl Params {
     /// Checks every field against its allowed range; the error names the first one outside it.
     pub fn validate(&self) -> Result<(), ParamsError> {
-        let checks: [(&'static str, u64, &'static str, u64, u64); 14] = [
+        let checks: [(&'static str, u64, &'static str, u64, u64); 15] = [
             ("buffer_pct", self.buffer_pct, "%", 0, 400),
             ("buffer_min_mib", self.buffer_min_mib, "MiB", 0, MIB_MAX),
             ("shrink_step_pct", self.shrink_step_pct, "%", 1, 100),
+            ("fast_shrink_pct", self.fast_shrink_pct, "%", 0, 100),
             (
                 "shrink_step_min_mib",
                 self.shrink_step_min_mib,

@@ -107,11 +107,13 @@ fn check_plan(p: &Params, budget: u64, vms: &[VmObservation], plan: &Plan) {
             assert!(d.flags.frozen);
             floors += d.target_mib;
         }
-        // Step limit: a target inside the limits moves at most one step, unless the budget
-        // forces it down.
+        // Step limit: a target inside the limits moves at most one step (the larger one of a
+        // VM that never backed off), unless the budget forces it down.
         let prev = v.target_mib;
         if (lo..=hi).contains(&prev) && d.reason != Reason::BudgetSqueeze {
-            let step = (prev * p.shrink_step_pct / 100).max(p.shrink_step_min_mib);
+            let step = (prev * p.shrink_step_pct / 100)
+                .max(p.shrink_step_min_mib)
+                .max(prev * p.fast_shrink_pct / 100);
             assert!(
                 prev - prev.min(d.target_mib) <= step,
                 "shrink step: {v:?} -> {d:?}"
