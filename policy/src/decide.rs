@@ -89,6 +89,8 @@ pub fn decide(
 struct Reading {
     used: u64,
     available: u64,
+    /// Reclaimable page cache (available minus free, no more than the disk caches), MiB.
+    cache: u64,
     /// Faults, swap-in, stalls or OOM kills since the previous report.
     counter_pressure: bool,
     trend_mib_per_s: f64,
@@ -99,6 +101,13 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
     let stats = vm.stats.unwrap_or_default();
     let available = stats.available_memory.unwrap_or(0) / MIB;
     let used = vm.current_mib.saturating_sub(available);
+    let cache = match (stats.free_memory, stats.disk_caches) {
+        (Some(free), caches) => available
+            .saturating_sub(free / MIB)
+            .min(caches.map_or(u64::MAX, |c| c / MIB)),
+        (None, Some(caches)) => (caches / MIB).min(available),
+        (None, None) => 0,
+    };
     let at = now.saturating_sub(Duration::from_millis(stats.age_ms.unwrap_or(0)));
     let report = Report {
         at,
@@ -107,6 +116,7 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
         alloc_stall: stats.alloc_stall,
         oom_kill: stats.oom_kill,
         used_mib: used,
+        cache_mib: cache,
     };
     match memory.report {
         // The same report again: its working set was computed against the size the guest had
@@ -115,6 +125,7 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
             let used = last.used_mib;
             return Reading {
                 used,
+                cache: last.cache_mib,
                 available: vm.current_mib.saturating_sub(used),
                 counter_pressure: memory.counter_pressure,
                 trend_mib_per_s: memory.trend_mib_per_s,
@@ -145,6 +156,7 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
     Reading {
         used,
         available,
+        cache,
         counter_pressure: memory.counter_pressure,
         trend_mib_per_s: memory.trend_mib_per_s,
     }
@@ -179,8 +191,12 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
     let used = reading.used;
     let buffer = (used.saturating_mul(p.buffer_pct) / 100).max(p.buffer_min_mib);
     let projected = (reading.trend_mib_per_s * p.lookahead_ms as f64 / 1000.0) as u64;
+    // Part of the page cache is hot: MemAvailable counts it as free to take, but taking it
+    // costs refaults. Keep a share (ESX taxes idle memory at 75%, not 100%).
+    let cache_keep = reading.cache.saturating_mul(p.cache_keep_pct) / 100;
     let wanted = used
         .saturating_add(buffer)
+        .saturating_add(cache_keep)
         .saturating_add(projected)
         .clamp(lo, hi);
     let band = (vm.target_mib.saturating_mul(p.hysteresis_pct) / 100).max(p.hysteresis_min_mib);

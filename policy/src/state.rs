@@ -50,6 +50,8 @@ pub(crate) struct Report {
     pub oom_kill: Option<u64>,
     /// The guest's working set (current minus available), MiB.
     pub used_mib: u64,
+    /// Its reclaimable page cache, MiB.
+    pub cache_mib: u64,
 }
 
 /// What the policy keeps about one VM.

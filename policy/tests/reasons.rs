@@ -18,7 +18,8 @@ fn limits() -> VmLimits {
     }
 }
 
-/// A VM at `target` = `current` MiB whose guest reports `available` MiB, fresh.
+/// A VM at `target` = `current` MiB whose guest reports `available` MiB, fresh, all of it
+/// free memory (no page cache: `tests/working_set.rs` covers the cache).
 fn vm(id: &str, target: u64, available: u64) -> VmObservation {
     VmObservation {
         id: id.into(),
@@ -27,8 +28,8 @@ fn vm(id: &str, target: u64, available: u64) -> VmObservation {
         current_mib: target,
         stats: Some(GuestStats {
             available_memory: Some(available * MIB),
-            free_memory: Some(available * MIB / 2),
-            disk_caches: Some(available * MIB / 2),
+            free_memory: Some(available * MIB),
+            disk_caches: Some(0),
             major_faults: Some(0),
             swap_in: Some(0),
             age_ms: Some(500),

@@ -78,3 +78,27 @@ fn memory_just_given_is_not_read_as_a_growing_working_set() {
     assert_eq!(again.target_mib, grown, "{again:?}");
     assert!(!again.flags.pressure, "{again:?}");
 }
+
+#[test]
+fn a_third_of_the_page_cache_is_left_to_the_guest() {
+    // 2048 MiB: 500 MiB used, 1000 MiB of page cache, 548 MiB free (all counted as available).
+    let mut v = vm(2048, 2048, 1548, 500);
+    let s = v.stats.as_mut().unwrap();
+    s.free_memory = Some(548 * MIB);
+    s.disk_caches = Some(1000 * MIB);
+    let d = tick(v.clone(), &mut PolicyState::new(), 10_000);
+    // Working set 500 + buffer 256 + a third of the cache (330).
+    assert_eq!(d.wanted_mib, Some(500 + 256 + 330), "{d:?}");
+    // Cache the guest cannot drop (tmpfs, shared memory) is not in MemAvailable: only the
+    // reclaimable part (available minus free) counts, even when the disk caches say more.
+    let s = v.stats.as_mut().unwrap();
+    s.disk_caches = Some(1500 * MIB);
+    let d = tick(v, &mut PolicyState::new(), 10_000);
+    assert_eq!(d.wanted_mib, Some(500 + 256 + 330), "{d:?}");
+}
+
+#[test]
+fn without_a_cache_figure_only_the_working_set_and_buffer_are_wanted() {
+    let d = tick(vm(2048, 2048, 1548, 500), &mut PolicyState::new(), 10_000);
+    assert_eq!(d.wanted_mib, Some(500 + 256), "{d:?}");
+}
