@@ -23,7 +23,7 @@ mod observation;
 mod params;
 mod state;
 
-pub use decide::decide;
+pub use decide::{decide, decide_into};
 pub use decision::{Decision, Flags, Plan, Reason};
 pub use observation::{GuestStats, HostObservation, VmLimits, VmObservation};
 pub use params::{Params, ParamsError};

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use policy::{
-    decide, GuestStats, HostObservation, Params, Plan, PolicyState, Reason, VmLimits, VmObservation,
+    decide, decide_into, GuestStats, HostObservation, Params, Plan, PolicyState, Reason, VmLimits,
+    VmObservation,
 };
 use proptest::prelude::*;
 
@@ -158,6 +159,25 @@ proptest! {
             now += Duration::from_millis(dt);
             let plan = decide(&p, &host(budget), &vms, &mut state, now);
             check_plan(&p, budget, &vms, &plan);
+        }
+    }
+
+    /// `decide_into` gives exactly `decide`'s plan, whatever the plan it writes into held (a
+    /// previous tick's, with more, fewer or other VMs).
+    #[test]
+    fn deciding_into_a_used_plan_gives_the_same_plan(
+        ticks in prop::collection::vec((fleet(6), 0u64..40_000, 1u64..20_000), 1..8),
+    ) {
+        let p = Params::default();
+        let (mut state_a, mut state_b) = (PolicyState::new(), PolicyState::new());
+        let mut reused = Plan::default();
+        let mut now = Duration::ZERO;
+        for (vms, budget, dt) in ticks {
+            now += Duration::from_millis(dt);
+            let fresh = decide(&p, &host(budget), &vms, &mut state_a, now);
+            decide_into(&p, &host(budget), &vms, &mut state_b, now, &mut reused);
+            prop_assert_eq!(&fresh, &reused);
+            prop_assert_eq!(&state_a, &state_b);
         }
     }
 

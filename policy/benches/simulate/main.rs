@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use guest::{Guest, STATS_PERIOD};
-use policy::{decide, HostObservation, Params, PolicyState, VmLimits, VmObservation};
+use policy::{decide_into, HostObservation, Params, Plan, PolicyState, VmLimits, VmObservation};
 use trace::{Kind, Trace};
 
 const LIMITS: VmLimits = VmLimits {
@@ -39,8 +39,17 @@ enum Manager {
     /// oVirt MOM's rule: host free below 20% of the budget shrinks every guest by at most 5%
     /// of its size per tick toward used + buffer; otherwise every guest grows by 5% up to max.
     Threshold,
-    /// This crate; counts the changes it made by reason.
-    Policy(Params, PolicyState, BTreeMap<String, u64>),
+    /// This crate.
+    Policy(Box<PolicyRun>),
+}
+
+/// The policy's side of a run: it keeps its plan between ticks, as a daemon would, and decides
+/// into it (`decide_into`); `reasons` counts the changes it made by reason.
+struct PolicyRun {
+    params: Params,
+    state: PolicyState,
+    plan: Plan,
+    reasons: BTreeMap<String, u64>,
 }
 
 impl Manager {
@@ -84,8 +93,14 @@ impl Manager {
                     .clamp(vm.limits.min_mib, vm.limits.max_mib);
                 }
             }
-            Manager::Policy(params, state, reasons) => {
-                let plan = decide(params, host, vms, state, now);
+            Manager::Policy(run) => {
+                let PolicyRun {
+                    params,
+                    state,
+                    plan,
+                    reasons,
+                } = &mut **run;
+                decide_into(params, host, vms, state, now, plan);
                 let took = start.took();
                 if let Some(k) = std::env::var("SIM_TRACE")
                     .ok()
@@ -266,8 +281,8 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
     }
     out.oom_risk_events = guests.iter().map(|g| g.oom_risk_events).sum();
     out.pressure_seconds = guests.iter().map(|g| g.pressure_seconds).sum();
-    if let Manager::Policy(_, _, reasons) = manager {
-        out.reasons = reasons;
+    if let Manager::Policy(run) = manager {
+        out.reasons = run.reasons;
     }
     out
 }
@@ -280,7 +295,12 @@ fn policy() -> Manager {
         |json| serde_json::from_str(&json).expect("SIM_PARAMS: a JSON object of Params fields"),
     );
     params.validate().expect("SIM_PARAMS");
-    Manager::Policy(params, PolicyState::new(), BTreeMap::new())
+    Manager::Policy(Box::new(PolicyRun {
+        params,
+        state: PolicyState::new(),
+        plan: Plan::default(),
+        reasons: BTreeMap::new(),
+    }))
 }
 
 /// The largest fleet (up to 4x scale) whose run fits the budget, by bisection (assumes that a
