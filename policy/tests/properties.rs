@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use policy::{
-    decide, decide_into, GuestStats, HostObservation, Params, Plan, PolicyState, Reason, VmLimits,
-    VmObservation,
+    decide, decide_into, Decision, GuestStats, HostObservation, Params, Plan, PolicyState, Reason,
+    VmLimits, VmObservation,
 };
 use proptest::prelude::*;
 
@@ -159,6 +159,31 @@ proptest! {
             now += Duration::from_millis(dt);
             let plan = decide(&p, &host(budget), &vms, &mut state, now);
             check_plan(&p, budget, &vms, &plan);
+        }
+    }
+
+    /// A squeeze takes idle memory, buffers and the kept share of page cache before any working
+    /// set: while one VM is cut below its working set, no other keeps more than its own.
+    #[test]
+    fn working_sets_are_cut_last(vms in fleet(6), budget in 0u64..40_000) {
+        let p = Params::default();
+        let plan = decide(&p, &host(budget), &vms, &mut PolicyState::new(), Duration::from_secs(5));
+        // The working set each VM reports, within its limits (fresh statistics only).
+        let working_set = |v: &VmObservation| {
+            let (lo, hi) = bounds(v);
+            let available = v.stats.and_then(|s| s.available_memory).unwrap_or(0) / MIB;
+            v.current_mib.saturating_sub(available).clamp(lo, hi)
+        };
+        let fresh: Vec<(&VmObservation, &Decision)> = vms
+            .iter()
+            .zip(&plan.decisions)
+            .filter(|(v, d)| is_fresh(&p, v) && !d.flags.frozen)
+            .collect();
+        if fresh.iter().any(|(v, d)| d.flags.squeezed && d.target_mib < working_set(v)) {
+            for (v, d) in &fresh {
+                let t = d.target_mib;
+                prop_assert!(t <= working_set(v), "{v:?} keeps {t}: {plan:?}");
+            }
         }
     }
 
