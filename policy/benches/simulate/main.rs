@@ -6,7 +6,10 @@
 //! `SIM_PARAMS='{"buffer_pct": 30}'` runs the policy with other parameters. To see why (on
 //! stderr, each run starting with a `run:` line): `SIM_TRACE=N` prints VM N's observation and
 //! decision at every policy tick, `SIM_PRESSURE=1` every guest-second under pressure with the
-//! guest's state; `SIM_SEED=N` draws other traces.
+//! guest's state; `SIM_SEED=N` draws other traces. `SIM_SLEEP_MS=N` sleeps N ms before each
+//! tick, so the tick starts on a thread that just woke up, as in the daemon (use it with
+//! `--no-search` and few `--seconds`): the wall time then shows the latency a daemon would see,
+//! without the preemption a CPU-bound simulation meets on a busy machine.
 //!
 //! Every VM: min 256, boot 2048, max 4096 MiB, weight 100. Static allocation reserves each VM's
 //! boot size (no balloon, no free page reporting), so it fits `scale` VMs. The other two
@@ -205,6 +208,9 @@ fn seed(kind: Kind, vm: usize) -> u64 {
 fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) -> Outcome {
     let managed = !matches!(manager, Manager::Static);
     let show_pressure = std::env::var_os("SIM_PRESSURE").is_some();
+    let sleep = std::env::var("SIM_SLEEP_MS").map_or(Duration::ZERO, |ms| {
+        Duration::from_millis(ms.parse().expect("SIM_SLEEP_MS: milliseconds"))
+    });
     if show_pressure || std::env::var_os("SIM_TRACE").is_some() {
         eprintln!("run: {} {} {vms}", kind.name(), manager.name());
     }
@@ -264,6 +270,11 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
             psi_full_avg10: None,
         };
         let now = Duration::from_secs(t);
+        // A daemon's thread wakes up to decide (its VMMs' answers are in): sleeping here lets
+        // the tick's wall time show what such a thread sees on a busy machine.
+        if !sleep.is_zero() {
+            std::thread::sleep(sleep);
+        }
         let took = manager.tick(
             now,
             &host,
