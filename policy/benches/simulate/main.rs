@@ -40,7 +40,8 @@ enum Manager {
     /// Every VM keeps its boot size.
     Static,
     /// oVirt MOM's rule: host free below 20% of the budget shrinks every guest by at most 5%
-    /// of its size per tick toward used + buffer; otherwise every guest grows by 5% up to max.
+    /// of its size per tick toward used + buffer (the policy's default buffer, so the two
+    /// differ in their rules, not their margin); otherwise every guest grows by 5% up to max.
     Threshold,
     /// This crate.
     Policy(Box<PolicyRun>),
@@ -78,13 +79,14 @@ impl Manager {
             Manager::Static => {}
             Manager::Threshold => {
                 let squeeze = host_free < 0.2 * host.budget_mib as f64;
+                let p = Params::default();
                 for (vm, target) in vms.iter().zip(targets.iter_mut()) {
                     let step = *target * 5 / 100;
                     *target = if squeeze {
                         let Some(s) = vm.stats else { continue };
                         let avail = s.available_memory.unwrap_or(0) >> 20;
                         let used = vm.current_mib.saturating_sub(avail);
-                        let floor = used + (used / 5).max(128);
+                        let floor = used + (used * p.buffer_pct / 100).max(p.buffer_min_mib);
                         if *target > floor {
                             (*target - step).max(floor)
                         } else {
