@@ -1,5 +1,5 @@
 //! The policy's knobs, with defaults chosen from the systems users know (Hyper-V's 20% buffer,
-//! oVirt MOM's 5% per-tick shrink cap) and from the simulation (`benches/simulate.rs`).
+//! oVirt MOM's 5% per-tick shrink cap) and from the simulation (`benches/simulate/`).
 //!
 //! `Params` deserializes from a partial JSON object (missing fields keep their defaults, unknown
 //! fields are refused) so the daemon's `PUT /host/memory` can set any subset; [`Params::validate`]
