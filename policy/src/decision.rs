@@ -72,7 +72,7 @@ impl Decision {
 }
 
 /// All decisions of one tick, with the host-wide figures the daemon shows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// One per observation, in the same order.
     pub decisions: Vec<Decision>,

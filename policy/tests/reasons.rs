@@ -18,7 +18,8 @@ fn limits() -> VmLimits {
     }
 }
 
-/// A VM at `target` = `current` MiB whose guest reports `available` MiB, fresh.
+/// A VM at `target` = `current` MiB whose guest reports `available` MiB, fresh, all of it
+/// free memory (no page cache: `tests/working_set.rs` covers the cache).
 fn vm(id: &str, target: u64, available: u64) -> VmObservation {
     VmObservation {
         id: id.into(),
@@ -27,8 +28,8 @@ fn vm(id: &str, target: u64, available: u64) -> VmObservation {
         current_mib: target,
         stats: Some(GuestStats {
             available_memory: Some(available * MIB),
-            free_memory: Some(available * MIB / 2),
-            disk_caches: Some(available * MIB / 2),
+            free_memory: Some(available * MIB),
+            disk_caches: Some(0),
             major_faults: Some(0),
             swap_in: Some(0),
             age_ms: Some(500),
@@ -60,14 +61,30 @@ fn one(vm: VmObservation, state: &mut PolicyState, now_s: u64) -> Decision {
 }
 
 #[test]
-fn idle_guest_is_shrunk_by_at_most_one_step_per_tick() {
+fn idle_guest_far_above_its_wanted_size_sheds_at_most_a_quarter_per_tick() {
     // 2048 MiB, 1848 available: working set 200 MiB, wanted 200 + 256 buffer.
     let d = one(vm("a", 2048, 1848), &mut PolicyState::new(), 10);
     assert_eq!(d.reason, Reason::IdleReclaim);
     assert_eq!(d.wanted_mib, Some(456));
-    // 5% of 2048 is 102 MiB.
-    assert_eq!(d.target_mib, 2048 - 102);
+    // Half the excess over 456 + 102 (half the band) is 745 MiB; 25% of 2048 is 512.
+    assert_eq!(d.target_mib, 2048 - 512);
     assert!(d.changed());
+}
+
+#[test]
+fn idle_guest_sheds_half_its_excess_per_tick_until_it_is_in_the_band() {
+    // Working set 220 MiB, wanted 476; the band above it is 64 MiB below 640 MiB, and the
+    // shrinks aim at its middle, 508.
+    let mut state = PolicyState::new();
+    let mut targets = vec![700];
+    for tick in 0..6 {
+        let t = *targets.last().unwrap();
+        let d = one(vm("a", t, t - 220), &mut state, 10 + 2 * tick);
+        targets.push(d.target_mib);
+    }
+    // 700 -> 605 sheds half of the 189 MiB above 511 (the band is 70 there); then half of 97;
+    // then the 32 MiB minimum step; 524 is inside 476..=540, so it holds.
+    assert_eq!(targets, [700, 605, 556, 524, 524, 524, 524]);
 }
 
 #[test]
@@ -157,11 +174,13 @@ fn pressure_right_after_a_shrink_backs_off_further_shrinks() {
     assert_eq!(d.reason, Reason::BackOff);
     assert!(d.flags.backoff);
     assert!(!d.changed());
-    // After the back-off (300 s) it shrinks again.
-    let mut v = vm("a", d.target_mib, 1700);
+    // After the back-off (300 s) it shrinks again, by 5% at a time: shrinks hurt it once.
+    let before = d.target_mib;
+    let mut v = vm("a", before, 1700);
     v.stats.as_mut().unwrap().major_faults = Some(100_000);
     let d = one(v, &mut state, 400);
     assert_eq!(d.reason, Reason::IdleReclaim);
+    assert_eq!(d.target_mib, before - before * 5 / 100, "{d:?}");
 }
 
 #[test]

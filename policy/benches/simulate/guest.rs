@@ -179,6 +179,14 @@ impl Guest {
         self.unmet = unmet;
     }
 
+    /// The guest's state and this second's demand, for `SIM_PRESSURE`.
+    pub fn describe(&self, d: &Demand) -> String {
+        format!(
+            "size={:.0} target={} anon={:.0} want={:.0} cache={:.0} hot={:.0} unmet={} report_at={}",
+            self.size, self.target, self.anon, d.anon, self.cache, d.hot_cache, self.unmet, self.report_at
+        )
+    }
+
     fn stats(&self) -> GuestStats {
         const MIB: f64 = (1 << 20) as f64;
         GuestStats {

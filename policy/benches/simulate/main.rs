@@ -3,7 +3,13 @@
 //! `cargo bench -p policy --bench simulate` prints a markdown table. Options (after `--`):
 //! `--scales 10,100,1000` (budget = scale x boot size), `--seconds 3600` (simulated time),
 //! `--no-search` (skip the search for the largest fleet that fits; report the 1.5x fleet only).
-//! `SIM_PARAMS='{"buffer_pct": 30}'` runs the policy with other parameters.
+//! `SIM_PARAMS='{"buffer_pct": 30}'` runs the policy with other parameters. To see why (on
+//! stderr, each run starting with a `run:` line): `SIM_TRACE=N` prints VM N's observation and
+//! decision at every policy tick, `SIM_PRESSURE=1` every guest-second under pressure with the
+//! guest's state; `SIM_SEED=N` draws other traces. `SIM_SLEEP_MS=N` sleeps N ms before each
+//! tick, so the tick starts on a thread that just woke up, as in the daemon (use it with
+//! `--no-search` and few `--seconds`): the wall time then shows the latency a daemon would see,
+//! without the preemption a CPU-bound simulation meets on a busy machine.
 //!
 //! Every VM: min 256, boot 2048, max 4096 MiB, weight 100. Static allocation reserves each VM's
 //! boot size (no balloon, no free page reporting), so it fits `scale` VMs. The other two
@@ -19,7 +25,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use guest::{Guest, STATS_PERIOD};
-use policy::{decide, HostObservation, Params, PolicyState, VmLimits, VmObservation};
+use policy::{decide_into, HostObservation, Params, Plan, PolicyState, VmLimits, VmObservation};
 use trace::{Kind, Trace};
 
 const LIMITS: VmLimits = VmLimits {
@@ -34,10 +40,20 @@ enum Manager {
     /// Every VM keeps its boot size.
     Static,
     /// oVirt MOM's rule: host free below 20% of the budget shrinks every guest by at most 5%
-    /// of its size per tick toward used + buffer; otherwise every guest grows by 5% up to max.
+    /// of its size per tick toward used + buffer (the policy's default buffer, so the two
+    /// differ in their rules, not their margin); otherwise every guest grows by 5% up to max.
     Threshold,
-    /// This crate; counts the changes it made by reason.
-    Policy(Params, PolicyState, BTreeMap<String, u64>),
+    /// This crate.
+    Policy(Box<PolicyRun>),
+}
+
+/// The policy's side of a run: it keeps its plan between ticks, as a daemon would, and decides
+/// into it (`decide_into`); `reasons` counts the changes it made by reason.
+struct PolicyRun {
+    params: Params,
+    state: PolicyState,
+    plan: Plan,
+    reasons: BTreeMap<String, u64>,
 }
 
 impl Manager {
@@ -57,19 +73,20 @@ impl Manager {
         host_free: f64,
         vms: &[VmObservation],
         targets: &mut [u64],
-    ) -> Duration {
-        let start = Instant::now();
+    ) -> TickTime {
+        let start = TickTime::start();
         match self {
             Manager::Static => {}
             Manager::Threshold => {
                 let squeeze = host_free < 0.2 * host.budget_mib as f64;
+                let p = Params::default();
                 for (vm, target) in vms.iter().zip(targets.iter_mut()) {
                     let step = *target * 5 / 100;
                     *target = if squeeze {
                         let Some(s) = vm.stats else { continue };
                         let avail = s.available_memory.unwrap_or(0) >> 20;
                         let used = vm.current_mib.saturating_sub(avail);
-                        let floor = used + (used / 5).max(128);
+                        let floor = used + (used * p.buffer_pct / 100).max(p.buffer_min_mib);
                         if *target > floor {
                             (*target - step).max(floor)
                         } else {
@@ -81,11 +98,20 @@ impl Manager {
                     .clamp(vm.limits.min_mib, vm.limits.max_mib);
                 }
             }
-            Manager::Policy(params, state, reasons) => {
-                let plan = decide(params, host, vms, state, now);
-                let took = start.elapsed();
-                if std::env::var_os("SIM_TRACE").is_some() {
-                    let (v, d) = (&vms[0], &plan.decisions[0]);
+            Manager::Policy(run) => {
+                let PolicyRun {
+                    params,
+                    state,
+                    plan,
+                    reasons,
+                } = &mut **run;
+                decide_into(params, host, vms, state, now, plan);
+                let took = start.took();
+                if let Some(k) = std::env::var("SIM_TRACE")
+                    .ok()
+                    .and_then(|k| k.parse::<usize>().ok())
+                {
+                    let (v, d) = (&vms[k], &plan.decisions[k]);
                     let s = v.stats.unwrap_or_default();
                     eprintln!(
                         "t={} cur={} avail={} cache={} faults={:?} -> {} {:?} wanted={:?} total={} {:?}",
@@ -106,8 +132,53 @@ impl Manager {
                 return took;
             }
         }
-        start.elapsed()
+        start.took()
     }
+}
+
+/// How long one tick's decision took: wall time, and the CPU time of this thread (what the
+/// decision costs; the wall time adds whatever else the machine ran meanwhile).
+#[derive(Clone, Copy)]
+struct TickTime {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl TickTime {
+    /// Starts measuring; `took` on the result gives the time since.
+    fn start() -> TickStart {
+        TickStart {
+            wall: Instant::now(),
+            cpu: thread_cpu_time(),
+        }
+    }
+}
+
+struct TickStart {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl TickStart {
+    fn took(&self) -> TickTime {
+        TickTime {
+            wall: self.wall.elapsed(),
+            cpu: thread_cpu_time().saturating_sub(self.cpu),
+        }
+    }
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`; std has no thread CPU clock).
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call; the clock id is
+    // a constant the kernel knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// What one run measured.
@@ -117,7 +188,7 @@ struct Outcome {
     pressure_seconds: u64,
     target_changes: u64,
     peak_resident: f64,
-    tick_times: Vec<Duration>,
+    tick_times: Vec<TickTime>,
     seconds: u64,
     /// The policy's target changes by reason.
     reasons: BTreeMap<String, u64>,
@@ -129,12 +200,22 @@ impl Outcome {
     }
 }
 
+/// VM `vm`'s trace seed; `SIM_SEED=N` (default 0) draws another set of traces, to see how much
+/// a result owes to one draw.
 fn seed(kind: Kind, vm: usize) -> u64 {
-    (kind as u64) << 32 | vm as u64
+    let draw: u64 = std::env::var("SIM_SEED").map_or(0, |s| s.parse().expect("SIM_SEED: a number"));
+    draw << 40 | (kind as u64) << 32 | vm as u64
 }
 
 fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) -> Outcome {
     let managed = !matches!(manager, Manager::Static);
+    let show_pressure = std::env::var_os("SIM_PRESSURE").is_some();
+    let sleep = std::env::var("SIM_SLEEP_MS").map_or(Duration::ZERO, |ms| {
+        Duration::from_millis(ms.parse().expect("SIM_SLEEP_MS: milliseconds"))
+    });
+    if show_pressure || std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("run: {} {} {vms}", kind.name(), manager.name());
+    }
     let mut traces: Vec<Trace> = (0..vms).map(|i| Trace::new(kind, seed(kind, i))).collect();
     let mut guests: Vec<Guest> = traces
         .iter_mut()
@@ -164,8 +245,13 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
     };
     for t in 1..=seconds {
         let mut resident = 0.0;
-        for (g, tr) in guests.iter_mut().zip(&mut traces) {
-            g.step(t, &tr.next(t as f64));
+        for (i, (g, tr)) in guests.iter_mut().zip(&mut traces).enumerate() {
+            let before = g.pressure_seconds;
+            let d = tr.next(t as f64);
+            g.step(t, &d);
+            if show_pressure && g.pressure_seconds > before {
+                eprintln!("pressure: vm{i} t={t} {}", g.describe(&d));
+            }
             resident += g.resident();
         }
         out.peak_resident = out.peak_resident.max(resident);
@@ -186,6 +272,11 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
             psi_full_avg10: None,
         };
         let now = Duration::from_secs(t);
+        // A daemon's thread wakes up to decide (its VMMs' answers are in): sleeping here lets
+        // the tick's wall time show what such a thread sees on a busy machine.
+        if !sleep.is_zero() {
+            std::thread::sleep(sleep);
+        }
         let took = manager.tick(
             now,
             &host,
@@ -203,8 +294,8 @@ fn run(kind: Kind, vms: usize, budget: u64, mut manager: Manager, seconds: u64) 
     }
     out.oom_risk_events = guests.iter().map(|g| g.oom_risk_events).sum();
     out.pressure_seconds = guests.iter().map(|g| g.pressure_seconds).sum();
-    if let Manager::Policy(_, _, reasons) = manager {
-        out.reasons = reasons;
+    if let Manager::Policy(run) = manager {
+        out.reasons = run.reasons;
     }
     out
 }
@@ -217,7 +308,12 @@ fn policy() -> Manager {
         |json| serde_json::from_str(&json).expect("SIM_PARAMS: a JSON object of Params fields"),
     );
     params.validate().expect("SIM_PARAMS");
-    Manager::Policy(params, PolicyState::new(), BTreeMap::new())
+    Manager::Policy(Box::new(PolicyRun {
+        params,
+        state: PolicyState::new(),
+        plan: Plan::default(),
+        reasons: BTreeMap::new(),
+    }))
 }
 
 /// The largest fleet (up to 4x scale) whose run fits the budget, by bisection (assumes that a
@@ -243,18 +339,21 @@ fn percentile(times: &mut [Duration], p: f64) -> Duration {
 
 fn row(scale: usize, kind: Kind, name: &str, fit: String, o: &mut Outcome, budget: u64) {
     let hours = o.vms as f64 * o.seconds as f64 / 3600.0;
-    let median = percentile(&mut o.tick_times, 0.5);
-    let p99 = percentile(&mut o.tick_times, 0.99);
+    let mut cpu: Vec<Duration> = o.tick_times.iter().map(|t| t.cpu).collect();
+    let mut wall: Vec<Duration> = o.tick_times.iter().map(|t| t.wall).collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "| {scale} | {} | {name} | {fit} | {} | {} | {} | {:.1} | {:.2} | {:.3} / {:.3} |",
+        "| {scale} | {} | {name} | {fit} | {} | {} | {} | {:.1} | {:.2} | {:.3} / {:.3} / {:.3} | {:.3} |",
         kind.name(),
         o.vms,
         o.oom_risk_events,
         o.pressure_seconds,
         o.target_changes as f64 / hours,
         o.peak_resident / budget as f64,
-        median.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3,
+        ms(percentile(&mut cpu, 0.5)),
+        ms(percentile(&mut cpu, 0.99)),
+        ms(percentile(&mut cpu, 1.0)),
+        ms(percentile(&mut wall, 0.99)),
     );
 }
 
@@ -277,9 +376,10 @@ fn main() {
     println!("Simulated {secs} s per run, 1 s ticks; VMs min 256 / boot 2048 / max 4096 MiB.\n");
     println!(
         "| scale | trace | manager | VMs that fit (x static) | VMs run | OOM-risk events | \
-         pressure guest-s | target changes /VM-h | peak host memory / budget | tick ms p50 / p99 |"
+         pressure guest-s | target changes /VM-h | peak host memory / budget | \
+         tick CPU ms p50 / p99 / max | tick wall ms p99 |"
     );
-    println!("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut notes = Vec::new();
     for &scale in &scales {
         let budget = scale as u64 * LIMITS.boot_mib;
