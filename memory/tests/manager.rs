@@ -603,3 +603,30 @@ fn drop_unmaps_every_slot() {
     // Boot RAM is slot 0; hot-add block k is slot 1 + k.
     assert_eq!(unmapped, vec![0, 3, 4]);
 }
+
+/// A boot slot KVM refuses while the manager is made: the slots registered before it are
+/// removed again, since `new` fails and the mappings go.
+#[test]
+fn a_failed_boot_slot_removes_the_ones_before_it() {
+    let slots = FakeSlots::default();
+    *slots.fail_after.lock().unwrap() = Some(1);
+    let specs = [
+        boot(0, 16 * MIB, Backing::PrivateAnonymous),
+        boot(32 * MIB, 16 * MIB, Backing::PrivateAnonymous),
+    ];
+    let err = MemoryManager::new(&specs, Box::new(slots.clone()))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Slot { slot: 1, .. }), "{err}");
+    let calls = slots.calls.lock().unwrap().clone();
+    assert!(
+        matches!(
+            calls[..],
+            [
+                SlotCall::Map { slot: 0, .. },
+                SlotCall::Unmap { slot: 0, .. }
+            ]
+        ),
+        "{calls:?}"
+    );
+}

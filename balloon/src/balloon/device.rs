@@ -427,6 +427,13 @@ impl Balloon {
             return Disposition::Return(0);
         }
 
+        self.send_pfns(queue, inflate);
+        Disposition::Return(0)
+    }
+
+    /// Hands the normalised pages of an inflate or deflate buffer to the backend and counts
+    /// what it did.
+    fn send_pfns(&mut self, queue: &'static str, inflate: bool) {
         let result = if inflate {
             self.backend.inflate(&self.ranges)
         } else {
@@ -452,7 +459,6 @@ impl Balloon {
                 self.backend_failed(queue, &e);
             }
         }
-        Disposition::Return(0)
     }
 
     /// Keeps the guest's stats buffer and records the values it carries.

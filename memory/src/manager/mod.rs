@@ -182,27 +182,7 @@ impl MemoryManager {
         );
         let timer = TimerFd::new()
             .map_err(|e| Error::Timer(std::io::Error::from_raw_os_error(e.errno())))?;
-        for g in &regions {
-            if g.spec.kind == RegionKind::BootRam {
-                // SAFETY: the whole mapping of region `g`, which the manager holds until its
-                // `Drop`, and `Drop` unmaps this slot first. (On an error below, the slots
-                // registered so far are left to the caller's VM, which is torn down with it.)
-                unsafe {
-                    slots.map(
-                        g.first_slot,
-                        g.spec.guest_addr,
-                        g.spec.size,
-                        g.mmap().as_ptr(),
-                    )
-                }
-                .map_err(|message| Error::Slot {
-                    slot: g.first_slot,
-                    guest_addr: g.spec.guest_addr,
-                    size: g.spec.size,
-                    message,
-                })?;
-            }
-        }
+        register_boot_slots(&regions, slots.as_mut())?;
         Ok(MemoryManager {
             regions,
             ram,
@@ -604,6 +584,39 @@ impl MemoryManager {
     pub fn region_file_blocks(&self, index: usize) -> Option<std::io::Result<u64>> {
         self.regions[index].file.as_ref().map(sys::file_blocks)
     }
+}
+
+/// Registers every boot RAM region as its KVM slot. On a failure the slots already registered
+/// are removed again, since the mappings go when `new` fails.
+fn register_boot_slots(regions: &[Region], slots: &mut dyn SlotMapper) -> Result<(), Error> {
+    let boot: Vec<&Region> = regions
+        .iter()
+        .filter(|g| g.spec.kind == RegionKind::BootRam)
+        .collect();
+    for (i, g) in boot.iter().enumerate() {
+        // SAFETY: the whole mapping of region `g`, which the manager holds until its `Drop`;
+        // `Drop`, or the error path below when `new` fails, removes this slot first.
+        let res = unsafe {
+            slots.map(
+                g.first_slot,
+                g.spec.guest_addr,
+                g.spec.size,
+                g.mmap().as_ptr(),
+            )
+        };
+        if let Err(message) = res {
+            for done in &boot[..i] {
+                let _ = slots.unmap(done.first_slot, done.spec.guest_addr, done.spec.size);
+            }
+            return Err(Error::Slot {
+                slot: g.first_slot,
+                guest_addr: g.spec.guest_addr,
+                size: g.spec.size,
+                message,
+            });
+        }
+    }
+    Ok(())
 }
 
 const COMPACT_IDLE: Duration = schedule::COMPACT_IDLE_DELAY;
