@@ -13,8 +13,10 @@ mod types;
 pub mod units;
 
 pub use error::Error;
+#[cfg(any(test, feature = "testing"))]
+pub use manager::schedule::ManualClock;
 pub use manager::schedule::{
-    Clock, ManualClock, SystemClock, COMPACT_IDLE_DELAY, RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
+    Clock, SystemClock, COMPACT_IDLE_DELAY, RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
     RELEASE_RETRY_DELAY,
 };
 pub use manager::{MemoryManager, SlotMapper, Tick};

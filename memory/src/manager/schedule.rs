@@ -13,6 +13,7 @@
 //! - the tracker is compacted once nothing changed it for [`COMPACT_IDLE_DELAY`] (and nothing
 //!   waits to be released).
 
+#[cfg(any(test, feature = "testing"))]
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ pub const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
 pub const COMPACT_IDLE_DELAY: Duration = Duration::from_secs(1);
 
 /// Where the manager reads the time. The VMM uses [`SystemClock`]; tests step a
-/// [`ManualClock`].
+/// `ManualClock` (feature `testing`).
 pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;
 }
@@ -42,10 +43,12 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to (tests, simulations).
+/// A clock that moves only when told to (tests; feature `testing`).
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone)]
 pub struct ManualClock(Arc<Mutex<Instant>>);
 
+#[cfg(any(test, feature = "testing"))]
 impl ManualClock {
     /// A clock standing at the current time.
     pub fn new() -> ManualClock {
@@ -57,12 +60,14 @@ impl ManualClock {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Default for ManualClock {
     fn default() -> Self {
         ManualClock::new()
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Clock for ManualClock {
     fn now(&self) -> Instant {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
