@@ -57,7 +57,7 @@ pub enum Error {
         size: u64,
         source: std::io::Error,
     },
-    #[error("creating the discard timer (timerfd): {0}")]
+    #[error("creating the discard timer (timerfd or eventfd): {0}")]
     Timer(std::io::Error),
     #[error(transparent)]
     Tracker(#[from] TrackerError),

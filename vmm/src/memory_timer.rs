@@ -1,7 +1,8 @@
-//! The memory manager's timer on the VMM's event loop: when the manager's timerfd fires,
+//! The memory manager's timer on the VMM's event loop: when one of the manager's wake-up fds
+//! (a timerfd, and an eventfd for work due at once) is readable,
 //! `MemoryManager::tick` releases deferred discards and compacts the tracker as its schedule
-//! says (memory/src/manager/schedule.rs). The manager arms the timer itself; this only watches
-//! it, so nothing in the devices knows when host memory is released.
+//! says (memory/src/manager/schedule.rs). The manager arms them itself; this only watches
+//! them, so nothing in the devices knows when host memory is released.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,12 +32,15 @@ impl MemoryTimer {
 
 impl MutEventSubscriber for MemoryTimer {
     fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.lock().timer_fd();
-        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-            // Without the timer nothing would release deferred discards: release inline.
-            warn!("memory: cannot watch the discard timer: {e:?}; releasing before each ack");
-            if let Err(e) = self.lock().set_discard_policy(DiscardPolicy::Immediate) {
-                error!("memory: releasing the discard queue: {e}");
+        let fds = self.lock().wake_fds();
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                // Without its wake-ups nothing would release deferred discards: release inline.
+                warn!("memory: cannot watch the discard timer: {e:?}; releasing before each ack");
+                if let Err(e) = self.lock().set_discard_policy(DiscardPolicy::Immediate) {
+                    error!("memory: releasing the discard queue: {e}");
+                }
+                return;
             }
         }
     }
@@ -94,7 +98,7 @@ mod tests {
             m.offline(&batch).unwrap();
             assert!(m.queued_discards() > 0);
         }
-        // The timer was armed for "now": one turn (bounded wait) runs the tick.
+        // Due at once: the next turn (bounded wait) runs the tick.
         for _ in 0..100 {
             em.run_with_timeout(50).unwrap();
             if mm.lock().unwrap().queued_discards() == 0 {

@@ -34,8 +34,8 @@
 //! per coalesced run, or on private anonymous regions one `process_madvise` per 512 runs; so an
 //! online page is never discarded. Under [`DiscardPolicy::Immediate`] `offline` releases before
 //! it returns. Under [`DiscardPolicy::Deferred`] (the VMM's) it only queues, so the guest's ack
-//! never waits for the kernel; the manager's timer ([`MemoryManager::timer_fd`], serviced by
-//! [`MemoryManager::tick`] on the VMM's event loop) then releases the queue when a batch is full
+//! never waits for the kernel; the manager's wake-ups ([`MemoryManager::wake_fds`], serviced by
+//! [`MemoryManager::tick`] on the VMM's event loop) then release the queue when a batch is full
 //! or the queue went idle, and compacts the tracker once it has been left alone for a while
 //! (see [`schedule`]). Free page reports and unplug always discard at once.
 
@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::error::Error;
@@ -109,6 +110,12 @@ pub struct MemoryManager {
     timer: TimerFd,
     /// The deadline `timer` is armed for.
     armed: Option<Instant>,
+    /// Written when something is due at once (a full batch): wakes the event loop on its next
+    /// turn without re-arming `timer`, which would reprogram the host's timer on the guest's
+    /// ack path.
+    kick: EventFd,
+    /// `kick` was written and `tick` has not run since.
+    kicked: bool,
 }
 
 impl MemoryManager {
@@ -180,8 +187,11 @@ impl MemoryManager {
                 .iter()
                 .map(|g| PageRange::new(g.start, g.end - g.start)),
         );
-        let timer = TimerFd::new()
-            .map_err(|e| Error::Timer(std::io::Error::from_raw_os_error(e.errno())))?;
+        let timer_err = |e: vmm_sys_util::errno::Error| {
+            Error::Timer(std::io::Error::from_raw_os_error(e.errno()))
+        };
+        let timer = TimerFd::new().map_err(timer_err)?;
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(Error::Timer)?;
         register_boot_slots(&regions, slots.as_mut())?;
         Ok(MemoryManager {
             regions,
@@ -198,6 +208,8 @@ impl MemoryManager {
             schedule: Schedule::default(),
             timer,
             armed: None,
+            kick,
+            kicked: false,
         })
     }
 
@@ -405,10 +417,11 @@ impl MemoryManager {
 
     // ---- The schedule's timer ----
 
-    /// A timerfd that becomes readable when something is due: the VMM watches it on its event
-    /// loop and calls [`Self::tick`]. It stays open as long as the manager.
-    pub fn timer_fd(&self) -> RawFd {
-        self.timer.as_raw_fd()
+    /// The descriptors that become readable when something is due (a timerfd for deadlines, an
+    /// eventfd for "at once"): the VMM watches both on its event loop and calls [`Self::tick`]
+    /// when either is. They stay open as long as the manager.
+    pub fn wake_fds(&self) -> [RawFd; 2] {
+        [self.timer.as_raw_fd(), self.kick.as_raw_fd()]
     }
 
     /// When [`Self::tick`] next has something to do, if anything is pending.
@@ -422,6 +435,10 @@ impl MemoryManager {
     /// A failed release is kept queued and tried again later; its error is returned.
     pub fn tick(&mut self) -> Result<Tick, Error> {
         let now = self.clock.now();
+        if std::mem::take(&mut self.kicked) {
+            // Non-blocking: nothing to read is fine.
+            let _ = self.kick.read();
+        }
         let due = self.schedule.due(now);
         let mut tick = Tick::default();
         let mut res = Ok(());
@@ -461,11 +478,21 @@ impl MemoryManager {
     }
 
     /// Arms the timer if the schedule's next deadline comes before the armed one.
+    /// Makes sure the event loop wakes up by the schedule's next deadline: at once through
+    /// `kick`, later through `timer` if it is not armed early enough already.
     fn arm_timer(&mut self, now: Instant) {
-        if let Some(d) = self.schedule.next_deadline() {
-            if self.armed.is_none_or(|a| d < a) {
-                self.arm_at(d, now);
+        let Some(d) = self.schedule.next_deadline() else {
+            return;
+        };
+        if d <= now {
+            if !self.kicked {
+                match self.kick.write(1) {
+                    Ok(()) => self.kicked = true,
+                    Err(e) => log::error!("memory: cannot wake the event loop: {e}"),
+                }
             }
+        } else if self.armed.is_none_or(|a| d < a) {
+            self.arm_at(d, now);
         }
     }
 

@@ -10,6 +10,9 @@
 //!   turn of the event loop, after the ack that queued the last of them), or once nothing was
 //!   queued for [`RELEASE_IDLE_DELAY`];
 //! - a failed release is tried again [`RELEASE_RETRY_DELAY`] later, or at the next queueing;
+//! - after a full batch the timer stays armed [`RELEASE_IDLE_DELAY`] ahead (a burst is likely
+//!   going on), so the next queued page finds it armed early enough: arming a timer is a system
+//!   call that reprograms the host's timer, and it would otherwise land on the guest's ack path;
 //! - the tracker is compacted once nothing changed it for [`COMPACT_IDLE_DELAY`] (and nothing
 //!   waits to be released).
 
@@ -91,6 +94,8 @@ pub(crate) struct Schedule {
     retry_at: Option<Instant>,
     /// When the tracker last changed, while a compaction is due.
     changed_at: Option<Instant>,
+    /// After a full batch's release: wake up this soon even with nothing queued.
+    burst_until: Option<Instant>,
 }
 
 impl Schedule {
@@ -113,6 +118,8 @@ impl Schedule {
         if self.last_queued.take().is_some() {
             self.changed_at = Some(now);
         }
+        self.burst_until =
+            (self.queued_pages >= RELEASE_BATCH_PAGES).then(|| now + RELEASE_IDLE_DELAY);
         self.queued_pages = 0;
         self.retry_at = None;
     }
@@ -144,16 +151,23 @@ impl Schedule {
         }
     }
 
-    /// When something is next due, if anything is pending.
+    /// When the timer should next fire, if anything is pending.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match (self.release_deadline(), self.compact_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.release_deadline(),
+            self.compact_deadline(),
+            self.burst_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// What is due at `now`.
-    pub fn due(&self, now: Instant) -> Due {
+    /// What is due at `now`; a passed burst wake-up is forgotten.
+    pub fn due(&mut self, now: Instant) -> Due {
+        if self.burst_until.is_some_and(|b| b <= now) {
+            self.burst_until = None;
+        }
         Due {
             release: self.release_deadline().is_some_and(|d| d <= now),
             compact: self.compact_deadline().is_some_and(|d| d <= now),
@@ -211,6 +225,31 @@ mod tests {
         assert!(s.due(rel + 500 * MS + COMPACT_IDLE_DELAY).compact);
         s.compacted();
         assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn after_a_full_batch_the_timer_stays_armed_for_the_burst() {
+        let t0 = Instant::now();
+        let mut s = Schedule::default();
+        s.queued(RELEASE_BATCH_PAGES, t0);
+        s.released(t0);
+        // Nothing queued, yet the next wake-up is the idle delay away, not the compaction.
+        assert_eq!(s.next_deadline(), Some(t0 + RELEASE_IDLE_DELAY));
+        // The burst goes on: pages queued 1 ms later need a later wake-up than the armed one.
+        s.queued(256, t0 + MS);
+        assert_eq!(s.next_deadline(), Some(t0 + RELEASE_IDLE_DELAY));
+        assert_eq!(
+            s.due(t0 + RELEASE_IDLE_DELAY),
+            Due::default(),
+            "not idle yet"
+        );
+        assert_eq!(s.next_deadline(), Some(t0 + MS + RELEASE_IDLE_DELAY));
+        // A small release does not keep the timer armed.
+        s.released(t0 + MS + RELEASE_IDLE_DELAY);
+        assert_eq!(
+            s.next_deadline(),
+            Some(t0 + MS + RELEASE_IDLE_DELAY + COMPACT_IDLE_DELAY)
+        );
     }
 
     #[test]
