@@ -13,7 +13,7 @@ pub mod event_handler;
 
 pub use device::VirtioMem;
 
-use memory::units::MIB;
+use memory::units::{MIB, PAGE_SIZE};
 
 /// Feature bits (virtio 1.2 section 5.15.3).
 pub mod features {
@@ -101,7 +101,7 @@ impl MemConfig {
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), MemError> {
         let bs = self.block_size;
-        if bs < 4096 || !bs.is_power_of_two() {
+        if bs < PAGE_SIZE || !bs.is_power_of_two() {
             return Err(MemError::BadBlockSize(bs));
         }
         if self.addr & (bs - 1) != 0 {

@@ -20,8 +20,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::units::PAGES_PER_MIB;
+
 /// Queued pages that make a release due at once (16 MiB: 64 of Linux's 256-PFN inflate buffers).
-pub const RELEASE_BATCH_PAGES: u64 = 4096;
+pub const RELEASE_BATCH_PAGES: u64 = 16 * PAGES_PER_MIB;
 /// Nothing queued for this long releases whatever is queued.
 pub const RELEASE_IDLE_DELAY: Duration = Duration::from_millis(2);
 /// After a failed release, try again this much later.
