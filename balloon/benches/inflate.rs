@@ -16,11 +16,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange};
+use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange, PageRanges};
 use balloon::testing::{pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use memory::{Backing, DiscardPolicy, MemoryManager, Reason};
+use memory::{Backing, DiscardPolicy, MemoryManager};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const RAM: u64 = 260 << 20;
@@ -46,13 +46,13 @@ trait Inflate: Send + Sync {
 struct InflateOnly<T>(T);
 
 impl<T: Inflate> BalloonBackend for InflateOnly<T> {
-    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
-        self.0.inflate(ranges)
+    fn inflate(&self, ranges: &PageRanges) -> Result<Outcome, BackendError> {
+        self.0.inflate(ranges.as_slice())
     }
-    fn deflate(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
+    fn deflate(&self, _: &PageRanges) -> Result<Outcome, BackendError> {
         Ok(Outcome::default())
     }
-    fn report_free(&self, _: &[PageRange]) -> Result<Outcome, BackendError> {
+    fn report_free(&self, _: &PageRanges) -> Result<Outcome, BackendError> {
         Ok(Outcome::default())
     }
     fn deflate_all(&self) -> Result<Outcome, BackendError> {
@@ -135,18 +135,12 @@ impl Inflate for NaiveBackend {
                 let host = self
                     .mem
                     .get_host_address(GuestAddress(p << 12))
-                    .map_err(|_| BackendError::NotManaged {
-                        range: PageRange::new(p, 1),
-                    })?;
+                    .map_err(|_| BackendError::Manager(format!("PFN {p:#x} is not guest RAM")))?;
                 // SAFETY: one page of a live guest mapping; DONTNEED only drops its contents
                 // (the guest gave the page up) and no reference points into guest memory.
                 if unsafe { libc::madvise(host.cast(), 4096, libc::MADV_DONTNEED) } != 0 {
-                    return Err(BackendError::Discard {
-                        range: PageRange::new(p, 1),
-                        host_addr: host as u64,
-                        len: 4096,
-                        source: std::io::Error::last_os_error(),
-                    });
+                    let e = std::io::Error::last_os_error();
+                    return Err(BackendError::Manager(format!("madvise of PFN {p:#x}: {e}")));
                 }
                 o.changed += 1;
             }
@@ -164,6 +158,20 @@ impl Inflate for NullBackend {
             changed: r.iter().map(|r| r.count).sum(),
             ..Outcome::default()
         })
+    }
+}
+
+/// What the manager's idle timer does: release everything queued.
+fn release(mm: &Mutex<MemoryManager>) {
+    mm.lock().unwrap().flush_discards().unwrap();
+}
+
+/// One turn of the VMM's event loop for the manager's timer: `tick` if its deadline has come
+/// (a full batch is due at once).
+fn timer_turn(mm: &Mutex<MemoryManager>) {
+    let mut m = mm.lock().unwrap();
+    if m.next_deadline().is_some_and(|d| d <= Instant::now()) {
+        m.tick().unwrap();
     }
 }
 
@@ -245,13 +253,14 @@ fn bench_single(c: &mut Criterion, name: &str, mode: Single, pattern: fn(u32) ->
                 // Guest side, off the clock: the previous request's release finishes, its pages
                 // come back (so this one inflates afresh), the pages are faulted in, the PFN
                 // buffer written and published.
-                dev.release_now();
+                release(&mm);
                 round = round.wrapping_add(1);
                 let pfns = pattern(round);
-                mm.lock()
-                    .unwrap()
-                    .online(&ranges_of(&pfns), Reason::Ballooned)
-                    .unwrap();
+                {
+                    let mut m = mm.lock().unwrap();
+                    let back = m.page_ranges(&ranges_of(&pfns));
+                    m.online(&back).unwrap();
+                }
                 for &p in &pfns {
                     mem.write_obj(0xa5u8, GuestAddress(u64::from(p) << 12))
                         .unwrap();
@@ -265,7 +274,7 @@ fn bench_single(c: &mut Criterion, name: &str, mode: Single, pattern: fn(u32) ->
                 dev.process_queue(0);
                 let end = match mode {
                     Single::DeferredReleased => {
-                        dev.release_now();
+                        release(&mm);
                         Instant::now()
                     }
                     _ => interrupt.last_used_at.lock().unwrap().expect("interrupt"),
@@ -304,8 +313,9 @@ fn contiguous_burst(i: u32) -> Vec<u32> {
 
 /// Runs a burst group case: every iteration starts from the same state (all 256 MiB faulted in;
 /// on huge pages, as huge pages again), sends the 64 requests, and releases what is left as the
-/// idle timer would (`release_now`). Criterion times everything the event loop spends until
-/// the memory is released; the acks of the same bursts are printed.
+/// idle timer would. Criterion times everything the event loop spends until the memory is
+/// released (the device's queue handling, the manager's timer turns, the idle release); the
+/// acks of the same bursts are printed.
 /// Who releases a burst's pages.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Releaser {
@@ -373,9 +383,10 @@ fn bench_burst(
                 // that every burst meets whole huge pages (a discard inside one splits it).
                 {
                     let mut m = mm.lock().unwrap();
-                    m.online(&[span], Reason::Ballooned).unwrap();
+                    let span = m.page_ranges(&[span]);
+                    m.online(&span).unwrap();
                     if huge {
-                        m.discard_free(&[span]).unwrap();
+                        m.discard_free(&span).unwrap();
                     }
                 }
                 if huge {
@@ -400,12 +411,16 @@ fn bench_burst(
                         .duration_since(t0);
                     total += end.duration_since(t0);
                     queues[0].take_used(&mem);
+                    // The event loop's next turn: the manager's timer, if a batch is due.
+                    let t0 = Instant::now();
+                    timer_turn(&mm);
+                    total += t0.elapsed();
                 }
                 // The idle timer's work.
                 let t0 = Instant::now();
-                dev.release_now();
+                release(&mm);
                 total += t0.elapsed();
-                assert_eq!(dev.unreleased_bytes(), 0);
+                assert_eq!(mm.lock().unwrap().queued_discards(), 0);
                 acks.push(ack);
                 calls.push(mm.lock().unwrap().stats().discard_calls - calls0);
             }

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use memory::{Backing, DiscardPolicy, PageRange, Reason};
+use memory::{Backing, DiscardPolicy, PageRange};
 use vm_memory::{Bytes, GuestAddress};
 
 const SIZE: u64 = 1 << 30;
@@ -100,7 +100,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let before = snapshot();
     let t = std::time::Instant::now();
-    mm.offline(&pages, Reason::Ballooned).unwrap();
+    mm.offline(&mm.page_ranges(&pages)).unwrap();
     let released = mm.flush_discards().unwrap();
     let took = t.elapsed();
     std::thread::sleep(Duration::from_secs(2));

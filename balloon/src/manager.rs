@@ -1,16 +1,15 @@
 //! The real backends: memory/'s [`MemoryManager`] behind a `Mutex`, as the VMM shares it
 //! (`Arc<Mutex<MemoryManager>>` coerces to `Arc<dyn BalloonBackend>` and `Arc<dyn MemBackend>`).
 //!
-//! Inflate is `offline(.., Ballooned)`, deflate `online(.., Ballooned)`, free page reporting
-//! `discard_free`, virtio-mem PLUG/UNPLUG the manager's `plug`/`unplug`. With the manager's
-//! deferred discard policy, the balloon calls `release_pending` (`flush_discards`) off the ack
-//! path, in batches (see [`crate::balloon::RELEASE_BATCH_PAGES`]).
+//! Inflate is `offline`, deflate `online`, free page reporting `discard_free`, reset
+//! `online_all`, virtio-mem PLUG/UNPLUG the manager's `plug`/`unplug`. Nothing comes back from
+//! the manager into the devices: it releases deferred discards on its own timer.
 
 use std::sync::{Mutex, MutexGuard};
 
-use memory::{MemoryManager, Reason};
+use memory::MemoryManager;
 
-use crate::backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRange};
+use crate::backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRange, PageRanges};
 
 fn manager_error(e: memory::Error) -> BackendError {
     BackendError::Manager(e.to_string())
@@ -22,54 +21,20 @@ fn lock(m: &Mutex<MemoryManager>) -> MutexGuard<'_, MemoryManager> {
 }
 
 impl BalloonBackend for Mutex<MemoryManager> {
-    fn inflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
-        lock(self)
-            .offline(ranges, Reason::Ballooned)
-            .map_err(manager_error)
+    fn inflate(&self, ranges: &PageRanges) -> Result<Outcome, BackendError> {
+        lock(self).offline(ranges).map_err(manager_error)
     }
 
-    fn deflate(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
-        lock(self)
-            .online(ranges, Reason::Ballooned)
-            .map_err(manager_error)
+    fn deflate(&self, ranges: &PageRanges) -> Result<Outcome, BackendError> {
+        lock(self).online(ranges).map_err(manager_error)
     }
 
-    fn report_free(&self, ranges: &[PageRange]) -> Result<Outcome, BackendError> {
+    fn report_free(&self, ranges: &PageRanges) -> Result<Outcome, BackendError> {
         lock(self).discard_free(ranges).map_err(manager_error)
     }
 
     fn deflate_all(&self) -> Result<Outcome, BackendError> {
-        let mut mm = lock(self);
-        let mut total = Outcome::default();
-        loop {
-            let runs: Vec<PageRange> = mm
-                .offline_runs(Some(Reason::Ballooned), None, 1024)
-                .into_iter()
-                .map(|(r, _)| r)
-                .collect();
-            if runs.is_empty() {
-                break;
-            }
-            let o = mm.online(&runs, Reason::Ballooned).map_err(manager_error)?;
-            total += o;
-            if o.changed == 0 {
-                // Nothing moved: stop rather than spin.
-                break;
-            }
-        }
-        Ok(total)
-    }
-
-    fn release_pending(&self) -> Result<u64, BackendError> {
-        let mut mm = lock(self);
-        if mm.queued_discards() == 0 {
-            return Ok(0);
-        }
-        mm.flush_discards().map_err(manager_error)
-    }
-
-    fn compact(&self) -> u64 {
-        lock(self).compact()
+        lock(self).online_all().map_err(manager_error)
     }
 }
 
@@ -94,5 +59,9 @@ impl MemBackend for Mutex<MemoryManager> {
             )));
         }
         Ok(())
+    }
+
+    fn plugged_runs(&self, range: PageRange) -> Vec<PageRange> {
+        lock(self).plugged_runs(range)
     }
 }

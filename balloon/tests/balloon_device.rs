@@ -1,5 +1,5 @@
-//! virtio-balloon driven through real descriptors in guest memory: every malformed input of
-//! issue 3 is counted, skipped, and its buffer still returned.
+//! virtio-balloon driven through real descriptors in guest memory: every malformed input a
+//! guest can send is counted, skipped, and its buffer still returned.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -5,14 +5,13 @@ use std::sync::{Arc, Mutex};
 
 use balloon::mem::{request, response, MemConfig};
 use balloon::testing::{
-    mem_request_bytes, BalloonRig, Desc, DriverQueue, TestInterrupt, BUFFER_BASE,
+    mem_request_bytes, BalloonRig, Desc, DriverQueue, ManualClock, TestInterrupt, BUFFER_BASE,
 };
-use balloon::{
-    Balloon, BalloonBackend, BalloonConfig, MemBackend, VirtioMem, COMPACT_IDLE_DELAY,
+use balloon::{BalloonBackend, BalloonConfig, MemBackend, VirtioMem};
+use memory::{
+    Backing, Clock, DiscardPolicy, MemoryManager, RegionKind, RegionSpec, COMPACT_IDLE_DELAY,
     RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
 };
-use event_manager::{EventManager, SubscriberOps};
-use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec};
 use virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -55,21 +54,37 @@ fn rig_on(
     (BalloonRig::with_backend(mem.clone(), config, backend), mem)
 }
 
-/// As the VMM runs it: the manager queues discards, the device releases them off the ack path.
-fn deferred(mm: Arc<Mutex<MemoryManager>>) -> Arc<Mutex<MemoryManager>> {
-    mm.lock()
-        .unwrap()
-        .set_discard_policy(DiscardPolicy::Deferred)
-        .unwrap();
-    mm
+/// As the VMM runs it: the manager queues discards and releases them on its own timer, here
+/// on a manual clock.
+fn deferred(mm: Arc<Mutex<MemoryManager>>) -> (Arc<Mutex<MemoryManager>>, ManualClock) {
+    let clock = ManualClock::new();
+    {
+        let mut m = mm.lock().unwrap();
+        m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
+        m.set_clock(Arc::new(clock.clone()));
+    }
+    (mm, clock)
 }
 
-/// A balloon that has been quiet for `COMPACT_IDLE_DELAY` has the manager compact its
-/// tracker: the two boot-RAM leaves holding 40 scattered ballooned pages each become sparse
-/// leaves, and the balloon goes on working on them.
+/// One turn of the VMM's event loop for the manager's timer: `tick` if its deadline has come.
+fn timer_turn(mm: &Mutex<MemoryManager>, clock: &ManualClock) -> memory::Tick {
+    let mut m = mm.lock().unwrap();
+    match m.next_deadline() {
+        Some(d) if d <= clock.now() => m.tick().unwrap(),
+        _ => memory::Tick::default(),
+    }
+}
+
+fn pending(mm: &Mutex<MemoryManager>) -> u64 {
+    mm.lock().unwrap().stats().pending_discard_bytes
+}
+
+/// A balloon quiet for `COMPACT_IDLE_DELAY` has the manager compact its tracker: the two
+/// boot-RAM leaves holding 40 scattered ballooned pages each become sparse leaves, and the
+/// balloon goes on working on them.
 #[test]
 fn a_quiet_balloon_compacts_the_tracker() {
-    let mm = deferred(manager());
+    let (mm, clock) = deferred(manager());
     let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
     let pfns: Vec<u32> = (0..40)
         .map(|k| 0x100 + 97 * k)
@@ -80,15 +95,20 @@ fn a_quiet_balloon_compacts_the_tracker() {
             .unwrap();
     }
     assert_eq!(rig.inflate(&pfns).len(), 1);
-    std::thread::sleep(RELEASE_IDLE_DELAY);
-    assert_eq!(rig.dev.release_timer_fired(), 80, "idle timer releases");
+    clock.advance(RELEASE_IDLE_DELAY);
+    assert_eq!(
+        timer_turn(&mm, &clock).released_pages,
+        80,
+        "idle timer releases"
+    );
     let heap = mm.lock().unwrap().stats().tracker_heap_bytes;
     // Not quiet for long enough yet: nothing compacted.
-    assert_eq!(rig.dev.release_timer_fired(), 0);
+    clock.advance(COMPACT_IDLE_DELAY / 2);
+    assert_eq!(timer_turn(&mm, &clock).compacted_leaves, 0);
     assert_eq!(mm.lock().unwrap().stats().tracker_compacted_leaves, 0);
 
-    std::thread::sleep(COMPACT_IDLE_DELAY);
-    rig.dev.release_timer_fired();
+    clock.advance(COMPACT_IDLE_DELAY / 2);
+    assert_eq!(timer_turn(&mm, &clock).compacted_leaves, 2);
     let s = mm.lock().unwrap().stats();
     assert_eq!(s.tracker_compacted_leaves, 2);
     // Two 528-byte bitmaps become two sparse leaves of 40 pages (96 bytes each, and the
@@ -109,7 +129,7 @@ fn a_quiet_balloon_compacts_the_tracker() {
             .unwrap();
     }
     assert_eq!(rig.inflate(&more).len(), 1);
-    assert_eq!(rig.dev.release_now(), 30);
+    assert_eq!(mm.lock().unwrap().flush_discards().unwrap(), 30);
     let s = mm.lock().unwrap().stats();
     assert_eq!(s.ballooned_bytes, (60 + 30) * 4096);
     for &p in pfns[20..].iter().chain(&more) {
@@ -128,7 +148,7 @@ fn a_quiet_balloon_compacts_the_tracker() {
 
 #[test]
 fn balloon_on_the_memory_manager() {
-    let mm = deferred(manager());
+    let (mm, clock) = deferred(manager());
     let (mut rig, mem) = rig_on(
         &mm,
         BalloonConfig {
@@ -151,9 +171,13 @@ fn balloon_on_the_memory_manager() {
         mm.lock().unwrap().queued_discards() > 0,
         "queued after the ack"
     );
-    assert_eq!(rig.dev.unreleased_bytes(), 256 * 4096);
-    std::thread::sleep(balloon::RELEASE_IDLE_DELAY);
-    assert_eq!(rig.dev.release_timer_fired(), 256, "idle timer releases");
+    assert_eq!(pending(&mm), 256 * 4096);
+    clock.advance(RELEASE_IDLE_DELAY);
+    assert_eq!(
+        timer_turn(&mm, &clock).released_pages,
+        256,
+        "idle timer releases"
+    );
     assert_eq!(
         mm.lock().unwrap().queued_discards(),
         0,
@@ -249,36 +273,14 @@ fn burst_request(i: u32) -> Vec<u32> {
     (0..256u32).map(|j| 0x400 + j * 24 + i).collect()
 }
 
+/// A burst of inflate requests as Linux sends them, with the event loop's timer turn after
+/// each ack: a full batch is released on the turn right after the ack that filled it, the rest
+/// once the queue has been idle for `RELEASE_IDLE_DELAY`, and never before the guest has its
+/// buffer back.
 #[test]
 fn burst_is_released_in_batches_and_by_the_idle_timer() {
-    let mm = deferred(manager());
-    let mem = mm.lock().unwrap().guest_memory().clone();
-    let backend: Arc<dyn BalloonBackend> = mm.clone();
-    let config = BalloonConfig {
-        stats: false,
-        ..BalloonConfig::default()
-    };
-    let dev = Arc::new(Mutex::new(Balloon::new(config, backend).unwrap()));
-    let mut em: EventManager<Arc<Mutex<Balloon>>> = EventManager::new().unwrap();
-    em.add_subscriber(dev.clone());
-    let mut queues: Vec<DriverQueue> = (0..2)
-        .map(|i| DriverQueue::new(&mem, 0x1_0000 * (i + 1), 256))
-        .collect();
-    let interrupt = Arc::new(TestInterrupt::default());
-    {
-        let mut d = dev.lock().unwrap();
-        let f = d.avail_features();
-        d.ack_features(f);
-        d.activate(balloon::testing::activation(
-            &mem,
-            &queues,
-            interrupt.clone(),
-            f,
-        ))
-        .unwrap();
-    }
-    em.run_with_timeout(0).unwrap();
-
+    let (mm, clock) = deferred(manager());
+    let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
     let batch_requests = (RELEASE_BATCH_PAGES / 256) as u32;
     let requests = batch_requests + 8;
     for i in 0..requests {
@@ -288,26 +290,34 @@ fn burst_is_released_in_batches_and_by_the_idle_timer() {
         }
     }
     for i in 0..requests {
-        let bytes = balloon::testing::pfn_bytes(&burst_request(i));
-        mem.write_slice(&bytes, GuestAddress(BUFFER_BASE)).unwrap();
-        queues[0].add(&mem, &[Desc::read(BUFFER_BASE, bytes.len() as u32)]);
-        assert_eq!(dev.lock().unwrap().process_queue(0), 1);
-        assert_eq!(queues[0].take_used(&mem).len(), 1, "request {i} acked");
-        let unreleased = dev.lock().unwrap().unreleased_bytes();
+        clock.advance(RELEASE_IDLE_DELAY / 4);
+        let used_before = rig.interrupt.used_count();
+        assert_eq!(rig.inflate(&burst_request(i)).len(), 1, "request {i} acked");
+        assert_eq!(rig.interrupt.used_count(), used_before + 1);
+        // The ack is out; only now does the event loop get to the manager's timer.
+        let unreleased = pending(&mm);
         if i + 1 == batch_requests {
-            assert_eq!(unreleased, 0, "a full batch is released after its ack");
-            assert_eq!(mm.lock().unwrap().queued_discards(), 0);
+            assert_eq!(
+                unreleased,
+                u64::from(batch_requests) * 256 * 4096,
+                "not before the ack"
+            );
+            assert_eq!(
+                timer_turn(&mm, &clock).released_pages,
+                RELEASE_BATCH_PAGES,
+                "a full batch is released on the next turn"
+            );
             for r in 0..batch_requests {
                 for p in burst_request(r) {
                     assert!(!resident(&mem, u64::from(p)), "page {p:#x} kept");
                 }
             }
         } else {
+            assert_eq!(timer_turn(&mm, &clock).released_pages, 0, "request {i}");
             let expect = u64::from((i + 1) % batch_requests) * 256 * 4096;
             assert_eq!(unreleased, expect, "request {i}");
         }
     }
-    let last = std::time::Instant::now();
     for p in burst_request(requests - 1) {
         assert!(
             resident(&mem, u64::from(p)),
@@ -319,20 +329,12 @@ fn burst_is_released_in_batches_and_by_the_idle_timer() {
         u64::from(requests) * 256 * 4096
     );
 
-    // The event loop's idle timer releases the rest, and only after the idle delay.
-    for _ in 0..200 {
-        if dev.lock().unwrap().unreleased_bytes() == 0 {
-            break;
-        }
-        em.run_with_timeout(10).unwrap();
-    }
-    assert_eq!(
-        dev.lock().unwrap().unreleased_bytes(),
-        0,
-        "idle timer fired"
-    );
-    assert!(last.elapsed() >= RELEASE_IDLE_DELAY);
-    assert_eq!(mm.lock().unwrap().queued_discards(), 0);
+    // The idle timer releases the rest, exactly RELEASE_IDLE_DELAY after the last request.
+    clock.advance(RELEASE_IDLE_DELAY - std::time::Duration::from_micros(1));
+    assert_eq!(timer_turn(&mm, &clock).released_pages, 0, "not idle yet");
+    clock.advance(std::time::Duration::from_micros(1));
+    assert_eq!(timer_turn(&mm, &clock).released_pages, 8 * 256);
+    assert_eq!(pending(&mm), 0);
     for i in 0..requests {
         for p in burst_request(i) {
             assert!(!resident(&mem, u64::from(p)), "page {p:#x} kept");
@@ -340,14 +342,12 @@ fn burst_is_released_in_batches_and_by_the_idle_timer() {
             assert_eq!(v, 0);
         }
     }
-    // Nothing left: the timer stays quiet.
-    em.run_with_timeout(10).unwrap();
-    assert_eq!(interrupt.used_count(), requests as usize);
+    assert_eq!(rig.interrupt.used_count(), requests as usize);
 }
 
 #[test]
 fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
-    let mm = deferred(manager());
+    let (mm, clock) = deferred(manager());
     let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
     for i in 0..8 {
         for p in burst_request(i) {
@@ -362,11 +362,11 @@ fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
         mem.write_obj(0x77u8, GuestAddress(u64::from(p) << 12))
             .unwrap();
     }
-    assert_eq!(rig.dev.unreleased_bytes(), 8 * 256 * 4096);
+    assert_eq!(pending(&mm), 7 * 256 * 4096);
     assert!(mm.lock().unwrap().queued_discards() > 0);
 
     rig.dev.reset();
-    assert_eq!(rig.dev.unreleased_bytes(), 0);
+    assert_eq!(pending(&mm), 0);
     assert_eq!(mm.lock().unwrap().queued_discards(), 0, "no stale queue");
     assert_eq!(mm.lock().unwrap().stats().ballooned_bytes, 0);
     for p in burst_request(0) {
@@ -379,8 +379,8 @@ fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
         }
     }
     // A late timer expiry after the reset finds nothing to do.
-    std::thread::sleep(RELEASE_IDLE_DELAY);
-    assert_eq!(rig.dev.release_timer_fired(), 0);
+    clock.advance(RELEASE_IDLE_DELAY);
+    assert_eq!(mm.lock().unwrap().tick().unwrap().released_pages, 0);
 
     // The device works again after the driver comes back; the pages were online meanwhile.
     let f = rig.dev.avail_features();
@@ -390,8 +390,9 @@ fn reset_in_the_middle_of_a_burst_leaves_nothing_queued() {
             .unwrap();
     }
     assert_eq!(rig.inflate(&burst_request(3)).len(), 1);
-    assert_eq!(rig.dev.unreleased_bytes(), 256 * 4096);
-    assert_eq!(rig.dev.release_now(), 256);
+    assert_eq!(pending(&mm), 256 * 4096);
+    clock.advance(RELEASE_IDLE_DELAY);
+    assert_eq!(timer_turn(&mm, &clock).released_pages, 256);
     assert!(!resident(&mem, u64::from(burst_request(3)[0])));
 }
 
@@ -420,7 +421,7 @@ fn balloon_releases_on_both_backings() {
             let pfns: Vec<u32> = (0..256u32).rev().map(|i| 0x2000 + k * 256 + i).collect();
             rig.inflate(&pfns);
         }
-        rig.dev.release_now();
+        mm.lock().unwrap().flush_discards().unwrap();
         let after = mm.lock().unwrap().resident_bytes().unwrap();
         assert_eq!(
             before - after,

@@ -57,6 +57,8 @@ pub enum Error {
         size: u64,
         source: std::io::Error,
     },
+    #[error("creating the discard timer (timerfd or eventfd): {0}")]
+    Timer(std::io::Error),
     #[error(transparent)]
     Tracker(#[from] TrackerError),
     #[error("out of memory queueing {what} ({bytes} bytes)")]

@@ -2,12 +2,7 @@
 
 use std::fmt;
 
-/// Size of a guest page frame.
-pub const PAGE_SIZE: u64 = 4096;
-/// log2 of [`PAGE_SIZE`].
-pub const PAGE_SHIFT: u32 = 12;
-/// Size of a huge page on hugetlbfs-backed regions.
-pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+pub use crate::units::{HUGE_PAGE_SIZE, PAGE_SHIFT, PAGE_SIZE};
 
 /// A 4 KiB guest page frame number.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -210,19 +205,25 @@ pub struct MemoryStats {
     /// Discard system calls made (cumulative): one per coalesced run, or one per batch of up to
     /// 512 runs of a private anonymous region (`process_madvise`).
     pub discard_calls: u64,
+    /// Pages whose deferred discard the schedule released (cumulative; immediate discards and
+    /// `flush_discards` calls by hand are not counted here).
+    pub released_pages: u64,
+    /// Scheduled releases that failed and were kept for a retry (cumulative).
+    pub release_errors: u64,
     /// Heap bytes held by the offline-page tracker.
     pub tracker_heap_bytes: u64,
-    /// Tracker leaves turned into sparse leaves by [`crate::MemoryManager::compact`].
+    /// Tracker leaves turned into sparse leaves by [`crate::MemoryManager::compact`] (cumulative).
     pub tracker_compacted_leaves: u64,
 }
 
 /// When the host backing of newly offline pages is released.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DiscardPolicy {
-    /// Inside `offline`/`unplug`, before they return.
+    /// Inside `offline`, before it returns.
     #[default]
     Immediate,
-    /// Queued by `offline`; released by [`crate::MemoryManager::flush_discards`]. A page that
-    /// comes back online before the flush is not discarded.
+    /// Queued by `offline`; released by [`crate::MemoryManager::tick`] once a batch is full or
+    /// the queue went idle (or by [`crate::MemoryManager::flush_discards`]). A page that comes
+    /// back online before the release is not discarded.
     Deferred,
 }

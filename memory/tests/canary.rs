@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use memory::{Backing, PageRange, Reason, PAGE_SIZE};
+use memory::{Backing, PageRange, PAGE_SIZE};
 
 fn pages(addr: u64, len: u64) -> PageRange {
     PageRange::from_addr(addr, len)
@@ -45,16 +45,15 @@ fn canary_beside_region_is_untouched() {
     canary.fill(0x5a);
     touch(&m, 0, size, 1);
     let out = m
-        .offline(
-            &[
-                pages(size, 4 * PAGE_SIZE),
-                pages(size - PAGE_SIZE, 2 * PAGE_SIZE),
-            ],
-            Reason::Ballooned,
-        )
+        .offline(&m.page_ranges(&[
+            pages(size, 4 * PAGE_SIZE),
+            pages(size - PAGE_SIZE, 2 * PAGE_SIZE),
+        ]))
         .unwrap();
     assert_eq!((out.changed, out.refused), (1, 4));
-    let out = m.discard_free(&[pages(size, 4 * PAGE_SIZE)]).unwrap();
+    let out = m
+        .discard_free(&m.page_ranges(&[pages(size, 4 * PAGE_SIZE)]))
+        .unwrap();
     assert_eq!(out.refused, 4);
     assert!(canary.all(0x5a), "canary contents intact");
     assert_eq!(canary.resident(), 4, "canary still resident");

@@ -3,6 +3,8 @@
 
 mod common;
 
+use memory::Clock as _;
+
 use common::*;
 use memory::{Backing, DiscardPolicy, Error, MemoryManager, Outcome, PageRange, Pfn, Reason};
 
@@ -29,7 +31,7 @@ fn inflate_frees_resident_memory_and_deflate_reads_zeros() {
     assert!(before >= 64 * MIB, "all touched: {before}");
 
     let out = m
-        .offline(&[pages(16 * MIB, 16 * MIB)], Reason::Ballooned)
+        .offline(&m.page_ranges(&[pages(16 * MIB, 16 * MIB)]))
         .unwrap();
     assert_eq!(
         out,
@@ -53,13 +55,13 @@ fn inflate_frees_resident_memory_and_deflate_reads_zeros() {
 
     // Asking again changes nothing.
     let again = m
-        .offline(&[pages(16 * MIB, 16 * MIB)], Reason::Ballooned)
+        .offline(&m.page_ranges(&[pages(16 * MIB, 16 * MIB)]))
         .unwrap();
     assert_eq!(again.unchanged, 4096);
     assert_eq!(again.changed, 0);
 
     let out = m
-        .online(&[pages(16 * MIB, 16 * MIB)], Reason::Ballooned)
+        .online(&m.page_ranges(&[pages(16 * MIB, 16 * MIB)]))
         .unwrap();
     assert_eq!(out.changed, 4096);
     assert_eq!(read_u64(&m, 20 * MIB), 0, "a discarded page reads as zeros");
@@ -83,7 +85,7 @@ fn refused_pages_are_counted_and_never_discarded() {
         pages(48 * MIB, 4 * MIB),
         PageRange::new(u64::MAX - 3, 10),
     ];
-    let out = m.offline(&req, Reason::Ballooned).unwrap();
+    let out = m.offline(&m.page_ranges(&req)).unwrap();
     assert_eq!(out.changed, 0);
     assert_eq!(out.refused, 4096 + 1024 + 10);
     assert_eq!(m.resident_bytes().unwrap(), before, "nothing discarded");
@@ -92,7 +94,7 @@ fn refused_pages_are_counted_and_never_discarded() {
 
     // A run straddling the end of the first region: only the inside part is taken.
     let out = m
-        .offline(&[pages(15 * MIB, 2 * MIB)], Reason::Ballooned)
+        .offline(&m.page_ranges(&[pages(15 * MIB, 2 * MIB)]))
         .unwrap();
     assert_eq!((out.changed, out.refused), (256, 256));
     assert_eq!(m.resident_bytes().unwrap(), before - MIB);
@@ -111,7 +113,7 @@ fn duplicate_and_overlapping_pages_count_once_and_coalesce() {
         .iter()
         .map(|&p| PageRange::page(p))
         .collect();
-    let out = m.offline(&req, Reason::Ballooned).unwrap();
+    let out = m.offline(&m.page_ranges(&req)).unwrap();
     assert_eq!(out.changed, 6);
     // Two runs, one process_madvise call (two madvise calls where the kernel refuses it).
     let calls = m.stats().discard_calls;
@@ -134,12 +136,12 @@ fn memfd_punch_hole_frees_file_blocks() {
     let full = m.region_file_blocks(0).unwrap().unwrap() * 512;
     assert!(full >= 32 * MIB, "file fully allocated: {full}");
     let out = m
-        .offline(&[pages(8 * MIB, 8 * MIB)], Reason::Ballooned)
+        .offline(&m.page_ranges(&[pages(8 * MIB, 8 * MIB)]))
         .unwrap();
     assert_eq!(out.changed, 2048);
     let after = m.region_file_blocks(0).unwrap().unwrap() * 512;
     assert_eq!(full - after, 8 * MIB, "punch-hole released the blocks");
-    m.online(&[pages(8 * MIB, 8 * MIB)], Reason::Ballooned)
+    m.online(&m.page_ranges(&[pages(8 * MIB, 8 * MIB)]))
         .unwrap();
     assert_eq!(read_u64(&m, 10 * MIB), 0);
     assert_eq!(read_u64(&m, 20 * MIB), 0x0707_0707_0707_0707);
@@ -150,9 +152,9 @@ fn shared_anonymous_uses_madv_remove() {
     let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::SharedAnonymous)]);
     touch(&m, 0, 16 * MIB, 3);
     let before = m.resident_bytes().unwrap();
-    m.offline(&[pages(0, 4 * MIB)], Reason::Ballooned).unwrap();
+    m.offline(&m.page_ranges(&[pages(0, 4 * MIB)])).unwrap();
     assert_eq!(before - m.resident_bytes().unwrap(), 4 * MIB);
-    m.online(&[pages(0, 4 * MIB)], Reason::Ballooned).unwrap();
+    m.online(&m.page_ranges(&[pages(0, 4 * MIB)])).unwrap();
     assert_eq!(read_u64(&m, 0), 0);
 }
 
@@ -160,9 +162,11 @@ fn shared_anonymous_uses_madv_remove() {
 fn free_page_reporting_discards_but_does_not_track() {
     let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::PrivateAnonymous)]);
     touch(&m, 0, 16 * MIB, 9);
-    m.offline(&[pages(0, MIB)], Reason::Ballooned).unwrap();
+    m.offline(&m.page_ranges(&[pages(0, MIB)])).unwrap();
     let before = m.resident_bytes().unwrap();
-    let out = m.discard_free(&[pages(0, 4 * MIB)]).unwrap();
+    let out = m
+        .discard_free(&m.page_ranges(&[pages(0, 4 * MIB)]))
+        .unwrap();
     assert_eq!((out.changed, out.unchanged), (768, 256));
     assert_eq!(before - m.resident_bytes().unwrap(), 3 * MIB);
     assert_eq!(m.tracker().len(), 256, "reported pages are not offline");
@@ -190,9 +194,7 @@ fn hot_add_is_born_offline_and_costs_nothing_until_written() {
     assert_eq!(slots.calls.lock().unwrap().len(), 1, "only boot RAM mapped");
 
     // Ballooning unplugged memory is refused.
-    let out = m
-        .offline(&[pages(4 * GIB, MIB)], Reason::Ballooned)
-        .unwrap();
+    let out = m.offline(&m.page_ranges(&[pages(4 * GIB, MIB)])).unwrap();
     assert_eq!(out.refused, 256);
 
     // Plug two blocks, with a partial block on each side refused.
@@ -217,7 +219,7 @@ fn hot_add_is_born_offline_and_costs_nothing_until_written() {
     assert_eq!(m.resident_bytes().unwrap(), block);
 
     // Balloon part of a plugged block, then unplug it: all of it becomes unplugged again.
-    m.offline(&[pages(4 * GIB + block, MIB)], Reason::Ballooned)
+    m.offline(&m.page_ranges(&[pages(4 * GIB + block, MIB)]))
         .unwrap();
     let out = m.unplug(pages(4 * GIB + block, block)).unwrap();
     assert_eq!(out.changed, 32768);
@@ -234,19 +236,11 @@ fn hot_add_is_born_offline_and_costs_nothing_until_written() {
             size: block
         }
     );
-    // Unplugged pages cannot be onlined page by page; plugged ones can go and come back.
-    let out = m
-        .online(&[pages(4 * GIB + block, MIB)], Reason::Unplugged)
-        .unwrap();
-    assert_eq!(out.refused, 256);
-    let out = m
-        .offline(&[pages(4 * GIB + 2 * block, MIB)], Reason::Unplugged)
-        .unwrap();
-    assert_eq!(out.changed, 256);
-    let out = m
-        .online(&[pages(4 * GIB + 2 * block, MIB)], Reason::Unplugged)
-        .unwrap();
-    assert_eq!(out.changed, 256);
+    // Plugged blocks come and go only whole: the tracker is the one record of them.
+    assert_eq!(
+        m.plugged_runs(pages(4 * GIB, 4 * block)),
+        vec![pages(4 * GIB + 2 * block, block)]
+    );
     assert_eq!(
         m.offline_runs(Some(Reason::Unplugged), None, 8),
         vec![
@@ -257,6 +251,7 @@ fn hot_add_is_born_offline_and_costs_nothing_until_written() {
             ),
         ]
     );
+    assert_eq!(m.regions()[1].plugged_bytes, block);
 }
 
 #[test]
@@ -276,11 +271,11 @@ fn deferred_discard_skips_pages_back_online() {
     m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
     touch(&m, 0, 16 * MIB, 0x11);
     let before = m.resident_bytes().unwrap();
-    m.offline(&[pages(0, 4 * MIB)], Reason::Ballooned).unwrap();
+    m.offline(&m.page_ranges(&[pages(0, 4 * MIB)])).unwrap();
     assert_eq!(m.resident_bytes().unwrap(), before, "nothing discarded yet");
     assert_eq!(m.stats().pending_discard_bytes, 4 * MIB);
     // The guest takes 1 MiB back and writes to it before the flush.
-    m.online(&[pages(MIB, MIB)], Reason::Ballooned).unwrap();
+    m.online(&m.page_ranges(&[pages(MIB, MIB)])).unwrap();
     touch(&m, MIB, MIB, 0x22);
     let done = m.flush_discards().unwrap();
     assert_eq!(done, 768);
@@ -312,15 +307,15 @@ fn hugetlbfs_discards_only_whole_huge_pages() {
     }
     let calls0 = m.stats().discard_calls;
     // Half a huge page: tracked, not discarded.
-    m.offline(&[pages(0, MIB)], Reason::Ballooned).unwrap();
+    m.offline(&m.page_ranges(&[pages(0, MIB)])).unwrap();
     assert_eq!(m.stats().discard_calls, calls0);
     assert_eq!(m.stats().pending_discard_bytes, MIB);
     // The other half: now the whole huge page goes.
-    m.offline(&[pages(MIB, MIB)], Reason::Ballooned).unwrap();
+    m.offline(&m.page_ranges(&[pages(MIB, MIB)])).unwrap();
     assert_eq!(m.stats().discard_calls, calls0 + 1);
     assert_eq!(m.stats().discarded_bytes, huge);
     // One piece back online: the huge page is backed again when touched.
-    m.online(&[PageRange::page(0)], Reason::Ballooned).unwrap();
+    m.online(&m.page_ranges(&[PageRange::page(0)])).unwrap();
     assert_eq!(m.stats().discarded_bytes, 0);
     assert_eq!(read_u64(&m, 0), 0);
 }
@@ -383,12 +378,12 @@ fn deferred_flush_of_scattered_runs_is_batched() {
         let scattered: Vec<PageRange> = (0..1200u64)
             .map(|i| PageRange::page(1024 + 2 * i))
             .collect();
-        m.offline(&scattered, Reason::Ballooned).unwrap();
-        m.offline(&[pages(16 * MIB, 4 * MIB)], Reason::Ballooned)
+        m.offline(&m.page_ranges(&scattered)).unwrap();
+        m.offline(&m.page_ranges(&[pages(16 * MIB, 4 * MIB)]))
             .unwrap();
         // Every sixth page comes back before the flush and is written to.
         let back: Vec<PageRange> = scattered.iter().copied().step_by(6).collect();
-        m.online(&back, Reason::Ballooned).unwrap();
+        m.online(&m.page_ranges(&back)).unwrap();
         for r in &back {
             touch(&m, r.start.addr(), 4096, 0x77);
         }
@@ -425,8 +420,8 @@ fn deferred_flush_of_scattered_runs_is_batched() {
             }
         }
         assert_eq!(m.stats().discarded_bytes, (1000 + 1024) * 4096);
-        m.online(&scattered, Reason::Ballooned).unwrap();
-        m.online(&[pages(16 * MIB, 4 * MIB)], Reason::Ballooned)
+        m.online(&m.page_ranges(&scattered)).unwrap();
+        m.online(&m.page_ranges(&[pages(16 * MIB, 4 * MIB)]))
             .unwrap();
         assert_eq!(
             read_u64(&m, 1026 * 4096),
@@ -440,4 +435,198 @@ fn deferred_flush_of_scattered_runs_is_batched() {
         );
         assert_eq!(m.flush_discards().unwrap(), 0);
     }
+}
+
+/// The manager's schedule on a manual clock, as the VMM's event loop drives it: deferred
+/// discards wait for the inflate queue to be idle for `RELEASE_IDLE_DELAY` (counted from the
+/// last queued page), a page deflated before its release keeps its data, and the tracker is
+/// compacted once it was left alone for `COMPACT_IDLE_DELAY`.
+#[test]
+fn the_timer_releases_when_idle_and_compacts_when_quiet() {
+    use memory::{ManualClock, COMPACT_IDLE_DELAY, RELEASE_IDLE_DELAY};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let (mut m, _) = manager(&[boot(0, 64 * MIB, Backing::PrivateAnonymous)]);
+    let clock = ManualClock::new();
+    m.set_clock(Arc::new(clock.clone()));
+    m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
+    assert_eq!(m.next_deadline(), None, "nothing to do");
+    touch(&m, 0, 64 * MIB, 0x3c);
+    let before = m.resident_bytes().unwrap();
+    // 40 scattered pages in each of the first two tracker leaves (16 MiB each).
+    let scattered: Vec<PageRange> = (0..40)
+        .map(|k| PageRange::page(0x100 + 97 * k))
+        .chain((0..40).map(|k| PageRange::page(0x1100 + 89 * k)))
+        .collect();
+    assert_eq!(m.offline(&m.page_ranges(&scattered)).unwrap().changed, 80);
+    let t0 = clock.now();
+    assert_eq!(m.next_deadline(), Some(t0 + RELEASE_IDLE_DELAY));
+
+    // More pages 1 ms later push the release back; one of the first is deflated meanwhile.
+    clock.advance(Duration::from_millis(1));
+    m.offline(&m.page_ranges(&[pages(32 * MIB, MIB)])).unwrap();
+    m.online(&m.page_ranges(&[PageRange::page(0x100)])).unwrap();
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(m.tick().unwrap().released_pages, 0, "queue not idle yet");
+    assert_eq!(m.resident_bytes().unwrap(), before, "nothing released");
+    clock.advance(Duration::from_millis(1));
+    let tick = m.tick().unwrap();
+    assert_eq!(tick.released_pages, 79 + 256);
+    assert_eq!(tick.compacted_leaves, 0, "compaction waits for quiet");
+    assert_eq!(m.resident_bytes().unwrap(), before - (79 + 256) * 4096);
+    assert_eq!(
+        read_u64(&m, 0x100 << 12),
+        0x3c3c_3c3c_3c3c_3c3c,
+        "deflated page kept"
+    );
+    assert_eq!(m.stats().released_pages, 79 + 256);
+
+    // Left alone for COMPACT_IDLE_DELAY after the release: the two scattered leaves turn sparse.
+    let released_at = clock.now();
+    assert_eq!(m.next_deadline(), Some(released_at + COMPACT_IDLE_DELAY));
+    let heap = m.stats().tracker_heap_bytes;
+    clock.advance(COMPACT_IDLE_DELAY - Duration::from_millis(1));
+    assert_eq!(
+        m.tick().unwrap().compacted_leaves,
+        0,
+        "not quiet long enough"
+    );
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(m.tick().unwrap().compacted_leaves, 2);
+    assert!(m.stats().tracker_heap_bytes + 700 < heap);
+    assert_eq!(m.next_deadline(), None, "all done");
+    m.tracker().check_invariants().unwrap();
+
+    // The sparse leaves take further changes.
+    m.online(&m.page_ranges(&scattered[..20])).unwrap();
+    assert_eq!(m.stats().ballooned_bytes, (60 + 256) * 4096);
+}
+
+/// A full batch is due at once: the event loop releases it on its next turn, after the ack.
+#[test]
+fn a_full_batch_is_due_at_once() {
+    use memory::{ManualClock, RELEASE_BATCH_PAGES};
+    use std::sync::Arc;
+
+    let (mut m, _) = manager(&[boot(0, 64 * MIB, Backing::PrivateAnonymous)]);
+    let clock = ManualClock::new();
+    m.set_clock(Arc::new(clock.clone()));
+    m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
+    m.offline(&m.page_ranges(&[PageRange::new(0, RELEASE_BATCH_PAGES - 1)]))
+        .unwrap();
+    assert!(m.next_deadline().unwrap() > clock.now());
+    m.offline(&m.page_ranges(&[PageRange::new(RELEASE_BATCH_PAGES, 1)]))
+        .unwrap();
+    assert_eq!(m.next_deadline(), Some(clock.now()), "due now");
+    assert_eq!(m.tick().unwrap().released_pages, RELEASE_BATCH_PAGES);
+    assert_eq!(m.queued_discards(), 0);
+}
+
+/// Hot-add memory changes the tracker too: the schedule compacts after plug and unplug, with
+/// no balloon in the VM.
+#[test]
+fn plugging_schedules_a_compaction() {
+    use memory::{ManualClock, COMPACT_IDLE_DELAY};
+    use std::sync::Arc;
+
+    let (mut m, _) = manager(&[
+        boot(0, 16 * MIB, Backing::PrivateAnonymous),
+        hotplug(GIB, 64 * MIB, Backing::PrivateAnonymous, 2 * MIB),
+    ]);
+    let clock = ManualClock::new();
+    m.set_clock(Arc::new(clock.clone()));
+    m.plug(pages(GIB, 4 * MIB)).unwrap();
+    assert_eq!(m.next_deadline(), Some(clock.now() + COMPACT_IDLE_DELAY));
+    clock.advance(COMPACT_IDLE_DELAY);
+    m.tick().unwrap();
+    assert_eq!(m.next_deadline(), None, "compacted");
+}
+
+/// Plug and unplug are all or nothing: when KVM refuses one block's slot, the blocks already
+/// done in the same request go back, so the device can answer BUSY and the guest retry.
+#[test]
+fn a_failed_plug_or_unplug_undoes_its_other_blocks() {
+    let (mut m, slots) = manager(&[hotplug(0, 256 * MIB, Backing::PrivateAnonymous, 2 * MIB)]);
+    *slots.fail_after.lock().unwrap() = Some(2);
+    let err = m.plug(pages(0, 8 * MIB)).unwrap_err();
+    assert!(matches!(err, Error::Slot { slot: 2, .. }), "{err}");
+    assert_eq!(m.stats().hotplug_plugged_bytes, 0, "blocks 0 and 1 undone");
+    assert_eq!(m.plugged_runs(pages(0, 256 * MIB)), vec![]);
+    let calls = slots.calls.lock().unwrap().clone();
+    assert!(
+        matches!(
+            calls[..],
+            [
+                SlotCall::Map { slot: 0, .. },
+                SlotCall::Map { slot: 1, .. },
+                SlotCall::Unmap { slot: 1, .. },
+                SlotCall::Unmap { slot: 0, .. }
+            ]
+        ),
+        "{calls:?}"
+    );
+    // The retry succeeds.
+    assert_eq!(m.plug(pages(0, 8 * MIB)).unwrap().changed, 4 * 512);
+    // Unplug of blocks 1 and 2: block 2's slot cannot be removed, so block 1 is plugged again.
+    touch(&m, 0, 8 * MIB, 7);
+    *slots.fail_after.lock().unwrap() = Some(1);
+    slots.calls.lock().unwrap().clear();
+    let err = m.unplug(pages(2 * MIB, 4 * MIB)).unwrap_err();
+    assert!(matches!(err, Error::Slot { slot: 2, .. }), "{err}");
+    assert_eq!(m.plugged_runs(pages(0, 256 * MIB)), vec![pages(0, 8 * MIB)]);
+    assert_eq!(read_u64(&m, 0), 0x0707_0707_0707_0707, "block 0 untouched");
+    assert_eq!(m.stats().unplugged_bytes, 248 * MIB);
+}
+
+/// Dropping the manager removes every KVM slot before the mappings go.
+#[test]
+fn drop_unmaps_every_slot() {
+    let (mut m, slots) = manager(&[
+        boot(0, 16 * MIB, Backing::PrivateAnonymous),
+        hotplug(GIB, 64 * MIB, Backing::PrivateAnonymous, 2 * MIB),
+    ]);
+    m.plug(pages(GIB + 4 * MIB, 4 * MIB)).unwrap();
+    slots.calls.lock().unwrap().clear();
+    drop(m);
+    let mut unmapped: Vec<u32> = slots
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| match c {
+            SlotCall::Unmap { slot, .. } => *slot,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    unmapped.sort();
+    // Boot RAM is slot 0; hot-add block k is slot 1 + k.
+    assert_eq!(unmapped, vec![0, 3, 4]);
+}
+
+/// A boot slot KVM refuses while the manager is made: the slots registered before it are
+/// removed again, since `new` fails and the mappings go.
+#[test]
+fn a_failed_boot_slot_removes_the_ones_before_it() {
+    let slots = FakeSlots::default();
+    *slots.fail_after.lock().unwrap() = Some(1);
+    let specs = [
+        boot(0, 16 * MIB, Backing::PrivateAnonymous),
+        boot(32 * MIB, 16 * MIB, Backing::PrivateAnonymous),
+    ];
+    let err = MemoryManager::new(&specs, Box::new(slots.clone()))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::Slot { slot: 1, .. }), "{err}");
+    let calls = slots.calls.lock().unwrap().clone();
+    assert!(
+        matches!(
+            calls[..],
+            [
+                SlotCall::Map { slot: 0, .. },
+                SlotCall::Unmap { slot: 0, .. }
+            ]
+        ),
+        "{calls:?}"
+    );
 }

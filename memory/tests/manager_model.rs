@@ -1,5 +1,5 @@
 //! Property test of the manager on real mappings against a model of page states: random
-//! offline/online/free-report/plug/unplug/flush requests, with both discard policies. After every
+//! offline/online/free-report/plug/unplug/flush/tick requests, with both discard policies. After every
 //! request: the outcome, the stats and the offline runs match the model, and every page that was
 //! online before and after the request still holds what was written to it (the host never
 //! discarded an online page).
@@ -9,7 +9,10 @@
 mod common;
 
 use common::*;
-use memory::{Backing, DiscardPolicy, MemoryManager, Outcome, PageRange, Reason};
+use std::sync::Arc;
+use std::time::Duration;
+
+use memory::{Backing, DiscardPolicy, ManualClock, MemoryManager, Outcome, PageRange, Reason};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -30,8 +33,10 @@ enum St {
 
 #[derive(Debug, Clone)]
 enum Req {
-    Offline(Vec<(u64, u64)>, Reason),
-    Online(Vec<(u64, u64)>, Reason),
+    /// Balloon inflate.
+    Offline(Vec<(u64, u64)>),
+    /// Balloon deflate.
+    Online(Vec<(u64, u64)>),
     Free(Vec<(u64, u64)>),
     Plug(u64, u64),
     Unplug(u64, u64),
@@ -39,6 +44,9 @@ enum Req {
     Policy(bool),
     /// `compact`: leaves of few offline pages become sparse; nothing observable changes.
     Compact,
+    /// Time passes (ms) and the manager's timer fires: deferred releases and compaction happen
+    /// when due; nothing observable changes.
+    Tick(u64),
 }
 
 fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
@@ -51,27 +59,24 @@ fn scattered() -> impl Strategy<Value = Vec<(u64, u64)>> {
     prop::collection::vec((0..SPACE, 1u64..3), 1..150)
 }
 
-fn reason() -> impl Strategy<Value = Reason> {
-    prop_oneof![Just(Reason::Ballooned), Just(Reason::Unplugged)]
-}
-
 fn req() -> impl Strategy<Value = Req> {
     let block_range = (0u64..6, 1u64..3, 0u64..2)
         .prop_map(|(b, n, skew)| (HOT_START + b * BLOCK - BLOCK + skew * 7, n * BLOCK));
     prop_oneof![
-        4 => (ranges(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
-        4 => (ranges(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
-        2 => (scattered(), reason()).prop_map(|(r, why)| Req::Offline(r, why)),
+        4 => ranges().prop_map(Req::Offline),
+        4 => ranges().prop_map(Req::Online),
+        2 => scattered().prop_map(Req::Offline),
         // A few single pages: leaves that `compact` turns into sparse leaves.
         2 => prop::collection::vec((0..SPACE, 1u64..2), 1..12)
-            .prop_map(|r| Req::Offline(r, Reason::Ballooned)),
-        1 => (scattered(), reason()).prop_map(|(r, why)| Req::Online(r, why)),
+            .prop_map(Req::Offline),
+        1 => scattered().prop_map(Req::Online),
         2 => ranges().prop_map(Req::Free),
         2 => block_range.clone().prop_map(|(a, n)| Req::Plug(a, n)),
         2 => block_range.prop_map(|(a, n)| Req::Unplug(a, n)),
         1 => Just(Req::Flush),
         1 => any::<bool>().prop_map(Req::Policy),
         2 => Just(Req::Compact),
+        2 => prop_oneof![Just(1u64), Just(2), Just(1000), Just(1500)].prop_map(Req::Tick),
     ]
 }
 
@@ -110,43 +115,27 @@ impl Model {
     fn apply(&mut self, r: &Req) -> Outcome {
         let mut o = Outcome::default();
         match r {
-            Req::Offline(rs, why) => {
+            Req::Offline(rs) => {
                 for p in Self::pages(rs) {
-                    let s = self.st.get(p as usize).copied().flatten();
-                    let to = match why {
-                        Reason::Ballooned => St::Ballooned,
-                        Reason::Unplugged => St::Unplugged,
-                    };
-                    match (s, why) {
-                        (None, _) => o.refused += 1,
-                        (Some(_), Reason::Unplugged) if !Self::hot(p) => o.refused += 1,
-                        (Some(x), _) if x == to => o.unchanged += 1,
-                        (Some(St::Unplugged), Reason::Ballooned) => o.refused += 1,
-                        (Some(_), _) => {
+                    match self.st.get(p as usize).copied().flatten() {
+                        Some(St::Online) => {
                             o.changed += 1;
-                            self.st[p as usize] = Some(to);
+                            self.st[p as usize] = Some(St::Ballooned);
                         }
+                        Some(St::Ballooned) => o.unchanged += 1,
+                        None | Some(St::Unplugged) => o.refused += 1,
                     }
                 }
             }
-            Req::Online(rs, why) => {
+            Req::Online(rs) => {
                 for p in Self::pages(rs) {
-                    let s = self.st.get(p as usize).copied().flatten();
-                    match (s, why) {
-                        (None, _) => o.refused += 1,
-                        (Some(_), Reason::Unplugged) if !Self::hot(p) => o.refused += 1,
-                        (Some(St::Online), _) => o.unchanged += 1,
-                        (Some(St::Ballooned), Reason::Ballooned) => {
+                    match self.st.get(p as usize).copied().flatten() {
+                        Some(St::Ballooned) => {
                             o.changed += 1;
                             self.st[p as usize] = Some(St::Online);
                         }
-                        (Some(St::Unplugged), Reason::Unplugged)
-                            if self.plugged[Self::block(p)] =>
-                        {
-                            o.changed += 1;
-                            self.st[p as usize] = Some(St::Online);
-                        }
-                        _ => o.refused += 1,
+                        Some(St::Online) => o.unchanged += 1,
+                        None | Some(St::Unplugged) => o.refused += 1,
                     }
                 }
             }
@@ -184,7 +173,7 @@ impl Model {
                     }
                 }
             }
-            Req::Flush | Req::Policy(_) | Req::Compact => {}
+            Req::Flush | Req::Policy(_) | Req::Compact | Req::Tick(_) => {}
         }
         o
     }
@@ -203,6 +192,8 @@ fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
             BLOCK * 4096,
         ),
     ]);
+    let clock = ManualClock::new();
+    m.set_clock(Arc::new(clock.clone()));
     let mut model = Model::new();
     let mut stamp = 1u64;
     let mut written = vec![0u64; SPACE as usize];
@@ -225,13 +216,19 @@ fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
             rs.iter().map(|&(a, n)| PageRange::new(a, n)).collect()
         };
         let got = match &r {
-            Req::Offline(rs, why) => m.offline(&to_mm(rs), *why).unwrap(),
-            Req::Online(rs, why) => m.online(&to_mm(rs), *why).unwrap(),
-            Req::Free(rs) => m.discard_free(&to_mm(rs)).unwrap(),
+            Req::Offline(rs) => m.offline(&m.page_ranges(&to_mm(rs))).unwrap(),
+            Req::Online(rs) => m.online(&m.page_ranges(&to_mm(rs))).unwrap(),
+            Req::Free(rs) => m.discard_free(&m.page_ranges(&to_mm(rs))).unwrap(),
             Req::Plug(a, n) => m.plug(PageRange::new(*a, *n)).unwrap(),
             Req::Unplug(a, n) => m.unplug(PageRange::new(*a, *n)).unwrap(),
             Req::Flush => {
                 m.flush_discards().unwrap();
+                Outcome::default()
+            }
+            Req::Tick(ms) => {
+                clock.advance(Duration::from_millis(*ms));
+                m.tick().unwrap();
+                m.tracker().check_invariants().unwrap();
                 Outcome::default()
             }
             Req::Compact => {
@@ -269,6 +266,19 @@ fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
         prop_assert_eq!(
             st.hotplug_plugged_bytes,
             model.plugged.iter().filter(|&&b| b).count() as u64 * BLOCK * 4096
+        );
+        let plugged: Vec<u64> = m
+            .plugged_runs(PageRange::new(0, SPACE))
+            .iter()
+            .flat_map(|r| r.start.0..r.end())
+            .collect();
+        let want_plugged: Vec<u64> = (HOT_START..HOT_END)
+            .filter(|&p| model.plugged[Model::block(p)])
+            .collect();
+        prop_assert_eq!(
+            plugged,
+            want_plugged,
+            "plugged blocks derived from the tracker"
         );
         // Offline runs with their reasons.
         let mut want_runs: Vec<(PageRange, Reason)> = Vec::new();

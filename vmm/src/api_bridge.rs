@@ -730,27 +730,17 @@ impl ApiHandler {
             "memory_tracker_compacted_leaves".into(),
             stats.tracker_compacted_leaves,
         );
+        c.insert("memory_released_pages".into(), stats.released_pages);
+        c.insert("memory_release_errors".into(), stats.release_errors);
         if let Some(b) = self.view.balloon.as_deref() {
-            let k = lock(b).counters();
-            c.insert("balloon_inflated_pages".into(), k.inflated_pages);
-            c.insert("balloon_deflated_pages".into(), k.deflated_pages);
-            c.insert("balloon_refused_pfns".into(), k.refused_pfns);
-            c.insert("balloon_duplicate_pfns".into(), k.duplicate_pfns);
-            c.insert("balloon_malformed_buffers".into(), k.malformed_buffers);
-            c.insert(
-                "balloon_config_writes_refused".into(),
-                k.config_writes_refused,
-            );
-            c.insert("balloon_stats_updates".into(), k.stats_updates);
+            for (name, v) in lock(b).counters().named() {
+                c.insert(format!("balloon_{name}"), v);
+            }
         }
         if let Some(m) = self.view.virtio_mem.as_deref() {
-            let k = lock(m).counters();
-            c.insert("virtio_mem_plug_requests".into(), k.plug_requests);
-            c.insert("virtio_mem_unplug_requests".into(), k.unplug_requests);
-            c.insert("virtio_mem_acks".into(), k.acks);
-            c.insert("virtio_mem_nacks".into(), k.nacks);
-            c.insert("virtio_mem_errors".into(), k.errors);
-            c.insert("virtio_mem_malformed_buffers".into(), k.malformed_buffers);
+            for (name, v) in lock(m).counters().named() {
+                c.insert(format!("virtio_mem_{name}"), v);
+            }
         }
         c.insert("api_vmm_thread_requests".into(), self.requests);
         c.insert(

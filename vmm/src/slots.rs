@@ -18,7 +18,7 @@ impl KvmSlots {
 }
 
 impl memory::SlotMapper for KvmSlots {
-    fn map(
+    unsafe fn map(
         &mut self,
         slot: u32,
         guest_addr: u64,
@@ -32,9 +32,9 @@ impl memory::SlotMapper for KvmSlots {
             memory_size: size,
             userspace_addr: host_addr as u64,
         };
-        // SAFETY: the memory manager passes the host address of a mapping it owns and keeps for
-        // as long as the slot exists (it unmaps the slot before dropping or discarding the
-        // mapping); `size` lies inside that mapping.
+        // SAFETY: our caller's contract (`memory::SlotMapper::map`): `host_addr..+size` is one
+        // live mapping that stays mapped until this slot is removed by `unmap` (the memory
+        // manager's `Drop` removes every slot before its mappings go).
         unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| {
             format!("KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_addr:#x}+{size:#x}: {e}")
         })

@@ -19,6 +19,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use log::info;
+use memory::units::MIB;
 use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec};
 use virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use virtio::VirtioDevice;
@@ -35,6 +36,7 @@ use crate::event_loop::Control;
 use crate::layout::{
     self, ACPI_SLEEP_PORT, COM1_IRQ, COM1_PORT, I8042_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
 };
+use crate::memory_timer::MemoryTimer;
 use crate::slots::KvmSlots;
 use crate::vcpu::{self, VcpuContext};
 
@@ -149,7 +151,7 @@ impl Vm {
                 kind: RegionKind::BootRam,
             })
             .collect();
-        // The hot-add region: reserved address space only, born offline (design.md section 3).
+        // The hot-add region: reserved address space only, born offline (docs/architecture.md).
         if let Some(h) = &config.hotplug {
             // Each plugged block is its own KVM memory slot (so unplugged memory is not mapped
             // into the guest at all): the blocks must fit in KVM's slot limit.
@@ -167,10 +169,10 @@ impl Vm {
             }
             specs.push(RegionSpec {
                 guest_addr: layout::hotplug_base(config.memory_bytes()),
-                size: h.total_mib << 20,
+                size: h.total_mib * MIB,
                 backing,
                 kind: RegionKind::Hotplug {
-                    block_size: h.block_mib << 20,
+                    block_size: h.block_mib * MIB,
                 },
             });
         }
@@ -182,9 +184,9 @@ impl Vm {
                 }
             })?;
         let mut manager = manager;
-        // The balloon acknowledges an inflate first and releases host memory afterwards, in
-        // 16 MiB batches or once its inflate queue has been idle for 2 ms, so the guest's wait
-        // per request is the device's, not madvise's.
+        // Inflates are acknowledged first; the manager releases their host memory afterwards on
+        // its own timer (16 MiB batches, or after 2 ms without inflates: memory_timer.rs), so
+        // the guest's wait per request is the device's, not madvise's.
         manager
             .set_discard_policy(DiscardPolicy::Deferred)
             .map_err(|e| VmError::Device(e.to_string()))?;
@@ -225,8 +227,9 @@ impl Vm {
             2,
         )?;
 
-        let event_manager =
+        let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(MemoryTimer::new(manager.clone()))));
         let balloon_opts = config.balloon.clone();
         let hotplug_opts = config.hotplug;
         let mut vm = Self {
@@ -259,10 +262,10 @@ impl Vm {
     fn add_virtio_mem(&mut self, opts: &HotplugOptions) -> Result<(), VmError> {
         let mut cfg = MemConfig::new(
             layout::hotplug_base(self.config.memory_bytes()),
-            opts.total_mib << 20,
+            opts.total_mib * MIB,
         );
-        cfg.block_size = opts.block_mib << 20;
-        cfg.requested_size = opts.requested_mib << 20;
+        cfg.block_size = opts.block_mib * MIB;
+        cfg.requested_size = opts.requested_mib * MIB;
         let backend: Arc<dyn MemBackend> = self.manager.clone();
         let dev = VirtioMem::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
         let dev = Arc::new(Mutex::new(dev));

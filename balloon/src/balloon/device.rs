@@ -2,16 +2,17 @@
 //!
 //! Life of an inflate buffer: the driver notifies inflateq; the event loop calls
 //! [`Balloon::process_queue`]; each chain's readable descriptors are read as little-endian u32
-//! PFNs (at most [`MAX_PFNS_PER_BUFFER`]), sorted, de-duplicated and coalesced
-//! ([`coalesce_pfns`]), cut to guest RAM ([`clip_to_ram`]), and handed to the backend in one
+//! PFNs (at most [`MAX_PFNS_PER_BUFFER`]), normalised once into [`PageRanges`] (sorted,
+//! de-duplicated, coalesced, cut to guest RAM) and handed to the backend in one
 //! [`BalloonBackend::inflate`] call; the chain goes back on the used ring with length 0 and the
-//! guest is interrupted once per batch of chains. The host memory is released after the ack and
-//! in batches: once [`RELEASE_BATCH_PAGES`] gathered, or when the inflate queue has been idle for
-//! [`RELEASE_IDLE_DELAY`] (the release timer, on the event loop), or on reset.
+//! guest is interrupted once per batch of chains. When the host memory is released is the
+//! memory manager's business (docs/architecture.md, "Inflate").
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use memory::units::{mib_to_bytes, mib_to_pages, pages_to_mib};
 
 use log::{error, info, warn};
 use virtio::{device_type, ActivateError, Activation, GuestMemoryMmap, Interrupt, VirtioDevice};
@@ -26,28 +27,12 @@ use super::{
     config_offsets, queue_roles, BalloonConfig, BalloonError, GuestFault, QueueRole, FAULT_KINDS,
     MAX_PFNS_PER_BUFFER,
 };
-use crate::backend::{BalloonBackend, PageRange, PAGE_SHIFT, PAGE_SIZE};
-use crate::ranges::{clip_to_ram, coalesce_pfns};
+use crate::backend::{BalloonBackend, PageRange, PageRanges, RamMap, PAGE_SHIFT, PAGE_SIZE};
 use crate::ratelimit::{FaultLog, RateLimitedLog};
 
 /// Chains handled per queue per event before yielding back to the event loop (the queue's
 /// eventfd is re-signalled so the rest is handled on the next turn).
 const MAX_CHAINS_PER_EVENT: usize = 1024;
-
-/// Pages per MiB.
-const PAGES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
-
-/// Inflated pages left unreleased before the device releases them at once, after the ack that
-/// reached the count (16 MiB: 64 of Linux's 256-PFN buffers).
-pub const RELEASE_BATCH_PAGES: u64 = 4096;
-/// The inflate queue idle this long (no inflate buffer acknowledged) releases whatever is left.
-pub const RELEASE_IDLE_DELAY: Duration = Duration::from_millis(2);
-/// After a failed release, try again this much later (the backend keeps what it could not do).
-const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
-/// How long the balloon must be quiet (no inflate, deflate or release) before the backend is
-/// asked to compact its bookkeeping ([`BalloonBackend::compact`]): long enough that a stream of
-/// requests never waits for it, short enough that a settled balloon soon costs the host little.
-pub const COMPACT_IDLE_DELAY: Duration = Duration::from_secs(1);
 
 pub(crate) struct DeviceQueue {
     pub(crate) role: QueueRole,
@@ -86,24 +71,6 @@ pub struct Balloon {
     backend: Arc<dyn BalloonBackend>,
     pub(crate) activation_evt: virtio::ActivationEvent,
     pub(crate) stats_timer: TimerFd,
-    /// One-shot: fires once the inflate queue has been idle for [`RELEASE_IDLE_DELAY`] with
-    /// pages still unreleased, or (`timer_for_compact`) once the balloon has been quiet for
-    /// [`COMPACT_IDLE_DELAY`] with a compaction due.
-    pub(crate) release_timer: TimerFd,
-    /// `release_timer` is armed for the compaction, not for a release.
-    timer_for_compact: bool,
-    /// The balloon changed since the backend last compacted.
-    compact_due: bool,
-    /// When pages were last inflated, deflated or released.
-    last_activity: Option<Instant>,
-    /// Whether `release_timer` is armed.
-    release_armed: bool,
-    /// The event loop refused to watch `release_timer`: release after every ack instead.
-    pub(crate) release_unwatched: bool,
-    /// Pages inflated (acknowledged) and not yet handed to `release_pending`.
-    unreleased_pages: u64,
-    /// When the last inflate buffer with new pages was acknowledged.
-    last_inflate: Option<Instant>,
     pub(crate) active: Option<ActiveState>,
     /// Queue eventfds of a previous activation, to be removed from the event loop.
     pub(crate) stale_fds: Vec<EventFd>,
@@ -117,10 +84,12 @@ pub struct Balloon {
     counters: BalloonCounters,
     faults: FaultLog<FAULT_KINDS>,
     backend_log: RateLimitedLog,
+    /// Guest RAM, from the activation's memory: what guest PFNs are checked against.
+    ram: RamMap,
     // Scratch buffers reused across requests: the ack path does not allocate.
     pfns: Vec<u32>,
-    ranges: Vec<PageRange>,
-    in_ram: Vec<PageRange>,
+    reported: Vec<PageRange>,
+    ranges: PageRanges,
 }
 
 impl Balloon {
@@ -135,11 +104,9 @@ impl Balloon {
         }
         let avail_features = config.features();
         let queue_sizes = vec![qs; queue_roles(avail_features).len()];
-        let num_pages = mib_to_pages(config.amount_mib)?;
+        let num_pages = target_pages(config.amount_mib)?;
         let stats_timer = TimerFd::new()?;
         set_nonblocking(&stats_timer)?;
-        let release_timer = TimerFd::new()?;
-        set_nonblocking(&release_timer)?;
         Ok(Self {
             stats_interval: config.stats_interval,
             config,
@@ -151,14 +118,6 @@ impl Balloon {
             backend,
             activation_evt: virtio::ActivationEvent::new()?,
             stats_timer,
-            release_timer,
-            release_armed: false,
-            timer_for_compact: false,
-            compact_due: false,
-            last_activity: None,
-            release_unwatched: false,
-            unreleased_pages: 0,
-            last_inflate: None,
             active: None,
             stale_fds: Vec::new(),
             held_stats: None,
@@ -168,9 +127,10 @@ impl Balloon {
             counters: BalloonCounters::default(),
             faults: FaultLog::new("virtio-balloon"),
             backend_log: RateLimitedLog::default(),
+            ram: RamMap::default(),
             pfns: Vec::with_capacity(MAX_PFNS_PER_BUFFER),
-            ranges: Vec::with_capacity(MAX_PFNS_PER_BUFFER),
-            in_ram: Vec::with_capacity(MAX_PFNS_PER_BUFFER),
+            reported: Vec::new(),
+            ranges: PageRanges::with_capacity(MAX_PFNS_PER_BUFFER),
         })
     }
 
@@ -185,12 +145,12 @@ impl Balloon {
     /// Sets the target: the guest should give `mib` MiB to the balloon. Raises a config-change
     /// interrupt if the driver is running and the target changed.
     pub fn set_target_mib(&mut self, mib: u64) -> Result<(), BalloonError> {
-        let pages = mib_to_pages(mib)?;
+        let pages = target_pages(mib)?;
         if let Some(ram) = self.guest_ram_bytes {
-            if mib.saturating_mul(1 << 20) > ram {
+            if mib_to_bytes(mib).is_none_or(|b| b > ram) {
                 return Err(BalloonError::TargetTooLarge {
                     mib,
-                    ram_mib: ram >> 20,
+                    ram_mib: memory::units::bytes_to_mib(ram),
                 });
             }
         }
@@ -217,7 +177,7 @@ impl Balloon {
 
     /// Target, in MiB (rounded down).
     pub fn target_mib(&self) -> u64 {
-        u64::from(self.num_pages) / PAGES_PER_MIB
+        pages_to_mib(u64::from(self.num_pages))
     }
 
     /// What the driver reports as in the balloon (`actual`), in bytes.
@@ -247,132 +207,6 @@ impl Balloon {
 
     pub fn stats_interval(&self) -> Duration {
         self.stats_interval
-    }
-
-    /// Inflated pages whose host memory is not released yet, in bytes. They are released once
-    /// [`RELEASE_BATCH_PAGES`] have gathered, once the inflate queue was idle for
-    /// [`RELEASE_IDLE_DELAY`] (the release timer on the event loop), on [`Balloon::release_now`]
-    /// and on reset.
-    pub fn unreleased_bytes(&self) -> u64 {
-        self.unreleased_pages * PAGE_SIZE
-    }
-
-    /// Releases the host memory of every inflated page now (what the idle timer does). Returns
-    /// the pages the backend released.
-    pub fn release_now(&mut self) -> u64 {
-        self.disarm_release_timer();
-        let pages = std::mem::take(&mut self.unreleased_pages);
-        match self.backend.release_pending() {
-            Ok(n) => {
-                self.note_activity();
-                n
-            }
-            Err(e) => {
-                self.backend_failed("inflateq", &e);
-                // The backend keeps what it could not release: try again later (or on the next
-                // inflate, should even the timer fail).
-                self.unreleased_pages = pages.max(1);
-                let _ = self.arm_release_timer(RELEASE_RETRY_DELAY);
-                0
-            }
-        }
-    }
-
-    /// The release timer fired: release if the inflate queue stayed idle long enough, or wait
-    /// for the rest of the delay after the latest inflate.
-    pub fn release_timer_fired(&mut self) -> u64 {
-        // Non-blocking: a disarmed timer just reads EAGAIN.
-        let _ = self.release_timer.wait();
-        self.release_armed = false;
-        self.timer_for_compact = false;
-        if self.unreleased_pages == 0 {
-            self.compact_if_quiet();
-            return 0;
-        }
-        let idle = self
-            .last_inflate
-            .map_or(RELEASE_IDLE_DELAY, |t| t.elapsed());
-        if idle < RELEASE_IDLE_DELAY && self.arm_release_timer(RELEASE_IDLE_DELAY - idle).is_ok() {
-            return 0;
-        }
-        self.release_now()
-    }
-
-    /// After an acknowledged batch of inflate buffers: release now if enough pages gathered,
-    /// otherwise make sure the idle timer will.
-    fn schedule_release(&mut self) {
-        if self.unreleased_pages == 0 {
-            return;
-        }
-        if self.unreleased_pages >= RELEASE_BATCH_PAGES || self.release_unwatched {
-            self.release_now();
-            return;
-        }
-        self.last_inflate = Some(Instant::now());
-        if (!self.release_armed || self.timer_for_compact)
-            && self.arm_release_timer(RELEASE_IDLE_DELAY).is_err()
-        {
-            // Without a timer nothing would release these pages later: do it now.
-            self.release_now();
-        }
-    }
-
-    /// Pages were inflated, deflated or released: the backend is to compact once the balloon
-    /// has been quiet for [`COMPACT_IDLE_DELAY`] (the release timer does it when no release is
-    /// pending).
-    fn note_activity(&mut self) {
-        self.compact_due = true;
-        self.last_activity = Some(Instant::now());
-        if !self.release_armed && self.arm_release_timer(COMPACT_IDLE_DELAY).is_ok() {
-            self.timer_for_compact = true;
-        }
-    }
-
-    /// The release timer fired with nothing to release: compact if the balloon has been quiet
-    /// long enough, or wait for the rest of the delay.
-    fn compact_if_quiet(&mut self) {
-        if !self.compact_due {
-            return;
-        }
-        let quiet = self
-            .last_activity
-            .map_or(COMPACT_IDLE_DELAY, |t| t.elapsed());
-        if quiet < COMPACT_IDLE_DELAY {
-            if self.arm_release_timer(COMPACT_IDLE_DELAY - quiet).is_ok() {
-                self.timer_for_compact = true;
-            }
-            return;
-        }
-        self.compact_due = false;
-        let leaves = self.backend.compact();
-        if leaves > 0 {
-            info!("virtio-balloon: quiet for {COMPACT_IDLE_DELAY:?}: {leaves} tracker leaves compacted");
-        }
-    }
-
-    fn arm_release_timer(&mut self, after: Duration) -> Result<(), ()> {
-        // A zero duration would disarm the timer.
-        let after = after.max(Duration::from_micros(1));
-        self.timer_for_compact = false;
-        match self.release_timer.reset(after, None) {
-            Ok(()) => {
-                self.release_armed = true;
-                Ok(())
-            }
-            Err(e) => {
-                error!("virtio-balloon: cannot arm the release timer: {e}");
-                Err(())
-            }
-        }
-    }
-
-    fn disarm_release_timer(&mut self) {
-        if self.release_armed {
-            if let Err(e) = self.release_timer.clear() {
-                error!("virtio-balloon: cannot disarm the release timer: {e}");
-            }
-            self.release_armed = false;
-        }
     }
 
     /// A snapshot of the counters.
@@ -481,7 +315,7 @@ impl Balloon {
                 QueueRole::Inflate => self.handle_pfn_buffer(mem, chain, true),
                 QueueRole::Deflate => self.handle_pfn_buffer(mem, chain, false),
                 QueueRole::Stats => self.handle_stats_buffer(mem, chain),
-                QueueRole::Reporting => self.handle_report(mem, chain),
+                QueueRole::Reporting => self.handle_report(chain),
             };
             let mut to_return = None;
             match disposition {
@@ -505,11 +339,6 @@ impl Balloon {
         }
         if returned > 0 {
             interrupt.notify_used();
-        }
-        if role == QueueRole::Inflate && returned > 0 {
-            // Off the ack path (the guest already has its buffers back), and in batches: the
-            // pages wait for RELEASE_BATCH_PAGES more or for the queue to go idle.
-            self.schedule_release();
         }
         returned
     }
@@ -578,52 +407,46 @@ impl Balloon {
             return Disposition::Return(0);
         }
 
-        self.ranges.clear();
-        let duplicates = coalesce_pfns(&mut self.pfns, &mut self.ranges);
-        if duplicates > 0 {
+        self.ranges.set_pfns(&mut self.pfns, &self.ram);
+        if self.ranges.duplicates() > 0 {
             self.note(GuestFault::Duplicates {
                 queue,
-                count: duplicates,
+                count: self.ranges.duplicates(),
             });
         }
-        self.in_ram.clear();
-        let mut outside = 0;
-        let mut first_outside = None;
-        for r in &self.ranges {
-            let refused = clip_to_ram(mem, *r, &mut self.in_ram);
-            if refused > 0 {
-                outside += refused;
-                first_outside.get_or_insert(r.start.0);
-            }
-        }
-        if let Some(first) = first_outside {
+        if let Some(first) = self.ranges.first_outside() {
             self.note(GuestFault::OutsideRam {
                 queue,
-                count: outside,
+                count: self.ranges.outside_ram(),
                 first,
             });
         }
-        if self.in_ram.is_empty() {
+        if self.ranges.is_empty() {
+            // Nothing for the backend (whose outcome would count these otherwise).
+            self.counters.refused_pfns += self.ranges.outside_ram();
             return Disposition::Return(0);
         }
 
+        self.send_pfns(queue, inflate);
+        Disposition::Return(0)
+    }
+
+    /// Hands the normalised pages of an inflate or deflate buffer to the backend and counts
+    /// what it did.
+    fn send_pfns(&mut self, queue: &'static str, inflate: bool) {
         let result = if inflate {
-            self.backend.inflate(&self.in_ram)
+            self.backend.inflate(&self.ranges)
         } else {
-            self.backend.deflate(&self.in_ram)
+            self.backend.deflate(&self.ranges)
         };
         match result {
             Ok(o) => {
                 self.counters.refused_pfns += o.refused;
                 if inflate {
                     self.counters.inflated_pages += o.changed;
-                    self.unreleased_pages += o.changed;
                     self.counters.reinflated_pfns += o.unchanged;
                     self.ballooned_pages += o.changed;
                 } else {
-                    if o.changed > 0 {
-                        self.note_activity();
-                    }
                     self.counters.deflated_pages += o.changed;
                     self.ballooned_pages = self.ballooned_pages.saturating_sub(o.changed);
                     if o.unchanged > 0 {
@@ -631,9 +454,11 @@ impl Balloon {
                     }
                 }
             }
-            Err(e) => self.backend_failed(queue, &e),
+            Err(e) => {
+                self.counters.refused_pfns += self.ranges.outside_ram();
+                self.backend_failed(queue, &e);
+            }
         }
-        Disposition::Return(0)
     }
 
     /// Keeps the guest's stats buffer and records the values it carries.
@@ -701,15 +526,9 @@ impl Balloon {
     }
 
     /// Free page reporting: each device-writable descriptor names a free range; discard it.
-    fn handle_report(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Disposition {
+    fn handle_report(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Disposition {
         const QUEUE: &str = "reporting_vq";
-        self.in_ram.clear();
-        let mut outside = 0;
-        let mut first_outside = None;
+        self.reported.clear();
         let mut any = false;
         for desc in chain {
             let (addr, len) = (desc.addr().0, desc.len());
@@ -739,34 +558,35 @@ impl Balloon {
             if last <= first {
                 continue;
             }
-            let range = PageRange::new(first, last - first);
-            let refused = clip_to_ram(mem, range, &mut self.in_ram);
-            if refused > 0 {
-                outside += refused;
-                first_outside.get_or_insert(first);
-            }
+            self.reported.push(PageRange::new(first, last - first));
         }
         if !any {
             self.note(GuestFault::EmptyBuffer { queue: QUEUE });
         }
-        if let Some(first) = first_outside {
+        // A guest may report overlapping ranges: they count once, without a fault.
+        self.ranges.set_ranges(&mut self.reported, &self.ram);
+        if let Some(first) = self.ranges.first_outside() {
             self.note(GuestFault::OutsideRam {
                 queue: QUEUE,
-                count: outside,
+                count: self.ranges.outside_ram(),
                 first,
             });
         }
         self.counters.reports += 1;
-        if self.in_ram.is_empty() {
+        if self.ranges.is_empty() {
+            // Nothing for the backend (whose outcome would count these otherwise).
+            self.counters.refused_pfns += self.ranges.outside_ram();
             return Disposition::Return(0);
         }
-        normalize(&mut self.in_ram);
-        match self.backend.report_free(&self.in_ram) {
+        match self.backend.report_free(&self.ranges) {
             Ok(o) => {
                 self.counters.refused_pfns += o.refused;
                 self.counters.reported_bytes_freed += o.changed * PAGE_SIZE;
             }
-            Err(e) => self.backend_failed(QUEUE, &e),
+            Err(e) => {
+                self.counters.refused_pfns += self.ranges.outside_ram();
+                self.backend_failed(QUEUE, &e);
+            }
         }
         Disposition::Return(0)
     }
@@ -775,7 +595,8 @@ impl Balloon {
     fn note(&mut self, fault: GuestFault) {
         let c = &mut self.counters;
         match &fault {
-            GuestFault::OutsideRam { count, .. } => c.refused_pfns += count,
+            // Counted as refused by the backend's outcome (PageRanges carries them there).
+            GuestFault::OutsideRam { .. } => {}
             GuestFault::Duplicates { count, .. } => c.duplicate_pfns += count,
             GuestFault::NotInflated { count } => c.deflate_not_inflated_pfns += count,
             GuestFault::ReadOnlyConfig { .. } => c.config_writes_refused += 1,
@@ -812,26 +633,9 @@ impl Balloon {
     }
 }
 
-/// Sorts ranges and merges overlapping or touching ones (a guest may report overlaps).
-fn normalize(ranges: &mut Vec<PageRange>) {
-    ranges.sort_unstable_by_key(|r| r.start);
-    let mut out = 0;
-    for i in 0..ranges.len() {
-        let r = ranges[i];
-        if out > 0 && ranges[out - 1].end() >= r.start.0 {
-            let prev = &mut ranges[out - 1];
-            let end = prev.end().max(r.end());
-            prev.count = end - prev.start.0;
-        } else {
-            ranges[out] = r;
-            out += 1;
-        }
-    }
-    ranges.truncate(out);
-}
-
-fn mib_to_pages(mib: u64) -> Result<u32, BalloonError> {
-    mib.checked_mul(PAGES_PER_MIB)
+/// The target `mib` as the 32-bit `num_pages` field.
+fn target_pages(mib: u64) -> Result<u32, BalloonError> {
+    mib_to_pages(mib)
         .and_then(|p| u32::try_from(p).ok())
         .ok_or(BalloonError::TargetOverflow { mib })
 }
@@ -939,6 +743,7 @@ impl VirtioDevice for Balloon {
         }
         self.guest_ram_bytes
             .get_or_insert_with(|| mem.iter().map(|r| r.len()).sum());
+        self.ram = RamMap::from_guest_memory(&mem);
         self.active = Some(ActiveState {
             mem,
             interrupt,
@@ -970,13 +775,6 @@ impl VirtioDevice for Balloon {
         if let Err(e) = self.arm_stats_timer() {
             error!("virtio-balloon: cannot disarm the stats timer: {e}");
         }
-        if self.unreleased_pages > 0 || self.release_armed {
-            // Nothing stays queued past a reset: the pages were ballooned until now, so their
-            // memory goes back to the host before the guest gets them back (as if released
-            // right after their ack).
-            self.release_now();
-        }
-        self.last_inflate = None;
         if self.ballooned_pages > 0 {
             // After a reset the guest owns all of its RAM again.
             match self.backend.deflate_all() {

@@ -1,7 +1,6 @@
 //! The balloon on the VMM's event loop.
 //!
-//! `init` registers the activation event, the stats timer and the release timer (inflated pages
-//! are released in batches: after 16 MiB gathered, or by this timer once the inflate queue is idle). `activate` (on a vCPU thread)
+//! `init` registers the activation event and the stats timer. `activate` (on a vCPU thread)
 //! triggers the activation event; its handler here adds the queue eventfds (and removes those
 //! of a previous activation). Queue eventfds carry `QUEUE_BASE + index` as their data.
 
@@ -12,7 +11,6 @@ use super::device::Balloon;
 
 pub(crate) const TOKEN_ACTIVATE: u32 = 0;
 pub(crate) const TOKEN_STATS_TIMER: u32 = 1;
-pub(crate) const TOKEN_RELEASE_TIMER: u32 = 2;
 pub(crate) const TOKEN_QUEUE_BASE: u32 = 16;
 
 impl Balloon {
@@ -36,11 +34,6 @@ impl MutEventSubscriber for Balloon {
         if let Err(e) = ops.add(timer) {
             error!("virtio-balloon: cannot watch the stats timer: {e:?}");
         }
-        let release = Events::with_data(&self.release_timer, TOKEN_RELEASE_TIMER, EventSet::IN);
-        if let Err(e) = ops.add(release) {
-            error!("virtio-balloon: cannot watch the release timer: {e:?}; releasing inline");
-            self.release_unwatched = true;
-        }
         // Activation may have happened before registration.
         self.sync_registrations(ops);
     }
@@ -56,9 +49,6 @@ impl MutEventSubscriber for Balloon {
                 // Non-blocking: a disarmed timer just reads EAGAIN.
                 let _ = self.stats_timer.wait();
                 self.request_stats();
-            }
-            TOKEN_RELEASE_TIMER => {
-                self.release_timer_fired();
             }
             token if token >= TOKEN_QUEUE_BASE => {
                 let index = (token - TOKEN_QUEUE_BASE) as usize;

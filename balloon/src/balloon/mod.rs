@@ -17,7 +17,7 @@ pub mod stats;
 
 use std::time::Duration;
 
-pub use device::{Balloon, COMPACT_IDLE_DELAY, RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY};
+pub use device::Balloon;
 pub use metrics::BalloonCounters;
 pub use stats::{BalloonStats, StatTag};
 

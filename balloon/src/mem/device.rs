@@ -10,6 +10,9 @@
 //! usable_region_size grows to cover `requested_size` in whole Linux memory blocks (Linux only
 //! adds memory blocks lying fully inside the usable region) and shrinks only on UNPLUG_ALL or a
 //! device reset, never below what is plugged.
+//!
+//! Which blocks are plugged is not kept here: the backend (the memory manager's tracker) is the
+//! one record, asked through [`MemBackend::plugged_runs`].
 
 use std::sync::Arc;
 
@@ -52,9 +55,6 @@ pub struct VirtioMem {
     queue_sizes: [u16; 1],
     usable_region_size: u64,
     requested_size: u64,
-    /// One bit per block: set while plugged.
-    plugged: Vec<u64>,
-    plugged_blocks: u64,
     backend: Arc<dyn MemBackend>,
     pub(crate) activation_evt: virtio::ActivationEvent,
     pub(crate) active: Option<MemActive>,
@@ -71,7 +71,6 @@ impl VirtioMem {
     /// unplugged (the VMM registers the region born offline in the tracker).
     pub fn new(config: MemConfig, backend: Arc<dyn MemBackend>) -> Result<Self, MemError> {
         config.validate()?;
-        let nb_blocks = config.region_size / config.block_size;
         let mut avail_features = 1u64 << features::VERSION_1;
         if config.unplugged_inaccessible {
             avail_features |= 1 << features::UNPLUGGED_INACCESSIBLE;
@@ -82,8 +81,6 @@ impl VirtioMem {
             acked_features: 0,
             usable_region_size: 0,
             requested_size: config.requested_size,
-            plugged: vec![0; nb_blocks.div_ceil(64) as usize],
-            plugged_blocks: 0,
             backend,
             activation_evt: virtio::ActivationEvent::new()
                 .map_err(|e| MemError::Io(e.to_string()))?,
@@ -134,15 +131,16 @@ impl VirtioMem {
     }
 
     fn plugged_size_may_have_changed(&self, before: u64) {
-        if self.plugged_blocks != before {
+        if self.plugged_size() != before {
             if let Some(fd) = &self.plugged_changed {
                 let _ = fd.write(1);
             }
         }
     }
 
+    /// Plugged bytes, as the backend records them.
     pub fn plugged_size(&self) -> u64 {
-        self.plugged_blocks * self.config.block_size
+        self.plugged_ranges().iter().map(|r| r.bytes()).sum()
     }
 
     pub fn requested_size(&self) -> u64 {
@@ -155,10 +153,8 @@ impl VirtioMem {
 
     /// Plugged memory as coalesced page ranges.
     pub fn plugged_ranges(&self) -> Vec<PageRange> {
-        self.plugged_runs()
-            .into_iter()
-            .map(|(first, n)| self.block_range(first, n))
-            .collect()
+        let all = self.config.region_size / self.config.block_size;
+        self.backend.plugged_runs(self.block_range(0, all))
     }
 
     pub fn counters(&self) -> MemCounters {
@@ -181,7 +177,7 @@ impl VirtioMem {
     /// the next boot starts clean. A plain virtio reset (driver reload) keeps plugged blocks, as
     /// the spec requires; the driver then asks UNPLUG_ALL itself.
     pub fn system_reset(&mut self) -> Result<(), crate::backend::BackendError> {
-        let before = self.plugged_blocks;
+        let before = self.plugged_size();
         self.reset();
         let unplugged = self.unplug_all();
         self.plugged_size_may_have_changed(before);
@@ -198,7 +194,7 @@ impl VirtioMem {
             return 0;
         };
         let usable_before = self.usable_region_size;
-        let plugged_before = self.plugged_blocks;
+        let plugged_before = self.plugged_size();
         let mut returned = 0;
         for handled in 0.. {
             if handled == MAX_CHAINS_PER_EVENT {
@@ -330,15 +326,14 @@ impl VirtioMem {
                 if self.count_plugged(first, n) != 0 {
                     return self.reject(r, "a block of the range is already plugged");
                 }
-                let after = (self.plugged_blocks + n).saturating_mul(self.config.block_size);
+                let after = n
+                    .saturating_mul(self.config.block_size)
+                    .saturating_add(self.plugged_size());
                 if after > self.requested_size {
                     return (response::NACK, 0);
                 }
                 match self.backend.plug(self.block_range(first, n)) {
-                    Ok(()) => {
-                        self.set_blocks(first, n, true);
-                        (response::ACK, 0)
-                    }
+                    Ok(()) => (response::ACK, 0),
                     Err(e) => self.backend_failed("plug", &e),
                 }
             }
@@ -352,10 +347,7 @@ impl VirtioMem {
                     return self.reject(r, "a block of the range is not plugged");
                 }
                 match self.backend.unplug(self.block_range(first, n)) {
-                    Ok(()) => {
-                        self.set_blocks(first, n, false);
-                        (response::ACK, 0)
-                    }
+                    Ok(()) => (response::ACK, 0),
                     Err(e) => self.backend_failed("unplug", &e),
                 }
             }
@@ -428,49 +420,20 @@ impl VirtioMem {
         )
     }
 
-    fn is_plugged(&self, block: u64) -> bool {
-        self.plugged[(block / 64) as usize] & (1 << (block % 64)) != 0
-    }
-
+    /// Plugged blocks among `n` blocks from `first`.
     fn count_plugged(&self, first: u64, n: u64) -> u64 {
-        (first..first + n).filter(|&b| self.is_plugged(b)).count() as u64
-    }
-
-    fn set_blocks(&mut self, first: u64, n: u64, plugged: bool) {
-        for b in first..first + n {
-            if self.is_plugged(b) != plugged {
-                self.plugged[(b / 64) as usize] ^= 1 << (b % 64);
-                if plugged {
-                    self.plugged_blocks += 1;
-                } else {
-                    self.plugged_blocks -= 1;
-                }
-            }
-        }
-    }
-
-    /// Maximal runs of plugged blocks `(first, count)`.
-    fn plugged_runs(&self) -> Vec<(u64, u64)> {
-        let nb = self.config.region_size / self.config.block_size;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in 0..nb {
-            if self.plugged[(b / 64) as usize] == 0 && b % 64 == 0 {
-                continue;
-            }
-            if self.is_plugged(b) {
-                match runs.last_mut() {
-                    Some((s, n)) if *s + *n == b => *n += 1,
-                    _ => runs.push((b, 1)),
-                }
-            }
-        }
-        runs
+        let pages: u64 = self
+            .backend
+            .plugged_runs(self.block_range(first, n))
+            .iter()
+            .map(|r| r.count)
+            .sum();
+        pages / (self.config.block_size >> PAGE_SHIFT)
     }
 
     fn unplug_all(&mut self) -> Result<(), crate::backend::BackendError> {
-        for (first, n) in self.plugged_runs() {
-            self.backend.unplug(self.block_range(first, n))?;
-            self.set_blocks(first, n, false);
+        for run in self.plugged_ranges() {
+            self.backend.unplug(run)?;
         }
         Ok(())
     }
@@ -486,10 +449,9 @@ impl VirtioMem {
         let want = if requested == 0 { 0 } else { end - addr };
         // Never below what is plugged (the highest plugged block's end).
         let plugged_end = self
-            .plugged_runs()
+            .plugged_ranges()
             .last()
-            .map(|(s, n)| (s + n) * self.config.block_size)
-            .unwrap_or(0);
+            .map_or(0, |r| (r.end() << PAGE_SHIFT) - addr);
         want.max(plugged_end).min(self.config.region_size)
     }
 

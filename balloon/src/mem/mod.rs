@@ -13,6 +13,8 @@ pub mod event_handler;
 
 pub use device::VirtioMem;
 
+use memory::units::{MIB, PAGE_SIZE};
+
 /// Feature bits (virtio 1.2 section 5.15.3).
 pub mod features {
     /// node_id is an ACPI PXM (not offered: the VMM builds no SRAT).
@@ -59,7 +61,7 @@ pub mod config_offsets {
 }
 
 /// Linux's memory block size on x86-64 (below 64 GiB of boot RAM): the unit Linux hot-adds.
-pub const LINUX_MEMORY_BLOCK_SIZE: u64 = 128 << 20;
+pub const LINUX_MEMORY_BLOCK_SIZE: u64 = 128 * MIB;
 
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 128;
@@ -88,7 +90,7 @@ impl MemConfig {
         MemConfig {
             addr,
             region_size,
-            block_size: 2 << 20,
+            block_size: 2 * MIB,
             node_id: 0,
             requested_size: 0,
             unplugged_inaccessible: true,
@@ -99,7 +101,7 @@ impl MemConfig {
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), MemError> {
         let bs = self.block_size;
-        if bs < 4096 || !bs.is_power_of_two() {
+        if bs < PAGE_SIZE || !bs.is_power_of_two() {
             return Err(MemError::BadBlockSize(bs));
         }
         if self.addr & (bs - 1) != 0 {
@@ -175,7 +177,7 @@ pub struct MemState {
     pub requested_size: u64,
 }
 
-/// Counters the VMM reads.
+/// Counters the VMM reads, each exported under its field name ([`MemCounters::named`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemCounters {
     pub plug_requests: u64,
@@ -193,6 +195,27 @@ pub struct MemCounters {
     pub config_writes_refused: u64,
     pub backend_errors: u64,
     pub config_interrupts: u64,
+}
+
+impl MemCounters {
+    /// Every counter with its field name, for the VMM's metrics.
+    pub fn named(&self) -> [(&'static str, u64); 13] {
+        [
+            ("plug_requests", self.plug_requests),
+            ("unplug_requests", self.unplug_requests),
+            ("unplug_all_requests", self.unplug_all_requests),
+            ("state_requests", self.state_requests),
+            ("unknown_requests", self.unknown_requests),
+            ("acks", self.acks),
+            ("nacks", self.nacks),
+            ("busy", self.busy),
+            ("errors", self.errors),
+            ("malformed_buffers", self.malformed_buffers),
+            ("config_writes_refused", self.config_writes_refused),
+            ("backend_errors", self.backend_errors),
+            ("config_interrupts", self.config_interrupts),
+        ]
+    }
 }
 
 /// A guest mistake, counted and logged (rate limited).
@@ -225,3 +248,31 @@ impl MemFault {
 }
 
 pub(crate) const FAULT_KINDS: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field is in `named` once (a new field breaks this literal until it is added).
+    #[test]
+    fn every_counter_is_named() {
+        let c = MemCounters {
+            plug_requests: 1,
+            unplug_requests: 2,
+            unplug_all_requests: 3,
+            state_requests: 4,
+            unknown_requests: 5,
+            acks: 6,
+            nacks: 7,
+            busy: 8,
+            errors: 9,
+            malformed_buffers: 10,
+            config_writes_refused: 11,
+            backend_errors: 12,
+            config_interrupts: 13,
+        };
+        let mut values: Vec<u64> = c.named().iter().map(|(_, v)| *v).collect();
+        values.sort_unstable();
+        assert_eq!(values, (1..=13).collect::<Vec<u64>>());
+    }
+}

@@ -24,18 +24,44 @@ pub enum SlotCall {
     },
 }
 
-/// Records every call; fails the next map when `fail_next` is set.
+/// Records every call; fails the next map when `fail_next` is set, or the map or unmap after
+/// `fail_after` more successful calls.
 #[derive(Clone, Default)]
 pub struct FakeSlots {
     pub calls: Arc<Mutex<Vec<SlotCall>>>,
     pub fail_next: Arc<Mutex<bool>>,
+    pub fail_after: Arc<Mutex<Option<u32>>>,
+}
+
+impl FakeSlots {
+    fn countdown(&self, slot: u32) -> Result<(), String> {
+        let mut after = self.fail_after.lock().unwrap();
+        match *after {
+            Some(0) => {
+                *after = None;
+                Err(format!("fake KVM refused slot {slot}"))
+            }
+            Some(n) => {
+                *after = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 impl SlotMapper for FakeSlots {
-    fn map(&mut self, slot: u32, guest_addr: u64, size: u64, host: *mut u8) -> Result<(), String> {
+    unsafe fn map(
+        &mut self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host: *mut u8,
+    ) -> Result<(), String> {
         if std::mem::take(&mut *self.fail_next.lock().unwrap()) {
             return Err(format!("fake KVM refused slot {slot}"));
         }
+        self.countdown(slot)?;
         self.calls.lock().unwrap().push(SlotCall::Map {
             slot,
             guest_addr,
@@ -45,6 +71,7 @@ impl SlotMapper for FakeSlots {
         Ok(())
     }
     fn unmap(&mut self, slot: u32, guest_addr: u64, size: u64) -> Result<(), String> {
+        self.countdown(slot)?;
         self.calls.lock().unwrap().push(SlotCall::Unmap {
             slot,
             guest_addr,

@@ -1,0 +1,242 @@
+//! Guest RAM regions: checking a region's spec, mapping it with the backing it asks for, the KVM
+//! slots it is registered under, and splitting requests at region boundaries.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+
+use crate::error::Error;
+use crate::sys;
+use crate::tracker::MAX_INDEX;
+use crate::types::*;
+
+/// Registers guest memory with the hypervisor. The VMM implements it with
+/// `KVM_SET_USER_MEMORY_REGION`; tests use a fake.
+pub trait SlotMapper: Send {
+    /// Makes guest physical `guest_addr..guest_addr + size` the memory at `host_addr` as slot
+    /// `slot`.
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + size` must be one live mapping of the caller's that stays mapped
+    /// (it may be discarded, never unmapped or replaced) until [`SlotMapper::unmap`] of `slot`
+    /// has returned: the guest reads and writes it from then on. The memory manager keeps this
+    /// by holding each region's mapping until its own `Drop`, which unmaps every slot first.
+    unsafe fn map(
+        &mut self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: *mut u8,
+    ) -> Result<(), String>;
+    /// Removes slot `slot`: the guest no longer reaches its memory.
+    fn unmap(&mut self, slot: u32, guest_addr: u64, size: u64) -> Result<(), String>;
+}
+
+pub(super) struct Region {
+    pub spec: RegionSpec,
+    /// First PFN and one past the last.
+    pub start: u64,
+    pub end: u64,
+    pub mapping: Arc<GuestRegionMmap<()>>,
+    /// The memfd behind shared file and hugetlbfs backings (mapped at offset 0).
+    pub file: Option<File>,
+    pub first_slot: u32,
+    /// Hot-add regions: pages per block (0 for boot RAM).
+    pub block_pages: u64,
+}
+
+impl Region {
+    pub fn mmap(&self) -> &MmapRegion<()> {
+        &self.mapping
+    }
+    pub fn is_hotplug(&self) -> bool {
+        matches!(self.spec.kind, RegionKind::Hotplug { .. })
+    }
+    pub fn is_hugetlb(&self) -> bool {
+        self.spec.backing == Backing::HugetlbFs
+    }
+    /// Block `blk` of a hot-add region: its pages `x..y`, slot and guest bytes.
+    pub fn block(&self, blk: u64) -> Block {
+        let x = self.start + blk * self.block_pages;
+        Block {
+            x,
+            y: x + self.block_pages,
+            slot: self.first_slot + blk as u32,
+            guest_addr: x << PAGE_SHIFT,
+            size: self.block_pages << PAGE_SHIFT,
+        }
+    }
+    /// Host address of page `pfn` of this region.
+    pub fn host_addr(&self, pfn: u64) -> *mut u8 {
+        self.mmap()
+            .as_ptr()
+            .wrapping_add(((pfn - self.start) << PAGE_SHIFT) as usize)
+    }
+}
+
+/// One block of a hot-add region.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Block {
+    pub x: u64,
+    pub y: u64,
+    pub slot: u32,
+    pub guest_addr: u64,
+    pub size: u64,
+}
+
+impl Block {
+    pub fn slot_error(&self) -> impl FnOnce(String) -> Error + '_ {
+        move |message| Error::Slot {
+            slot: self.slot,
+            guest_addr: self.guest_addr,
+            size: self.size,
+            message,
+        }
+    }
+}
+
+pub(super) fn validate_spec(i: usize, s: &RegionSpec) -> Result<(), Error> {
+    let bad = |what| Error::InvalidRegion {
+        index: i,
+        guest_addr: s.guest_addr,
+        size: s.size,
+        what,
+    };
+    let align = if s.backing == Backing::HugetlbFs {
+        HUGE_PAGE_SIZE
+    } else {
+        PAGE_SIZE
+    };
+    if s.size == 0 {
+        return Err(bad("size is zero"));
+    }
+    // `align` is a power of two.
+    if s.guest_addr & (align - 1) != 0 || s.size & (align - 1) != 0 {
+        return Err(bad(if align == PAGE_SIZE {
+            "address and size must be multiples of 4 KiB"
+        } else {
+            "hugetlbfs address and size must be multiples of 2 MiB"
+        }));
+    }
+    match s.guest_addr.checked_add(s.size) {
+        Some(end) if (end >> PAGE_SHIFT) <= MAX_INDEX + 1 => {}
+        _ => {
+            return Err(bad(
+                "region ends past the 64-bit guest physical address space",
+            ))
+        }
+    }
+    if usize::try_from(s.size).is_err() {
+        return Err(bad("size does not fit the host address space"));
+    }
+    if let RegionKind::Hotplug { block_size } = s.kind {
+        if block_size == 0 || block_size & (align - 1) != 0 || s.size.rem_euclid(block_size) != 0 {
+            return Err(bad(
+                "block size must be a non-zero multiple of the page size dividing the region size",
+            ));
+        }
+        if u32::try_from(s.size / block_size).is_err() {
+            return Err(bad("more blocks than KVM slot numbers"));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn map_region(s: &RegionSpec) -> Result<(MmapRegion<()>, Option<File>), Error> {
+    let hotplug = matches!(s.kind, RegionKind::Hotplug { .. });
+    let noreserve = if hotplug { libc::MAP_NORESERVE } else { 0 };
+    let size = s.size as usize;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let mmap_err = |source| Error::Mmap {
+        guest_addr: s.guest_addr,
+        size: s.size,
+        source,
+    };
+    let memfd = |hugetlb| {
+        sys::memfd("guest-ram", s.size, hugetlb).map_err(|source| Error::Memfd {
+            guest_addr: s.guest_addr,
+            size: s.size,
+            source,
+        })
+    };
+    let dup = |f: &File| {
+        f.try_clone().map_err(|source| Error::Memfd {
+            guest_addr: s.guest_addr,
+            size: s.size,
+            source,
+        })
+    };
+    Ok(match s.backing {
+        Backing::PrivateAnonymous | Backing::PrivateAnonymousHuge | Backing::SharedAnonymous => {
+            let share = if s.backing == Backing::SharedAnonymous {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            let m = MmapRegionBuilder::new(size)
+                .with_mmap_prot(prot)
+                .with_mmap_flags(share | libc::MAP_ANONYMOUS | noreserve)
+                .build()
+                .map_err(mmap_err)?;
+            if s.backing == Backing::PrivateAnonymousHuge {
+                // Not fatal: without THP the region is plain 4 KiB memory.
+                if let Err(e) = sys::advise_hugepages(&m) {
+                    log::warn!(
+                        "memory: madvise(MADV_HUGEPAGE) on guest RAM at 0x{:x}: {e}; 4 KiB pages",
+                        s.guest_addr
+                    );
+                }
+                if (m.as_ptr() as u64 ^ s.guest_addr) & (HUGE_PAGE_SIZE - 1) != 0 {
+                    log::warn!(
+                        "memory: guest RAM at 0x{:x} is mapped at {:p}, not 2 MiB-aligned with it: \
+                         guest and host huge pages do not coincide",
+                        s.guest_addr,
+                        m.as_ptr()
+                    );
+                }
+            }
+            (m, None)
+        }
+        Backing::SharedMemfd | Backing::HugetlbFs => {
+            let huge = s.backing == Backing::HugetlbFs;
+            let file = memfd(huge)?;
+            let m = MmapRegionBuilder::new(size)
+                .with_mmap_prot(prot)
+                .with_mmap_flags(libc::MAP_SHARED | noreserve)
+                .with_file_offset(FileOffset::new(dup(&file)?, 0))
+                .with_hugetlbfs(huge)
+                .build()
+                .map_err(mmap_err)?;
+            (m, Some(file))
+        }
+    })
+}
+
+/// Splits `a..b` by region: `(Some(r), a, b)` inside region `r`, `(None, a, b)` outside guest
+/// RAM.
+pub(super) fn split(regions: &[Region], a: u64, b: u64) -> Vec<(Option<usize>, u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos = a;
+    let mut r = regions.partition_point(|g| g.end <= a);
+    while pos < b {
+        match regions.get(r) {
+            Some(g) if g.start < b => {
+                if pos < g.start {
+                    out.push((None, pos, g.start));
+                    pos = g.start;
+                }
+                let e = g.end.min(b);
+                out.push((Some(r), pos, e));
+                pos = e;
+                r += 1;
+            }
+            _ => {
+                out.push((None, pos, b));
+                pos = b;
+            }
+        }
+    }
+    out
+}
