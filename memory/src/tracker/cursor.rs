@@ -80,7 +80,7 @@ impl<'a> Chunks<'a> {
     }
 
     /// Restarts the walk at page `from` (the upper bound stays).
-    pub fn seek(&mut self, from: u64) {
+    fn seek(&mut self, from: u64) {
         self.lo = from;
         self.pos = from;
         self.depth = 0;

@@ -86,6 +86,7 @@ impl Leaf {
     }
 
     /// For `check_invariants`: the count against the bits, the mixed flag against `mixed`.
+    #[cfg(any(test, feature = "testing"))]
     pub fn check(&self) -> Result<(), String> {
         let ones: u32 = self.bits.iter().map(|w| w.count_ones()).sum();
         if u32::from(self.count()) != ones {

@@ -23,11 +23,12 @@
 //! untouched; [`Tracker::reserve`] lets a caller allocate ahead of time, like xarray's reserve.
 
 mod cursor;
-pub mod fbox;
+mod fbox;
 mod leaf;
 mod sparse;
 
-pub use cursor::{Chunk, Chunks, MarkedRuns, Run, Runs};
+use cursor::Chunks;
+pub use cursor::{Chunk, MarkedRuns, Run, Runs};
 use fbox::{AllocError, FBox};
 use leaf::{Leaf, MarkMaps, LEAF_SHIFT, WORDS};
 use sparse::{Sparse, SPARSE_MAX};
@@ -522,6 +523,7 @@ impl Node {
     }
 
     /// Number of children.
+    #[cfg(any(test, feature = "testing"))]
     fn child_count(&self) -> usize {
         self.nodes.len() + self.leaves.len() + self.sparses().len()
     }
@@ -1829,11 +1831,6 @@ impl Tracker {
         }
     }
 
-    /// Whether the page is present and carries `mark`.
-    pub fn test_mark(&self, index: u64, mark: Mark) -> bool {
-        self.get(index).is_some_and(|m| m.contains(mark))
-    }
-
     /// Whether every page of the range is present.
     pub fn contains_range(&self, start: u64, count: u64) -> bool {
         let Some(end) = start.checked_add(count) else {
@@ -1912,11 +1909,6 @@ impl Tracker {
         MarkedRuns::new(Chunks::new(self, None, true, lo, hi))
     }
 
-    /// Removes every page and frees all nodes (the reserve pool too).
-    pub fn clear(&mut self) {
-        *self = Tracker::default();
-    }
-
     /// Exact bytes of heap the tracker holds: its nodes, leaves, mark bitmaps, child vectors
     /// and reserved spares (allocator bookkeeping not included).
     pub fn heap_bytes(&self) -> usize {
@@ -1953,9 +1945,10 @@ impl Tracker {
 
     /// Checks the structure's internal bookkeeping: every node's slot bytes against its
     /// `present`/`full` bits and child vector, children of the right kind for their level, the
-    /// stored root shift. For tests (the property test calls it after every operation, so
-    /// release builds check it too); `Err` names what is wrong.
-    #[doc(hidden)]
+    /// stored root shift. For tests only (`cfg(test)` or the `testing` feature; the property
+    /// test calls it after every operation, so release builds check it too); `Err` names what
+    /// is wrong.
+    #[cfg(any(test, feature = "testing"))]
     pub fn check_invariants(&self) -> Result<(), String> {
         fn node(n: &Node, level: u32, base: u64) -> Result<(), String> {
             let kids = n.present & !n.full;
@@ -2044,15 +2037,6 @@ impl Tracker {
                 Err(format!("root shift {} at height {}", self.top, self.height))
             }
             Some(r) => node(r, self.height, 0),
-        }
-    }
-
-    /// A batch of updates with a sticky error, checked once at the end (as xarray's `xas`).
-    pub fn batch(&mut self) -> Batch<'_> {
-        Batch {
-            tracker: self,
-            error: None,
-            changed: 0,
         }
     }
 }
@@ -2179,45 +2163,6 @@ impl LookupCursor<'_> {
             &ALL_PAGES
         } else {
             &NO_PAGES
-        }
-    }
-}
-
-/// Batched updates: after the first error the remaining operations are skipped, and
-/// [`Batch::finish`] reports it. Every operation before the error has been applied completely.
-pub struct Batch<'a> {
-    tracker: &'a mut Tracker,
-    error: Option<TrackerError>,
-    changed: u64,
-}
-
-impl Batch<'_> {
-    pub fn insert_range(&mut self, start: u64, count: u64, marks: Marks) -> &mut Self {
-        if self.error.is_none() {
-            match self.tracker.insert_range(start, count, marks) {
-                Ok(n) => self.changed += n,
-                Err(e) => self.error = Some(e),
-            }
-        }
-        self
-    }
-    pub fn remove_range(&mut self, start: u64, count: u64) -> &mut Self {
-        if self.error.is_none() {
-            match self.tracker.remove_range(start, count) {
-                Ok(n) => self.changed += n,
-                Err(e) => self.error = Some(e),
-            }
-        }
-        self
-    }
-    pub fn error(&self) -> Option<TrackerError> {
-        self.error
-    }
-    /// Pages changed by the applied operations, or the first error.
-    pub fn finish(self) -> Result<u64, TrackerError> {
-        match self.error {
-            Some(e) => Err(e),
-            None => Ok(self.changed),
         }
     }
 }

@@ -206,6 +206,7 @@ impl Sparse {
 
     /// For `check_invariants`: a count within the capacity, no offset twice, all inside the
     /// leaf, unused entries marked, the header's spare bits clear.
+    #[cfg(any(test, feature = "testing"))]
     pub fn check(&self) -> Result<(), String> {
         let len = self.len();
         if len == 0 || len > self.cap() || self.cap() > SPARSE_MAX {

@@ -127,18 +127,3 @@ fn height_shrinks_after_removal() {
     t.remove(3).unwrap();
     assert!(t.root.is_none());
 }
-
-#[test]
-fn batch_error_is_sticky() {
-    let mut t = Tracker::new();
-    let mut b = t.batch();
-    b.insert_range(0, 10, B)
-        .insert_range(MAX_INDEX, 5, B)
-        .insert_range(100, 10, B);
-    assert!(b.error().is_some());
-    assert!(b.finish().is_err());
-    assert_eq!(t.len(), 10, "applied up to the error, nothing after");
-    let mut b = t.batch();
-    b.remove_range(0, 5).insert_range(200, 1, B);
-    assert_eq!(b.finish(), Ok(6));
-}
