@@ -244,13 +244,13 @@ impl<'a> Iterator for Chunks<'a> {
                     marks: node.slot_marks(i),
                 });
             }
-            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+            if let Some(s) = node.sparse_of_byte(node.slot_byte(i as usize)) {
                 self.sparse_len = s.sorted(&mut self.sparse_pages).len();
                 self.sparse_next = 0;
                 self.sparse = Some((sbase, s.marks()));
                 continue;
             }
-            match node.child(node.kid(i as usize)) {
+            match node.child(node.child_idx(i as usize)) {
                 ChildRef::Leaf(l) => {
                     self.leaf = Some((l, sbase));
                 }

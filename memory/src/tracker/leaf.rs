@@ -11,10 +11,23 @@ pub const LEAF_SHIFT: u32 = 12;
 pub const LEAF_PAGES: u64 = 1 << LEAF_SHIFT;
 pub const WORDS: usize = 64;
 
-/// One bitmap per mark, each a subset of the leaf's presence bits, and how many pages carry
-/// each mark (kept here, not in the leaf, so a leaf with uniform marks is 8 bytes smaller).
+/// The marks of a leaf whose pages carry different marks.
 #[derive(Debug, Clone)]
-pub struct MarkMaps(pub [[u64; WORDS]; MARK_COUNT], pub [u16; MARK_COUNT]);
+pub struct MarkMaps {
+    /// One bitmap per mark, each a subset of the leaf's presence bits.
+    pub bits: [[u64; WORDS]; MARK_COUNT],
+    /// How many pages carry each mark (kept here, not in the leaf, so a leaf with uniform
+    /// marks is 8 bytes smaller).
+    pub counts: [u16; MARK_COUNT],
+}
+
+impl MarkMaps {
+    /// No page carries any mark.
+    pub const EMPTY: MarkMaps = MarkMaps {
+        bits: [[0; WORDS]; MARK_COUNT],
+        counts: [0; MARK_COUNT],
+    };
+}
 
 #[derive(Debug)]
 pub struct Leaf {
@@ -41,7 +54,7 @@ pub fn word_mask(lo: u32, hi: u32) -> u64 {
 
 /// Set bits of `x`, where `x` is almost always 0: a test instead of a popcount then.
 #[inline(always)]
-fn seen(x: u64) -> u32 {
+fn ones_if_any(x: u64) -> u32 {
     if x == 0 {
         0
     } else {
@@ -164,7 +177,7 @@ impl Leaf {
         };
         let mut m = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if maps.1[k] > 0 {
+            if maps.counts[k] > 0 {
                 m = m.with(k);
             }
         }
@@ -183,7 +196,7 @@ impl Leaf {
                 let (w, b) = ((off >> 6) as usize, off & 63);
                 let mut m = Marks::NONE;
                 for k in 0..MARK_COUNT {
-                    if maps.0[k][w] & (1 << b) != 0 {
+                    if maps.bits[k][w] & (1 << b) != 0 {
                         m = m.with(k);
                     }
                 }
@@ -198,7 +211,7 @@ impl Leaf {
         match &self.mixed {
             None if self.uniform().has(k) => self.bits[w],
             None => 0,
-            Some(maps) => maps.0[k][w],
+            Some(maps) => maps.bits[k][w],
         }
     }
 
@@ -212,9 +225,9 @@ impl Leaf {
                 let mut e = self.bits[w];
                 for k in 0..MARK_COUNT {
                     e &= if marks.has(k) {
-                        maps.0[k][w]
+                        maps.bits[k][w]
                     } else {
-                        !maps.0[k][w]
+                        !maps.bits[k][w]
                     };
                 }
                 e
@@ -234,14 +247,14 @@ impl Leaf {
         let b = &mut self.bits;
         let mut had = 0u32;
         if fw == lw {
-            had += seen(b[fw] & first & last);
+            had += ones_if_any(b[fw] & first & last);
             b[fw] |= first & last;
         } else {
-            had += seen(b[fw] & first) + seen(b[lw] & last);
+            had += ones_if_any(b[fw] & first) + ones_if_any(b[lw] & last);
             b[fw] |= first;
             b[lw] |= last;
             for w in fw + 1..lw {
-                had += seen(b[w & 63]);
+                had += ones_if_any(b[w & 63]);
                 b[w & 63] = u64::MAX;
             }
         }
@@ -258,14 +271,14 @@ impl Leaf {
         let b = &mut self.bits;
         let mut missing = 0u32;
         if fw == lw {
-            missing += seen(!b[fw] & first & last);
+            missing += ones_if_any(!b[fw] & first & last);
             b[fw] &= !(first & last);
         } else {
-            missing += seen(!b[fw] & first) + seen(!b[lw] & last);
+            missing += ones_if_any(!b[fw] & first) + ones_if_any(!b[lw] & last);
             b[fw] &= !first;
             b[lw] &= !last;
             for w in fw + 1..lw {
-                missing += seen(!b[w & 63]);
+                missing += ones_if_any(!b[w & 63]);
                 b[w & 63] = 0;
             }
         }
@@ -313,14 +326,14 @@ impl Leaf {
     fn make_mixed(&mut self, pool: &mut Pool) {
         let mut maps = pool.take_maps();
         for k in 0..MARK_COUNT {
-            maps.0[k] = if self.uniform().has(k) {
+            maps.bits[k] = if self.uniform().has(k) {
                 self.bits
             } else {
                 [0; WORDS]
             };
         }
         for k in 0..MARK_COUNT {
-            maps.1[k] = if self.uniform().has(k) {
+            maps.counts[k] = if self.uniform().has(k) {
                 self.count()
             } else {
                 0
@@ -337,9 +350,9 @@ impl Leaf {
         };
         let mut u = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if maps.1[k] == self.count() && self.count() > 0 {
+            if maps.counts[k] == self.count() && self.count() > 0 {
                 u = u.with(k);
-            } else if maps.1[k] != 0 {
+            } else if maps.counts[k] != 0 {
                 return;
             }
         }
@@ -370,7 +383,7 @@ impl Leaf {
                     if let Some(maps) = mixed {
                         for k in 0..MARK_COUNT {
                             if m.has(k) {
-                                maps.0[k][w] |= add;
+                                maps.bits[k][w] |= add;
                             }
                         }
                     }
@@ -380,7 +393,7 @@ impl Leaf {
                 for k in 0..MARK_COUNT {
                     if m.has(k) {
                         if let Some(maps) = &mut self.mixed {
-                            maps.1[k] += new as u16;
+                            maps.counts[k] += new as u16;
                         }
                         d.marks[k] = i64::from(new);
                     }
@@ -411,8 +424,8 @@ impl Leaf {
                         }
                         Some(maps) => {
                             for (k, gm) in gone_marks.iter_mut().enumerate() {
-                                *gm += (maps.0[k][w] & g).count_ones();
-                                maps.0[k][w] &= !g;
+                                *gm += (maps.bits[k][w] & g).count_ones();
+                                maps.bits[k][w] &= !g;
                             }
                         }
                     }
@@ -421,7 +434,7 @@ impl Leaf {
                 d.present = -i64::from(gone);
                 for (k, gm) in gone_marks.iter().enumerate() {
                     if let Some(maps) = &mut self.mixed {
-                        maps.1[k] -= *gm as u16;
+                        maps.counts[k] -= *gm as u16;
                     }
                     d.marks[k] = -i64::from(*gm);
                 }
@@ -456,7 +469,7 @@ impl Leaf {
                 let mut changed = 0u32;
                 if let Some(maps) = &mut self.mixed {
                     let bits = &self.bits;
-                    let map = &mut maps.0[k];
+                    let map = &mut maps.bits[k];
                     for_words(lo, hi, |w, mask| {
                         let sel = bits[w] & mask;
                         let before = map[w];
@@ -464,9 +477,9 @@ impl Leaf {
                         changed += (before ^ map[w]).count_ones();
                     });
                     if set {
-                        maps.1[k] += changed as u16;
+                        maps.counts[k] += changed as u16;
                     } else {
-                        maps.1[k] -= changed as u16;
+                        maps.counts[k] -= changed as u16;
                     }
                 }
                 d.marks[k] = if set {

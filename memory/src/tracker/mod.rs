@@ -31,7 +31,7 @@ use cursor::Chunks;
 pub use cursor::{Chunk, MarkedRuns, Run, Runs};
 use fbox::{AllocError, FBox};
 use leaf::{Leaf, MarkMaps, LEAF_SHIFT, WORDS};
-use sparse::{Sparse, SPARSE_MAX};
+use sparse::{SparseLeaf, SPARSE_MAX};
 
 /// Number of marks per entry.
 pub const MARK_COUNT: usize = 3;
@@ -41,11 +41,11 @@ pub const MARK_COUNT: usize = 3;
 pub const MAX_INDEX: u64 = (1 << 52) - 1;
 
 const SLOT_SHIFT: u32 = 6;
-/// `Node::rank` of an empty slot.
+/// `Node::slot_bytes` of an empty slot.
 const SLOT_EMPTY: u8 = 0xff;
-/// `Node::rank` of a full slot (multi-index entry). Child indexes are below 64.
+/// `Node::slot_bytes` of a full slot (multi-index entry). Child indexes are below 64.
 const SLOT_FULL: u8 = 0xfe;
-/// `Node::rank` of a sparse leaf: this plus its index in `Node::sparses`.
+/// `Node::slot_bytes` of a sparse leaf: this plus its index among the node's sparse leaves.
 const SLOT_SPARSE: u8 = 64;
 const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
 
@@ -177,24 +177,32 @@ struct Node {
     /// (a third child kind, out of `leaves`, so the bitmap fast paths' bounds check on
     /// `leaves` fails for them and nothing else changes there). Boxed, and only while there
     /// are some: 8 bytes in every node instead of 32.
-    sp: Option<FBox<SparseKids>>,
+    sparse: Option<FBox<SparseLeaves>>,
     /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
-    /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `reindex` at the
+    /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `rebuild_slot_bytes` at the
     /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
     /// popcount (a software one on baseline x86-64, a dozen instructions on the critical path)
     /// and no separate present/full tests.
-    rank: [u8; 64],
+    slot_bytes: [u8; 64],
 }
 
 /// A level-1 node's sparse leaves: which slots hold them, and the leaves in slot order.
 #[derive(Debug, Default)]
-struct SparseKids {
-    mask: u64,
-    v: Vec<Sparse>,
+struct SparseLeaves {
+    slots: u64,
+    leaves: Vec<SparseLeaf>,
+}
+
+impl SparseLeaves {
+    /// Takes out the sparse leaf at `idx` of `leaves`, the one in slot `slot`.
+    fn take(&mut self, idx: usize, slot: u32) -> SparseLeaf {
+        self.slots &= !(1u64 << slot);
+        self.leaves.remove(idx)
+    }
 }
 
 #[inline]
-fn below(i: u32) -> u64 {
+fn mask_below(i: u32) -> u64 {
     (1u64 << i) - 1
 }
 
@@ -224,31 +232,31 @@ impl Node {
             marks: [0; MARK_COUNT],
             nodes: Vec::new(),
             leaves: Vec::new(),
-            sp: None,
-            rank: [SLOT_EMPTY; 64],
+            sparse: None,
+            slot_bytes: [SLOT_EMPTY; 64],
         }
     }
 
-    /// Recomputes `rank` after the child slots changed.
-    fn reindex(&mut self) {
-        self.rank = [SLOT_EMPTY; 64];
+    /// Recomputes `slot_bytes` after the child slots changed.
+    fn rebuild_slot_bytes(&mut self) {
+        self.slot_bytes = [SLOT_EMPTY; 64];
         let mut f = self.present & self.full;
         while f != 0 {
-            self.rank[f.trailing_zeros() as usize] = SLOT_FULL;
+            self.slot_bytes[f.trailing_zeros() as usize] = SLOT_FULL;
             f &= f - 1;
         }
-        let sparse = self.smask();
+        let sparse = self.sparse_slots();
         let mut k = self.present & !self.full & !sparse;
         let mut r = 0u8;
         while k != 0 {
-            self.rank[k.trailing_zeros() as usize] = r;
+            self.slot_bytes[k.trailing_zeros() as usize] = r;
             r += 1;
             k &= k - 1;
         }
         let mut k = sparse;
         let mut r = SLOT_SPARSE;
         while k != 0 {
-            self.rank[k.trailing_zeros() as usize] = r;
+            self.slot_bytes[k.trailing_zeros() as usize] = r;
             r += 1;
             k &= k - 1;
         }
@@ -256,66 +264,66 @@ impl Node {
 
     /// Slots holding sparse leaves.
     #[inline(always)]
-    fn smask(&self) -> u64 {
-        match &self.sp {
-            Some(k) => k.mask,
+    fn sparse_slots(&self) -> u64 {
+        match &self.sparse {
+            Some(k) => k.slots,
             None => 0,
         }
     }
 
     /// The sparse leaves, in slot order.
     #[inline(always)]
-    fn sparses(&self) -> &[Sparse] {
-        match &self.sp {
-            Some(k) => &k.v,
+    fn sparse_leaves(&self) -> &[SparseLeaf] {
+        match &self.sparse {
+            Some(k) => &k.leaves,
             None => &[],
         }
     }
 
     /// The sparse leaves and their slots, which must exist.
-    fn sk(&mut self) -> &mut SparseKids {
-        self.sp.as_mut().expect("sparse leaves")
+    fn sparse_mut(&mut self) -> &mut SparseLeaves {
+        self.sparse.as_mut().expect("sparse leaves")
     }
 
     /// The sparse leaves and their slots, allocated if there are none yet (with room for
     /// one more leaf).
-    fn sk_reserve(&mut self) -> Result<&mut SparseKids, AllocError> {
-        if self.sp.is_none() {
-            self.sp = Some(FBox::try_new(SparseKids::default())?);
+    fn sparse_mut_with_room(&mut self) -> Result<&mut SparseLeaves, AllocError> {
+        if self.sparse.is_none() {
+            self.sparse = Some(FBox::try_new(SparseLeaves::default())?);
         }
         // Exactly one more: `compact` must not leave the tree bigger than it found it (a
         // doubled vector of 64 sparse leaves would be 1 KiB), and it runs rarely.
-        if self.sk().v.try_reserve_exact(1).is_err() {
-            if self.sk().v.is_empty() {
-                self.sp = None;
+        if self.sparse_mut().leaves.try_reserve_exact(1).is_err() {
+            if self.sparse_mut().leaves.is_empty() {
+                self.sparse = None;
             }
             return Err(AllocError {
-                bytes: std::mem::size_of::<Sparse>(),
+                bytes: std::mem::size_of::<SparseLeaf>(),
             });
         }
-        Ok(self.sk())
+        Ok(self.sparse_mut())
     }
 
     /// The sparse leaf of a slot whose byte is `r`, if it holds one.
     #[inline(always)]
-    fn sparse_at(&self, r: u8) -> Option<&Sparse> {
-        self.sparses()
+    fn sparse_of_byte(&self, r: u8) -> Option<&SparseLeaf> {
+        self.sparse_leaves()
             .get(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))
     }
 
-    /// Index in `sparses` of a sparse leaf in slot `i`.
+    /// Index among the sparse leaves of a sparse leaf in slot `i`.
     #[inline]
-    fn sparse_index(&self, i: u32) -> usize {
-        (self.smask() & below(i)).count_ones() as usize
+    fn sparse_below(&self, i: u32) -> usize {
+        (self.sparse_slots() & mask_below(i)).count_ones() as usize
     }
 
-    /// `rank` after the sparse leaf of slot `i` was taken out, leaving the slot `now`.
-    fn sparse_unlinked(&mut self, i: u32, now: u8) {
+    /// `slot_bytes` after the sparse leaf of slot `i` was taken out, leaving the slot `now`.
+    fn note_sparse_unlinked(&mut self, i: u32, now: u8) {
         let i = i as usize & 63;
-        for r in &mut self.rank[i + 1..] {
+        for r in &mut self.slot_bytes[i + 1..] {
             *r -= u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
         }
-        self.rank[i] = now;
+        self.slot_bytes[i] = now;
     }
 
     /// `Tracker::compact` below this node (at `level`, covering pages from `base`), for pages
@@ -327,7 +335,7 @@ impl Node {
         let mut kids = self.present & !self.full & slot_range_mask(first, last);
         let mut n = 0;
         if level == 1 {
-            kids &= !self.smask();
+            kids &= !self.sparse_slots();
             while kids != 0 {
                 let i = kids.trailing_zeros();
                 kids &= kids - 1;
@@ -337,7 +345,7 @@ impl Node {
             while kids != 0 {
                 let i = kids.trailing_zeros();
                 kids &= kids - 1;
-                let idx = self.kid(i as usize);
+                let idx = self.child_idx(i as usize);
                 let sbase = base + (u64::from(i) << sshift);
                 n += self.nodes[idx].compact(level - 1, sbase, lo, hi);
             }
@@ -348,13 +356,13 @@ impl Node {
     /// Turns the bitmap leaf of slot `i` (level 1) into a sparse leaf if it has at most
     /// `SPARSE_MAX` pages with uniform marks and the allocations succeed.
     fn compact_leaf(&mut self, i: u32) -> bool {
-        let idx = self.kid(i as usize);
+        let idx = self.child_idx(i as usize);
         let leaf = &self.leaves[idx];
         let n = usize::from(leaf.count());
         if n > SPARSE_MAX || leaf.mixed.is_some() {
             return false;
         }
-        let Ok(mut sp) = Sparse::try_new(sparse::chunks_for(n), leaf.uniform()) else {
+        let Ok(mut sp) = SparseLeaf::try_new(sparse::chunks_for(n), leaf.uniform()) else {
             return false;
         };
         for (w, &bits) in leaf.bits.iter().enumerate() {
@@ -364,103 +372,103 @@ impl Node {
                 b &= b - 1;
             }
         }
-        let si = self.sparse_index(i);
-        let Ok(k) = self.sk_reserve() else {
+        let si = self.sparse_below(i);
+        let Ok(k) = self.sparse_mut_with_room() else {
             return false;
         };
-        k.v.insert(si, sp);
-        k.mask |= 1 << i;
+        k.leaves.insert(si, sp);
+        k.slots |= 1 << i;
         self.leaves.remove(idx);
-        self.reindex();
+        self.rebuild_slot_bytes();
         self.release_children();
         true
     }
 
     /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
-    /// in `leaves` reserved), `rank` included; returns its index in `leaves`.
+    /// in `leaves` reserved), `slot_bytes` included; returns its index in `leaves`.
     fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) -> usize {
-        let si = self.sparse_index(i);
-        let k = self.sk();
-        let s = k.v.remove(si);
-        k.mask &= !(1u64 << i);
+        let si = self.sparse_below(i);
+        let k = self.sparse_mut();
+        let s = k.take(si, i);
         s.fill(&mut leaf);
-        if k.v.is_empty() {
-            self.sp = None;
+        if k.leaves.is_empty() {
+            self.sparse = None;
         }
-        let idx = self.child_index(i);
+        let idx = self.children_below(i);
         debug_assert!(self.leaves.len() < self.leaves.capacity(), "unreserved");
         self.leaves.insert(idx, leaf);
-        self.sparse_unlinked(i, SLOT_EMPTY);
-        self.linked_at(i, idx);
+        self.note_sparse_unlinked(i, SLOT_EMPTY);
+        self.note_linked_at(i, idx);
         idx
     }
 
-    /// `rank` after a child was put into slot `i` (which was empty or full): its index, and one
-    /// more for every child after it. For the fast paths, instead of a whole `reindex`.
-    fn linked(&mut self, i: u32) {
-        self.linked_at(i, self.child_index(i));
+    /// `slot_bytes` after a child was put into slot `i` (which was empty or full): its index, and one
+    /// more for every child after it. For the fast paths, instead of a whole `rebuild_slot_bytes`.
+    fn note_linked(&mut self, i: u32) {
+        self.note_linked_at(i, self.children_below(i));
     }
 
-    /// `linked` when the child's index `idx` is known.
-    fn linked_at(&mut self, i: u32, idx: usize) {
+    /// `note_linked` when the child's index `idx` is known.
+    fn note_linked_at(&mut self, i: u32, idx: usize) {
         let i = i as usize & 63;
-        for r in &mut self.rank[i + 1..] {
+        for r in &mut self.slot_bytes[i + 1..] {
             *r += u8::from(*r < 64);
         }
-        self.rank[i] = idx as u8;
+        self.slot_bytes[i] = idx as u8;
     }
 
-    /// `rank` after the child of slot `i` was taken out, leaving the slot `now`
+    /// `slot_bytes` after the child of slot `i` was taken out, leaving the slot `now`
     /// ([`SLOT_EMPTY`] or [`SLOT_FULL`]).
-    fn unlinked(&mut self, i: u32, now: u8) {
+    fn note_unlinked(&mut self, i: u32, now: u8) {
         let i = i as usize & 63;
-        for r in &mut self.rank[i + 1..] {
+        for r in &mut self.slot_bytes[i + 1..] {
             *r -= u8::from(*r < 64);
         }
-        self.rank[i] = now;
+        self.slot_bytes[i] = now;
     }
 
-    /// `rank[i]` (valid between operations): [`SLOT_EMPTY`], [`SLOT_FULL`] or a child index.
+    /// `slot_bytes[i]` (valid between operations): [`SLOT_EMPTY`], [`SLOT_FULL`] or a child index.
     #[inline(always)]
-    fn slot(&self, i: usize) -> u8 {
-        let r = self.rank[i & 63];
+    fn slot_byte(&self, i: usize) -> u8 {
+        let r = self.slot_bytes[i & 63];
         debug_assert_eq!(
             r,
             match (self.present >> i & 1, self.full >> i & 1) {
                 (0, _) => SLOT_EMPTY,
                 (_, 1) => SLOT_FULL,
-                _ if self.smask() >> i & 1 != 0 => SLOT_SPARSE + self.sparse_index(i as u32) as u8,
-                _ => self.child_index(i as u32) as u8,
+                _ if self.sparse_slots() >> i & 1 != 0 =>
+                    SLOT_SPARSE + self.sparse_below(i as u32) as u8,
+                _ => self.children_below(i as u32) as u8,
             },
-            "stale rank"
+            "stale slot_bytes"
         );
         r
     }
 
     /// Index in `children` of the child in slot `i`, which must hold one.
     #[inline(always)]
-    fn kid(&self, i: usize) -> usize {
-        let r = self.slot(i);
+    fn child_idx(&self, i: usize) -> usize {
+        let r = self.slot_byte(i);
         debug_assert!(r < 64, "slot {i} holds no child");
         usize::from(r)
     }
 
     #[inline]
-    fn child_index(&self, i: u32) -> usize {
-        (self.present & !self.full & !self.smask() & below(i)).count_ones() as usize
+    fn children_below(&self, i: u32) -> usize {
+        (self.present & !self.full & !self.sparse_slots() & mask_below(i)).count_ones() as usize
     }
 
     /// Whether emptying the slots of `slots` leaves this node pages, with each mark of `marks`
     /// still carried by another slot: then the summaries above it stay right and a fast path
     /// may drop those children without walking up.
-    fn keeps_without(&self, slots: u64, marks: Marks) -> bool {
+    fn can_drop_in_place(&self, slots: u64, marks: Marks) -> bool {
         self.present & !slots != 0
             && (0..MARK_COUNT).all(|k| !marks.has(k) || self.marks[k] & !slots != 0)
     }
 
     /// Whether no slot has some mark of `m` (a new child with `m` must then tell the slots
     /// above it).
-    fn lacks_any(&self, m: Marks) -> bool {
+    fn lacks_some_mark_of(&self, m: Marks) -> bool {
         (0..MARK_COUNT).any(|k| m.has(k) && self.marks[k] == 0)
     }
 
@@ -517,15 +525,15 @@ impl Node {
         if self.leaves.is_empty() && self.leaves.capacity() != 0 {
             self.leaves = Vec::new();
         }
-        if self.sp.as_ref().is_some_and(|k| k.v.is_empty()) {
-            self.sp = None;
+        if self.sparse.as_ref().is_some_and(|k| k.leaves.is_empty()) {
+            self.sparse = None;
         }
     }
 
     /// Number of children.
     #[cfg(any(test, feature = "testing"))]
     fn child_count(&self) -> usize {
-        self.nodes.len() + self.leaves.len() + self.sparses().len()
+        self.nodes.len() + self.leaves.len() + self.sparse_leaves().len()
     }
 
     /// The child at index `idx` of the dense child vectors (a node's children are all leaves
@@ -589,18 +597,18 @@ impl Node {
         }
         self.nodes.clear();
         self.leaves.clear();
-        self.sp = None;
-        self.rank = [SLOT_FULL; 64];
+        self.sparse = None;
+        self.slot_bytes = [SLOT_FULL; 64];
     }
 
     /// Exact heap bytes below and including this node's child vector (not the node itself).
     fn heap_bytes(&self) -> usize {
         let mut b = self.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
             + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
-            + self.sp.as_ref().map_or(0, |k| {
-                std::mem::size_of::<SparseKids>()
-                    + k.v.capacity() * std::mem::size_of::<Sparse>()
-                    + k.v.iter().map(Sparse::bytes).sum::<usize>()
+            + self.sparse.as_ref().map_or(0, |k| {
+                std::mem::size_of::<SparseLeaves>()
+                    + k.leaves.capacity() * std::mem::size_of::<SparseLeaf>()
+                    + k.leaves.iter().map(SparseLeaf::bytes).sum::<usize>()
             });
         for l in &self.leaves {
             b += std::mem::size_of::<Leaf>()
@@ -640,7 +648,7 @@ impl Node {
 
     /// Applies `op` to pages `lo..hi` relative to this node (at `level` >= 1).
     fn apply(&mut self, level: u32, lo: u64, hi: u64, op: Op, pool: &mut Pool) -> Delta {
-        let before = (self.present, self.full, self.smask());
+        let before = (self.present, self.full, self.sparse_slots());
         let sshift = slot_shift(level);
         let sspan = 1u64 << sshift;
         let first = (lo >> sshift) as u32;
@@ -661,7 +669,7 @@ impl Node {
                     d.add(Delta::whole(1, sspan, m));
                     continue;
                 }
-                let idx = self.child_index(i);
+                let idx = self.children_below(i);
                 let child = if level == 1 {
                     Child::Leaf(pool.take_leaf())
                 } else {
@@ -702,7 +710,7 @@ impl Node {
                 }
                 // Split the multi-index entry: a child that is fully present with `fm`.
                 self.full &= !bit;
-                let idx = self.child_index(i);
+                let idx = self.children_below(i);
                 let child = if level == 1 {
                     let mut l = pool.take_leaf();
                     l.set_full(fm);
@@ -713,9 +721,9 @@ impl Node {
                     Child::Node(n)
                 };
                 self.insert_child(idx, child);
-            } else if self.smask() & bit != 0 {
-                let si = self.sparse_index(i);
-                let s = &mut self.sk().v[si];
+            } else if self.sparse_slots() & bit != 0 {
+                let si = self.sparse_below(i);
+                let s = &mut self.sparse_mut().leaves[si];
                 let (sm, len) = (s.marks(), s.len() as u64);
                 match SparsePlan::of(op, whole, s, s_lo, s_hi) {
                     SparsePlan::Skip => continue,
@@ -723,9 +731,7 @@ impl Node {
                         let n = s.remove_range(s_lo, s_hi) as u64;
                         d.add(Delta::whole(-1, n, sm));
                         if n == len {
-                            let k = self.sk();
-                            k.v.remove(si);
-                            k.mask &= !bit;
+                            self.sparse_mut().take(si, i);
                             self.present &= !bit;
                             self.set_slot_marks(i, Marks::NONE);
                         }
@@ -740,9 +746,7 @@ impl Node {
                         continue;
                     }
                     SparsePlan::Full => {
-                        let k = self.sk();
-                        k.v.remove(si);
-                        k.mask &= !bit;
+                        self.sparse_mut().take(si, i);
                         self.full |= bit;
                         d.add(Delta::whole(1, sspan - len, sm));
                         continue;
@@ -752,7 +756,7 @@ impl Node {
                     }
                 }
             }
-            let idx = self.child_index(i);
+            let idx = self.children_below(i);
             let cd = match self.child_mut(idx) {
                 ChildMut::Leaf(l) => l.apply(op, s_lo, s_hi, pool),
                 ChildMut::Node(n) => n.apply(level - 1, s_lo, s_hi, op, pool),
@@ -760,8 +764,8 @@ impl Node {
             d.add(cd);
             self.settle_child(i, idx);
         }
-        if (self.present, self.full, self.smask()) != before {
-            self.reindex();
+        if (self.present, self.full, self.sparse_slots()) != before {
+            self.rebuild_slot_bytes();
         }
         d
     }
@@ -790,7 +794,7 @@ impl Node {
             if self.present & bit == 0 {
                 if matches!(op, Op::Insert(_)) && !whole {
                     grow += 1;
-                    need.subtree(level - 1, s_lo, s_hi, false);
+                    need.new_subtree(level - 1, s_lo, s_hi, false);
                 }
             } else if self.full & bit != 0 {
                 let fm = self.slot_marks(i);
@@ -803,7 +807,7 @@ impl Node {
                 if effective && !whole {
                     grow += 1;
                     let maps = matches!(op, Op::SetMark(_) | Op::ClearMark(_));
-                    need.subtree(level - 1, s_lo, s_hi, maps);
+                    need.new_subtree(level - 1, s_lo, s_hi, maps);
                 }
             } else {
                 // Inside a whole child only inserts can need memory (mark bitmaps of leaves
@@ -811,8 +815,8 @@ impl Node {
                 if whole && !matches!(op, Op::Insert(_)) {
                     continue;
                 }
-                if self.smask() & bit != 0 {
-                    let s = &self.sparses()[self.sparse_index(i)];
+                if self.sparse_slots() & bit != 0 {
+                    let s = &self.sparse_leaves()[self.sparse_below(i)];
                     if let SparsePlan::Convert = SparsePlan::of(op, whole, s, s_lo, s_hi) {
                         grow += 1;
                         need.leaves += 1;
@@ -824,7 +828,7 @@ impl Node {
                     }
                     continue;
                 }
-                let idx = self.kid(i as usize);
+                let idx = self.child_idx(i as usize);
                 match self.child_mut(idx) {
                     ChildMut::Leaf(l) => {
                         if l.needs_maps(op, s_lo, s_hi) {
@@ -857,7 +861,7 @@ enum SparsePlan {
 }
 
 impl SparsePlan {
-    fn of(op: Op, whole: bool, s: &Sparse, lo: u64, hi: u64) -> SparsePlan {
+    fn of(op: Op, whole: bool, s: &SparseLeaf, lo: u64, hi: u64) -> SparsePlan {
         let sm = s.marks();
         let n = s.count_in(lo, hi);
         match op {
@@ -886,7 +890,7 @@ pub struct Need {
 impl Need {
     /// A new subtree at `level` (0 = leaf) materialised for the partial range `lo..hi`: one node
     /// per level along each edge of the range, and a leaf at the bottom of each.
-    fn subtree(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
+    fn new_subtree(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
         if level == 0 {
             self.leaves += 1;
             if maps {
@@ -895,11 +899,11 @@ impl Need {
             return;
         }
         self.nodes += 1;
-        self.edges(level, lo, hi, maps);
+        self.edge_subtrees(level, lo, hi, maps);
     }
 
     /// The new subtrees for the partially covered edge slots of `lo..hi` in a node at `level`.
-    fn edges(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
+    fn edge_subtrees(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
         let sshift = slot_shift(level);
         let sspan = 1u64 << sshift;
         let first = lo >> sshift;
@@ -910,7 +914,7 @@ impl Need {
             let s_lo = lo.max(base) - base;
             let s_hi = hi.min(base + sspan) - base;
             if !(s_lo == 0 && s_hi == sspan) {
-                self.subtree(level - 1, s_lo, s_hi, maps);
+                self.new_subtree(level - 1, s_lo, s_hi, maps);
             }
         }
     }
@@ -964,10 +968,7 @@ impl Pool {
                 })?;
         }
         while self.maps.len() < need.maps {
-            self.maps.push(FBox::try_new(MarkMaps(
-                [[0; WORDS]; MARK_COUNT],
-                [0; MARK_COUNT],
-            ))?);
+            self.maps.push(FBox::try_new(MarkMaps::EMPTY)?);
         }
         Ok(())
     }
@@ -1039,17 +1040,18 @@ pub struct Tracker {
     root: Option<FBox<Node>>,
     height: u32,
     /// `slot_shift(height)` while there is a root (for the lookup and single-page fast paths).
-    top: u32,
+    root_shift: u32,
     /// `1 << span_shift(height)` while there is a root, 0 without: the first index past the
     /// tree (one compare for the fast paths).
-    limit: u64,
-    /// Pages, not counting those of `by_marks`.
-    count: u64,
-    mark_count: [u64; MARK_COUNT],
-    /// Pages added (wrapping: minus pages removed) by the single-page fast paths, per set of
-    /// marks: one add instead of one per mark and one for the total; `len` and
-    /// `count_marked` fold them in.
-    by_marks: [u64; 8],
+    index_limit: u64,
+    /// Pages added (wrapping: minus pages removed) by the general path, and of those, pages
+    /// carrying each mark; the fast paths count in `pages_by_marks` instead.
+    pages: u64,
+    marked: [u64; MARK_COUNT],
+    /// Pages added (wrapping: minus pages removed) by the fast paths, per set of marks: one
+    /// add instead of one per mark and one for the total; `len` and `count_marked` fold them
+    /// in.
+    pages_by_marks: [u64; 8],
     pool: Pool,
 }
 
@@ -1069,9 +1071,9 @@ impl Tracker {
 
     /// Number of tracked pages, O(1).
     pub fn len(&self) -> u64 {
-        self.by_marks
+        self.pages_by_marks
             .iter()
-            .fold(self.count, |n, &c| n.wrapping_add(c))
+            .fold(self.pages, |n, &c| n.wrapping_add(c))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1081,8 +1083,8 @@ impl Tracker {
     /// Number of tracked pages carrying `mark`, O(1).
     pub fn count_marked(&self, mark: Mark) -> u64 {
         let k = mark as usize;
-        let mut n = self.mark_count[k];
-        for (m, c) in self.by_marks.iter().enumerate() {
+        let mut n = self.marked[k];
+        for (m, c) in self.pages_by_marks.iter().enumerate() {
             if Marks(m as u8).has(k) {
                 n = n.wrapping_add(*c);
             }
@@ -1090,7 +1092,7 @@ impl Tracker {
         n
     }
 
-    fn check(start: u64, count: u64) -> Result<u64, TrackerError> {
+    fn checked_end(start: u64, count: u64) -> Result<u64, TrackerError> {
         match start.checked_add(count) {
             Some(end) if end - 1 <= MAX_INDEX => Ok(end),
             _ => Err(TrackerError::OutOfRange {
@@ -1101,11 +1103,11 @@ impl Tracker {
         }
     }
 
-    fn run(&mut self, start: u64, count: u64, op: Op) -> Result<Delta, TrackerError> {
+    fn general_update(&mut self, start: u64, count: u64, op: Op) -> Result<Delta, TrackerError> {
         if count == 0 {
             return Ok(Delta::default());
         }
-        let end = Self::check(start, count)?;
+        let end = Self::checked_end(start, count)?;
         let insert = matches!(op, Op::Insert(_));
         let (hi, need_h) = if insert {
             (end, height_for(end - 1).max(self.height))
@@ -1123,7 +1125,7 @@ impl Tracker {
         let mut need = Need::default();
         match &mut self.root {
             // A fresh root at `need_h` and the chains below it.
-            None => need.subtree(need_h, start, hi, false),
+            None => need.new_subtree(need_h, start, hi, false),
             Some(root) => {
                 let old_end = 1u64 << span_shift(self.height);
                 if start < old_end {
@@ -1137,7 +1139,7 @@ impl Tracker {
                     let a = start.max(1u64 << sshift);
                     let b = hi.min(1u64 << span_shift(lvl));
                     if a < b {
-                        need.edges(lvl, a, b, false);
+                        need.edge_subtrees(lvl, a, b, false);
                     }
                 }
             }
@@ -1167,24 +1169,24 @@ impl Tracker {
                     top.insert_child(0, Child::Node(old));
                 }
             }
-            top.reindex();
+            top.rebuild_slot_bytes();
             self.root = Some(top);
             self.height += 1;
         }
         let root = self.root.as_mut().expect("root present");
         let d = root.apply(self.height, start, hi, op, &mut self.pool);
         root.release_children();
-        self.count = self.count.wrapping_add(d.present as u64);
+        self.pages = self.pages.wrapping_add(d.present as u64);
         for k in 0..MARK_COUNT {
-            self.mark_count[k] = (self.mark_count[k] as i64 + d.marks[k]) as u64;
+            self.marked[k] = (self.marked[k] as i64 + d.marks[k]) as u64;
         }
         self.shrink();
-        self.limit = if self.height > 0 {
+        self.index_limit = if self.height > 0 {
             1u64 << span_shift(self.height)
         } else {
             0
         };
-        self.top = if self.height > 0 {
+        self.root_shift = if self.height > 0 {
             slot_shift(self.height)
         } else {
             0
@@ -1234,10 +1236,12 @@ impl Tracker {
         // up, so nothing above the leaf changes.
         let lo = start & (leaf::LEAF_PAGES - 1);
         if count.wrapping_sub(1) < leaf::LEAF_PAGES - lo {
-            if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, start) {
+            if let Some(leaf) =
+                Self::leaf_mut(&mut self.root, self.root_shift, self.index_limit, start)
+            {
                 if leaf.fast_insert_ok(marks, count as u32) {
                     let n = leaf.set_bits(lo, lo + count);
-                    let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                    let c = &mut self.pages_by_marks[usize::from(marks.0 & 7)];
                     *c = c.wrapping_add(u64::from(n));
                     return Ok(u64::from(n));
                 }
@@ -1254,10 +1258,12 @@ impl Tracker {
         count: u64,
         marks: Marks,
     ) -> Result<u64, TrackerError> {
-        if let Some(n) = self.node_fast(start, count, Op::Insert(marks)) {
+        if let Some(n) = self.short_range_update(start, count, Op::Insert(marks)) {
             return Ok(n);
         }
-        Ok(self.run(start, count, Op::Insert(marks))?.present as u64)
+        Ok(self
+            .general_update(start, count, Op::Insert(marks))?
+            .present as u64)
     }
 
     /// Turns the bitmap leaves in `start..start+count` that hold at most [`SPARSE_MAX`]
@@ -1268,7 +1274,7 @@ impl Tracker {
     /// as roaring's `run_optimize` is called. Best effort: a leaf whose sparse copy cannot be
     /// allocated stays a bitmap. Observable contents never change.
     pub fn compact(&mut self, start: u64, count: u64) -> usize {
-        let end = start.saturating_add(count).min(self.limit);
+        let end = start.saturating_add(count).min(self.index_limit);
         match self.root.as_deref_mut() {
             Some(root) if start < end => root.compact(self.height, 0, start, end),
             _ => 0,
@@ -1280,8 +1286,9 @@ impl Tracker {
     pub fn insert(&mut self, index: u64, marks: Marks) -> Result<bool, TrackerError> {
         // Fast path: the page's leaf exists, carries exactly `marks` and does not fill up, so
         // nothing above the leaf changes.
-        debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, index) {
+        debug_assert!(self.root.is_none() || self.root_shift == slot_shift(self.height));
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.root_shift, self.index_limit, index)
+        {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b != 0 {
@@ -1290,7 +1297,7 @@ impl Tracker {
             if leaf.fast_insert_ok(marks, 1) {
                 leaf.bits[w] |= b;
                 leaf.add_count(1);
-                let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                let c = &mut self.pages_by_marks[usize::from(marks.0 & 7)];
                 *c = c.wrapping_add(1);
                 return Ok(true);
             }
@@ -1310,10 +1317,12 @@ impl Tracker {
         // Fast path: the range lies in one leaf with uniform marks that keeps some pages.
         let lo = start & (leaf::LEAF_PAGES - 1);
         if count.wrapping_sub(1) < leaf::LEAF_PAGES - lo {
-            if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, start) {
+            if let Some(leaf) =
+                Self::leaf_mut(&mut self.root, self.root_shift, self.index_limit, start)
+            {
                 if leaf.fast_remove_ok(count as u32) {
                     let n = leaf.clear_bits(lo, lo + count);
-                    let c = &mut self.by_marks[usize::from(leaf.uniform().0 & 7)];
+                    let c = &mut self.pages_by_marks[usize::from(leaf.uniform().0 & 7)];
                     *c = c.wrapping_sub(u64::from(n));
                     return Ok(u64::from(n));
                 }
@@ -1325,18 +1334,19 @@ impl Tracker {
     /// `remove_range` off the fast path (out of line).
     #[inline(never)]
     fn remove_range_slow(&mut self, start: u64, count: u64) -> Result<u64, TrackerError> {
-        if let Some(n) = self.node_fast(start, count, Op::Remove) {
+        if let Some(n) = self.short_range_update(start, count, Op::Remove) {
             return Ok(n);
         }
-        Ok((-self.run(start, count, Op::Remove)?.present) as u64)
+        Ok((-self.general_update(start, count, Op::Remove)?.present) as u64)
     }
 
     /// Removes one page; returns whether it was present.
     #[inline]
     pub fn remove(&mut self, index: u64) -> Result<bool, TrackerError> {
         // Fast path: a leaf with uniform marks that does not become empty.
-        debug_assert!(self.root.is_none() || self.top == slot_shift(self.height));
-        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.top, self.limit, index) {
+        debug_assert!(self.root.is_none() || self.root_shift == slot_shift(self.height));
+        if let Some(leaf) = Self::leaf_mut(&mut self.root, self.root_shift, self.index_limit, index)
+        {
             let off = index & (leaf::LEAF_PAGES - 1);
             let (w, b) = ((off >> 6) as usize, 1u64 << (off & 63));
             if leaf.bits[w] & b == 0 {
@@ -1346,7 +1356,7 @@ impl Tracker {
                 leaf.bits[w] ^= b; // the bit is set
                 leaf.add_count(1u32.wrapping_neg());
                 let marks = leaf.uniform();
-                let c = &mut self.by_marks[usize::from(marks.0 & 7)];
+                let c = &mut self.pages_by_marks[usize::from(marks.0 & 7)];
                 *c = c.wrapping_sub(1);
                 return Ok(true);
             }
@@ -1365,12 +1375,12 @@ impl Tracker {
     #[inline(always)]
     fn leaf_mut(
         root: &mut Option<FBox<Node>>,
-        top: u32,
-        limit: u64,
+        root_shift: u32,
+        index_limit: u64,
         index: u64,
     ) -> Option<&mut Leaf> {
-        let node = Self::level1_mut(root, top, limit, index)?;
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        let node = Self::level1_mut(root, root_shift, index_limit, index)?;
+        let r = node.slot_byte((index >> LEAF_SHIFT) as usize & 63);
         node.leaves.get_mut(usize::from(r)).map(|l| &mut **l)
     }
 
@@ -1378,26 +1388,26 @@ impl Tracker {
     #[inline(always)]
     fn level1_mut(
         root: &mut Option<FBox<Node>>,
-        top: u32,
-        limit: u64,
+        root_shift: u32,
+        index_limit: u64,
         index: u64,
     ) -> Option<&mut Node> {
         let mut node: &mut Node = root.as_deref_mut()?;
         // The usual heights (up to 64 GiB and 4 TiB of guest) unrolled: no loop control, and
         // the index compared with the tree's span as a constant (one load less).
-        match top {
+        match root_shift {
             18 => return Self::descend::<2>(node, index),
             24 => return Self::descend::<3>(node, index),
             _ => {}
         }
-        if index >= limit {
+        if index >= index_limit {
             return None;
         }
-        let mut shift = top;
+        let mut shift = root_shift;
         // An empty or full slot's byte is past the end of the child vector: one bounds check
         // for both. Above level 1 the children are nodes, at level 1 leaves.
         while shift != LEAF_SHIFT {
-            let r = node.slot((index >> shift) as usize & 63);
+            let r = node.slot_byte((index >> shift) as usize & 63);
             node = node.nodes.get_mut(usize::from(r))?;
             shift -= SLOT_SHIFT;
         }
@@ -1412,7 +1422,7 @@ impl Tracker {
         }
         let mut level = H;
         while level > 1 {
-            let r = node.slot((index >> slot_shift(level)) as usize & 63);
+            let r = node.slot_byte((index >> slot_shift(level)) as usize & 63);
             node = node.nodes.get_mut(usize::from(r))?;
             level -= 1;
         }
@@ -1425,21 +1435,21 @@ impl Tracker {
     /// leave (a leaf to create, split or drop), so it gets one walk and no planning (the bits
     /// of one existing leaf, the commonest case, are done before, in `insert_range` and
     /// `remove_range`):
-    /// - in one slot (`slot_change`): an empty slot on insert gets a new leaf;
+    /// - in one slot (`short_range_in_slot`): an empty slot on insert gets a new leaf;
     /// - a full slot on remove (a multi-index entry of one leaf, e.g. onlining a 2 MiB block of
     ///   a born-offline region): a new leaf with every page but the range;
     /// - a leaf that a removal empties: dropped, if the node keeps other pages with each of its
     ///   marks (so the summaries above stay right);
     /// - a full slot on insert, an empty one on remove: nothing to do;
     /// - a sparse leaf: changed in place, or turned into a bitmap leaf first;
-    /// - over two slots (`node_change`): each slot's case, and a leaf whose bits change, all
+    /// - over two slots (`short_range_over_two_slots`): each slot's case, and a leaf whose bits change, all
     ///   planned before either changes.
     ///
     /// New leaves (and room for them) are allocated before anything changes; if that fails, or
     /// the shape is another one, it returns `None` and the general path (which draws on the
     /// reserved spares) does the work.
     #[inline]
-    fn node_fast(&mut self, start: u64, count: u64, op: Op) -> Option<u64> {
+    fn short_range_update(&mut self, start: u64, count: u64, op: Op) -> Option<u64> {
         if count.wrapping_sub(1) >= leaf::LEAF_PAGES - 1 || start > MAX_INDEX {
             return None;
         }
@@ -1447,14 +1457,14 @@ impl Tracker {
         if end - 1 > MAX_INDEX || start >> span_shift(1) != (end - 1) >> span_shift(1) {
             return None;
         }
-        let node = Self::level1_mut(&mut self.root, self.top, self.limit, start)?;
+        let node = Self::level1_mut(&mut self.root, self.root_shift, self.index_limit, start)?;
         // (The bits of one existing leaf were tried by `insert_range`/`remove_range`.)
         let lo = start & (leaf::LEAF_PAGES - 1);
         let (changed, mark_path) = if lo + count <= leaf::LEAF_PAGES {
             let i = (start >> LEAF_SHIFT) as u32 & 63;
-            Self::slot_change(node, &mut self.by_marks, i, lo, lo + count, op)?
+            Self::short_range_in_slot(node, &mut self.pages_by_marks, i, lo, lo + count, op)?
         } else {
-            Self::node_change(node, &mut self.by_marks, start, end, op)?
+            Self::short_range_over_two_slots(node, &mut self.pages_by_marks, start, end, op)?
         };
         if let (true, Op::Insert(m)) = (mark_path, op) {
             let mut node: &mut Node = self.root.as_deref_mut().expect("root");
@@ -1466,7 +1476,7 @@ impl Tracker {
                         node.marks[k] |= 1 << i;
                     }
                 }
-                let idx = node.kid(i as usize);
+                let idx = node.child_idx(i as usize);
                 node = &mut node.nodes[idx];
                 level -= 1;
             }
@@ -1474,11 +1484,11 @@ impl Tracker {
         Some(changed)
     }
 
-    /// `node_fast` for a range inside slot `i` (pages `lo..hi` of it) that is not on the
+    /// `short_range_update` for a range inside slot `i` (pages `lo..hi` of it) that is not on the
     /// leaf's own fast path: a new leaf, a split full slot, a leaf emptied and dropped. One
     /// slot, so no planning: the one allocation comes first, then the changes.
     #[inline(never)]
-    fn slot_change(
+    fn short_range_in_slot(
         node: &mut Node,
         by_marks: &mut [u64; 8],
         i: u32,
@@ -1487,24 +1497,24 @@ impl Tracker {
         op: Op,
     ) -> Option<(u64, bool)> {
         let bit = 1u64 << i;
-        let r = node.slot(i as usize);
+        let r = node.slot_byte(i as usize);
         let (n, marks, mark_path) = match (op, r) {
             (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
             (op, r) if (SLOT_SPARSE..SLOT_FULL).contains(&r) => {
-                let (n, m) = Self::sparse_change(node, i, lo, hi, op)?;
+                let (n, m) = Self::short_range_in_sparse(node, i, lo, hi, op)?;
                 (n, m, false)
             }
             (Op::Insert(m), SLOT_EMPTY) => {
-                let mark_path = node.lacks_any(m);
+                let mark_path = node.lacks_some_mark_of(m);
                 node.leaves.try_reserve(1).ok()?;
                 let mut leaf = FBox::try_new_with(Leaf::empty).ok()?;
                 let n = leaf.set_bits(lo, hi);
                 leaf.set_uniform(m);
-                let idx = node.child_index(i);
+                let idx = node.children_below(i);
                 node.leaves.insert(idx, leaf);
                 node.present |= bit;
                 node.set_slot_marks(i, m);
-                node.linked_at(i, idx);
+                node.note_linked_at(i, idx);
                 (i64::from(n), m, mark_path)
             }
             (Op::Remove, SLOT_FULL) => {
@@ -1513,10 +1523,10 @@ impl Tracker {
                 let m = node.slot_marks(i);
                 leaf.set_full(m);
                 let n = leaf.clear_bits(lo, hi);
-                let idx = node.child_index(i);
+                let idx = node.children_below(i);
                 node.leaves.insert(idx, leaf);
                 node.full &= !bit;
-                node.linked_at(i, idx);
+                node.note_linked_at(i, idx);
                 (-i64::from(n), m, false)
             }
             (Op::Remove, r) => {
@@ -1526,8 +1536,8 @@ impl Tracker {
                     return None;
                 }
                 let m = leaf.uniform();
-                // A leaf the node may not drop (`keeps_without`) must not empty.
-                if !node.keeps_without(bit, m) && leaf.count_in(lo, hi) == leaf.count() {
+                // A leaf the node may not drop (`can_drop_in_place`) must not empty.
+                if !node.can_drop_in_place(bit, m) && leaf.count_in(lo, hi) == leaf.count() {
                     return None;
                 }
                 let leaf = &mut node.leaves[idx];
@@ -1536,7 +1546,7 @@ impl Tracker {
                     node.leaves.remove(idx);
                     node.present &= !bit;
                     node.set_slot_marks(i, Marks::NONE);
-                    node.unlinked(i, SLOT_EMPTY);
+                    node.note_unlinked(i, SLOT_EMPTY);
                     node.release_children();
                 }
                 (-i64::from(n), m, false)
@@ -1548,17 +1558,23 @@ impl Tracker {
         Some((n.unsigned_abs(), mark_path))
     }
 
-    /// `slot_change` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
+    /// `short_range_in_slot` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
     /// needed) while it keeps one set of marks and at most `SPARSE_MAX` pages, or turned into
     /// a bitmap leaf first when it would not; pages removed in place, the leaf dropped when
     /// emptied if the node keeps other pages with its marks. `None` (nothing changed, or only
     /// the conversion) for the general path. Returns the change in pages and their marks.
     #[inline(never)]
-    fn sparse_change(node: &mut Node, i: u32, lo: u64, hi: u64, op: Op) -> Option<(i64, Marks)> {
+    fn short_range_in_sparse(
+        node: &mut Node,
+        i: u32,
+        lo: u64,
+        hi: u64,
+        op: Op,
+    ) -> Option<(i64, Marks)> {
         let bit = 1u64 << i;
-        let si = node.sparse_index(i);
-        let keeps = node.keeps_without(bit, node.sparses()[si].marks());
-        let s = &mut node.sk().v[si];
+        let si = node.sparse_below(i);
+        let keeps = node.can_drop_in_place(bit, node.sparse_leaves()[si].marks());
+        let s = &mut node.sparse_mut().leaves[si];
         let sm = s.marks();
         let have = s.count_in(lo, hi);
         match op {
@@ -1588,12 +1604,10 @@ impl Tracker {
                     return None;
                 }
                 let n = s.len() as i64;
-                let k = node.sk();
-                k.v.remove(si);
-                k.mask &= !bit;
+                node.sparse_mut().take(si, i);
                 node.present &= !bit;
                 node.set_slot_marks(i, Marks::NONE);
-                node.sparse_unlinked(i, SLOT_EMPTY);
+                node.note_sparse_unlinked(i, SLOT_EMPTY);
                 node.release_children();
                 Some((-n, sm))
             }
@@ -1601,11 +1615,11 @@ impl Tracker {
         }
     }
 
-    /// `node_fast` for a range over two slots (the end of one leaf and the start of the next):
+    /// `short_range_update` for a range over two slots (the end of one leaf and the start of the next):
     /// both slots' cases planned before either changes. Returns the pages changed, and whether
     /// the slots above the node must be told of a new leaf's marks.
     #[inline(never)]
-    fn node_change(
+    fn short_range_over_two_slots(
         node: &mut Node,
         by_marks: &mut [u64; 8],
         start: u64,
@@ -1630,7 +1644,7 @@ impl Tracker {
         let (mut fresh, mut dropped, mut dropped_marks) = (0usize, 0u64, Marks::NONE);
         for (p, &(i, a, b)) in pieces.iter().enumerate() {
             let n = (b - a) as u32;
-            let r = node.slot(i as usize);
+            let r = node.slot_byte(i as usize);
             plan[p] = match (op, r) {
                 (Op::Insert(_), SLOT_EMPTY) => {
                     fresh += 1;
@@ -1666,7 +1680,7 @@ impl Tracker {
                 _ => return None,
             };
         }
-        if dropped != 0 && !node.keeps_without(dropped, dropped_marks) {
+        if dropped != 0 && !node.can_drop_in_place(dropped, dropped_marks) {
             return None;
         }
         // New leaves on insert: the slots above must already say that pages with these marks
@@ -1675,7 +1689,7 @@ impl Tracker {
         let mut leaves: [Option<FBox<Leaf>>; 2] = [None, None];
         if fresh > 0 {
             if let Op::Insert(m) = op {
-                mark_path = node.lacks_any(m);
+                mark_path = node.lacks_some_mark_of(m);
             }
             node.reserve_children(1, fresh).ok()?;
             for l in &mut leaves[..fresh] {
@@ -1695,7 +1709,7 @@ impl Tracker {
             let (n, marks) = match plan[p] {
                 Piece::Skip => continue,
                 Piece::Bits => {
-                    let idx = node.kid(i as usize);
+                    let idx = node.child_idx(i as usize);
                     let leaf = &mut node.leaves[idx];
                     let n = if op == Op::Remove {
                         -i64::from(leaf.clear_bits(lo, hi))
@@ -1710,10 +1724,10 @@ impl Tracker {
                     fresh -= 1;
                     let n = leaf.set_bits(lo, hi);
                     leaf.set_uniform(m);
-                    node.insert_child(node.child_index(i), Child::Leaf(leaf));
+                    node.insert_child(node.children_below(i), Child::Leaf(leaf));
                     node.present |= bit;
                     node.set_slot_marks(i, m);
-                    node.linked(i);
+                    node.note_linked(i);
                     (i64::from(n), m)
                 }
                 Piece::Split(m) => {
@@ -1722,15 +1736,15 @@ impl Tracker {
                     leaf.set_full(m);
                     let n = leaf.clear_bits(lo, hi);
                     node.full &= !bit;
-                    node.insert_child(node.child_index(i), Child::Leaf(leaf));
-                    node.linked(i);
+                    node.insert_child(node.children_below(i), Child::Leaf(leaf));
+                    node.note_linked(i);
                     (-i64::from(n), m)
                 }
                 Piece::Drop => {
-                    let leaf = node.leaves.remove(node.kid(i as usize));
+                    let leaf = node.leaves.remove(node.child_idx(i as usize));
                     node.present &= !bit;
                     node.set_slot_marks(i, Marks::NONE);
-                    node.unlinked(i, SLOT_EMPTY);
+                    node.note_unlinked(i, SLOT_EMPTY);
                     (-i64::from(leaf.count()), leaf.uniform())
                 }
             };
@@ -1749,13 +1763,13 @@ impl Tracker {
     /// Sets `mark` on the present pages of the range; returns how many did not have it.
     pub fn set_mark(&mut self, start: u64, count: u64, mark: Mark) -> Result<u64, TrackerError> {
         let k = mark as usize;
-        Ok(self.run(start, count, Op::SetMark(k))?.marks[k] as u64)
+        Ok(self.general_update(start, count, Op::SetMark(k))?.marks[k] as u64)
     }
 
     /// Clears `mark` on the pages of the range; returns how many had it.
     pub fn clear_mark(&mut self, start: u64, count: u64, mark: Mark) -> Result<u64, TrackerError> {
         let k = mark as usize;
-        Ok((-self.run(start, count, Op::ClearMark(k))?.marks[k]) as u64)
+        Ok((-self.general_update(start, count, Op::ClearMark(k))?.marks[k]) as u64)
     }
 
     /// Marks of a present page, `None` if the page is absent.
@@ -1775,12 +1789,12 @@ impl Tracker {
             if node.full & bit != 0 {
                 return Some(node.slot_marks(i));
             }
-            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+            if let Some(s) = node.sparse_of_byte(node.slot_byte(i as usize)) {
                 return s
                     .contains(index & (leaf::LEAF_PAGES - 1))
                     .then(|| s.marks());
             }
-            match node.child(node.kid(i as usize)) {
+            match node.child(node.child_idx(i as usize)) {
                 ChildRef::Node(n) => {
                     node = n;
                     level -= 1;
@@ -1798,21 +1812,21 @@ impl Tracker {
         let Some(mut node) = self.root.as_deref() else {
             return false;
         };
-        debug_assert_eq!(self.top, slot_shift(self.height));
-        if index >= self.limit {
+        debug_assert_eq!(self.root_shift, slot_shift(self.height));
+        if index >= self.index_limit {
             return false;
         }
-        let mut shift = self.top;
+        let mut shift = self.root_shift;
         // An empty or full slot's byte is past the end of the child vector.
         while shift != LEAF_SHIFT {
-            let r = node.slot((index >> shift) as usize & 63);
+            let r = node.slot_byte((index >> shift) as usize & 63);
             match node.nodes.get(usize::from(r)) {
                 Some(n) => node = n,
                 None => return r == SLOT_FULL,
             }
             shift -= SLOT_SHIFT;
         }
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        let r = node.slot_byte((index >> LEAF_SHIFT) as usize & 63);
         match node.leaves.get(usize::from(r)) {
             Some(l) => l.contains(index & (leaf::LEAF_PAGES - 1)),
             None => r == SLOT_FULL || (r != SLOT_EMPTY && sparse_contains(node, r, index)),
@@ -1884,7 +1898,7 @@ impl Tracker {
         if lo >= hi {
             return;
         }
-        let mut acc = RunAcc {
+        let mut acc = RunCoalescer {
             start: 0,
             end: 0,
             f: &mut f,
@@ -1960,14 +1974,14 @@ impl Tracker {
                 ));
             }
             if (level == 1 && !n.nodes.is_empty())
-                || (level > 1 && (!n.leaves.is_empty() || n.sp.is_some()))
-                || n.sp.as_ref().is_some_and(|k| k.v.is_empty())
+                || (level > 1 && (!n.leaves.is_empty() || n.sparse.is_some()))
+                || n.sparse.as_ref().is_some_and(|k| k.leaves.is_empty())
             {
                 return Err(format!(
                     "node 0x{base:x} (level {level}): {} node, {} leaf and {:?} sparse children",
                     n.nodes.len(),
                     n.leaves.len(),
-                    n.sp.as_ref().map(|k| k.v.len())
+                    n.sparse.as_ref().map(|k| k.leaves.len())
                 ));
             }
             for i in 0..64u32 {
@@ -1975,20 +1989,22 @@ impl Tracker {
                     SLOT_EMPTY
                 } else if n.full >> i & 1 != 0 {
                     SLOT_FULL
-                } else if n.smask() >> i & 1 != 0 {
-                    SLOT_SPARSE + n.sparse_index(i) as u8
+                } else if n.sparse_slots() >> i & 1 != 0 {
+                    SLOT_SPARSE + n.sparse_below(i) as u8
                 } else {
-                    n.child_index(i) as u8
+                    n.children_below(i) as u8
                 };
-                if n.smask() >> i & 1 != 0 && (n.present >> i & 1 == 0 || n.full >> i & 1 != 0) {
+                if n.sparse_slots() >> i & 1 != 0
+                    && (n.present >> i & 1 == 0 || n.full >> i & 1 != 0)
+                {
                     return Err(format!(
                         "node 0x{base:x} slot {i}: sparse flag on a non-child"
                     ));
                 }
-                if n.rank[i as usize] != want {
+                if n.slot_bytes[i as usize] != want {
                     return Err(format!(
                         "node 0x{base:x} (level {level}) slot {i}: byte {} should be {want}",
-                        n.rank[i as usize]
+                        n.slot_bytes[i as usize]
                     ));
                 }
                 // A child's summary bits are exactly the marks carried below it; an empty
@@ -1998,7 +2014,7 @@ impl Tracker {
                     SLOT_FULL => summary,
                     SLOT_EMPTY => Marks::NONE,
                     c if c >= SLOT_SPARSE => {
-                        let s = &n.sparses()[usize::from(c - SLOT_SPARSE)];
+                        let s = &n.sparse_leaves()[usize::from(c - SLOT_SPARSE)];
                         let sbase = base + (u64::from(i) << slot_shift(level));
                         s.check()
                             .map_err(|e| format!("sparse leaf 0x{sbase:x}: {e}"))?;
@@ -2028,14 +2044,18 @@ impl Tracker {
         }
         match &self.root {
             None if self.height != 0 => Err(format!("no root at height {}", self.height)),
-            None if self.limit != 0 => Err(format!("limit {} without a root", self.limit)),
+            None if self.index_limit != 0 => {
+                Err(format!("limit {} without a root", self.index_limit))
+            }
             None => Ok(()),
-            Some(_) if self.limit != 1 << span_shift(self.height) => {
-                Err(format!("limit {} at height {}", self.limit, self.height))
-            }
-            Some(_) if self.top != slot_shift(self.height) => {
-                Err(format!("root shift {} at height {}", self.top, self.height))
-            }
+            Some(_) if self.index_limit != 1 << span_shift(self.height) => Err(format!(
+                "limit {} at height {}",
+                self.index_limit, self.height
+            )),
+            Some(_) if self.root_shift != slot_shift(self.height) => Err(format!(
+                "root shift {} at height {}",
+                self.root_shift, self.height
+            )),
             Some(r) => node(r, self.height, 0),
         }
     }
@@ -2050,7 +2070,7 @@ static ALL_PAGES: [u64; WORDS] = [u64::MAX; WORDS];
 #[cold]
 #[inline(never)]
 fn sparse_contains(node: &Node, r: u8, index: u64) -> bool {
-    node.sparse_at(r)
+    node.sparse_of_byte(r)
         .is_some_and(|s| s.contains(index & (leaf::LEAF_PAGES - 1)))
 }
 
@@ -2086,15 +2106,15 @@ impl LookupCursor<'_> {
         self.len = leaf::LEAF_PAGES;
         let bits = match t.root.as_deref() {
             None => Some(&NO_PAGES),
-            Some(root) => match t.top {
+            Some(root) => match t.root_shift {
                 18 => Self::window::<2>(root, index),
                 24 => Self::window::<3>(root, index),
-                _ if index >= t.limit => Some(&NO_PAGES),
+                _ if index >= t.index_limit => Some(&NO_PAGES),
                 top => {
                     let mut node = root;
                     let mut shift = top;
                     loop {
-                        let r = node.slot((index >> shift) as usize & 63);
+                        let r = node.slot_byte((index >> shift) as usize & 63);
                         if shift == LEAF_SHIFT {
                             break Self::leaf_bits(node, r);
                         }
@@ -2134,14 +2154,14 @@ impl LookupCursor<'_> {
         }
         let mut level = H;
         while level > 1 {
-            let r = node.slot((index >> slot_shift(level)) as usize & 63);
+            let r = node.slot_byte((index >> slot_shift(level)) as usize & 63);
             match node.nodes.get(usize::from(r)) {
                 Some(n) => node = n,
                 None => return Some(Self::slot_bits(r)),
             }
             level -= 1;
         }
-        let r = node.slot((index >> LEAF_SHIFT) as usize & 63);
+        let r = node.slot_byte((index >> LEAF_SHIFT) as usize & 63);
         Self::leaf_bits(node, r)
     }
 
@@ -2168,13 +2188,13 @@ impl LookupCursor<'_> {
 }
 
 /// Coalesces adjacent pieces into runs before handing them out.
-struct RunAcc<'f, F: FnMut(u64, u64)> {
+struct RunCoalescer<'f, F: FnMut(u64, u64)> {
     start: u64,
     end: u64,
     f: &'f mut F,
 }
 
-impl<F: FnMut(u64, u64)> RunAcc<'_, F> {
+impl<F: FnMut(u64, u64)> RunCoalescer<'_, F> {
     #[inline]
     fn add(&mut self, a: u64, b: u64) {
         if a == self.end {
@@ -2196,7 +2216,7 @@ fn walk_runs<F: FnMut(u64, u64)>(
     lo: u64,
     hi: u64,
     filter: Option<usize>,
-    acc: &mut RunAcc<'_, F>,
+    acc: &mut RunCoalescer<'_, F>,
 ) {
     let sshift = slot_shift(level);
     let first = (lo.max(base) - base) >> sshift;
@@ -2213,7 +2233,7 @@ fn walk_runs<F: FnMut(u64, u64)>(
             acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
             continue;
         }
-        if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+        if let Some(s) = node.sparse_of_byte(node.slot_byte(i as usize)) {
             let a = lo.max(sbase) - sbase;
             let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
             let mut buf = [0; SPARSE_MAX];
@@ -2225,7 +2245,7 @@ fn walk_runs<F: FnMut(u64, u64)>(
             }
             continue;
         }
-        match node.child(node.kid(i as usize)) {
+        match node.child(node.child_idx(i as usize)) {
             ChildRef::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
             ChildRef::Leaf(l) => {
                 let a = lo.max(sbase) - sbase;
@@ -2248,7 +2268,7 @@ fn leaf_runs<F: FnMut(u64, u64)>(
     sbase: u64,
     a: u64,
     b: u64,
-    acc: &mut RunAcc<'_, F>,
+    acc: &mut RunCoalescer<'_, F>,
 ) {
     let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
     let last_mask = if b & 63 == 0 {
@@ -2309,14 +2329,14 @@ fn prev_in(node: &Node, level: u32, base: u64, last: u64, filter: Option<usize>)
         if node.full & (1 << i) != 0 {
             return Some(s_last);
         }
-        if let Some(s) = node.sparse_at(node.slot(i as usize)) {
+        if let Some(s) = node.sparse_of_byte(node.slot_byte(i as usize)) {
             let off = s_last - sbase;
             if let Some(&e) = s.pages().iter().filter(|&&e| u64::from(e) <= off).max() {
                 return Some(sbase + u64::from(e));
             }
             continue;
         }
-        let found = match node.child(node.kid(i as usize)) {
+        let found = match node.child(node.child_idx(i as usize)) {
             ChildRef::Node(n) => prev_in(n, level - 1, sbase, s_last, filter),
             ChildRef::Leaf(l) => {
                 let off = s_last - sbase;
