@@ -1,4 +1,4 @@
-//! In-order walks: a cursor over chunks of present pages, and the run iterators built on it.
+//! The in-order cursor over chunks of present pages that the run iterators are built on.
 //!
 //! The cursor keeps an explicit stack of nodes with the slots still to visit. Slots come from the
 //! node's `present` bits, or from a mark's summary bits when the walk is filtered by that mark, so a
@@ -6,8 +6,9 @@
 //! aligned range; a leaf yields its runs of set bits, found a word at a time.
 
 use super::leaf::{Leaf, WORDS};
+use super::node::{ChildRef, Node};
 use super::sparse::SPARSE_MAX;
-use super::{slot_range_mask, slot_shift, span_shift, ChildRef, Mark, Marks, Node, Tracker};
+use super::{slot_range_mask, slot_shift, span_shift, Mark, Marks, Tracker};
 
 /// A piece of a run: pages `start..start+len`, all present, carrying `marks` (exactly, when the
 /// walk is by marks; otherwise the marks of the first page).
@@ -16,13 +17,6 @@ pub struct Chunk {
     pub start: u64,
     pub len: u64,
     pub marks: Marks,
-}
-
-/// A maximal run of pages `[start, start+len)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub start: u64,
-    pub len: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -257,78 +251,5 @@ impl<'a> Iterator for Chunks<'a> {
                 ChildRef::Node(n) => self.push(n, level - 1, sbase),
             }
         }
-    }
-}
-
-/// Maximal runs of present pages (with a mark, if filtered), coalesced across chunks.
-pub struct Runs<'a> {
-    chunks: Chunks<'a>,
-    pending: Option<Chunk>,
-}
-
-impl<'a> Runs<'a> {
-    pub(crate) fn new(chunks: Chunks<'a>) -> Self {
-        Runs {
-            chunks,
-            pending: None,
-        }
-    }
-}
-
-impl Iterator for Runs<'_> {
-    type Item = Run;
-
-    fn next(&mut self) -> Option<Run> {
-        let mut cur = match self.pending.take() {
-            Some(c) => c,
-            None => self.chunks.next()?,
-        };
-        for c in self.chunks.by_ref() {
-            if c.start == cur.start + cur.len {
-                cur.len += c.len;
-            } else {
-                self.pending = Some(c);
-                break;
-            }
-        }
-        Some(Run {
-            start: cur.start,
-            len: cur.len,
-        })
-    }
-}
-
-/// Maximal runs of pages carrying exactly the same marks.
-pub struct MarkedRuns<'a> {
-    chunks: Chunks<'a>,
-    pending: Option<Chunk>,
-}
-
-impl<'a> MarkedRuns<'a> {
-    pub(crate) fn new(chunks: Chunks<'a>) -> Self {
-        MarkedRuns {
-            chunks,
-            pending: None,
-        }
-    }
-}
-
-impl Iterator for MarkedRuns<'_> {
-    type Item = Chunk;
-
-    fn next(&mut self) -> Option<Chunk> {
-        let mut cur = match self.pending.take() {
-            Some(c) => c,
-            None => self.chunks.next()?,
-        };
-        for c in self.chunks.by_ref() {
-            if c.start == cur.start + cur.len && c.marks == cur.marks {
-                cur.len += c.len;
-            } else {
-                self.pending = Some(c);
-                break;
-            }
-        }
-        Some(cur)
     }
 }

@@ -4,7 +4,9 @@
 //! whose pages carry different marks gets a `MarkMaps` box with one bitmap per mark.
 
 use super::fbox::FBox;
-use super::{Delta, Marks, Op, Pool, MARK_COUNT};
+use super::general::{Delta, Op};
+use super::pool::Pool;
+use super::{Marks, MARK_COUNT};
 
 /// Pages per leaf (log2).
 pub const LEAF_SHIFT: u32 = 12;
