@@ -362,137 +362,161 @@ impl Leaf {
         self.mixed = None;
     }
 
-    /// Applies `op` to page offsets `lo..hi` (`lo < hi <= LEAF_PAGES`).
+    /// Applies `op` to page offsets `lo..hi` (`lo < hi <= LEAF_PAGES`); mark bitmaps, if the
+    /// pages' marks stop being uniform, come from `pool`.
     pub fn apply(&mut self, op: Op, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
-        let mut d = Delta::default();
         match op {
-            Op::Insert(m) => {
-                let mut new = 0u32;
-                for_words(lo, hi, |w, mask| new += (mask & !self.bits[w]).count_ones());
-                if new == 0 {
-                    return d;
-                }
-                if self.count() == 0 {
-                    self.set_uniform(m);
-                } else if self.mixed.is_none() && self.uniform() != m {
-                    self.make_mixed(pool);
-                }
-                let mixed = &mut self.mixed;
-                let bits = &mut self.bits;
-                for_words(lo, hi, |w, mask| {
-                    let add = mask & !bits[w];
-                    bits[w] |= add;
-                    if let Some(maps) = mixed {
-                        for k in 0..MARK_COUNT {
-                            if m.has(k) {
-                                maps.bits[k][w] |= add;
-                            }
-                        }
-                    }
-                });
-                self.state += new;
-                d.present = i64::from(new);
+            Op::Insert(m) => self.apply_insert(m, lo, hi, pool),
+            Op::Remove => self.apply_remove(lo, hi),
+            Op::SetMark(k) => self.apply_mark(k, true, lo, hi, pool),
+            Op::ClearMark(k) => self.apply_mark(k, false, lo, hi, pool),
+        }
+    }
+
+    /// `apply` of an insert with marks `m`.
+    fn apply_insert(&mut self, m: Marks, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
+        let mut delta = Delta::default();
+        let mut new = 0u32;
+        for_words(lo, hi, |w, mask| new += (mask & !self.bits[w]).count_ones());
+        if new == 0 {
+            return delta;
+        }
+        if self.count() == 0 {
+            self.set_uniform(m);
+        } else if self.mixed.is_none() && self.uniform() != m {
+            self.make_mixed(pool);
+        }
+        let mixed = &mut self.mixed;
+        let bits = &mut self.bits;
+        for_words(lo, hi, |w, mask| {
+            let add = mask & !bits[w];
+            bits[w] |= add;
+            if let Some(maps) = mixed {
                 for k in 0..MARK_COUNT {
                     if m.has(k) {
-                        if let Some(maps) = &mut self.mixed {
-                            maps.counts[k] += new as u16;
-                        }
-                        d.marks[k] = i64::from(new);
+                        maps.bits[k][w] |= add;
                     }
-                }
-                self.normalise();
-            }
-            Op::Remove => {
-                let mut gone_marks = [0u32; MARK_COUNT];
-                let mut gone = 0u32;
-                let uniform = self.uniform();
-                let mixed = &mut self.mixed;
-                let bits = &mut self.bits;
-                for_words(lo, hi, |w, mask| {
-                    let g = bits[w] & mask;
-                    if g == 0 {
-                        return;
-                    }
-                    bits[w] &= !g;
-                    let n = g.count_ones();
-                    gone += n;
-                    match mixed {
-                        None => {
-                            for (k, gm) in gone_marks.iter_mut().enumerate() {
-                                if uniform.has(k) {
-                                    *gm += n;
-                                }
-                            }
-                        }
-                        Some(maps) => {
-                            for (k, gm) in gone_marks.iter_mut().enumerate() {
-                                *gm += (maps.bits[k][w] & g).count_ones();
-                                maps.bits[k][w] &= !g;
-                            }
-                        }
-                    }
-                });
-                self.state -= gone;
-                d.present = -i64::from(gone);
-                for (k, gm) in gone_marks.iter().enumerate() {
-                    if let Some(maps) = &mut self.mixed {
-                        maps.counts[k] -= *gm as u16;
-                    }
-                    d.marks[k] = -i64::from(*gm);
-                }
-                if self.count() == 0 {
-                    self.set_empty();
-                } else {
-                    self.normalise();
                 }
             }
-            Op::SetMark(k) | Op::ClearMark(k) => {
-                let set = matches!(op, Op::SetMark(_));
-                if self.mixed.is_none() {
-                    if self.uniform().has(k) == set {
-                        return d;
-                    }
-                    let mut sel = 0u32;
-                    for_words(lo, hi, |w, mask| sel += (self.bits[w] & mask).count_ones());
-                    if sel == 0 {
-                        return d;
-                    }
-                    if sel == u32::from(self.count()) {
-                        self.set_uniform(if set {
-                            self.uniform().with(k)
-                        } else {
-                            self.uniform().without(k)
-                        });
-                        d.marks[k] = if set { i64::from(sel) } else { -i64::from(sel) };
-                        return d;
-                    }
-                    self.make_mixed(pool);
-                }
-                let mut changed = 0u32;
+        });
+        self.state += new;
+        delta.present = i64::from(new);
+        for k in 0..MARK_COUNT {
+            if m.has(k) {
                 if let Some(maps) = &mut self.mixed {
-                    let bits = &self.bits;
-                    let map = &mut maps.bits[k];
-                    for_words(lo, hi, |w, mask| {
-                        let sel = bits[w] & mask;
-                        let before = map[w];
-                        map[w] = if set { before | sel } else { before & !sel };
-                        changed += (before ^ map[w]).count_ones();
-                    });
-                    if set {
-                        maps.counts[k] += changed as u16;
-                    } else {
-                        maps.counts[k] -= changed as u16;
-                    }
+                    maps.counts[k] += new as u16;
                 }
-                d.marks[k] = if set {
-                    i64::from(changed)
-                } else {
-                    -i64::from(changed)
-                };
-                self.normalise();
+                delta.marks[k] = i64::from(new);
             }
         }
-        d
+        self.normalise();
+        delta
+    }
+
+    /// `apply` of a removal.
+    fn apply_remove(&mut self, lo: u64, hi: u64) -> Delta {
+        let mut delta = Delta::default();
+        let mut gone_marks = [0u32; MARK_COUNT];
+        let mut gone_pages = 0u32;
+        let uniform = self.uniform();
+        let mixed = &mut self.mixed;
+        let bits = &mut self.bits;
+        for_words(lo, hi, |w, mask| {
+            let gone_bits = bits[w] & mask;
+            if gone_bits == 0 {
+                return;
+            }
+            bits[w] &= !gone_bits;
+            let n = gone_bits.count_ones();
+            gone_pages += n;
+            match mixed {
+                None => {
+                    for (k, gone) in gone_marks.iter_mut().enumerate() {
+                        if uniform.has(k) {
+                            *gone += n;
+                        }
+                    }
+                }
+                Some(maps) => {
+                    for (k, gone) in gone_marks.iter_mut().enumerate() {
+                        *gone += (maps.bits[k][w] & gone_bits).count_ones();
+                        maps.bits[k][w] &= !gone_bits;
+                    }
+                }
+            }
+        });
+        self.state -= gone_pages;
+        delta.present = -i64::from(gone_pages);
+        for (k, gone) in gone_marks.iter().enumerate() {
+            if let Some(maps) = &mut self.mixed {
+                maps.counts[k] -= *gone as u16;
+            }
+            delta.marks[k] = -i64::from(*gone);
+        }
+        if self.count() == 0 {
+            self.set_empty();
+        } else {
+            self.normalise();
+        }
+        delta
+    }
+
+    /// `apply` of setting (`set`) or clearing mark `k`.
+    fn apply_mark(&mut self, k: usize, set: bool, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
+        let mut delta = Delta::default();
+        if self.mixed.is_none() {
+            if self.uniform().has(k) == set {
+                return delta;
+            }
+            let mut selected = 0u32;
+            for_words(lo, hi, |w, mask| {
+                selected += (self.bits[w] & mask).count_ones()
+            });
+            if selected == 0 {
+                return delta;
+            }
+            if selected == u32::from(self.count()) {
+                self.set_uniform(if set {
+                    self.uniform().with(k)
+                } else {
+                    self.uniform().without(k)
+                });
+                delta.marks[k] = if set {
+                    i64::from(selected)
+                } else {
+                    -i64::from(selected)
+                };
+                return delta;
+            }
+            self.make_mixed(pool);
+        }
+        let mut changed = 0u32;
+        if let Some(maps) = &mut self.mixed {
+            let bits = &self.bits;
+            let map = &mut maps.bits[k];
+            for_words(lo, hi, |w, mask| {
+                let selected = bits[w] & mask;
+                let before = map[w];
+                map[w] = if set {
+                    before | selected
+                } else {
+                    before & !selected
+                };
+                changed += (before ^ map[w]).count_ones();
+            });
+            if set {
+                maps.counts[k] += changed as u16;
+            } else {
+                maps.counts[k] -= changed as u16;
+            }
+        }
+        delta.marks[k] = if set {
+            i64::from(changed)
+        } else {
+            -i64::from(changed)
+        };
+        self.normalise();
+        delta
     }
 }
 

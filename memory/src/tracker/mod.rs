@@ -1,26 +1,58 @@
-//! The offline-page tracker: an xarray-like radix tree over guest page frame numbers.
+//! The offline-page tracker: the set of guest pages that are offline, each with its marks (why
+//! it is offline, whether its host backing was released), in a radix tree after Linux's xarray,
+//! adapted to a set of page numbers.
 //!
 //! # Conventions in this module
-//! - `index`/`start`/`count`: page frame numbers (4 KiB pages) and page counts, plain `u64` as in
-//!   xarray; the manager wraps them in `Pfn`/`PageRange`.
-//! - `level`: 0 is a leaf (a 4096-page bitmap); a node at level `L >= 1` has 64 slots, each covering
-//!   `1 << slot_shift(L)` pages. The root's level is the tree's `height`.
-//! - `lo..hi`: a half-open page range relative to the base of the node or leaf being worked on.
-//! - `k`: a mark index (see [`Mark`]); `Marks` is a set of marks.
+//! - `index`, `start`, `count`: a page frame number (4 KiB pages) and a number of pages, plain
+//!   `u64` as in xarray (the memory manager wraps them in `Pfn`/`PageRange`); `end` is
+//!   `start + count`.
+//! - `level`: 0 is a leaf (4096 pages); a node at `level >= 1` has 64 slots of
+//!   `1 << slot_shift(level)` pages each. The root's level is the tree's `height`.
+//! - `base`: the first page of the node, slot or leaf being worked on; `lo..hi`: a half-open
+//!   range of pages relative to it (`a..b`: absolute pages, in short helpers).
+//! - `i`: a slot index (0..64) and `bit` its bit (`1 << i`) in a node's bitmaps; `sshift`,
+//!   `sspan`, `sbase`: log2 of the pages one slot covers, that many pages, and the slot's first
+//!   page; `s_lo..s_hi`: the part of `lo..hi` inside the slot, relative to `sbase`.
+//! - slot byte (`byte`): what a slot holds, in one byte: `SLOT_EMPTY`, `SLOT_FULL`, the index
+//!   (`idx`) of its child in the node's child vector, or `SLOT_SPARSE` plus the index of its
+//!   sparse leaf.
+//! - `k`: a mark index (`Mark as usize`); `m`, `marks`: a set of marks ([`Marks`]).
+//! - `op`: the update being applied (`Op`); `delta`: the change it made in pages and in pages
+//!   carrying each mark (`Delta`); `need`: what it will allocate ([`Need`]); `pool`: the
+//!   spares allocated ahead that it draws from.
 //!
 //! # Shape
-//! Every node slot is *empty*, *full* (a multi-index entry: every page of the slot's aligned range
-//! is present with the same marks, at no cost beyond the slot's bits), or points at a child. A node
-//! keeps `present`, `full` and one summary bitmap per mark: for a full slot the mark bit says whether
-//! its pages carry the mark, for a child whether any page below does. Searches for a mark follow the
-//! summary bits only, so empty subtrees are never visited. Children are stored densely in slot order
-//! (`present & !full` says which slots have one), so a node of only full slots costs 64 bytes.
+//! Every node slot is *empty*, *full* (a multi-index entry: every page of the slot's aligned
+//! range is present with the same marks, at no cost beyond the slot's bits), or holds a child:
+//! a node, or at level 1 a bitmap leaf (`leaf.rs`) or a sparse leaf (`sparse.rs`, made only by
+//! [`Tracker::compact`]). A node keeps `present`, `full` and one summary bitmap per mark: for a
+//! full slot the mark bit says whether its pages carry the mark, for a child whether any page
+//! below does, so a search for a mark never enters a subtree without it. Children are stored
+//! densely in slot order, and a slot byte per slot says where: a lookup reads one byte per
+//! level. A node is 160 bytes, so a fully offline aligned 1 GiB range costs 160 bytes.
 //!
-//! # Allocation
-//! Every operation first works out exactly which nodes, leaves and mark bitmaps it will need,
-//! allocates them fallibly into a pool (and reserves room in the child vectors it will grow), and
-//! only then changes the tree. A failed allocation returns [`TrackerError::NoMemory`] with the tree
-//! untouched; [`Tracker::reserve`] lets a caller allocate ahead of time, like xarray's reserve.
+//! # Where things are
+//! `node.rs`: nodes and their slot bytes; `leaf.rs`, `sparse.rs`: the two kinds of leaf;
+//! `pool.rs`: what an update will allocate, and spares allocated ahead; `update.rs`: page and
+//! range updates with their single-leaf fast paths; `short_range.rs`: ranges within one
+//! level-1 node; `general.rs`: the two-phase path for everything else; `compact.rs`: sparse
+//! leaves made from bitmap leaves; `lookup.rs`: point lookups and the lookup cursor;
+//! `cursor.rs`, `runs.rs`: in-order walks and runs; `check.rs`: `check_invariants`, for tests;
+//! `fbox.rs`: boxes whose allocation can fail.
+//!
+//! # Errors and allocation
+//! Every update first works out exactly which nodes, leaves and mark bitmaps it will need,
+//! allocates them fallibly (and reserves room in the child vectors it will grow), and only
+//! then changes the tree. A failed allocation returns [`TrackerError::NoMemory`] with the tree
+//! untouched, so the caller may retry; [`Tracker::reserve`] allocates ahead of time, like
+//! xarray's `xa_reserve`. An index past [`MAX_INDEX`] is refused by updates
+//! ([`TrackerError::OutOfRange`], nothing changed) and absent for reads.
+//!
+//! # Locking
+//! The tracker is not internally locked and has no interior mutability: updates take
+//! `&mut self` and reads `&self`, so a caller that shares it between threads holds its own
+//! lock around every call (the VMM keeps it inside the memory manager, behind the manager's
+//! mutex). No function blocks or sleeps; updates may call the allocator.
 
 mod compact;
 mod cursor;
@@ -48,57 +80,73 @@ use leaf::LEAF_SHIFT;
 use node::Node;
 use pool::Pool;
 
-/// Number of marks per entry.
+/// Number of marks a page can carry.
 pub const MARK_COUNT: usize = 3;
 
 /// Largest page frame number the tracker accepts: 52 bits of PFN cover the whole 64-bit guest
 /// physical address space at 4 KiB pages.
 pub const MAX_INDEX: u64 = (1 << 52) - 1;
 
+/// Log2 of the slots of a node.
 const SLOT_SHIFT: u32 = 6;
 
-/// `Node::slot_bytes` of an empty slot.
+/// The slot byte of an empty slot.
 const SLOT_EMPTY: u8 = 0xff;
 
-/// `Node::slot_bytes` of a full slot (multi-index entry). Child indexes are below 64.
+/// The slot byte of a full slot (a multi-index entry). Child indexes are below 64.
 const SLOT_FULL: u8 = 0xfe;
 
-/// `Node::slot_bytes` of a sparse leaf: this plus its index among the node's sparse leaves.
+/// The slot byte of a sparse leaf: this plus its index in the node's sparse leaves.
 const SLOT_SPARSE: u8 = 64;
 
-const MAX_HEIGHT: u32 = 7; // 12 + 6 * 7 = 54 bits >= 52
+/// Height of a tree that holds [`MAX_INDEX`]: 12 + 6 * 7 = 54 bits of index, at least 52.
+const MAX_HEIGHT: u32 = 7;
 
-/// Why a tracked page is offline, or what has been done to it. Used as a mark index.
+/// Why a tracked page is offline, or what has been done to it. A page carries any set of
+/// marks ([`Marks`]); its value is the mark's bit index in that set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mark {
+    /// The guest gave the page to the balloon.
     Ballooned = 0,
+    /// The page is in a hot-add region and not plugged.
     Unplugged = 1,
     /// The host backing of the page has been released.
     Discarded = 2,
 }
 
-/// A set of [`Mark`]s.
+/// A set of [`Mark`]s: bit `k` for the mark whose value is `k` (bits past [`MARK_COUNT`] are
+/// ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Marks(pub u8);
 
 impl Marks {
+    /// No mark.
     pub const NONE: Marks = Marks(0);
 
+    /// The set of `marks`.
     pub fn of(marks: &[Mark]) -> Marks {
         marks.iter().fold(Marks::NONE, |m, &k| m.with(k as usize))
     }
+
+    /// Whether the set has the mark of index `k`.
     #[inline]
     pub fn has(self, k: usize) -> bool {
         self.0 & (1 << k) != 0
     }
+
+    /// Whether the set has `mark`.
     #[inline]
     pub fn contains(self, mark: Mark) -> bool {
         self.has(mark as usize)
     }
+
+    /// The set with the mark of index `k` added.
     #[inline]
     pub fn with(self, k: usize) -> Marks {
         Marks(self.0 | (1 << k))
     }
+
+    /// The set with the mark of index `k` taken out.
     #[inline]
     pub fn without(self, k: usize) -> Marks {
         Marks(self.0 & !(1 << k))
@@ -111,13 +159,25 @@ impl From<Mark> for Marks {
     }
 }
 
-/// Errors of the tracker. The tree is unchanged whenever one is returned.
+/// Errors of the tracker's updates. The tree is unchanged whenever one is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TrackerError {
+    /// The range `start..start+count` (pages) goes past [`MAX_INDEX`] (`max`).
     #[error("page range 0x{start:x}+0x{count:x} goes past the largest trackable PFN 0x{max:x}")]
-    OutOfRange { start: u64, count: u64, max: u64 },
+    OutOfRange {
+        /// First page of the range.
+        start: u64,
+        /// Pages in the range.
+        count: u64,
+        /// The largest page the tracker accepts.
+        max: u64,
+    },
+    /// The allocator refused `bytes` bytes the update needed; retrying later may succeed.
     #[error("out of memory growing the offline-page tracker ({bytes} bytes requested)")]
-    NoMemory { bytes: usize },
+    NoMemory {
+        /// The size of the allocation that failed.
+        bytes: usize,
+    },
 }
 
 impl From<AllocError> for TrackerError {
@@ -126,6 +186,7 @@ impl From<AllocError> for TrackerError {
     }
 }
 
+/// The bits below bit `i` (`i < 64`): the slots before slot `i`.
 #[inline]
 fn mask_below(i: u32) -> u64 {
     (1u64 << i) - 1
@@ -133,13 +194,13 @@ fn mask_below(i: u32) -> u64 {
 
 /// Log2 of the pages covered by one slot of a node at `level` (>= 1).
 #[inline]
-fn slot_shift(level: u32) -> u32 {
+const fn slot_shift(level: u32) -> u32 {
     LEAF_SHIFT + SLOT_SHIFT * (level - 1)
 }
 
 /// Log2 of the pages covered by a node at `level` (0 = leaf).
 #[inline]
-fn span_shift(level: u32) -> u32 {
+const fn span_shift(level: u32) -> u32 {
     LEAF_SHIFT + SLOT_SHIFT * level
 }
 
@@ -149,10 +210,12 @@ fn slot_range_mask(first: u32, last: u32) -> u64 {
     leaf::word_mask(first, last + 1)
 }
 
-/// The set of offline pages, each with its marks.
+/// The set of offline pages, each with its marks. See the module documentation for its
+/// shape, its errors and its locking (none inside: the owner's).
 #[derive(Debug, Default)]
 pub struct Tracker {
     root: Option<FBox<Node>>,
+    /// The root's level (0 without a root).
     height: u32,
     /// `slot_shift(height)` while there is a root (for the lookup and single-page fast paths).
     root_shift: u32,
@@ -180,22 +243,24 @@ fn height_for(last: u64) -> u32 {
 }
 
 impl Tracker {
+    /// An empty tracker. Allocates nothing until the first insert.
     pub fn new() -> Tracker {
         Tracker::default()
     }
 
-    /// Number of tracked pages, O(1).
+    /// Returns the number of tracked pages. Cost: O(1).
     pub fn len(&self) -> u64 {
         self.pages_by_marks
             .iter()
             .fold(self.pages, |n, &c| n.wrapping_add(c))
     }
 
+    /// Returns whether no page is tracked. Cost: O(1).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Number of tracked pages carrying `mark`, O(1).
+    /// Returns the number of tracked pages carrying `mark`. Cost: O(1).
     pub fn count_marked(&self, mark: Mark) -> u64 {
         let k = mark as usize;
         let mut n = self.marked[k];
@@ -207,8 +272,9 @@ impl Tracker {
         n
     }
 
-    /// Exact bytes of heap the tracker holds: its nodes, leaves, mark bitmaps, child vectors
-    /// and reserved spares (allocator bookkeeping not included).
+    /// Returns the exact bytes of heap the tracker holds: its nodes, leaves, mark bitmaps,
+    /// child vectors and reserved spares (the allocator's own bookkeeping not included).
+    /// Cost: a walk of every node, O(heap); for statistics, not for every request.
     pub fn heap_bytes(&self) -> usize {
         self.root
             .as_ref()
@@ -216,29 +282,20 @@ impl Tracker {
             + self.pool.heap_bytes()
     }
 
-    /// Allocates ahead the nodes, leaves and mark bitmaps for later operations, so that they do
-    /// not allocate (as xarray's `xa_reserve`). Operations draw from these spares first.
+    /// Allocates spares until at least `need` of each kind are held, so that later updates
+    /// needing no more than that do not call the allocator (as xarray's `xa_reserve`). Updates
+    /// draw from the spares first; spares left over stay until used or until the tracker is
+    /// dropped, and count in [`Tracker::heap_bytes`].
+    ///
+    /// Errors: [`TrackerError::NoMemory`]; the spares allocated before the failure stay, the
+    /// tree is untouched.
     pub fn reserve(&mut self, need: Need) -> Result<(), TrackerError> {
-        let cur = Need {
-            nodes: self.pool.nodes.len(),
-            leaves: self.pool.leaves.len(),
-            maps: self.pool.maps.len(),
-        };
-        self.pool.reserve(Need {
-            nodes: cur.nodes.max(need.nodes),
-            leaves: cur.leaves.max(need.leaves),
-            maps: cur.maps.max(need.maps),
-        })?;
-        Ok(())
+        Ok(self.pool.reserve(need)?)
     }
 
-    /// Spares currently reserved.
+    /// Returns the spares currently held. Cost: O(1).
     pub fn reserved(&self) -> Need {
-        Need {
-            nodes: self.pool.nodes.len(),
-            leaves: self.pool.leaves.len(),
-            maps: self.pool.maps.len(),
-        }
+        self.pool.spares()
     }
 }
 

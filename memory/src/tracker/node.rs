@@ -1,5 +1,6 @@
 //! Interior nodes: 64 slots, each empty, full (a multi-index entry) or holding a child, with a
-//! summary bitmap per mark and one byte per slot saying which.
+//! summary bitmap per mark, and one byte per slot saying what it holds (the slot bytes), kept
+//! in step with every change to the slots.
 
 use super::fbox::{AllocError, FBox};
 use super::leaf::{Leaf, MarkMaps};
@@ -25,10 +26,15 @@ pub(super) enum ChildMut<'a> {
     Node(&'a mut Node),
 }
 
+/// A node: 160 bytes, plus its child vectors.
 #[derive(Debug)]
 pub(super) struct Node {
+    /// Slots that are not empty.
     pub(super) present: u64,
+    /// Slots that are full (multi-index entries); a subset of `present`.
     pub(super) full: u64,
+    /// One summary bitmap per mark: for a full slot, whether its pages carry the mark; for a
+    /// child, whether some page below carries it.
     pub(super) marks: [u64; MARK_COUNT],
     /// The children of a node above level 1, densely in slot order (empty at level 1).
     pub(super) nodes: Vec<FBox<Node>>,
@@ -41,18 +47,21 @@ pub(super) struct Node {
     /// `leaves` fails for them and nothing else changes there). Boxed, and only while there
     /// are some: 8 bytes in every node instead of 32.
     pub(super) sparse: Option<FBox<SparseLeaves>>,
-    /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], or for a child its
-    /// index in `nodes` or `leaves` (the number of child slots below it). Recomputed by `rebuild_slot_bytes` at the
-    /// end of every change to `present`/`full`, so a lookup reads one byte per level: no
-    /// popcount (a software one on baseline x86-64, a dozen instructions on the critical path)
-    /// and no separate present/full tests.
+    /// What each slot holds, in one byte: [`SLOT_EMPTY`], [`SLOT_FULL`], for a child its index
+    /// in `nodes` or `leaves` (the number of such children in the slots below it), or
+    /// [`SLOT_SPARSE`] plus its index among the sparse leaves. Rebuilt at the end of every
+    /// change to the slots (`rebuild_slot_bytes`, or in place by the `note_*` methods), so a
+    /// lookup reads one byte per level: no popcount (a software one on baseline x86-64, a
+    /// dozen instructions on the critical path) and no separate present/full tests.
     pub(super) slot_bytes: [u8; 64],
 }
 
 /// A level-1 node's sparse leaves: which slots hold them, and the leaves in slot order.
 #[derive(Debug, Default)]
 pub(super) struct SparseLeaves {
+    /// The slots holding a sparse leaf.
     pub(super) slots: u64,
+    /// The sparse leaves, in slot order.
     pub(super) leaves: Vec<SparseLeaf>,
 }
 
@@ -66,6 +75,7 @@ impl SparseLeaves {
 }
 
 impl Node {
+    /// A node with every slot empty and no child vectors allocated.
     pub(super) fn empty() -> Node {
         Node {
             present: 0,
@@ -81,25 +91,25 @@ impl Node {
     /// Recomputes `slot_bytes` after the child slots changed.
     pub(super) fn rebuild_slot_bytes(&mut self) {
         self.slot_bytes = [SLOT_EMPTY; 64];
-        let mut f = self.present & self.full;
-        while f != 0 {
-            self.slot_bytes[f.trailing_zeros() as usize] = SLOT_FULL;
-            f &= f - 1;
+        let mut full = self.present & self.full;
+        while full != 0 {
+            self.slot_bytes[full.trailing_zeros() as usize] = SLOT_FULL;
+            full &= full - 1;
         }
         let sparse = self.sparse_slots();
-        let mut k = self.present & !self.full & !sparse;
-        let mut r = 0u8;
-        while k != 0 {
-            self.slot_bytes[k.trailing_zeros() as usize] = r;
-            r += 1;
-            k &= k - 1;
+        let mut children = self.present & !self.full & !sparse;
+        let mut byte = 0u8;
+        while children != 0 {
+            self.slot_bytes[children.trailing_zeros() as usize] = byte;
+            byte += 1;
+            children &= children - 1;
         }
-        let mut k = sparse;
-        let mut r = SLOT_SPARSE;
-        while k != 0 {
-            self.slot_bytes[k.trailing_zeros() as usize] = r;
-            r += 1;
-            k &= k - 1;
+        let mut sparse = sparse;
+        let mut byte = SLOT_SPARSE;
+        while sparse != 0 {
+            self.slot_bytes[sparse.trailing_zeros() as usize] = byte;
+            byte += 1;
+            sparse &= sparse - 1;
         }
     }
 
@@ -107,7 +117,7 @@ impl Node {
     #[inline(always)]
     pub(super) fn sparse_slots(&self) -> u64 {
         match &self.sparse {
-            Some(k) => k.slots,
+            Some(sparse) => sparse.slots,
             None => 0,
         }
     }
@@ -116,7 +126,7 @@ impl Node {
     #[inline(always)]
     pub(super) fn sparse_leaves(&self) -> &[SparseLeaf] {
         match &self.sparse {
-            Some(k) => &k.leaves,
+            Some(sparse) => &sparse.leaves,
             None => &[],
         }
     }
@@ -146,25 +156,27 @@ impl Node {
         Ok(self.sparse_mut())
     }
 
-    /// The sparse leaf of a slot whose byte is `r`, if it holds one.
+    /// The sparse leaf of a slot whose byte is `byte`, if it holds one.
     #[inline(always)]
-    pub(super) fn sparse_of_byte(&self, r: u8) -> Option<&SparseLeaf> {
+    pub(super) fn sparse_of_byte(&self, byte: u8) -> Option<&SparseLeaf> {
         self.sparse_leaves()
-            .get(usize::from(r).wrapping_sub(usize::from(SLOT_SPARSE)))
+            .get(usize::from(byte).wrapping_sub(usize::from(SLOT_SPARSE)))
     }
 
-    /// Index among the sparse leaves of a sparse leaf in slot `i`.
+    /// The number of sparse leaves in the slots below slot `i`: the index among the sparse
+    /// leaves that one in slot `i` has or would get.
     #[inline]
     pub(super) fn sparse_below(&self, i: u32) -> usize {
         (self.sparse_slots() & mask_below(i)).count_ones() as usize
     }
 
-    /// `slot_bytes` after the sparse leaf of slot `i` was taken out, leaving the slot `now`.
+    /// Updates the slot bytes after the sparse leaf of slot `i` was taken out, leaving the
+    /// slot `now`.
     #[inline]
     pub(super) fn note_sparse_unlinked(&mut self, i: u32, now: u8) {
         let i = i as usize & 63;
-        for r in &mut self.slot_bytes[i + 1..] {
-            *r -= u8::from((SLOT_SPARSE..SLOT_FULL).contains(r));
+        for byte in &mut self.slot_bytes[i + 1..] {
+            *byte -= u8::from((SLOT_SPARSE..SLOT_FULL).contains(byte));
         }
         self.slot_bytes[i] = now;
     }
@@ -172,11 +184,10 @@ impl Node {
     /// Turns the sparse leaf of slot `i` into the bitmap leaf `leaf` (an empty one; room for it
     /// in `leaves` reserved), `slot_bytes` included; returns its index in `leaves`.
     pub(super) fn sparse_to_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>) -> usize {
-        let si = self.sparse_below(i);
-        let k = self.sparse_mut();
-        let s = k.take(si, i);
-        s.fill(&mut leaf);
-        if k.leaves.is_empty() {
+        let sparse_idx = self.sparse_below(i);
+        let sparse = self.sparse_mut();
+        sparse.take(sparse_idx, i).fill(&mut leaf);
+        if sparse.leaves.is_empty() {
             self.sparse = None;
         }
         let idx = self.children_below(i);
@@ -187,8 +198,9 @@ impl Node {
         idx
     }
 
-    /// `slot_bytes` after a child was put into slot `i` (which was empty or full): its index, and one
-    /// more for every child after it. For the fast paths, instead of a whole `rebuild_slot_bytes`.
+    /// Updates the slot bytes after a child was put into slot `i` (which was empty or full):
+    /// its index, and one more for every child after it. For the fast paths, instead of a whole
+    /// `rebuild_slot_bytes`.
     #[inline]
     pub(super) fn note_linked(&mut self, i: u32) {
         self.note_linked_at(i, self.children_below(i));
@@ -198,29 +210,30 @@ impl Node {
     #[inline]
     pub(super) fn note_linked_at(&mut self, i: u32, idx: usize) {
         let i = i as usize & 63;
-        for r in &mut self.slot_bytes[i + 1..] {
-            *r += u8::from(*r < 64);
+        for byte in &mut self.slot_bytes[i + 1..] {
+            *byte += u8::from(*byte < 64);
         }
         self.slot_bytes[i] = idx as u8;
     }
 
-    /// `slot_bytes` after the child of slot `i` was taken out, leaving the slot `now`
-    /// ([`SLOT_EMPTY`] or [`SLOT_FULL`]).
+    /// Updates the slot bytes after the child of slot `i` was taken out, leaving the slot
+    /// `now` ([`SLOT_EMPTY`] or [`SLOT_FULL`]).
     #[inline]
     pub(super) fn note_unlinked(&mut self, i: u32, now: u8) {
         let i = i as usize & 63;
-        for r in &mut self.slot_bytes[i + 1..] {
-            *r -= u8::from(*r < 64);
+        for byte in &mut self.slot_bytes[i + 1..] {
+            *byte -= u8::from(*byte < 64);
         }
         self.slot_bytes[i] = now;
     }
 
-    /// `slot_bytes[i]` (valid between operations): [`SLOT_EMPTY`], [`SLOT_FULL`] or a child index.
+    /// The slot byte of slot `i` (valid between operations; checked against the slots in
+    /// debug builds).
     #[inline(always)]
     pub(super) fn slot_byte(&self, i: usize) -> u8 {
-        let r = self.slot_bytes[i & 63];
+        let byte = self.slot_bytes[i & 63];
         debug_assert_eq!(
-            r,
+            byte,
             match (self.present >> i & 1, self.full >> i & 1) {
                 (0, _) => SLOT_EMPTY,
                 (_, 1) => SLOT_FULL,
@@ -228,19 +241,22 @@ impl Node {
                     SLOT_SPARSE + self.sparse_below(i as u32) as u8,
                 _ => self.children_below(i as u32) as u8,
             },
-            "stale slot_bytes"
+            "stale slot byte"
         );
-        r
+        byte
     }
 
-    /// Index in `children` of the child in slot `i`, which must hold one.
+    /// The index in `nodes` or `leaves` of the child in slot `i`, which must hold one (from
+    /// its slot byte).
     #[inline(always)]
     pub(super) fn child_idx(&self, i: usize) -> usize {
-        let r = self.slot_byte(i);
-        debug_assert!(r < 64, "slot {i} holds no child");
-        usize::from(r)
+        let byte = self.slot_byte(i);
+        debug_assert!(byte < 64, "slot {i} holds no child");
+        usize::from(byte)
     }
 
+    /// The number of children in `nodes` or `leaves` in the slots below slot `i`: the index a
+    /// child in slot `i` has or would get (counted, for when the slot bytes are being changed).
     #[inline]
     pub(super) fn children_below(&self, i: u32) -> usize {
         (self.present & !self.full & !self.sparse_slots() & mask_below(i)).count_ones() as usize
@@ -262,6 +278,7 @@ impl Node {
         (0..MARK_COUNT).any(|k| m.has(k) && self.marks[k] == 0)
     }
 
+    /// The marks of slot `i`'s summary bits.
     #[inline]
     pub(super) fn slot_marks(&self, i: u32) -> Marks {
         let mut m = Marks::NONE;
@@ -273,6 +290,7 @@ impl Node {
         m
     }
 
+    /// Sets slot `i`'s summary bits to `m`.
     #[inline]
     pub(super) fn set_slot_marks(&mut self, i: u32, m: Marks) {
         for k in 0..MARK_COUNT {
@@ -284,6 +302,7 @@ impl Node {
         }
     }
 
+    /// The marks some slot carries: what the slot above this node must say.
     #[inline]
     pub(super) fn any_marks(&self) -> Marks {
         let mut m = Marks::NONE;
@@ -295,6 +314,8 @@ impl Node {
         m
     }
 
+    /// The marks of the node's pages if every slot is full with the same marks (the node can
+    /// become a full slot of its parent).
     #[inline]
     pub(super) fn is_full_uniform(&self) -> Option<Marks> {
         if self.full != u64::MAX {
@@ -320,15 +341,9 @@ impl Node {
         if self.leaves.is_empty() && self.leaves.capacity() != 0 {
             self.leaves = Vec::new();
         }
-        if self.sparse.as_ref().is_some_and(|k| k.leaves.is_empty()) {
+        if self.sparse.as_ref().is_some_and(|s| s.leaves.is_empty()) {
             self.sparse = None;
         }
-    }
-
-    /// Number of children.
-    #[cfg(any(test, feature = "testing"))]
-    pub(super) fn child_count(&self) -> usize {
-        self.nodes.len() + self.leaves.len() + self.sparse_leaves().len()
     }
 
     /// The child at index `idx` of the dense child vectors (a node's children are all leaves
@@ -342,6 +357,7 @@ impl Node {
         }
     }
 
+    /// `child`, mutably.
     #[inline]
     pub(super) fn child_mut(&mut self, idx: usize) -> ChildMut<'_> {
         if self.leaves.is_empty() {
@@ -381,14 +397,15 @@ impl Node {
     /// Reserves room for `n` more children of a node at `level`.
     #[inline]
     pub(super) fn reserve_children(&mut self, level: u32, n: usize) -> Result<(), AllocError> {
-        let r = if level == 1 {
+        let reserved = if level == 1 {
             self.leaves.try_reserve(n)
         } else {
             self.nodes.try_reserve(n)
         };
-        r.map_err(|_| AllocError { bytes: n * 8 })
+        reserved.map_err(|_| AllocError { bytes: n * 8 })
     }
 
+    /// Re-initialises a (pooled) node as one whose every slot is full with `marks`.
     pub(super) fn set_full(&mut self, marks: Marks) {
         self.present = u64::MAX;
         self.full = u64::MAX;
@@ -405,10 +422,10 @@ impl Node {
     pub(super) fn heap_bytes(&self) -> usize {
         let mut b = self.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
             + self.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
-            + self.sparse.as_ref().map_or(0, |k| {
+            + self.sparse.as_ref().map_or(0, |sparse| {
                 std::mem::size_of::<SparseLeaves>()
-                    + k.leaves.capacity() * std::mem::size_of::<SparseLeaf>()
-                    + k.leaves.iter().map(SparseLeaf::bytes).sum::<usize>()
+                    + sparse.leaves.capacity() * std::mem::size_of::<SparseLeaf>()
+                    + sparse.leaves.iter().map(SparseLeaf::bytes).sum::<usize>()
             });
         for l in &self.leaves {
             b += std::mem::size_of::<Leaf>()
@@ -422,8 +439,9 @@ impl Node {
         b
     }
 
-    /// Puts `child` (just worked on) back into slot `i`, collapsing it into a full slot or dropping
-    /// it when it became uniform-full or empty.
+    /// After the child at `idx` (in slot `i`) was worked on: collapses it into a full slot if
+    /// it became full with uniform marks, drops it if it became empty, and sets the slot's
+    /// summary bits to its marks.
     pub(super) fn settle_child(&mut self, i: u32, idx: usize) {
         let bit = 1u64 << i;
         let (empty, full, any) = match self.child_mut(idx) {

@@ -5,15 +5,38 @@ use super::leaf::{Leaf, MarkMaps};
 use super::node::Node;
 use super::slot_shift;
 
-/// Allocations an operation will take from the pool.
+/// Allocations for updates: what one update will take from the pool, or what
+/// [`Tracker::reserve`](super::Tracker::reserve) allocates ahead.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Need {
+    /// Interior nodes (a node is 160 bytes, plus its child vectors).
     pub nodes: usize,
+    /// Bitmap leaves (528 bytes each).
     pub leaves: usize,
+    /// Per-mark bitmaps of leaves whose pages carry different marks (1.5 KiB each).
     pub maps: usize,
 }
 
 impl Need {
+    /// The larger of each count.
+    #[inline]
+    pub(super) fn max_each(self, other: Need) -> Need {
+        Need {
+            nodes: self.nodes.max(other.nodes),
+            leaves: self.leaves.max(other.leaves),
+            maps: self.maps.max(other.maps),
+        }
+    }
+
+    /// Each count less `other`'s (which must be smaller).
+    pub(super) fn minus(self, other: Need) -> Need {
+        Need {
+            nodes: self.nodes - other.nodes,
+            leaves: self.leaves - other.leaves,
+            maps: self.maps - other.maps,
+        }
+    }
+
     /// A new subtree at `level` (0 = leaf) materialised for the partial range `lo..hi`: one node
     /// per level along each edge of the range, and a leaf at the bottom of each.
     pub(super) fn new_subtree(&mut self, level: u32, lo: u64, hi: u64, maps: bool) {
@@ -34,8 +57,8 @@ impl Need {
         let sspan = 1u64 << sshift;
         let first = lo >> sshift;
         let last = (hi - 1) >> sshift;
-        let n = if first == last { 1 } else { 2 };
-        for i in [first, last].into_iter().take(n) {
+        let edges = if first == last { 1 } else { 2 };
+        for i in [first, last].into_iter().take(edges) {
             let base = i << sshift;
             let s_lo = lo.max(base) - base;
             let s_hi = hi.min(base + sspan) - base;
@@ -49,12 +72,24 @@ impl Need {
 /// Nodes, leaves and mark bitmaps allocated ahead of the changes that use them.
 #[derive(Debug, Default)]
 pub(super) struct Pool {
-    pub(super) nodes: Vec<FBox<Node>>,
-    pub(super) leaves: Vec<FBox<Leaf>>,
-    pub(super) maps: Vec<FBox<MarkMaps>>,
+    nodes: Vec<FBox<Node>>,
+    leaves: Vec<FBox<Leaf>>,
+    maps: Vec<FBox<MarkMaps>>,
 }
 
 impl Pool {
+    /// The spares held.
+    #[inline]
+    pub(super) fn spares(&self) -> Need {
+        Need {
+            nodes: self.nodes.len(),
+            leaves: self.leaves.len(),
+            maps: self.maps.len(),
+        }
+    }
+
+    /// Allocates spares until there are at least `need` of each kind; on failure the spares
+    /// allocated so far stay.
     pub(super) fn reserve(&mut self, need: Need) -> Result<(), AllocError> {
         if self.nodes.len() < need.nodes {
             self.nodes
@@ -64,17 +99,17 @@ impl Pool {
                 })?;
         }
         while self.nodes.len() < need.nodes {
-            let mut n = FBox::try_new(Node::empty())?;
+            let mut node = FBox::try_new(Node::empty())?;
             // Room for the children a new node gets within one operation: two partial edges,
             // plus the old root when it becomes the top of a taller tree. Its level is not
             // known yet: room in both vectors, and `take_node` frees the one it will not use.
-            n.nodes.try_reserve_exact(3).map_err(|_| AllocError {
+            node.nodes.try_reserve_exact(3).map_err(|_| AllocError {
                 bytes: 3 * std::mem::size_of::<FBox<Node>>(),
             })?;
-            n.leaves.try_reserve_exact(2).map_err(|_| AllocError {
+            node.leaves.try_reserve_exact(2).map_err(|_| AllocError {
                 bytes: 2 * std::mem::size_of::<FBox<Leaf>>(),
             })?;
-            self.nodes.push(n);
+            self.nodes.push(node);
         }
         if self.leaves.len() < need.leaves {
             self.leaves
@@ -117,35 +152,40 @@ impl Pool {
     #[inline]
     pub(super) fn take_node(&mut self, level: u32) -> FBox<Node> {
         match self.nodes.pop() {
-            Some(mut n) => {
+            Some(mut node) => {
                 if level == 1 {
-                    n.nodes = Vec::new();
+                    node.nodes = Vec::new();
                 } else {
-                    n.leaves = Vec::new();
+                    node.leaves = Vec::new();
                 }
-                n
+                node
             }
             None => panic!("tracker pool ran out of nodes: reservation miscounted"),
         }
     }
+
+    /// A spare leaf, emptied.
     #[inline]
     pub(super) fn take_leaf(&mut self) -> FBox<Leaf> {
         match self.leaves.pop() {
-            Some(mut l) => {
-                l.set_empty();
-                l
+            Some(mut leaf) => {
+                leaf.set_empty();
+                leaf
             }
             None => panic!("tracker pool ran out of leaves: reservation miscounted"),
         }
     }
+
+    /// A spare set of mark bitmaps (the taker overwrites them).
     #[inline]
     pub(super) fn take_maps(&mut self) -> FBox<MarkMaps> {
         match self.maps.pop() {
-            Some(m) => m,
+            Some(maps) => maps,
             None => panic!("tracker pool ran out of mark bitmaps: reservation miscounted"),
         }
     }
 
+    /// Heap bytes of the spares and of the lists holding them.
     pub(super) fn heap_bytes(&self) -> usize {
         self.nodes.capacity() * 8
             + self.leaves.capacity() * 8
@@ -153,10 +193,10 @@ impl Pool {
             + self
                 .nodes
                 .iter()
-                .map(|n| {
+                .map(|node| {
                     std::mem::size_of::<Node>()
-                        + n.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
-                        + n.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
+                        + node.nodes.capacity() * std::mem::size_of::<FBox<Node>>()
+                        + node.leaves.capacity() * std::mem::size_of::<FBox<Leaf>>()
                 })
                 .sum::<usize>()
             + self.leaves.len() * std::mem::size_of::<Leaf>()

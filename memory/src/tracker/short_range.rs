@@ -2,7 +2,7 @@
 
 use super::fbox::FBox;
 use super::general::Op;
-use super::leaf::{self, Leaf, LEAF_SHIFT};
+use super::leaf::{Leaf, LEAF_PAGES, LEAF_SHIFT};
 use super::node::{Child, Node};
 use super::sparse::{self, SPARSE_MAX};
 use super::{
@@ -15,24 +15,26 @@ impl Tracker {
     /// slots of one level-1 node) when nothing above that node changes. This is the shape of
     /// almost every balloon request, and of the single-page updates the single-page fast paths
     /// leave (a leaf to create, split or drop), so it gets one walk and no planning (the bits
-    /// of one existing leaf, the commonest case, are done before, in `insert_range` and
-    /// `remove_range`):
-    /// - in one slot (`short_range_in_slot`): an empty slot on insert gets a new leaf;
+    /// of one existing leaf, the commonest case, were tried before, by `insert_range` and
+    /// `remove_range`). In one slot (`short_range_in_slot`):
+    /// - an empty slot on insert gets a new leaf;
     /// - a full slot on remove (a multi-index entry of one leaf, e.g. onlining a 2 MiB block of
-    ///   a born-offline region): a new leaf with every page but the range;
-    /// - a leaf that a removal empties: dropped, if the node keeps other pages with each of its
-    ///   marks (so the summaries above stay right);
+    ///   a born-offline region) becomes a new leaf with every page but the range;
+    /// - a leaf that a removal empties is dropped, if the node keeps other pages with each of
+    ///   its marks (so the summaries above stay right);
     /// - a full slot on insert, an empty one on remove: nothing to do;
-    /// - a sparse leaf: changed in place, or turned into a bitmap leaf first;
-    /// - over two slots (`short_range_over_two_slots`): each slot's case, and a leaf whose bits change, all
-    ///   planned before either changes.
+    /// - a sparse leaf is changed in place, or turned into a bitmap leaf first
+    ///   (`short_range_in_sparse`).
     ///
-    /// New leaves (and room for them) are allocated before anything changes; if that fails, or
-    /// the shape is another one, it returns `None` and the general path (which draws on the
-    /// reserved spares) does the work.
+    /// Over two slots (`short_range_over_two_slots`): each slot's case, or a leaf whose bits
+    /// change, all planned before either changes.
+    ///
+    /// New leaves (and room for them) are allocated before anything changes. Returns `None`,
+    /// with nothing changed, if that fails or the shape is another one: the general path (which
+    /// draws on the reserved spares) then does the work.
     #[inline]
     pub(super) fn short_range_update(&mut self, start: u64, count: u64, op: Op) -> Option<u64> {
-        if count.wrapping_sub(1) >= leaf::LEAF_PAGES - 1 || start > MAX_INDEX {
+        if count.wrapping_sub(1) >= LEAF_PAGES - 1 || start > MAX_INDEX {
             return None;
         }
         let end = start + count;
@@ -41,8 +43,8 @@ impl Tracker {
         }
         let node = Self::level1_mut(&mut self.root, self.root_shift, self.index_limit, start)?;
         // (The bits of one existing leaf were tried by `insert_range`/`remove_range`.)
-        let lo = start & (leaf::LEAF_PAGES - 1);
-        let (changed, mark_path) = if lo + count <= leaf::LEAF_PAGES {
+        let lo = start & (LEAF_PAGES - 1);
+        let (changed, mark_path) = if lo + count <= LEAF_PAGES {
             let i = (start >> LEAF_SHIFT) as u32 & 63;
             Self::short_range_in_slot(node, &mut self.pages_by_marks, i, lo, lo + count, op)?
         } else {
@@ -79,10 +81,10 @@ impl Tracker {
         op: Op,
     ) -> Option<(u64, bool)> {
         let bit = 1u64 << i;
-        let r = node.slot_byte(i as usize);
-        let (n, marks, mark_path) = match (op, r) {
+        let byte = node.slot_byte(i as usize);
+        let (n, marks, mark_path) = match (op, byte) {
             (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => return Some((0, false)),
-            (op, r) if (SLOT_SPARSE..SLOT_FULL).contains(&r) => {
+            (op, byte) if (SLOT_SPARSE..SLOT_FULL).contains(&byte) => {
                 let (n, m) = Self::short_range_in_sparse(node, i, lo, hi, op)?;
                 (n, m, false)
             }
@@ -111,8 +113,8 @@ impl Tracker {
                 node.note_linked_at(i, idx);
                 (-i64::from(n), m, false)
             }
-            (Op::Remove, r) => {
-                let idx = usize::from(r);
+            (Op::Remove, byte) => {
+                let idx = usize::from(byte);
                 let leaf = &node.leaves[idx];
                 if leaf.mixed.is_some() {
                     return None;
@@ -135,16 +137,16 @@ impl Tracker {
             }
             _ => return None,
         };
-        let c = &mut by_marks[usize::from(marks.0 & 7)];
-        *c = c.wrapping_add(n as u64);
+        let counter = &mut by_marks[usize::from(marks.0 & 7)];
+        *counter = counter.wrapping_add(n as u64);
         Some((n.unsigned_abs(), mark_path))
     }
 
-    /// `short_range_in_slot` for the sparse leaf of slot `i`: pages added in place (the leaf grown if
-    /// needed) while it keeps one set of marks and at most `SPARSE_MAX` pages, or turned into
-    /// a bitmap leaf first when it would not; pages removed in place, the leaf dropped when
-    /// emptied if the node keeps other pages with its marks. `None` (nothing changed, or only
-    /// the conversion) for the general path. Returns the change in pages and their marks.
+    /// `short_range_in_slot` for the sparse leaf of slot `i`: pages added in place (the leaf
+    /// grown if needed) while it keeps one set of marks and at most `SPARSE_MAX` pages, or
+    /// turned into a bitmap leaf first when it would not; pages removed in place, the leaf
+    /// dropped when emptied if the node keeps other pages with its marks. Returns the change in
+    /// pages and their marks, or `None`, with nothing changed, for the general path.
     #[inline(never)]
     pub(super) fn short_range_in_sparse(
         node: &mut Node,
@@ -154,18 +156,18 @@ impl Tracker {
         op: Op,
     ) -> Option<(i64, Marks)> {
         let bit = 1u64 << i;
-        let si = node.sparse_below(i);
-        let keeps = node.can_drop_in_place(bit, node.sparse_leaves()[si].marks());
-        let s = &mut node.sparse_mut().leaves[si];
-        let sm = s.marks();
-        let have = s.count_in(lo, hi);
+        let sparse_idx = node.sparse_below(i);
+        let droppable = node.can_drop_in_place(bit, node.sparse_leaves()[sparse_idx].marks());
+        let sparse = &mut node.sparse_mut().leaves[sparse_idx];
+        let sparse_marks = sparse.marks();
+        let have = sparse.count_in(lo, hi);
         match op {
-            Op::Insert(_) if have as u64 == hi - lo => Some((0, sm)),
-            Op::Insert(m) if m != sm => None,
+            Op::Insert(_) if have as u64 == hi - lo => Some((0, sparse_marks)),
+            Op::Insert(m) if m != sparse_marks => None,
             Op::Insert(m) => {
-                let want = s.len() + (hi - lo) as usize - have;
+                let want = sparse.len() + (hi - lo) as usize - have;
                 if want > SPARSE_MAX {
-                    if want >= leaf::LEAF_PAGES as usize {
+                    if want >= LEAF_PAGES as usize {
                         return None;
                     }
                     node.leaves.try_reserve(1).ok()?;
@@ -174,32 +176,34 @@ impl Tracker {
                     let n = node.leaves[idx].set_bits(lo, hi);
                     return Some((i64::from(n), m));
                 }
-                if want > s.cap() {
-                    s.try_grow(sparse::chunks_for(want)).ok()?;
+                if want > sparse.cap() {
+                    sparse.try_grow(sparse::chunks_for(want)).ok()?;
                 }
-                Some((s.insert_range(lo, hi) as i64, m))
+                Some((sparse.insert_range(lo, hi) as i64, m))
             }
-            Op::Remove if have == 0 => Some((0, sm)),
-            Op::Remove if have < s.len() => Some((-(s.remove_range(lo, hi) as i64), sm)),
+            Op::Remove if have == 0 => Some((0, sparse_marks)),
+            Op::Remove if have < sparse.len() => {
+                Some((-(sparse.remove_range(lo, hi) as i64), sparse_marks))
+            }
             Op::Remove => {
-                if !keeps {
+                if !droppable {
                     return None;
                 }
-                let n = s.len() as i64;
-                node.sparse_mut().take(si, i);
+                let n = sparse.len() as i64;
+                node.sparse_mut().take(sparse_idx, i);
                 node.present &= !bit;
                 node.set_slot_marks(i, Marks::NONE);
                 node.note_sparse_unlinked(i, SLOT_EMPTY);
                 node.release_children();
-                Some((-n, sm))
+                Some((-n, sparse_marks))
             }
             _ => None,
         }
     }
 
-    /// `short_range_update` for a range over two slots (the end of one leaf and the start of the next):
-    /// both slots' cases planned before either changes. Returns the pages changed, and whether
-    /// the slots above the node must be told of a new leaf's marks.
+    /// `short_range_update` for a range over two slots (the end of one leaf and the start of
+    /// the next): both slots' cases planned before either changes. Returns the pages changed,
+    /// and whether the slots above the node must be told of a new leaf's marks.
     #[inline(never)]
     pub(super) fn short_range_over_two_slots(
         node: &mut Node,
@@ -208,59 +212,24 @@ impl Tracker {
         end: u64,
         op: Op,
     ) -> Option<(u64, bool)> {
-        #[derive(Clone, Copy)]
-        enum Piece {
-            Skip,
-            Bits,
-            New,
-            Split(Marks),
-            Drop,
-        }
-        let i0 = (start >> LEAF_SHIFT) as u32 & 63;
-        let mid = (start | (leaf::LEAF_PAGES - 1)) + 1;
+        let first = (start >> LEAF_SHIFT) as u32 & 63;
+        let mid = (start | (LEAF_PAGES - 1)) + 1;
         debug_assert!(mid < end && (end - 1) >> LEAF_SHIFT == mid >> LEAF_SHIFT);
-        let pieces = [(i0, start, mid), (i0 + 1, mid, end)];
+        let pieces = [(first, start, mid), (first + 1, mid, end)];
 
         // Which case each piece is, before any change.
         let mut plan = [Piece::Skip; 2];
         let (mut fresh, mut dropped, mut dropped_marks) = (0usize, 0u64, Marks::NONE);
         for (p, &(i, a, b)) in pieces.iter().enumerate() {
-            let n = (b - a) as u32;
-            let r = node.slot_byte(i as usize);
-            plan[p] = match (op, r) {
-                (Op::Insert(_), SLOT_EMPTY) => {
-                    fresh += 1;
-                    Piece::New
+            plan[p] = Piece::of(node, op, i, a, b)?;
+            match plan[p] {
+                Piece::New | Piece::Split(_) => fresh += 1,
+                Piece::Drop(m) => {
+                    dropped |= 1 << i;
+                    dropped_marks.0 |= m.0;
                 }
-                (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => Piece::Skip,
-                (Op::Remove, SLOT_FULL) => {
-                    fresh += 1;
-                    Piece::Split(node.slot_marks(i))
-                }
-                (_, r) if r >= SLOT_SPARSE => return None,
-                (Op::Insert(m), r) if node.leaves[usize::from(r)].fast_insert_ok(m, n) => {
-                    Piece::Bits
-                }
-                (Op::Remove, r) => {
-                    let leaf = &node.leaves[usize::from(r)];
-                    if leaf.fast_remove_ok(n) {
-                        Piece::Bits
-                    } else if leaf.mixed.is_some() {
-                        return None;
-                    } else if leaf.count_in(
-                        a & (leaf::LEAF_PAGES - 1),
-                        (a & (leaf::LEAF_PAGES - 1)) + u64::from(n),
-                    ) < leaf.count()
-                    {
-                        Piece::Bits
-                    } else {
-                        dropped |= 1 << i;
-                        dropped_marks.0 |= leaf.uniform().0;
-                        Piece::Drop
-                    }
-                }
-                _ => return None,
-            };
+                Piece::Skip | Piece::Bits => {}
+            }
         }
         if dropped != 0 && !node.can_drop_in_place(dropped, dropped_marks) {
             return None;
@@ -285,7 +254,7 @@ impl Tracker {
         let mut counts = [0i64; 8];
         for p in (0..2).rev() {
             let (i, a, b) = pieces[p];
-            let lo = a & (leaf::LEAF_PAGES - 1);
+            let lo = a & (LEAF_PAGES - 1);
             let hi = lo + (b - a);
             let bit = 1u64 << i;
             let (n, marks) = match plan[p] {
@@ -302,27 +271,16 @@ impl Tracker {
                 }
                 Piece::New => {
                     let Op::Insert(m) = op else { unreachable!() };
-                    let mut leaf = leaves[fresh - 1].take().expect("allocated");
+                    let leaf = leaves[fresh - 1].take().expect("allocated");
                     fresh -= 1;
-                    let n = leaf.set_bits(lo, hi);
-                    leaf.set_uniform(m);
-                    node.insert_child(node.children_below(i), Child::Leaf(leaf));
-                    node.present |= bit;
-                    node.set_slot_marks(i, m);
-                    node.note_linked(i);
-                    (i64::from(n), m)
+                    (i64::from(node.link_new_leaf(i, leaf, lo, hi, m)), m)
                 }
                 Piece::Split(m) => {
-                    let mut leaf = leaves[fresh - 1].take().expect("allocated");
+                    let leaf = leaves[fresh - 1].take().expect("allocated");
                     fresh -= 1;
-                    leaf.set_full(m);
-                    let n = leaf.clear_bits(lo, hi);
-                    node.full &= !bit;
-                    node.insert_child(node.children_below(i), Child::Leaf(leaf));
-                    node.note_linked(i);
-                    (-i64::from(n), m)
+                    (-i64::from(node.split_full_slot(i, leaf, lo, hi, m)), m)
                 }
-                Piece::Drop => {
+                Piece::Drop(_) => {
                     let leaf = node.leaves.remove(node.child_idx(i as usize));
                     node.present &= !bit;
                     node.set_slot_marks(i, Marks::NONE);
@@ -340,5 +298,80 @@ impl Tracker {
             *c = c.wrapping_add(n as u64);
         }
         Some((changed, mark_path))
+    }
+}
+
+/// What `short_range_over_two_slots` does in one of its two slots.
+#[derive(Clone, Copy)]
+enum Piece {
+    /// Nothing to do: an insert into a full slot, a removal from an empty one.
+    Skip,
+    /// Set or clear bits of the slot's leaf, which keeps uniform marks and some pages.
+    Bits,
+    /// A new leaf in an empty slot.
+    New,
+    /// A leaf with every page but the range, for a full slot with these marks.
+    Split(Marks),
+    /// The slot's leaf, whose pages carry these marks, is emptied and dropped.
+    Drop(Marks),
+}
+
+impl Piece {
+    /// The case of pages `a..b` (absolute), in slot `i` of `node`; `None` for one the short
+    /// path does not take (a sparse leaf, mixed marks, a leaf that would fill up).
+    #[inline(always)]
+    fn of(node: &Node, op: Op, i: u32, a: u64, b: u64) -> Option<Piece> {
+        let n = (b - a) as u32;
+        let byte = node.slot_byte(i as usize);
+        Some(match (op, byte) {
+            (Op::Insert(_), SLOT_EMPTY) => Piece::New,
+            (Op::Insert(_), SLOT_FULL) | (Op::Remove, SLOT_EMPTY) => Piece::Skip,
+            (Op::Remove, SLOT_FULL) => Piece::Split(node.slot_marks(i)),
+            (_, byte) if byte >= SLOT_SPARSE => return None,
+            (Op::Insert(m), byte) if node.leaves[usize::from(byte)].fast_insert_ok(m, n) => {
+                Piece::Bits
+            }
+            (Op::Remove, byte) => {
+                let leaf = &node.leaves[usize::from(byte)];
+                let lo = a & (LEAF_PAGES - 1);
+                if leaf.fast_remove_ok(n) {
+                    Piece::Bits
+                } else if leaf.mixed.is_some() {
+                    return None;
+                } else if leaf.count_in(lo, lo + u64::from(n)) < leaf.count() {
+                    Piece::Bits
+                } else {
+                    Piece::Drop(leaf.uniform())
+                }
+            }
+            _ => return None,
+        })
+    }
+}
+
+impl Node {
+    /// Puts `leaf` (empty, room for it in `leaves` reserved) into the empty slot `i`, with
+    /// pages `lo..hi` present carrying `m`; returns how many pages it added.
+    #[inline]
+    fn link_new_leaf(&mut self, i: u32, mut leaf: FBox<Leaf>, lo: u64, hi: u64, m: Marks) -> u32 {
+        let n = leaf.set_bits(lo, hi);
+        leaf.set_uniform(m);
+        self.insert_child(self.children_below(i), Child::Leaf(leaf));
+        self.present |= 1u64 << i;
+        self.set_slot_marks(i, m);
+        self.note_linked(i);
+        n
+    }
+
+    /// Splits the full slot `i`, whose pages carry `m`, into `leaf` (room for it in `leaves`
+    /// reserved) holding every page but `lo..hi`; returns how many pages it removed.
+    #[inline]
+    fn split_full_slot(&mut self, i: u32, mut leaf: FBox<Leaf>, lo: u64, hi: u64, m: Marks) -> u32 {
+        leaf.set_full(m);
+        let n = leaf.clear_bits(lo, hi);
+        self.full &= !(1u64 << i);
+        self.insert_child(self.children_below(i), Child::Leaf(leaf));
+        self.note_linked(i);
+        n
     }
 }
