@@ -1,17 +1,20 @@
-//! `Tracker::compact`: bitmap leaves holding few pages become sparse leaves.
+//! `Tracker::compact`: bitmap leaves holding few pages become sparse leaves (`sparse.rs`).
 
 use super::node::Node;
 use super::sparse::{self, SparseLeaf, SPARSE_MAX};
 use super::{slot_range_mask, slot_shift, span_shift, Tracker};
 
 impl Tracker {
-    /// Turns the bitmap leaves in `start..start+count` that hold at most [`SPARSE_MAX`]
-    /// pages, all with the same marks, into sparse leaves (2 bytes a page instead of a
-    /// 528-byte bitmap), and returns how many it turned. Updates never make sparse leaves
-    /// themselves, so that the single-page paths stay bitmap flips: the memory manager calls
-    /// this on what changed once its user has been quiet for a while (`MemoryManager::compact`),
-    /// as roaring's `run_optimize` is called. Best effort: a leaf whose sparse copy cannot be
-    /// allocated stays a bitmap. Observable contents never change.
+    /// Turns the bitmap leaves in `start..start+count` that hold at most 63 pages, all with
+    /// the same marks, into sparse leaves (2 bytes a page instead of a 528-byte bitmap);
+    /// returns how many it turned. Observable contents never change.
+    ///
+    /// Updates never make sparse leaves themselves, so that the single-page paths stay
+    /// bitmap flips: the owner calls this on what changed once its users have been quiet for
+    /// a while (the memory manager does), as roaring's `run_optimize` is called. Best effort,
+    /// no error: a leaf whose sparse copy cannot be allocated stays a bitmap. Cost: a walk of
+    /// the range's bitmap leaves (those with more pages are skipped after one load), and an
+    /// allocation and a copy for each leaf it turns.
     pub fn compact(&mut self, start: u64, count: u64) -> usize {
         let end = start.saturating_add(count).min(self.index_limit);
         match self.root.as_deref_mut() {
@@ -28,25 +31,25 @@ impl Node {
         let sshift = slot_shift(level);
         let first = ((lo.max(base) - base) >> sshift) as u32;
         let last = ((hi.min(base + (1u64 << span_shift(level))) - 1 - base) >> sshift) as u32;
-        let mut kids = self.present & !self.full & slot_range_mask(first, last);
-        let mut n = 0;
+        let mut children = self.present & !self.full & slot_range_mask(first, last);
+        let mut turned = 0;
         if level == 1 {
-            kids &= !self.sparse_slots();
-            while kids != 0 {
-                let i = kids.trailing_zeros();
-                kids &= kids - 1;
-                n += usize::from(self.compact_leaf(i));
+            children &= !self.sparse_slots();
+            while children != 0 {
+                let i = children.trailing_zeros();
+                children &= children - 1;
+                turned += usize::from(self.compact_leaf(i));
             }
         } else {
-            while kids != 0 {
-                let i = kids.trailing_zeros();
-                kids &= kids - 1;
+            while children != 0 {
+                let i = children.trailing_zeros();
+                children &= children - 1;
                 let idx = self.child_idx(i as usize);
                 let sbase = base + (u64::from(i) << sshift);
-                n += self.nodes[idx].compact(level - 1, sbase, lo, hi);
+                turned += self.nodes[idx].compact(level - 1, sbase, lo, hi);
             }
         }
-        n
+        turned
     }
 
     /// Turns the bitmap leaf of slot `i` (level 1) into a sparse leaf if it has at most
@@ -58,22 +61,22 @@ impl Node {
         if n > SPARSE_MAX || leaf.mixed.is_some() {
             return false;
         }
-        let Ok(mut sp) = SparseLeaf::try_new(sparse::chunks_for(n), leaf.uniform()) else {
+        let Ok(mut sparse) = SparseLeaf::try_new(sparse::chunks_for(n), leaf.uniform()) else {
             return false;
         };
-        for (w, &bits) in leaf.bits.iter().enumerate() {
-            let mut b = bits;
-            while b != 0 {
-                sp.insert(((w as u64) << 6) + u64::from(b.trailing_zeros()));
-                b &= b - 1;
+        for (w, &word) in leaf.bits.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                sparse.insert(((w as u64) << 6) + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
             }
         }
-        let si = self.sparse_below(i);
-        let Ok(k) = self.sparse_mut_with_room() else {
+        let sparse_idx = self.sparse_below(i);
+        let Ok(sparse_leaves) = self.sparse_mut_with_room() else {
             return false;
         };
-        k.leaves.insert(si, sp);
-        k.slots |= 1 << i;
+        sparse_leaves.leaves.insert(sparse_idx, sparse);
+        sparse_leaves.slots |= 1 << i;
         self.leaves.remove(idx);
         self.rebuild_slot_bytes();
         self.release_children();

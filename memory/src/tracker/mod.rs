@@ -102,6 +102,11 @@ const SLOT_SPARSE: u8 = 64;
 /// Height of a tree that holds [`MAX_INDEX`]: 12 + 6 * 7 = 54 bits of index, at least 52.
 const MAX_HEIGHT: u32 = 7;
 
+/// `slot_shift` of a root at level 2 and at level 3 (guests up to 64 GiB and up to 4 TiB): the
+/// walks of the fast paths are unrolled for these.
+const LEVEL2_SLOT_SHIFT: u32 = slot_shift(2);
+const LEVEL3_SLOT_SHIFT: u32 = slot_shift(3);
+
 /// Why a tracked page is offline, or what has been done to it. A page carries any set of
 /// marks ([`Marks`]); its value is the mark's bit index in that set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

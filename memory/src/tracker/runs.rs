@@ -1,19 +1,23 @@
-//! Ordered runs of present pages: the `runs`/`marked_runs` iterators and `for_each_run`.
+//! Ordered runs of present pages: the `runs` and `marked_runs` iterators (on the cursor of
+//! `cursor.rs`), `for_each_run` (a recursive walk, faster), and `contains_range`. All take
+//! `&self` and never allocate.
 
 use super::cursor::{Chunk, Chunks};
-use super::leaf;
+use super::leaf::LEAF_PAGES;
 use super::node::{ChildRef, Node};
 use super::sparse::SPARSE_MAX;
 use super::{slot_range_mask, slot_shift, span_shift, Mark, Tracker};
 
-/// A maximal run of pages `[start, start+len)`.
+/// A maximal run of present pages, `start..start+len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
+    /// First page.
     pub start: u64,
+    /// Pages in the run (at least 1).
     pub len: u64,
 }
 
-/// Maximal runs of present pages (with a mark, if filtered), coalesced across chunks.
+/// Maximal runs of present pages (carrying a mark, if filtered), from [`Tracker::runs`].
 pub struct Runs<'a> {
     chunks: Chunks<'a>,
     pending: Option<Chunk>,
@@ -51,7 +55,7 @@ impl Iterator for Runs<'_> {
     }
 }
 
-/// Maximal runs of pages carrying exactly the same marks.
+/// Maximal runs of pages carrying exactly the same marks, from [`Tracker::marked_runs`].
 pub struct MarkedRuns<'a> {
     chunks: Chunks<'a>,
     pending: Option<Chunk>,
@@ -87,7 +91,9 @@ impl Iterator for MarkedRuns<'_> {
 }
 
 impl Tracker {
-    /// Whether every page of the range is present.
+    /// Returns whether every page of `start..start+count` is present (true for `count` 0,
+    /// false for a range that overflows). Cost: a walk of the range's runs, stopping at the
+    /// first gap.
     pub fn contains_range(&self, start: u64, count: u64) -> bool {
         let Some(end) = start.checked_add(count) else {
             return false;
@@ -102,22 +108,28 @@ impl Tracker {
         pos == end
     }
 
-    /// Coalesced runs of present pages (carrying `filter` if given), optionally within the
-    /// half-open range `within = (lo, hi)`, in increasing order.
+    /// Returns an iterator over the maximal runs of present pages (carrying mark `filter`, if
+    /// given), within the half-open page range `within = (lo, hi)` if given (runs clipped to
+    /// it), in increasing order. Cost: a walk that skips subtrees without pages (or without
+    /// the mark) whole; a full slot is one step whatever its size. It borrows the tracker, so
+    /// no update can happen while it lives.
     pub fn runs(&self, filter: Option<Mark>, within: Option<(u64, u64)>) -> Runs<'_> {
         let (lo, hi) = within.unwrap_or((0, u64::MAX));
         Runs::new(Chunks::new(self, filter, false, lo, hi))
     }
 
-    /// Coalesced runs of pages carrying exactly the same marks, within `within` if given.
+    /// Returns an iterator over the maximal runs of present pages that carry exactly the same
+    /// marks, each with its marks, within `within = (lo, hi)` if given, in increasing order.
+    /// Cost as [`Tracker::runs`].
     pub fn marked_runs(&self, within: Option<(u64, u64)>) -> MarkedRuns<'_> {
         let (lo, hi) = within.unwrap_or((0, u64::MAX));
         MarkedRuns::new(Chunks::new(self, None, true, lo, hi))
     }
 
-    /// Calls `f(start, len)` for each coalesced run of present pages (carrying `filter` if
-    /// given) within `within = (lo, hi)`, in increasing order. The fastest way to walk runs
-    /// (internal iteration, as xarray's `xa_for_each`); [`Tracker::runs`] is the cursor form.
+    /// Calls `f(start, len)` for each maximal run of present pages (carrying mark `filter`,
+    /// if given) within `within = (lo, hi)`, in increasing order: what [`Tracker::runs`]
+    /// yields, by internal iteration (as xarray's `xa_for_each`), which is the faster way
+    /// to walk runs. Cost as [`Tracker::runs`].
     #[inline]
     pub fn for_each_run(
         &self,
@@ -133,10 +145,10 @@ impl Tracker {
         if lo >= hi {
             return;
         }
-        let mut acc = RunCoalescer {
+        let mut runs = RunCoalescer {
             start: 0,
             end: 0,
-            f: &mut f,
+            emit: &mut f,
         };
         walk_runs(
             root,
@@ -145,36 +157,40 @@ impl Tracker {
             lo,
             hi,
             filter.map(|m| m as usize),
-            &mut acc,
+            &mut runs,
         );
-        if acc.end > acc.start {
-            (acc.f)(acc.start, acc.end - acc.start);
+        if runs.end > runs.start {
+            (runs.emit)(runs.start, runs.end - runs.start);
         }
     }
 }
 
-/// Coalesces adjacent pieces into runs before handing them out.
+/// Coalesces adjacent pieces into maximal runs before handing them to `emit`.
 struct RunCoalescer<'f, F: FnMut(u64, u64)> {
+    /// The run being built, `start..end` (empty before the first piece).
     start: u64,
     end: u64,
-    f: &'f mut F,
+    emit: &'f mut F,
 }
 
 impl<F: FnMut(u64, u64)> RunCoalescer<'_, F> {
+    /// Adds the present pages `start..end`, which come after every page added before.
     #[inline]
-    fn add(&mut self, a: u64, b: u64) {
-        if a == self.end {
-            self.end = b;
+    fn add(&mut self, start: u64, end: u64) {
+        if start == self.end {
+            self.end = end;
         } else {
             if self.end > self.start {
-                (self.f)(self.start, self.end - self.start);
+                (self.emit)(self.start, self.end - self.start);
             }
-            self.start = a;
-            self.end = b;
+            self.start = start;
+            self.end = end;
         }
     }
 }
 
+/// `Tracker::for_each_run` below `node` (at `level`, covering pages from `base`): hands the
+/// present pages of `lo..hi` (carrying mark `filter`, if given) to `runs` in order.
 #[inline]
 fn walk_runs<F: FnMut(u64, u64)>(
     node: &Node,
@@ -183,99 +199,103 @@ fn walk_runs<F: FnMut(u64, u64)>(
     lo: u64,
     hi: u64,
     filter: Option<usize>,
-    acc: &mut RunCoalescer<'_, F>,
+    runs: &mut RunCoalescer<'_, F>,
 ) {
     let sshift = slot_shift(level);
     let first = (lo.max(base) - base) >> sshift;
     let last = (hi.min(base + (1u64 << span_shift(level))) - 1 - base) >> sshift;
-    let mut cand = match filter {
+    let mut candidates = match filter {
         Some(k) => node.marks[k],
         None => node.present,
     } & slot_range_mask(first as u32, last as u32);
-    while cand != 0 {
-        let i = cand.trailing_zeros();
-        cand &= cand - 1;
+    while candidates != 0 {
+        let i = candidates.trailing_zeros();
+        candidates &= candidates - 1;
         let sbase = base + (u64::from(i) << sshift);
         if node.full & (1 << i) != 0 {
-            acc.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
+            runs.add(sbase.max(lo), (sbase + (1u64 << sshift)).min(hi));
             continue;
         }
-        if let Some(s) = node.sparse_of_byte(node.slot_byte(i as usize)) {
-            let a = lo.max(sbase) - sbase;
-            let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
+        if let Some(sparse) = node.sparse_of_byte(node.slot_byte(i as usize)) {
+            let s_lo = lo.max(sbase) - sbase;
+            let s_hi = hi.min(sbase + LEAF_PAGES) - sbase;
             let mut buf = [0; SPARSE_MAX];
-            for &e in s.sorted(&mut buf) {
-                let e = u64::from(e);
-                if (a..b).contains(&e) {
-                    acc.add(sbase + e, sbase + e + 1);
+            for &page in sparse.sorted(&mut buf) {
+                let page = u64::from(page);
+                if (s_lo..s_hi).contains(&page) {
+                    runs.add(sbase + page, sbase + page + 1);
                 }
             }
             continue;
         }
         match node.child(node.child_idx(i as usize)) {
-            ChildRef::Node(n) => walk_runs(n, level - 1, sbase, lo, hi, filter, acc),
-            ChildRef::Leaf(l) => {
-                let a = lo.max(sbase) - sbase;
-                let b = hi.min(sbase + leaf::LEAF_PAGES) - sbase;
+            ChildRef::Node(child) => walk_runs(child, level - 1, sbase, lo, hi, filter, runs),
+            ChildRef::Leaf(leaf) => {
+                let s_lo = lo.max(sbase) - sbase;
+                let s_hi = hi.min(sbase + LEAF_PAGES) - sbase;
                 match filter {
-                    None => leaf_runs(|w| l.bits[w], sbase, a, b, acc),
-                    Some(k) => leaf_runs(|w| l.mark_word(k, w), sbase, a, b, acc),
+                    None => leaf_runs(|w| leaf.bits[w], sbase, s_lo, s_hi, runs),
+                    Some(k) => leaf_runs(|w| leaf.mark_word(k, w), sbase, s_lo, s_hi, runs),
                 }
             }
         }
     }
 }
 
-/// Hands `acc` the runs of set bits of a leaf's words (`word(w)`) within offsets `a..b`. A run
-/// is found with one trailing-zeros count at each end; the whole words in between are only
-/// compared with all-ones (a born-offline region onlined in 2 MiB blocks is mostly such words).
+/// Hands `runs` the runs of set bits of a leaf's words (`word(w)`) within offsets `lo..hi` of
+/// the leaf at `base`. A run is found with one trailing-zeros count at each end; the whole
+/// words in between are only compared with all-ones (a born-offline region onlined in 2 MiB
+/// blocks is mostly such words).
 #[inline(never)]
 fn leaf_runs<F: FnMut(u64, u64)>(
     word: impl Fn(usize) -> u64,
-    sbase: u64,
-    a: u64,
-    b: u64,
-    acc: &mut RunCoalescer<'_, F>,
+    base: u64,
+    lo: u64,
+    hi: u64,
+    runs: &mut RunCoalescer<'_, F>,
 ) {
-    let (fw, lw) = ((a >> 6) as usize, ((b - 1) >> 6) as usize);
-    let last_mask = if b & 63 == 0 {
+    let (first_word, last_word) = ((lo >> 6) as usize, ((hi - 1) >> 6) as usize);
+    let last_mask = if hi & 63 == 0 {
         u64::MAX
     } else {
-        (1u64 << (b & 63)) - 1
+        (1u64 << (hi & 63)) - 1
     };
     let get = |w: usize| {
-        let e = word(w & 63);
-        if w == lw {
-            e & last_mask
+        let bits = word(w & 63);
+        if w == last_word {
+            bits & last_mask
         } else {
-            e
+            bits
         }
     };
-    let mut w = fw;
-    let mut e = get(w) & (!0u64 << (a & 63));
+    let mut w = first_word;
+    let mut bits = get(w) & (!0u64 << (lo & 63));
     loop {
-        let wbase = sbase + ((w as u64) << 6);
-        while e != 0 {
-            let tz = e.trailing_zeros();
-            let end = tz + (!(e >> tz)).trailing_zeros();
+        let word_base = base + ((w as u64) << 6);
+        while bits != 0 {
+            let start = bits.trailing_zeros();
+            let end = start + (!(bits >> start)).trailing_zeros();
             if end == 64 {
                 // The run reaches the top of the word: on through the full words after it
-                // (the rest of it, in the next word, joins it in `acc`).
-                let mut v = w + 1;
-                while v <= lw && get(v) == u64::MAX {
-                    v += 1;
+                // (the rest of it, in the next word, joins it in `runs`).
+                let mut next = w + 1;
+                while next <= last_word && get(next) == u64::MAX {
+                    next += 1;
                 }
-                acc.add(wbase + u64::from(tz), sbase + b.min((v as u64) << 6));
-                w = v - 1;
+                runs.add(
+                    word_base + u64::from(start),
+                    base + hi.min((next as u64) << 6),
+                );
+                w = next - 1;
                 break;
             }
-            acc.add(wbase + u64::from(tz), wbase + u64::from(end));
-            e &= !0u64 << end;
+            runs.add(word_base + u64::from(start), word_base + u64::from(end));
+            bits &= !0u64 << end;
         }
         w += 1;
-        if w > lw {
+        if w > last_word {
             return;
         }
-        e = get(w);
+        bits = get(w);
     }
 }
