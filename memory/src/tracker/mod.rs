@@ -119,24 +119,39 @@ pub enum Mark {
     Discarded = 2,
 }
 
-/// A set of [`Mark`]s: bit `k` for the mark whose value is `k` (bits past [`MARK_COUNT`] are
-/// ignored).
+/// A set of [`Mark`]s: bit `k` for the mark whose value is `k`. Only those bits can be set
+/// (a set comes from marks, `of` or `from`, or from bits by `from_bits_truncate`, which
+/// drops the others), so every page's marks read back the same whichever path stored them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Marks(pub u8);
+pub struct Marks(u8);
 
 impl Marks {
     /// No mark.
     pub const NONE: Marks = Marks(0);
+
+    /// Every mark.
+    pub const ALL: Marks = Marks((1 << MARK_COUNT) - 1);
 
     /// The set of `marks`.
     pub fn of(marks: &[Mark]) -> Marks {
         marks.iter().fold(Marks::NONE, |m, &k| m.with(k as usize))
     }
 
-    /// Whether the set has the mark of index `k`.
+    /// The set whose mark of index `k` is there if bit `k` of `bits` is set; the bits past
+    /// [`MARK_COUNT`] are dropped.
+    pub const fn from_bits_truncate(bits: u8) -> Marks {
+        Marks(bits & Marks::ALL.0)
+    }
+
+    /// The set as bits, bit `k` for the mark of index `k`.
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// Whether the set has the mark of index `k` (false for `k` past [`MARK_COUNT`]).
     #[inline]
     pub fn has(self, k: usize) -> bool {
-        self.0 & (1 << k) != 0
+        k < MARK_COUNT && self.0 & (1 << k) != 0
     }
 
     /// Whether the set has `mark`.
@@ -145,16 +160,24 @@ impl Marks {
         self.has(mark as usize)
     }
 
-    /// The set with the mark of index `k` added.
+    /// The set with the mark of index `k` added (unchanged for `k` past [`MARK_COUNT`]).
     #[inline]
     pub fn with(self, k: usize) -> Marks {
-        Marks(self.0 | (1 << k))
+        if k < MARK_COUNT {
+            Marks(self.0 | (1 << k))
+        } else {
+            self
+        }
     }
 
     /// The set with the mark of index `k` taken out.
     #[inline]
     pub fn without(self, k: usize) -> Marks {
-        Marks(self.0 & !(1 << k))
+        if k < MARK_COUNT {
+            Marks(self.0 & !(1 << k))
+        } else {
+            self
+        }
     }
 }
 
