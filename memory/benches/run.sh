@@ -3,11 +3,13 @@
 #
 #   memory/benches/run.sh
 #   REPS=5 BIG=256 BIG_STRUCTS="tracker roaring flat" CG_STRUCTS="tracker roaring flat" memory/benches/run.sh
+#   TIMINGS=0 CG_STRUCTS=tracker memory/benches/run.sh     # only the tracker's instruction counts
 #
 # 1. timings at 4 GiB, every structure, REPS runs (min and median), peak heap, bytes/offline page;
 # 2. timings at BIG GiB for BIG_STRUCTS (BTreeSet and HashSet take minutes per row there);
+#    TIMINGS=0 skips 1 and 2;
 # 3. callgrind at 4 GiB for CG_STRUCTS: instructions inside `measured_workload` only (setup
-#    excluded), one run. CALLGRIND=0 skips it.
+#    excluded), one run; exact and repeatable, unlike the timings. CALLGRIND=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPS=${REPS:-5}
@@ -18,14 +20,16 @@ OUT=${OUT:-target/memory-bench}
 mkdir -p "$OUT"
 cargo bench -p memory --bench compare --no-run 2>/dev/null
 BIN=$(ls -t target/release/deps/compare-* | grep -v '\.d$' | head -1)
-"$BIN" --sizes 4 --reps "$REPS" | tee "$OUT/timings-4.md"
+if [ "${TIMINGS:-1}" = 1 ]; then
+  "$BIN" --sizes 4 --reps "$REPS" | tee "$OUT/timings-4.md"
 
-echo
-for w in single runs hotadd lookup iterate; do
-  for s in $BIG_STRUCTS; do
-    "$BIN" --sizes "$BIG" --reps "$REPS" --only "$w:$s" | grep '^| [a-z]' | grep -v '^| workload'
-  done
-done | tee "$OUT/timings-$BIG.md"
+  echo
+  for w in single runs hotadd lookup iterate; do
+    for s in $BIG_STRUCTS; do
+      "$BIN" --sizes "$BIG" --reps "$REPS" --only "$w:$s" | grep '^| [a-z]' | grep -v '^| workload'
+    done
+  done | tee "$OUT/timings-$BIG.md"
+fi
 
 [ "${CALLGRIND:-1}" = 1 ] || exit 0
 echo

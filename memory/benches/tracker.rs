@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use memory::tracker::Tracker;
+use memory::tracker::{Mark, Tracker};
 use roaring::RoaringTreemap;
 
 const UNIVERSE: u64 = 1 << 20; // 4 GiB of 4 KiB pages
@@ -80,7 +80,7 @@ fn benches(c: &mut Criterion) {
     let runs: Vec<(u64, u64)> = {
         let mut t = Tracker::new();
         for &p in &pages {
-            t.insert(p, memory::tracker::Marks(1)).unwrap();
+            t.insert(p, Mark::Ballooned.into()).unwrap();
         }
         let mut v = Vec::new();
         t.for_each_run(None, None, |a, n| v.push((a, n)));

@@ -79,8 +79,8 @@ fn snapshot(t: &Tracker) -> Snapshot {
     )
 }
 
-const BAL: Marks = Marks(1);
-const UNP: Marks = Marks(2);
+const BAL: Marks = Marks::from_bits_truncate(1 << Mark::Ballooned as u8);
+const UNP: Marks = Marks::from_bits_truncate(1 << Mark::Unplugged as u8);
 
 /// A tree with every kind of slot: full multi-index entries at several levels, uniform and mixed
 /// leaves, and pages near the top of the index space.

@@ -161,14 +161,14 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let n = clip(a, n);
                 // Single pages go through the one-page entry points (and their fast paths).
                 let got = if n == 1 {
-                    u64::from(t.insert(a, Marks(mk)).unwrap())
+                    u64::from(t.insert(a, Marks::from_bits_truncate(mk)).unwrap())
                 } else {
-                    t.insert_range(a, n, Marks(mk)).unwrap()
+                    t.insert_range(a, n, Marks::from_bits_truncate(mk)).unwrap()
                 };
                 let mut want = 0;
                 for p in a..a + n {
                     if let std::collections::btree_map::Entry::Vacant(e) = m.entry(p) {
-                        e.insert(Marks(mk));
+                        e.insert(Marks::from_bits_truncate(mk));
                         want += 1;
                     }
                 }
@@ -265,18 +265,28 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for p in (0..k).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {
                     let want = !m.contains_key(&p);
                     if want {
-                        m.insert(p, Marks(mk));
+                        m.insert(p, Marks::from_bits_truncate(mk));
                     }
-                    prop_assert_eq!(t.insert(p, Marks(mk)).unwrap(), want, "insert 0x{:x}", p);
+                    prop_assert_eq!(
+                        t.insert(p, Marks::from_bits_truncate(mk)).unwrap(),
+                        want,
+                        "insert 0x{:x}",
+                        p
+                    );
                 }
             }
             Op::Sprinkle(a, n, stride, mk) => {
                 for p in (0..n).map(|j| a + j * stride).filter(|&p| p <= MAX_INDEX) {
                     let want = !m.contains_key(&p);
                     if want {
-                        m.insert(p, Marks(mk));
+                        m.insert(p, Marks::from_bits_truncate(mk));
                     }
-                    prop_assert_eq!(t.insert(p, Marks(mk)).unwrap(), want, "insert 0x{:x}", p);
+                    prop_assert_eq!(
+                        t.insert(p, Marks::from_bits_truncate(mk)).unwrap(),
+                        want,
+                        "insert 0x{:x}",
+                        p
+                    );
                 }
             }
             Op::Pluck(a, n, stride) => {
@@ -303,11 +313,15 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let mut want = 0;
                         for p in s..s + len {
                             if let std::collections::btree_map::Entry::Vacant(e) = m.entry(p) {
-                                e.insert(Marks(mk));
+                                e.insert(Marks::from_bits_truncate(mk));
                                 want += 1;
                             }
                         }
-                        (t.insert_range(s, len, Marks(mk)).unwrap(), want)
+                        (
+                            t.insert_range(s, len, Marks::from_bits_truncate(mk))
+                                .unwrap(),
+                            want,
+                        )
                     } else {
                         let keys: Vec<u64> = m.range(s..s + len).map(|(&k, _)| k).collect();
                         for k in &keys {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::hint::black_box;
 
-use memory::tracker::{Marks, Tracker};
+use memory::tracker::{Mark, Marks, Tracker};
 use roaring::RoaringTreemap;
 
 /// A set of page numbers, as the balloon needs it.
@@ -52,7 +52,7 @@ fn coalesce(sorted: impl Iterator<Item = u64>) -> (u64, u64) {
     (runs, pages)
 }
 
-const BALLOONED: Marks = Marks(1);
+const BALLOONED: Marks = Marks::from_bits_truncate(1 << Mark::Ballooned as u8);
 
 impl PageSet for Tracker {
     const NAME: &'static str = "tracker";

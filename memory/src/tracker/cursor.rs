@@ -1,4 +1,4 @@
-//! In-order walks: a cursor over chunks of present pages, and the run iterators built on it.
+//! The in-order cursor over chunks of present pages that the run iterators are built on.
 //!
 //! The cursor keeps an explicit stack of nodes with the slots still to visit. Slots come from the
 //! node's `present` bits, or from a mark's summary bits when the walk is filtered by that mark, so a
@@ -6,37 +6,39 @@
 //! aligned range; a leaf yields its runs of set bits, found a word at a time.
 
 use super::leaf::{Leaf, WORDS};
+use super::node::{ChildRef, Node};
 use super::sparse::SPARSE_MAX;
-use super::{slot_range_mask, slot_shift, span_shift, ChildRef, Mark, Marks, Node, Tracker};
+use super::{slot_range_mask, slot_shift, span_shift, Mark, Marks, Tracker};
 
-/// A piece of a run: pages `start..start+len`, all present, carrying `marks` (exactly, when the
-/// walk is by marks; otherwise the marks of the first page).
+/// Pages `start..start+len`, all present: a piece of a run as the cursor finds it, or a
+/// maximal run of pages with the same marks from [`Tracker::marked_runs`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {
+    /// First page.
     pub start: u64,
+    /// Pages (at least 1).
     pub len: u64,
+    /// The pages' marks: exactly, when the walk is by marks (`marked_runs`); otherwise those
+    /// of the first page.
     pub marks: Marks,
 }
 
-/// A maximal run of pages `[start, start+len)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub start: u64,
-    pub len: u64,
-}
-
+/// A node on the cursor's stack.
 #[derive(Clone, Copy)]
 struct Frame<'a> {
     node: &'a Node,
     level: u32,
     base: u64,
+    /// The slots still to visit.
     pending: u64,
 }
 
 /// A cursor over the tracker in increasing page order, bounded by `lo..hi`.
 pub struct Chunks<'a> {
+    /// The nodes from the root down to the current one (`depth` of them).
     stack: [Option<Frame<'a>>; 8],
     depth: usize,
+    /// The current bitmap leaf and its base.
     leaf: Option<(&'a Leaf, u64)>,
     /// The current sparse leaf: its base and marks, and its pages in increasing order (a copy,
     /// `sparse_next..sparse_len` still to visit).
@@ -44,10 +46,13 @@ pub struct Chunks<'a> {
     sparse_pages: [u16; SPARSE_MAX],
     sparse_next: usize,
     sparse_len: usize,
+    /// The next page to look at.
     pos: u64,
     lo: u64,
     hi: u64,
+    /// Only pages carrying this mark.
     filter: Option<usize>,
+    /// Chunks end where the marks change (otherwise only where pages are missing).
     by_marks: bool,
     tracker: &'a Tracker,
 }
@@ -60,7 +65,7 @@ impl<'a> Chunks<'a> {
         lo: u64,
         hi: u64,
     ) -> Chunks<'a> {
-        let mut c = Chunks {
+        let mut chunks = Chunks {
             stack: [None; 8],
             depth: 0,
             leaf: None,
@@ -75,12 +80,12 @@ impl<'a> Chunks<'a> {
             by_marks,
             tracker,
         };
-        c.seek(lo);
-        c
+        chunks.seek(lo);
+        chunks
     }
 
     /// Restarts the walk at page `from` (the upper bound stays).
-    pub fn seek(&mut self, from: u64) {
+    fn seek(&mut self, from: u64) {
         self.lo = from;
         self.pos = from;
         self.depth = 0;
@@ -93,6 +98,8 @@ impl<'a> Chunks<'a> {
         }
     }
 
+    /// Puts `node` (at `level`, covering pages from `base`) on the stack, with its slots inside
+    /// `lo..hi` (carrying the filter's mark, if any) to visit.
     fn push(&mut self, node: &'a Node, level: u32, base: u64) {
         let sshift = slot_shift(level);
         let span_last = base + ((1u64 << span_shift(level)) - 1);
@@ -106,7 +113,7 @@ impl<'a> Chunks<'a> {
             return;
         }
         let last = ((last_page - base) >> sshift) as u32;
-        let cand = match self.filter {
+        let pending = match self.filter {
             Some(k) => node.marks[k],
             None => node.present,
         } & slot_range_mask(first, last);
@@ -114,11 +121,12 @@ impl<'a> Chunks<'a> {
             node,
             level,
             base,
-            pending: cand,
+            pending,
         });
         self.depth += 1;
     }
 
+    /// Word `w` of `leaf`'s pages that the walk visits (all, or those with the mark).
     #[inline]
     fn leaf_word(&self, leaf: &Leaf, w: usize) -> u64 {
         match self.filter {
@@ -130,73 +138,73 @@ impl<'a> Chunks<'a> {
     /// The next run of pages inside the current sparse leaf, from `self.pos` (its marks are
     /// its slot's summary: a walk filtered by a mark only enters it if it carries the mark).
     fn next_in_sparse(&mut self, base: u64, marks: Marks) -> Option<Chunk> {
-        let end = (base + (WORDS as u64) * 64).min(self.hi);
+        let stop = (base + (WORDS as u64) * 64).min(self.hi);
         let pages = &self.sparse_pages[..self.sparse_len];
-        let mut k = self.sparse_next;
-        while k < pages.len() && base + u64::from(pages[k]) < self.pos {
-            k += 1;
+        let mut next = self.sparse_next;
+        while next < pages.len() && base + u64::from(pages[next]) < self.pos {
+            next += 1;
         }
-        let p = base + u64::from(*pages.get(k)?);
-        if p >= end {
+        let start = base + u64::from(*pages.get(next)?);
+        if start >= stop {
             return None;
         }
-        let mut q = p + 1;
-        k += 1;
-        while k < pages.len() && base + u64::from(pages[k]) == q && q < end {
-            q += 1;
-            k += 1;
+        let mut end = start + 1;
+        next += 1;
+        while next < pages.len() && base + u64::from(pages[next]) == end && end < stop {
+            end += 1;
+            next += 1;
         }
-        self.sparse_next = k;
-        self.pos = q;
+        self.sparse_next = next;
+        self.pos = end;
         Some(Chunk {
-            start: p,
-            len: q - p,
+            start,
+            len: end - start,
             marks,
         })
     }
 
     /// The next run of matching pages inside the current leaf, from `self.pos`.
     fn next_in_leaf(&mut self, leaf: &'a Leaf, base: u64) -> Option<Chunk> {
-        let end = (base + (WORDS as u64) * 64).min(self.hi);
-        let mut p = self.pos.max(base);
+        let stop = (base + (WORDS as u64) * 64).min(self.hi);
+        let mut start = self.pos.max(base);
         // Find the first matching page.
-        while p < end {
-            let off = p - base;
-            let w = (off >> 6) as usize;
-            let e = self.leaf_word(leaf, w) >> (off & 63);
-            if e != 0 {
-                p += u64::from(e.trailing_zeros());
+        while start < stop {
+            let offset = start - base;
+            let w = (offset >> 6) as usize;
+            let bits = self.leaf_word(leaf, w) >> (offset & 63);
+            if bits != 0 {
+                start += u64::from(bits.trailing_zeros());
                 break;
             }
-            p = base + ((w as u64 + 1) << 6);
+            start = base + ((w as u64 + 1) << 6);
         }
-        if p >= end {
-            self.pos = end;
+        if start >= stop {
+            self.pos = stop;
             return None;
         }
-        let off = p - base;
-        let marks = leaf.marks_at(off);
+        let offset = start - base;
+        let marks = leaf.marks_at(offset);
         // Extend while pages match (and carry the same marks when walking by marks).
-        let mut q = p;
-        while q < end {
-            let off = q - base;
-            let w = (off >> 6) as usize;
-            let e = if self.by_marks {
+        let mut end = start;
+        while end < stop {
+            let offset = end - base;
+            let w = (offset >> 6) as usize;
+            let bits = if self.by_marks {
                 leaf.exact_word(marks, w) & self.leaf_word(leaf, w)
             } else {
                 self.leaf_word(leaf, w)
-            } >> (off & 63);
-            let ones = (!e).trailing_zeros();
-            q += u64::from(ones);
-            if ones as u64 != 64 - (off & 63) {
+            } >> (offset & 63);
+            let ones = (!bits).trailing_zeros();
+            end += u64::from(ones);
+            if ones as u64 != 64 - (offset & 63) {
                 break;
             }
         }
-        let q = q.min(end);
-        self.pos = q;
+        let end = end.min(stop);
+        self.pos = end;
         Some(Chunk {
-            start: p,
-            len: q - p,
+            start,
+            len: end - start,
             marks,
         })
     }
@@ -208,14 +216,14 @@ impl<'a> Iterator for Chunks<'a> {
     fn next(&mut self) -> Option<Chunk> {
         loop {
             if let Some((leaf, base)) = self.leaf {
-                if let Some(c) = self.next_in_leaf(leaf, base) {
-                    return Some(c);
+                if let Some(chunk) = self.next_in_leaf(leaf, base) {
+                    return Some(chunk);
                 }
                 self.leaf = None;
             }
             if let Some((base, marks)) = self.sparse {
-                if let Some(c) = self.next_in_sparse(base, marks) {
-                    return Some(c);
+                if let Some(chunk) = self.next_in_sparse(base, marks) {
+                    return Some(chunk);
                 }
                 self.sparse = None;
             }
@@ -244,91 +252,18 @@ impl<'a> Iterator for Chunks<'a> {
                     marks: node.slot_marks(i),
                 });
             }
-            if let Some(s) = node.sparse_at(node.slot(i as usize)) {
-                self.sparse_len = s.sorted(&mut self.sparse_pages).len();
+            if let Some(sparse) = node.sparse_of_byte(node.slot_byte(i as usize)) {
+                self.sparse_len = sparse.sorted(&mut self.sparse_pages).len();
                 self.sparse_next = 0;
-                self.sparse = Some((sbase, s.marks()));
+                self.sparse = Some((sbase, sparse.marks()));
                 continue;
             }
-            match node.child(node.kid(i as usize)) {
-                ChildRef::Leaf(l) => {
-                    self.leaf = Some((l, sbase));
+            match node.child(node.child_idx(i as usize)) {
+                ChildRef::Leaf(leaf) => {
+                    self.leaf = Some((leaf, sbase));
                 }
-                ChildRef::Node(n) => self.push(n, level - 1, sbase),
+                ChildRef::Node(child) => self.push(child, level - 1, sbase),
             }
         }
-    }
-}
-
-/// Maximal runs of present pages (with a mark, if filtered), coalesced across chunks.
-pub struct Runs<'a> {
-    chunks: Chunks<'a>,
-    pending: Option<Chunk>,
-}
-
-impl<'a> Runs<'a> {
-    pub(crate) fn new(chunks: Chunks<'a>) -> Self {
-        Runs {
-            chunks,
-            pending: None,
-        }
-    }
-}
-
-impl Iterator for Runs<'_> {
-    type Item = Run;
-
-    fn next(&mut self) -> Option<Run> {
-        let mut cur = match self.pending.take() {
-            Some(c) => c,
-            None => self.chunks.next()?,
-        };
-        for c in self.chunks.by_ref() {
-            if c.start == cur.start + cur.len {
-                cur.len += c.len;
-            } else {
-                self.pending = Some(c);
-                break;
-            }
-        }
-        Some(Run {
-            start: cur.start,
-            len: cur.len,
-        })
-    }
-}
-
-/// Maximal runs of pages carrying exactly the same marks.
-pub struct MarkedRuns<'a> {
-    chunks: Chunks<'a>,
-    pending: Option<Chunk>,
-}
-
-impl<'a> MarkedRuns<'a> {
-    pub(crate) fn new(chunks: Chunks<'a>) -> Self {
-        MarkedRuns {
-            chunks,
-            pending: None,
-        }
-    }
-}
-
-impl Iterator for MarkedRuns<'_> {
-    type Item = Chunk;
-
-    fn next(&mut self) -> Option<Chunk> {
-        let mut cur = match self.pending.take() {
-            Some(c) => c,
-            None => self.chunks.next()?,
-        };
-        for c in self.chunks.by_ref() {
-            if c.start == cur.start + cur.len && c.marks == cur.marks {
-                cur.len += c.len;
-            } else {
-                self.pending = Some(c);
-                break;
-            }
-        }
-        Some(cur)
     }
 }

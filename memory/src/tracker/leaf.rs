@@ -4,17 +4,32 @@
 //! whose pages carry different marks gets a `MarkMaps` box with one bitmap per mark.
 
 use super::fbox::FBox;
-use super::{Delta, Marks, Op, Pool, MARK_COUNT};
+use super::general::{Delta, Op};
+use super::pool::Pool;
+use super::{Marks, MARK_COUNT};
 
 /// Pages per leaf (log2).
 pub const LEAF_SHIFT: u32 = 12;
 pub const LEAF_PAGES: u64 = 1 << LEAF_SHIFT;
 pub const WORDS: usize = 64;
 
-/// One bitmap per mark, each a subset of the leaf's presence bits, and how many pages carry
-/// each mark (kept here, not in the leaf, so a leaf with uniform marks is 8 bytes smaller).
+/// The marks of a leaf whose pages carry different marks.
 #[derive(Debug, Clone)]
-pub struct MarkMaps(pub [[u64; WORDS]; MARK_COUNT], pub [u16; MARK_COUNT]);
+pub struct MarkMaps {
+    /// One bitmap per mark, each a subset of the leaf's presence bits.
+    pub bits: [[u64; WORDS]; MARK_COUNT],
+    /// How many pages carry each mark (kept here, not in the leaf, so a leaf with uniform
+    /// marks is 8 bytes smaller).
+    pub counts: [u16; MARK_COUNT],
+}
+
+impl MarkMaps {
+    /// No page carries any mark.
+    pub const EMPTY: MarkMaps = MarkMaps {
+        bits: [[0; WORDS]; MARK_COUNT],
+        counts: [0; MARK_COUNT],
+    };
+}
 
 #[derive(Debug)]
 pub struct Leaf {
@@ -41,7 +56,7 @@ pub fn word_mask(lo: u32, hi: u32) -> u64 {
 
 /// Set bits of `x`, where `x` is almost always 0: a test instead of a popcount then.
 #[inline(always)]
-fn seen(x: u64) -> u32 {
+fn ones_if_any(x: u64) -> u32 {
     if x == 0 {
         0
     } else {
@@ -86,6 +101,7 @@ impl Leaf {
     }
 
     /// For `check_invariants`: the count against the bits, the mixed flag against `mixed`.
+    #[cfg(any(test, feature = "testing"))]
     pub fn check(&self) -> Result<(), String> {
         let ones: u32 = self.bits.iter().map(|w| w.count_ones()).sum();
         if u32::from(self.count()) != ones {
@@ -163,7 +179,7 @@ impl Leaf {
         };
         let mut m = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if maps.1[k] > 0 {
+            if maps.counts[k] > 0 {
                 m = m.with(k);
             }
         }
@@ -182,7 +198,7 @@ impl Leaf {
                 let (w, b) = ((off >> 6) as usize, off & 63);
                 let mut m = Marks::NONE;
                 for k in 0..MARK_COUNT {
-                    if maps.0[k][w] & (1 << b) != 0 {
+                    if maps.bits[k][w] & (1 << b) != 0 {
                         m = m.with(k);
                     }
                 }
@@ -197,7 +213,7 @@ impl Leaf {
         match &self.mixed {
             None if self.uniform().has(k) => self.bits[w],
             None => 0,
-            Some(maps) => maps.0[k][w],
+            Some(maps) => maps.bits[k][w],
         }
     }
 
@@ -211,9 +227,9 @@ impl Leaf {
                 let mut e = self.bits[w];
                 for k in 0..MARK_COUNT {
                     e &= if marks.has(k) {
-                        maps.0[k][w]
+                        maps.bits[k][w]
                     } else {
-                        !maps.0[k][w]
+                        !maps.bits[k][w]
                     };
                 }
                 e
@@ -233,14 +249,14 @@ impl Leaf {
         let b = &mut self.bits;
         let mut had = 0u32;
         if fw == lw {
-            had += seen(b[fw] & first & last);
+            had += ones_if_any(b[fw] & first & last);
             b[fw] |= first & last;
         } else {
-            had += seen(b[fw] & first) + seen(b[lw] & last);
+            had += ones_if_any(b[fw] & first) + ones_if_any(b[lw] & last);
             b[fw] |= first;
             b[lw] |= last;
             for w in fw + 1..lw {
-                had += seen(b[w & 63]);
+                had += ones_if_any(b[w & 63]);
                 b[w & 63] = u64::MAX;
             }
         }
@@ -257,14 +273,14 @@ impl Leaf {
         let b = &mut self.bits;
         let mut missing = 0u32;
         if fw == lw {
-            missing += seen(!b[fw] & first & last);
+            missing += ones_if_any(!b[fw] & first & last);
             b[fw] &= !(first & last);
         } else {
-            missing += seen(!b[fw] & first) + seen(!b[lw] & last);
+            missing += ones_if_any(!b[fw] & first) + ones_if_any(!b[lw] & last);
             b[fw] &= !first;
             b[lw] &= !last;
             for w in fw + 1..lw {
-                missing += seen(!b[w & 63]);
+                missing += ones_if_any(!b[w & 63]);
                 b[w & 63] = 0;
             }
         }
@@ -312,14 +328,14 @@ impl Leaf {
     fn make_mixed(&mut self, pool: &mut Pool) {
         let mut maps = pool.take_maps();
         for k in 0..MARK_COUNT {
-            maps.0[k] = if self.uniform().has(k) {
+            maps.bits[k] = if self.uniform().has(k) {
                 self.bits
             } else {
                 [0; WORDS]
             };
         }
         for k in 0..MARK_COUNT {
-            maps.1[k] = if self.uniform().has(k) {
+            maps.counts[k] = if self.uniform().has(k) {
                 self.count()
             } else {
                 0
@@ -336,9 +352,9 @@ impl Leaf {
         };
         let mut u = Marks::NONE;
         for k in 0..MARK_COUNT {
-            if maps.1[k] == self.count() && self.count() > 0 {
+            if maps.counts[k] == self.count() && self.count() > 0 {
                 u = u.with(k);
-            } else if maps.1[k] != 0 {
+            } else if maps.counts[k] != 0 {
                 return;
             }
         }
@@ -346,137 +362,161 @@ impl Leaf {
         self.mixed = None;
     }
 
-    /// Applies `op` to page offsets `lo..hi` (`lo < hi <= LEAF_PAGES`).
+    /// Applies `op` to page offsets `lo..hi` (`lo < hi <= LEAF_PAGES`); mark bitmaps, if the
+    /// pages' marks stop being uniform, come from `pool`.
     pub fn apply(&mut self, op: Op, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
-        let mut d = Delta::default();
         match op {
-            Op::Insert(m) => {
-                let mut new = 0u32;
-                for_words(lo, hi, |w, mask| new += (mask & !self.bits[w]).count_ones());
-                if new == 0 {
-                    return d;
-                }
-                if self.count() == 0 {
-                    self.set_uniform(m);
-                } else if self.mixed.is_none() && self.uniform() != m {
-                    self.make_mixed(pool);
-                }
-                let mixed = &mut self.mixed;
-                let bits = &mut self.bits;
-                for_words(lo, hi, |w, mask| {
-                    let add = mask & !bits[w];
-                    bits[w] |= add;
-                    if let Some(maps) = mixed {
-                        for k in 0..MARK_COUNT {
-                            if m.has(k) {
-                                maps.0[k][w] |= add;
-                            }
-                        }
-                    }
-                });
-                self.state += new;
-                d.present = i64::from(new);
+            Op::Insert(m) => self.apply_insert(m, lo, hi, pool),
+            Op::Remove => self.apply_remove(lo, hi),
+            Op::SetMark(k) => self.apply_mark(k, true, lo, hi, pool),
+            Op::ClearMark(k) => self.apply_mark(k, false, lo, hi, pool),
+        }
+    }
+
+    /// `apply` of an insert with marks `m`.
+    fn apply_insert(&mut self, m: Marks, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
+        let mut delta = Delta::default();
+        let mut new = 0u32;
+        for_words(lo, hi, |w, mask| new += (mask & !self.bits[w]).count_ones());
+        if new == 0 {
+            return delta;
+        }
+        if self.count() == 0 {
+            self.set_uniform(m);
+        } else if self.mixed.is_none() && self.uniform() != m {
+            self.make_mixed(pool);
+        }
+        let mixed = &mut self.mixed;
+        let bits = &mut self.bits;
+        for_words(lo, hi, |w, mask| {
+            let add = mask & !bits[w];
+            bits[w] |= add;
+            if let Some(maps) = mixed {
                 for k in 0..MARK_COUNT {
                     if m.has(k) {
-                        if let Some(maps) = &mut self.mixed {
-                            maps.1[k] += new as u16;
-                        }
-                        d.marks[k] = i64::from(new);
+                        maps.bits[k][w] |= add;
                     }
-                }
-                self.normalise();
-            }
-            Op::Remove => {
-                let mut gone_marks = [0u32; MARK_COUNT];
-                let mut gone = 0u32;
-                let uniform = self.uniform();
-                let mixed = &mut self.mixed;
-                let bits = &mut self.bits;
-                for_words(lo, hi, |w, mask| {
-                    let g = bits[w] & mask;
-                    if g == 0 {
-                        return;
-                    }
-                    bits[w] &= !g;
-                    let n = g.count_ones();
-                    gone += n;
-                    match mixed {
-                        None => {
-                            for (k, gm) in gone_marks.iter_mut().enumerate() {
-                                if uniform.has(k) {
-                                    *gm += n;
-                                }
-                            }
-                        }
-                        Some(maps) => {
-                            for (k, gm) in gone_marks.iter_mut().enumerate() {
-                                *gm += (maps.0[k][w] & g).count_ones();
-                                maps.0[k][w] &= !g;
-                            }
-                        }
-                    }
-                });
-                self.state -= gone;
-                d.present = -i64::from(gone);
-                for (k, gm) in gone_marks.iter().enumerate() {
-                    if let Some(maps) = &mut self.mixed {
-                        maps.1[k] -= *gm as u16;
-                    }
-                    d.marks[k] = -i64::from(*gm);
-                }
-                if self.count() == 0 {
-                    self.set_empty();
-                } else {
-                    self.normalise();
                 }
             }
-            Op::SetMark(k) | Op::ClearMark(k) => {
-                let set = matches!(op, Op::SetMark(_));
-                if self.mixed.is_none() {
-                    if self.uniform().has(k) == set {
-                        return d;
-                    }
-                    let mut sel = 0u32;
-                    for_words(lo, hi, |w, mask| sel += (self.bits[w] & mask).count_ones());
-                    if sel == 0 {
-                        return d;
-                    }
-                    if sel == u32::from(self.count()) {
-                        self.set_uniform(if set {
-                            self.uniform().with(k)
-                        } else {
-                            self.uniform().without(k)
-                        });
-                        d.marks[k] = if set { i64::from(sel) } else { -i64::from(sel) };
-                        return d;
-                    }
-                    self.make_mixed(pool);
-                }
-                let mut changed = 0u32;
+        });
+        self.state += new;
+        delta.present = i64::from(new);
+        for k in 0..MARK_COUNT {
+            if m.has(k) {
                 if let Some(maps) = &mut self.mixed {
-                    let bits = &self.bits;
-                    let map = &mut maps.0[k];
-                    for_words(lo, hi, |w, mask| {
-                        let sel = bits[w] & mask;
-                        let before = map[w];
-                        map[w] = if set { before | sel } else { before & !sel };
-                        changed += (before ^ map[w]).count_ones();
-                    });
-                    if set {
-                        maps.1[k] += changed as u16;
-                    } else {
-                        maps.1[k] -= changed as u16;
-                    }
+                    maps.counts[k] += new as u16;
                 }
-                d.marks[k] = if set {
-                    i64::from(changed)
-                } else {
-                    -i64::from(changed)
-                };
-                self.normalise();
+                delta.marks[k] = i64::from(new);
             }
         }
-        d
+        self.normalise();
+        delta
+    }
+
+    /// `apply` of a removal.
+    fn apply_remove(&mut self, lo: u64, hi: u64) -> Delta {
+        let mut delta = Delta::default();
+        let mut gone_marks = [0u32; MARK_COUNT];
+        let mut gone_pages = 0u32;
+        let uniform = self.uniform();
+        let mixed = &mut self.mixed;
+        let bits = &mut self.bits;
+        for_words(lo, hi, |w, mask| {
+            let gone_bits = bits[w] & mask;
+            if gone_bits == 0 {
+                return;
+            }
+            bits[w] &= !gone_bits;
+            let n = gone_bits.count_ones();
+            gone_pages += n;
+            match mixed {
+                None => {
+                    for (k, gone) in gone_marks.iter_mut().enumerate() {
+                        if uniform.has(k) {
+                            *gone += n;
+                        }
+                    }
+                }
+                Some(maps) => {
+                    for (k, gone) in gone_marks.iter_mut().enumerate() {
+                        *gone += (maps.bits[k][w] & gone_bits).count_ones();
+                        maps.bits[k][w] &= !gone_bits;
+                    }
+                }
+            }
+        });
+        self.state -= gone_pages;
+        delta.present = -i64::from(gone_pages);
+        for (k, gone) in gone_marks.iter().enumerate() {
+            if let Some(maps) = &mut self.mixed {
+                maps.counts[k] -= *gone as u16;
+            }
+            delta.marks[k] = -i64::from(*gone);
+        }
+        if self.count() == 0 {
+            self.set_empty();
+        } else {
+            self.normalise();
+        }
+        delta
+    }
+
+    /// `apply` of setting (`set`) or clearing mark `k`.
+    fn apply_mark(&mut self, k: usize, set: bool, lo: u64, hi: u64, pool: &mut Pool) -> Delta {
+        let mut delta = Delta::default();
+        if self.mixed.is_none() {
+            if self.uniform().has(k) == set {
+                return delta;
+            }
+            let mut selected = 0u32;
+            for_words(lo, hi, |w, mask| {
+                selected += (self.bits[w] & mask).count_ones()
+            });
+            if selected == 0 {
+                return delta;
+            }
+            if selected == u32::from(self.count()) {
+                self.set_uniform(if set {
+                    self.uniform().with(k)
+                } else {
+                    self.uniform().without(k)
+                });
+                delta.marks[k] = if set {
+                    i64::from(selected)
+                } else {
+                    -i64::from(selected)
+                };
+                return delta;
+            }
+            self.make_mixed(pool);
+        }
+        let mut changed = 0u32;
+        if let Some(maps) = &mut self.mixed {
+            let bits = &self.bits;
+            let map = &mut maps.bits[k];
+            for_words(lo, hi, |w, mask| {
+                let selected = bits[w] & mask;
+                let before = map[w];
+                map[w] = if set {
+                    before | selected
+                } else {
+                    before & !selected
+                };
+                changed += (before ^ map[w]).count_ones();
+            });
+            if set {
+                maps.counts[k] += changed as u16;
+            } else {
+                maps.counts[k] -= changed as u16;
+            }
+        }
+        delta.marks[k] = if set {
+            i64::from(changed)
+        } else {
+            -i64::from(changed)
+        };
+        self.normalise();
+        delta
     }
 }
 

@@ -1,4 +1,4 @@
-//! Sparse leaves: up to [`SPARSE_MAX`] page offsets of one leaf-sized block, unordered, all with
+//! SparseLeaf leaves: up to [`SPARSE_MAX`] page offsets of one leaf-sized block, unordered, all with
 //! the same marks, in a small allocation that grows [`STEP`] entries at a time. A leaf with few pages
 //! (random single pages at low density: ~41 per leaf at 1%) costs 2 bytes a page plus a 2-byte
 //! header instead of a 528-byte bitmap. It becomes a bitmap leaf when it would pass
@@ -28,7 +28,7 @@ const MARKS_SHIFT: u32 = 8;
 /// Chunks of 16 entries: entry 0 is the header, then the page offsets (unordered), then
 /// [`UNUSED`]. A lookup compares every entry of every chunk with the offset, 16 at a time.
 #[derive(Debug)]
-pub struct Sparse(Box<[[u16; STEP]]>);
+pub struct SparseLeaf(Box<[[u16; STEP]]>);
 
 fn alloc(chunks: usize) -> Result<Vec<[u16; STEP]>, AllocError> {
     let mut v = Vec::new();
@@ -44,14 +44,14 @@ pub fn chunks_for(n: usize) -> usize {
     (n + 1).div_ceil(STEP)
 }
 
-impl Sparse {
+impl SparseLeaf {
     /// An empty sparse leaf of `chunks` chunks, carrying `marks`.
-    pub fn try_new(chunks: usize, marks: Marks) -> Result<Sparse, AllocError> {
+    pub fn try_new(chunks: usize, marks: Marks) -> Result<SparseLeaf, AllocError> {
         debug_assert!((1..=4).contains(&chunks));
         let mut v = alloc(chunks)?;
         v.resize(chunks, [UNUSED; STEP]);
         v[0][0] = HEADER | u16::from(marks.0) << MARKS_SHIFT;
-        Ok(Sparse(v.into_boxed_slice()))
+        Ok(SparseLeaf(v.into_boxed_slice()))
     }
 
     #[inline(always)]
@@ -206,6 +206,7 @@ impl Sparse {
 
     /// For `check_invariants`: a count within the capacity, no offset twice, all inside the
     /// leaf, unused entries marked, the header's spare bits clear.
+    #[cfg(any(test, feature = "testing"))]
     pub fn check(&self) -> Result<(), String> {
         let len = self.len();
         if len == 0 || len > self.cap() || self.cap() > SPARSE_MAX {
