@@ -61,6 +61,8 @@ struct VmmAnswer {
     stats: Option<BalloonStats>,
     hotplug: Option<HotplugMemoryState>,
     error: Option<String>,
+    /// It did not answer within the timeout (hung or very slow).
+    timed_out: bool,
 }
 
 impl Default for Controller {
@@ -181,7 +183,9 @@ impl Controller {
         for ((s, obs), dec) in subjects.iter().zip(observations).zip(&plan.decisions) {
             let answer = answers.get(&s.id);
             let reached = answer.is_some_and(|a| a.resize.is_some());
-            if s.state == VmState::Running && s.socket.is_some() && !reached {
+            // A running VMM that fails to answer, or any VMM that hangs past the timeout.
+            let hung = answer.is_some_and(|a| a.timed_out);
+            if hung || (s.state == VmState::Running && s.socket.is_some() && !reached) {
                 d.metrics.unreachable();
             }
             let change = changes.get(&s.id);
@@ -305,6 +309,7 @@ async fn read_all(subjects: &[Subject], timeout: Duration) -> HashMap<String, Vm
                     .await
                     .unwrap_or_else(|_| VmmAnswer {
                         error: Some(format!("no answer within {timeout:?}")),
+                        timed_out: true,
                         ..Default::default()
                     });
                 (id, answer)

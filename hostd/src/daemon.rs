@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use api::{MetricFamily, MetricKind, MetricSample};
 use axum::http::StatusCode;
 
-use crate::registry::{HostSettings, Registry, VmState};
+use crate::registry::{HostSettings, Registry, VmEntry, VmState};
 use crate::statedir::StateDir;
 
 /// How the daemon runs (from its command line).
@@ -76,79 +76,11 @@ impl Daemon {
         self.registry().host
     }
 
-    /// `GET /metrics`: per-VM gauges, decision counters, tick timing, API requests.
+    /// `GET /metrics`: per-VM gauges, host gauges, decision counters, tick timing, API requests.
     pub fn metric_families(&self) -> Vec<MetricFamily> {
         let reg = self.registry();
+        let mut families = vm_gauges(&reg);
         let mb = |mib: u64| (mib << 20) as f64;
-        let mut per_vm: BTreeMap<&'static str, (&'static str, Vec<MetricSample>)> = BTreeMap::new();
-        let mut add = |name: &'static str, help: &'static str, id: &str, v: Option<f64>| {
-            if let Some(v) = v {
-                per_vm
-                    .entry(name)
-                    .or_insert_with(|| (help, Vec::new()))
-                    .1
-                    .push(MetricSample {
-                        labels: vec![("vm".into(), id.into())],
-                        value: v,
-                    });
-            }
-        };
-        for (id, vm) in &reg.vms {
-            let r = vm.readings;
-            let m = vm.spec.memory;
-            let up = matches!(vm.state, VmState::Running | VmState::Starting);
-            add(
-                "hostd_vm_up",
-                "1 while the VM's VMM runs, 0 once it ended.",
-                id,
-                Some(f64::from(u8::from(up))),
-            );
-            add(
-                "hostd_vm_min_bytes",
-                "The VM's guaranteed minimum.",
-                id,
-                Some(mb(m.min())),
-            );
-            add(
-                "hostd_vm_max_bytes",
-                "The VM's maximum.",
-                id,
-                Some(mb(m.max())),
-            );
-            add(
-                "hostd_vm_target_bytes",
-                "The size the VMM works toward (GET /vm/resize desired_mib).",
-                id,
-                r.target_mib.map(mb),
-            );
-            add(
-                "hostd_vm_actual_bytes",
-                "What the guest can use now (GET /vm/resize current_mib).",
-                id,
-                r.current_mib.map(mb),
-            );
-            add(
-                "hostd_vm_rss_bytes",
-                "The VMM process's resident set (VmRSS).",
-                id,
-                r.rss_mib.map(mb),
-            );
-            add(
-                "hostd_vm_stats_age_seconds",
-                "Age of the guest's last statistics report.",
-                id,
-                r.stats_age_ms.map(|a| a as f64 / 1000.0),
-            );
-        }
-        let mut families: Vec<MetricFamily> = per_vm
-            .into_iter()
-            .map(|(name, (help, samples))| MetricFamily {
-                name: name.into(),
-                help: help.into(),
-                kind: MetricKind::Gauge,
-                samples,
-            })
-            .collect();
         let g =
             |name: &str, help: &str, v: f64| MetricFamily::single(name, help, MetricKind::Gauge, v);
         families.push(g(
@@ -182,6 +114,68 @@ impl Daemon {
         families.extend(self.metrics.families());
         families
     }
+}
+
+/// One gauge family per VM figure, labelled `vm`; a figure not read yet is left out.
+fn vm_gauges(reg: &Registry) -> Vec<MetricFamily> {
+    type Figure = (&'static str, &'static str, fn(&VmEntry) -> Option<f64>);
+    let figures: [Figure; 7] = [
+        (
+            "hostd_vm_up",
+            "1 while the VM's VMM runs, 0 once it ended.",
+            |v| {
+                Some(f64::from(u8::from(matches!(
+                    v.state,
+                    VmState::Running | VmState::Starting
+                ))))
+            },
+        ),
+        ("hostd_vm_min_bytes", "The VM's guaranteed minimum.", |v| {
+            Some(((v.spec.memory.min()) << 20) as f64)
+        }),
+        ("hostd_vm_max_bytes", "The VM's maximum.", |v| {
+            Some(((v.spec.memory.max()) << 20) as f64)
+        }),
+        (
+            "hostd_vm_target_bytes",
+            "The size the VMM works toward (GET /vm/resize desired_mib).",
+            |v| v.readings.target_mib.map(|m| (m << 20) as f64),
+        ),
+        (
+            "hostd_vm_actual_bytes",
+            "What the guest can use now (GET /vm/resize current_mib).",
+            |v| v.readings.current_mib.map(|m| (m << 20) as f64),
+        ),
+        (
+            "hostd_vm_rss_bytes",
+            "The VMM process's resident set (VmRSS).",
+            |v| v.readings.rss_mib.map(|m| (m << 20) as f64),
+        ),
+        (
+            "hostd_vm_stats_age_seconds",
+            "Age of the guest's last statistics report.",
+            |v| v.readings.stats_age_ms.map(|a| a as f64 / 1000.0),
+        ),
+    ];
+    figures
+        .iter()
+        .map(|(name, help, read)| MetricFamily {
+            name: (*name).into(),
+            help: (*help).into(),
+            kind: MetricKind::Gauge,
+            samples: reg
+                .vms
+                .iter()
+                .filter_map(|(id, v)| {
+                    read(v).map(|value| MetricSample {
+                        labels: vec![("vm".into(), id.clone())],
+                        value,
+                    })
+                })
+                .collect(),
+        })
+        .filter(|f| !f.samples.is_empty())
+        .collect()
 }
 
 /// Counters (the per-VM gauges are rendered from the registry).
@@ -287,7 +281,7 @@ impl Metrics {
                 ),
                 counter(
                     "hostd_vmm_unreachable_total",
-                    "Ticks at which a running VMM's API did not answer in time.",
+                    "Ticks at which a VMM did not answer in time (or a running one failed to answer).",
                     one(c.unreachable as f64),
                 ),
                 counter(

@@ -65,11 +65,17 @@ impl ProcessId {
     }
 }
 
-/// The current boot's id ("" if unreadable, which then matches only itself).
+/// The current boot's id ("" if unreadable, which then matches only itself). Read once: it
+/// cannot change while this process runs, and supervision asks for it several times a second.
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 /// (state, start time) of `pid` from /proc/PID/stat.

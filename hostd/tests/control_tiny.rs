@@ -158,3 +158,85 @@ fn a_guest_without_statistics_is_frozen_and_a_real_vmm_is_stopped_and_adopted() 
     );
     assert!(!std::path::Path::new(&format!("/proc/{pid}/exe")).exists());
 }
+
+/// A VMM whose API accepts connections but never answers (hung) must not stall the loop for the
+/// others: the healthy VM is still read and decided on at every tick, each tick stays within
+/// the request timeout, and the hung one is counted unreachable and frozen at its size.
+#[test]
+fn a_hung_vmm_does_not_stall_the_loop_for_the_others() {
+    if !kvm_usable() {
+        eprintln!("\n*** SKIPPED: control_tiny: no usable /dev/kvm ***\n");
+        return;
+    }
+    let s = Scratch::new("hung");
+    let kernel = s.path.join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf(&SLEEP)).unwrap();
+    let hung_kernel = s.kernel("hung.sh", "");
+    // The real VMM, except for the VM whose kernel is hung.sh: that one just sleeps, and this
+    // test holds its API socket without ever answering.
+    let wrapper = s.path.join("vmm-or-hung");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --kernel {} \"*) exec sleep 1000 ;; esac\nexec {} \"$@\"\n",
+            hung_kernel.display(),
+            vmm_binary().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = [
+        "--budget-mib",
+        "1024",
+        "--tick-ms",
+        "200",
+        "--request-timeout-ms",
+        "300",
+    ];
+    let h = Hostd::start(&s.state(), &wrapper, &args);
+    h.expect(
+        "POST",
+        "/vms",
+        Some(&vm_json("ok", &kernel, 64, 32, 64)),
+        201,
+    );
+    h.expect(
+        "POST",
+        "/vms",
+        Some(&vm_json("hung", &hung_kernel, 64, 64, 64)),
+        201,
+    );
+    let _hung_api =
+        std::os::unix::net::UnixListener::bind(s.state().join("vms/hung/api.sock")).unwrap();
+
+    h.wait_vm("ok", "running", Duration::from_secs(30), |v| {
+        v["state"] == "running"
+    });
+    let at = |v: &serde_json::Value| v["last_decision"]["at_unix_ms"].as_u64().unwrap_or(0);
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(400));
+        let ok = h.expect("GET", "/vms/ok", None, 200);
+        assert_eq!(ok["memory"]["reachable"], true, "{ok}");
+        seen.push(at(&ok));
+        let host = h.expect("GET", "/host/memory", None, 200);
+        let took = host["last_tick"]["duration_ms"].as_f64().unwrap();
+        assert!(
+            took < 300.0 + 150.0,
+            "a tick took {took} ms with a 300 ms request timeout"
+        );
+    }
+    seen.dedup();
+    assert!(
+        seen.len() >= 5,
+        "the healthy VM was decided on at only {} of 8 looks: {seen:?}",
+        seen.len()
+    );
+    let hung = h.expect("GET", "/vms/hung", None, 200);
+    assert_eq!(hung["memory"]["reachable"], false, "{hung}");
+    assert_eq!(hung["state"], "starting", "its API never answered: {hung}");
+    assert_eq!(hung["last_decision"]["flags"]["frozen"], true, "{hung}");
+    let text = request(&h.socket, "GET", "/metrics", None).unwrap().1;
+    assert!(!text.contains("hostd_vmm_unreachable_total 0\n"), "{text}");
+}
