@@ -127,6 +127,23 @@ fn a_guest_without_statistics_is_frozen_and_a_real_vmm_is_stopped_and_adopted() 
     assert_eq!(host["last_tick"]["total_target_mib"], 64, "{host}");
     assert_eq!(host["last_tick"]["over_budget_mib"], 0, "{host}");
 
+    // A new minimum above its size is applied at the next tick: the daemon sends the VMM the
+    // new target (virtio-mem plugs; this guest has no driver, so it never gets there).
+    h.expect("PATCH", "/vms/t/memory", Some(r#"{"min_mib": 96}"#), 200);
+    let v = h.wait_vm(
+        "t",
+        "raised to its new minimum",
+        Duration::from_secs(10),
+        |v| v["memory"]["target_mib"] == 96,
+    );
+    let change = &v["last_decision"]["last_change"];
+    assert_eq!(
+        (change["from_mib"].as_u64(), change["to_mib"].as_u64()),
+        (Some(64), Some(96)),
+        "{v}"
+    );
+    assert!(change["error"].is_null(), "{v}");
+
     // SIGKILL the daemon: the next one finds the same VMM and reads it again.
     h.kill();
     let h = Hostd::start(&s.state(), &vmm, &args);
