@@ -224,8 +224,14 @@ fn start_hostd(host: &e2e::TestHost, state: &str, socket: &str) -> e2e::Vm {
             .to_string(),
     };
     let budget = BUDGET_MIB.to_string();
+    let log = format!("{state}.log");
+    // Its log in a file beside the state directory (both daemons append), read with `cat`.
     let d = host
         .start_process(&[
+            "sh",
+            "-c",
+            "exec \"$@\" 2>>\"$0\"",
+            &log,
             &hostd_binary(host),
             "--state-dir",
             state,
@@ -239,31 +245,35 @@ fn start_hostd(host: &e2e::TestHost, state: &str, socket: &str) -> e2e::Vm {
         .expect("start hostd");
     d.set_api_socket(socket);
     let t0 = Instant::now();
-    while !matches!(d.api("GET", "/", None), Ok((200, _))) || !d.stderr().contains("hostd: API on")
-    {
+    while !matches!(d.api("GET", "/", None), Ok((200, _))) {
         assert!(
             t0.elapsed() < Duration::from_secs(60) && d.exit_status().is_none(),
             "hostd did not answer: {}",
-            d.stderr()
+            hostd_log(host, state)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     d
 }
 
+/// What the daemons logged (their stderr, in a file beside the state directory).
+fn hostd_log(host: &e2e::TestHost, state: &str) -> String {
+    host.exec(&["cat", &format!("{state}.log")], Duration::from_secs(60))
+        .map(|(_, out)| out)
+        .unwrap_or_default()
+}
+
 /// On a failure, shows what the daemon said and saw.
-struct DumpOnPanic<'a>(&'a e2e::Vm);
+struct DumpOnPanic<'a>(&'a e2e::TestHost, &'a str, &'a e2e::Vm);
 
 impl Drop for DumpOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = self.0.stderr();
             eprintln!(
-                "--- hostd stderr ({} lines), tail ---\n{}",
-                log.lines().count(),
-                last_lines(&log, 120)
+                "--- hostd log, tail ---\n{}",
+                last_lines(&hostd_log(self.0, self.1), 120)
             );
-            if let Ok((_, v)) = self.0.api("GET", "/host/memory", None) {
+            if let Ok((_, v)) = self.2.api("GET", "/host/memory", None) {
                 eprintln!("--- GET /host/memory ---\n{v}");
             }
         }
@@ -320,6 +330,8 @@ struct Guests<'h> {
     sums: Vec<String>,
     /// The VMMs' RSS added up at its highest while the guests worked, MiB.
     work_peak_rss: u64,
+    /// hostd's state directory where it runs.
+    state: String,
 }
 
 #[test]
@@ -334,8 +346,8 @@ fn three_guests_share_a_budget_survive_a_vmm_kill_and_a_daemon_restart() {
         std::process::id()
     );
     let d = start_hostd(host, &state, &socket);
-    let dump = DumpOnPanic(&d);
-    let mut g = launch(host, &d);
+    let dump = DumpOnPanic(host, &state, &d);
+    let mut g = launch(host, &d, &state);
     let _cleanup = KillOnDrop(host, g.pids.clone());
     write_and_touch(&d, &mut g);
     idle(&d, &g);
@@ -343,7 +355,7 @@ fn three_guests_share_a_budget_survive_a_vmm_kill_and_a_daemon_restart() {
     kill_one(&d, &g);
     drop(dump);
     let d = restart(d, &state, &socket, &g);
-    let _dump = DumpOnPanic(&d);
+    let _dump = DumpOnPanic(host, &state, &d);
 
     // Clean up through the API.
     for id in ["a", "c"] {
@@ -372,7 +384,7 @@ fn three_guests_share_a_budget_survive_a_vmm_kill_and_a_daemon_restart() {
 
 /// Three guests whose maximums (3 GiB) exceed the budget (1.5 GiB); a fourth whose minimum does
 /// not fit is refused. Waits until all three are at their shell.
-fn launch<'h>(host: &'h e2e::TestHost, d: &e2e::Vm) -> Guests<'h> {
+fn launch<'h>(host: &'h e2e::TestHost, d: &e2e::Vm, state: &str) -> Guests<'h> {
     let kernel = host.guest_kernel();
     let initrd = host.guest_initramfs();
     let mut pids = Vec::new();
@@ -424,6 +436,7 @@ fn launch<'h>(host: &'h e2e::TestHost, d: &e2e::Vm) -> Guests<'h> {
         consoles,
         sums: Vec::new(),
         work_peak_rss: 0,
+        state: state.to_string(),
     }
 }
 
@@ -551,8 +564,13 @@ fn allocate(d: &e2e::Vm, g: &Guests) {
          {worst_rss} MiB, budget {BUDGET_MIB} MiB",
         last.targets
     );
-    let changes: Vec<String> = d
-        .stderr()
+    let log = hostd_log(g.host, &g.state);
+    eprintln!(
+        "e2e-hostd: hostd log: {} lines; last ones:\n{}",
+        log.lines().count(),
+        last_lines(&log, 8)
+    );
+    let changes: Vec<String> = log
         .lines()
         .filter(|l| l.contains("target") && l.contains(" -> "))
         .map(str::to_string)
@@ -666,7 +684,7 @@ fn restart<'h>(d: e2e::Vm, state: &str, socket: &str, g: &Guests<'h>) -> e2e::Vm
     let before = [uptime(&g.consoles[0]), uptime(&g.consoles[2])];
     d.signal(libc::SIGTERM);
     let code = d.wait_exit(Duration::from_secs(30)).expect("hostd exits");
-    assert_eq!(code, 0, "hostd on SIGTERM: {}", d.stderr());
+    assert_eq!(code, 0, "hostd on SIGTERM: {}", hostd_log(g.host, state));
     assert!(alive(g.host, g.pids[0]) && alive(g.host, g.pids[2]));
     let t_restart = Instant::now();
     let d = start_hostd(g.host, state, socket);
