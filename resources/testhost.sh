@@ -66,6 +66,10 @@ add_binary() {
     done
 }
 [ "$vmm" != none ] && add_binary "$vmm" vmm
+# The host daemon and the client, when they were built beside the VMM (tests/tests/hostd.rs).
+for b in hostd vmmctl; do
+    if [ "$vmm" != none ] && [ -x "$(dirname "$vmm")/$b" ]; then add_binary "$(dirname "$vmm")/$b" "$b"; fi
+done
 [ "$agent" != none ] && add_binary "$agent" testhost-agent
 if [ $run = 1 ]; then
     [ "$vmm" != none ] || die "--run needs a VMM"

@@ -16,6 +16,10 @@ use api::{
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
+/// The host daemon's commands (`vms`, `host`).
+#[path = "vmmctl/host.rs"]
+mod host;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "vmmctl",
@@ -81,6 +85,12 @@ enum Cmd {
     },
     /// Prometheus metrics (GET /metrics).
     Metrics,
+    /// The host daemon's VMs: list, get, create, delete, memory (`--socket` names hostd's socket).
+    #[command(subcommand)]
+    Vms(host::VmsCmd),
+    /// The host daemon's memory: budget, guarantees, targets, policy (`--socket`: hostd's socket).
+    #[command(subcommand)]
+    Host(host::HostCmd),
     /// Any request: `vmmctl raw PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 1024}'`.
     Raw {
         method: String,
@@ -295,6 +305,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Metrics => print!("{}", c.get_text("/metrics").await?),
+        Cmd::Vms(cmd) => host::vms(&mut c, cmd, json).await?,
+        Cmd::Host(cmd) => host::host(&mut c, cmd, json).await?,
         Cmd::Raw { method, path, body } => {
             let method = Method::from_bytes(method.to_uppercase().as_bytes())
                 .map_err(|_| Failure::Usage(format!("not an HTTP method: {method}")))?;
