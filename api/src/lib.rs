@@ -42,7 +42,7 @@ pub use bridge::{
 pub use requests::*;
 pub use responses::*;
 pub use routes::{routes, Fault, FaultBody, WakeFn};
-pub use server::{spawn_server, ApiArgs, Error, ServerConfig, ServerHandle};
+pub use server::{spawn_server, ApiArgs, Error, ServerConfig, ServerHandle, SocketFile};
 
 /// The OpenAPI document, the contract of this API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -78,11 +79,40 @@ impl ServerConfig {
     }
 }
 
+/// Longest Unix socket path, in bytes: `sun_path` holds 108 bytes with the terminating NUL.
+/// A longer path can be created as a file but no client can connect to it.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a socket path no client could connect to, saying what is allowed.
+pub fn check_socket_path(path: &Path) -> Result<(), Error> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::PathTooLong {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// clap's parser for `--api-socket`: the length rule at parse time, so the VMM refuses the
+/// command line before it starts anything.
+fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match check_socket_path(&path) {
+        Ok(()) => Ok(path),
+        Err(Error::PathTooLong { len, .. }) => Err(format!(
+            "the path is {len} bytes long; a Unix socket path is at most {MAX_SOCKET_PATH} bytes"
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The VMM's command-line options for the API, to `#[command(flatten)]` into its own clap parser.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiArgs {
-    /// Serve the REST API on this Unix socket (created with mode 0600).
-    #[arg(long, value_name = "PATH")]
+    /// Serve the REST API on this Unix socket (created with mode 0600; at most 107 bytes).
+    #[arg(long, value_name = "PATH", value_parser = parse_socket_path)]
     pub api_socket: Option<PathBuf>,
     /// Also serve the API on this TCP address (no authentication: use loopback).
     #[arg(long, value_name = "ADDR", requires = "api_socket")]
@@ -114,6 +144,11 @@ pub enum Error {
     SocketInUse(PathBuf),
     #[error("API socket path {0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    #[error(
+        "API socket path {path} is {len} bytes long; a Unix socket path is at most \
+         {MAX_SOCKET_PATH} bytes (clients could not connect to it)"
+    )]
+    PathTooLong { path: PathBuf, len: usize },
     #[error("API socket {path}: {what}: {source}")]
     Socket {
         path: PathBuf,
@@ -181,7 +216,16 @@ fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
         ))?;
     let tmp_sock = tmp_dir.join("s");
     let result = (|| {
-        let listener = UnixListener::bind(&tmp_sock).map_err(socket_err(path, "cannot bind"))?;
+        // The temporary path is longer than `path` when its name is short: reach the directory
+        // through /proc/self/fd then, so every path up to MAX_SOCKET_PATH binds.
+        let dir = std::fs::File::open(&tmp_dir)
+            .map_err(socket_err(path, "cannot open the private directory"))?;
+        let bind_at = if tmp_sock.as_os_str().len() <= MAX_SOCKET_PATH {
+            tmp_sock.clone()
+        } else {
+            PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()))
+        };
+        let listener = UnixListener::bind(&bind_at).map_err(socket_err(path, "cannot bind"))?;
         std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
             .map_err(socket_err(path, "cannot set mode 0600"))?;
         std::fs::hard_link(&tmp_sock, path).map_err(|e| {
@@ -199,10 +243,35 @@ fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
     result
 }
 
+/// The socket file a server created: [`SocketFile::remove`] removes it only while it is still
+/// that file (not one another server bound at the same path since). For a process that exits
+/// without [`ServerHandle::shutdown`] (a signal, a fatal error).
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// (device, inode) of the file this server linked into place.
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file if it is still ours; true if it did.
+    pub fn remove(&self) -> bool {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.id => {
+                std::fs::remove_file(&self.path).is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A running server. Dropping it shuts it down too; [`ServerHandle::shutdown`] reports errors.
 pub struct ServerHandle {
-    socket_path: PathBuf,
-    socket_id: (u64, u64),
+    socket: SocketFile,
     tcp_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -212,7 +281,7 @@ pub struct ServerHandle {
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
-            .field("socket_path", &self.socket_path)
+            .field("socket_path", &self.socket.path)
             .field("tcp_addr", &self.tcp_addr)
             .field("running", &self.thread.is_some())
             .finish()
@@ -221,7 +290,12 @@ impl std::fmt::Debug for ServerHandle {
 
 impl ServerHandle {
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        &self.socket.path
+    }
+
+    /// The socket file, to remove on an exit that skips [`ServerHandle::shutdown`].
+    pub fn socket_file(&self) -> SocketFile {
+        self.socket.clone()
     }
 
     /// The bound TCP address (with the real port when the config asked for port 0).
@@ -236,8 +310,9 @@ impl ServerHandle {
         self.shared.direct.set(reads).is_ok()
     }
 
-    /// Stops accepting, lets requests in progress finish (bounded by the VMM timeout), joins the
-    /// thread and removes the socket file if it is still ours.
+    /// Removes the socket file if it is still ours (so no new client finds it), stops
+    /// accepting, lets requests in progress finish (bounded by the VMM timeout) and joins the
+    /// thread.
     pub fn shutdown(mut self) -> Result<(), Error> {
         self.stop_and_join()
     }
@@ -246,14 +321,9 @@ impl ServerHandle {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
+        self.socket.remove();
         let _ = self.stop.send(true);
-        let joined = thread.join();
-        if let Ok(meta) = std::fs::symlink_metadata(&self.socket_path) {
-            if (meta.dev(), meta.ino()) == self.socket_id {
-                let _ = std::fs::remove_file(&self.socket_path);
-            }
-        }
-        joined.map_err(|_| Error::ThreadPanicked)
+        thread.join().map_err(|_| Error::ThreadPanicked)
     }
 }
 
@@ -273,6 +343,7 @@ pub fn spawn_server(
     tx: Sender<ApiMessage>,
     wake: WakeFn,
 ) -> Result<ServerHandle, Error> {
+    check_socket_path(&cfg.socket_path)?;
     clear_socket_path(&cfg.socket_path)?;
     let tcp = match cfg.tcp_addr {
         Some(addr) => {
@@ -340,8 +411,10 @@ pub fn spawn_server(
             .unwrap_or_default()
     );
     Ok(ServerHandle {
-        socket_path: cfg.socket_path,
-        socket_id,
+        socket: SocketFile {
+            path: cfg.socket_path,
+            id: socket_id,
+        },
         tcp_addr,
         stop: stop_tx,
         thread: Some(thread),
