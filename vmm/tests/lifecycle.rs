@@ -235,12 +235,16 @@ fn a_running_vm_stops_on_sigterm_with_clients_connected_and_removes_the_socket()
         &["--kernel", kernel.to_str().unwrap(), "--memory-mib", "32"],
     );
     assert_eq!(vmm.call("GET", "/", None).0, 200);
-    // A client idle on a keep-alive connection.
+    // One client idle on a keep-alive connection, one stuck in the middle of a body.
     let mut idle = UnixStream::connect(&vmm.socket).unwrap();
     idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let mut buf = [0u8; 512];
     assert!(idle.read(&mut buf).unwrap() > 0);
+    let mut stuck = UnixStream::connect(&vmm.socket).unwrap();
+    stuck
+        .write_all(b"PATCH /balloon HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"amo")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     vmm.signal(libc::SIGTERM);
     let (status, took) = vmm.wait(Duration::from_secs(10), "SIGTERM while running");
