@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,6 +96,17 @@ pub(crate) struct Registry {
     next_id: AtomicU64,
     /// Signalled when a connection's request leaves the server: it may be evicted now.
     pub freed: Notify,
+    /// How many accept loops wait for room (`freed` is signalled only then).
+    waiting: AtomicUsize,
+}
+
+/// Marks an accept loop as waiting for room until dropped.
+pub(crate) struct WaitingForRoom<'a>(&'a Registry);
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Removes a connection from the registry when its task ends.
@@ -149,6 +160,18 @@ impl Registry {
                 true
             }
             None => false,
+        }
+    }
+
+    pub fn waiting_for_room(&self) -> WaitingForRoom<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        WaitingForRoom(self)
+    }
+
+    /// A connection's request left the server: wake the accept loops waiting for room.
+    fn request_done(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_waiters();
         }
     }
 
@@ -270,7 +293,7 @@ impl ConnService {
             }
         };
         self.state.set_stage(Stage::Client);
-        self.registry.freed.notify_waiters();
+        self.registry.request_done();
         response
     }
 
@@ -500,7 +523,7 @@ fn rewrite_parse_error(buf: &[u8], header_limit: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Most header lines in a request (hyper's default, stated here for the error message).
+/// Most header lines in a request: hyper's default, stated here for the error message.
 pub(crate) const MAX_HEADERS: usize = 100;
 
 #[cfg(test)]

@@ -537,9 +537,10 @@ async fn serve(
 ) {
     let mut http = http1::Builder::new();
     // Our own deadlines (module `conn`) replace hyper's header timer.
+    // (Not `max_headers`: setting it, even to its default of conn::MAX_HEADERS, moves hyper's
+    // header parsing to the heap.)
     http.header_read_timeout(None)
-        .max_header_size(MAX_HEADER_BYTES)
-        .max_headers(conn::MAX_HEADERS);
+        .max_header_size(MAX_HEADER_BYTES);
     let settings = ConnSettings {
         http,
         app: TowerToHyperService::new(router(shared)),
@@ -589,6 +590,7 @@ async fn take_slot(settings: &ConnSettings) -> Option<tokio::sync::OwnedSemaphor
         return Some(slot);
     }
     let mut evicting = false;
+    let _waiting = settings.registry.waiting_for_room();
     loop {
         let freed = settings.registry.freed.notified();
         let mut freed = std::pin::pin!(freed);
