@@ -28,6 +28,7 @@
 
 pub mod bridge;
 pub mod client;
+mod conn;
 pub mod fake;
 pub mod metrics;
 pub mod requests;
@@ -42,7 +43,10 @@ pub use bridge::{
 pub use requests::*;
 pub use responses::*;
 pub use routes::{routes, Fault, FaultBody, WakeFn};
-pub use server::{spawn_server, ApiArgs, Error, ServerConfig, ServerHandle};
+pub use server::{
+    spawn_server, spawn_server_task, ApiArgs, Error, ServerConfig, ServerHandle, ServerTask,
+    SocketFile,
+};
 
 /// The OpenAPI document, the contract of this API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");

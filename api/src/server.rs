@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -13,14 +14,14 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use axum::Router;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Semaphore};
 
 use crate::bridge::{ApiMessage, DirectReads};
+use crate::conn::{self, ConnLimits, ConnService, Eviction, JsonHttpErrors, Registry};
 use crate::metrics::ApiMetrics;
 use crate::routes::{router, Shared, WakeFn};
 
@@ -30,11 +31,16 @@ pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
 pub const DEFAULT_VMM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on requests waiting for the VMM; beyond it the server replies 503.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
-/// Default bound on open connections; beyond it new clients wait in the listen backlog.
+/// Default bound on open connections. At the limit, the connection that has waited longest for
+/// its client (idle, or slow to send its request) is closed to make room for a new one.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
-/// Default time a client has to send a request's headers (also closes idle keep-alive
-/// connections), so a stalled client cannot hold a connection slot for ever.
+/// Default time a client has to send a request's headers; also how long an idle keep-alive
+/// connection stays open, and how long a client may leave our answer unread.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a whole request body once its headers arrived (408 after).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head (request line and headers); larger ones get 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// How long shutdown waits for requests in progress after the VMM timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
@@ -51,16 +57,18 @@ pub struct ServerConfig {
     pub vmm_timeout: Duration,
     /// Most requests waiting for the VMM at once; more get 503.
     pub max_in_flight: usize,
-    /// Most connections open at once; more wait to be accepted.
+    /// Most connections open at once; at the limit the one that waited longest for its client
+    /// is closed for a new one.
     pub max_connections: usize,
     /// Time to receive a request's headers; also how long an idle connection stays open.
     pub header_read_timeout: Duration,
+    /// Time to receive a request's body once its headers arrived.
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Limits {
-    max_connections: usize,
-    header_read_timeout: Duration,
+    conn: ConnLimits,
     grace: Duration,
 }
 
@@ -74,15 +82,45 @@ impl ServerConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         }
+    }
+}
+
+/// Longest Unix socket path, in bytes: `sun_path` holds 108 bytes with the terminating NUL.
+/// A longer path can be created as a file but no client can connect to it.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a socket path no client could connect to, saying what is allowed.
+pub fn check_socket_path(path: &Path) -> Result<(), Error> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::PathTooLong {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// clap's parser for `--api-socket`: the length rule at parse time, so the VMM refuses the
+/// command line before it starts anything.
+fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match check_socket_path(&path) {
+        Ok(()) => Ok(path),
+        Err(Error::PathTooLong { len, .. }) => Err(format!(
+            "the path is {len} bytes long; a Unix socket path is at most {MAX_SOCKET_PATH} bytes"
+        )),
+        Err(e) => Err(e.to_string()),
     }
 }
 
 /// The VMM's command-line options for the API, to `#[command(flatten)]` into its own clap parser.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiArgs {
-    /// Serve the REST API on this Unix socket (created with mode 0600).
-    #[arg(long, value_name = "PATH")]
+    /// Serve the REST API on this Unix socket (created with mode 0600; at most 107 bytes).
+    #[arg(long, value_name = "PATH", value_parser = parse_socket_path)]
     pub api_socket: Option<PathBuf>,
     /// Also serve the API on this TCP address (no authentication: use loopback).
     #[arg(long, value_name = "ADDR", requires = "api_socket")]
@@ -114,6 +152,11 @@ pub enum Error {
     SocketInUse(PathBuf),
     #[error("API socket path {0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
+    #[error(
+        "API socket path {path} is {len} bytes long; a Unix socket path is at most \
+         {MAX_SOCKET_PATH} bytes (clients could not connect to it)"
+    )]
+    PathTooLong { path: PathBuf, len: usize },
     #[error("API socket {path}: {what}: {source}")]
     Socket {
         path: PathBuf,
@@ -181,7 +224,16 @@ fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
         ))?;
     let tmp_sock = tmp_dir.join("s");
     let result = (|| {
-        let listener = UnixListener::bind(&tmp_sock).map_err(socket_err(path, "cannot bind"))?;
+        // The temporary path is longer than `path` when its name is short: reach the directory
+        // through /proc/self/fd then, so every path up to MAX_SOCKET_PATH binds.
+        let dir = std::fs::File::open(&tmp_dir)
+            .map_err(socket_err(path, "cannot open the private directory"))?;
+        let bind_at = if tmp_sock.as_os_str().len() <= MAX_SOCKET_PATH {
+            tmp_sock.clone()
+        } else {
+            PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()))
+        };
+        let listener = UnixListener::bind(&bind_at).map_err(socket_err(path, "cannot bind"))?;
         std::fs::set_permissions(&tmp_sock, std::fs::Permissions::from_mode(0o600))
             .map_err(socket_err(path, "cannot set mode 0600"))?;
         std::fs::hard_link(&tmp_sock, path).map_err(|e| {
@@ -199,10 +251,35 @@ fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
     result
 }
 
+/// The socket file a server created: [`SocketFile::remove`] removes it only while it is still
+/// that file (not one another server bound at the same path since). For a process that exits
+/// without [`ServerHandle::shutdown`] (a signal, a fatal error).
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    path: PathBuf,
+    /// (device, inode) of the file this server linked into place.
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file if it is still ours; true if it did.
+    pub fn remove(&self) -> bool {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) == self.id => {
+                std::fs::remove_file(&self.path).is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A running server. Dropping it shuts it down too; [`ServerHandle::shutdown`] reports errors.
 pub struct ServerHandle {
-    socket_path: PathBuf,
-    socket_id: (u64, u64),
+    socket: SocketFile,
     tcp_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -212,7 +289,7 @@ pub struct ServerHandle {
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandle")
-            .field("socket_path", &self.socket_path)
+            .field("socket_path", &self.socket.path)
             .field("tcp_addr", &self.tcp_addr)
             .field("running", &self.thread.is_some())
             .finish()
@@ -221,7 +298,12 @@ impl std::fmt::Debug for ServerHandle {
 
 impl ServerHandle {
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        &self.socket.path
+    }
+
+    /// The socket file, to remove on an exit that skips [`ServerHandle::shutdown`].
+    pub fn socket_file(&self) -> SocketFile {
+        self.socket.clone()
     }
 
     /// The bound TCP address (with the real port when the config asked for port 0).
@@ -236,8 +318,9 @@ impl ServerHandle {
         self.shared.direct.set(reads).is_ok()
     }
 
-    /// Stops accepting, lets requests in progress finish (bounded by the VMM timeout), joins the
-    /// thread and removes the socket file if it is still ours.
+    /// Removes the socket file if it is still ours (so no new client finds it), stops
+    /// accepting, lets requests in progress finish (bounded by the VMM timeout) and joins the
+    /// thread.
     pub fn shutdown(mut self) -> Result<(), Error> {
         self.stop_and_join()
     }
@@ -246,14 +329,9 @@ impl ServerHandle {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
+        self.socket.remove();
         let _ = self.stop.send(true);
-        let joined = thread.join();
-        if let Ok(meta) = std::fs::symlink_metadata(&self.socket_path) {
-            if (meta.dev(), meta.ino()) == self.socket_id {
-                let _ = std::fs::remove_file(&self.socket_path);
-            }
-        }
-        joined.map_err(|_| Error::ThreadPanicked)
+        thread.join().map_err(|_| Error::ThreadPanicked)
     }
 }
 
@@ -263,16 +341,19 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Starts the API server on its own thread.
-///
-/// Each request becomes an [`ApiMessage`] sent on `tx`, followed by a call to `wake` (the VMM
-/// passes a closure that writes its eventfd). Sockets are bound before this returns, so errors
-/// (socket in use, bad TCP address) come back here.
-pub fn spawn_server(
-    cfg: ServerConfig,
-    tx: Sender<ApiMessage>,
-    wake: WakeFn,
-) -> Result<ServerHandle, Error> {
+/// Sockets bound and state built, ready to serve.
+struct Bound {
+    unix: UnixListener,
+    tcp: Option<std::net::TcpListener>,
+    socket: SocketFile,
+    tcp_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    limits: Limits,
+}
+
+/// Binds the sockets (so errors come back to the caller) and builds the shared state.
+fn bind(cfg: ServerConfig, tx: Sender<ApiMessage>, wake: WakeFn) -> Result<Bound, Error> {
+    check_socket_path(&cfg.socket_path)?;
     clear_socket_path(&cfg.socket_path)?;
     let tcp = match cfg.tcp_addr {
         Some(addr) => {
@@ -288,22 +369,18 @@ pub fn spawn_server(
         None => None,
     };
     let (unix, socket_id) = bind_private(&cfg.socket_path)?;
-    let cleanup = |e: Error| {
-        let _ = std::fs::remove_file(&cfg.socket_path);
-        e
+    let socket = SocketFile {
+        path: cfg.socket_path.clone(),
+        id: socket_id,
     };
-    unix.set_nonblocking(true)
-        .map_err(|e| cleanup(Error::Runtime(e)))?;
-    if let Some(l) = &tcp {
-        l.set_nonblocking(true)
-            .map_err(|e| cleanup(Error::Runtime(e)))?;
+    let nonblocking = unix.set_nonblocking(true).and_then(|()| match &tcp {
+        Some(l) => l.set_nonblocking(true),
+        None => Ok(()),
+    });
+    if let Err(e) = nonblocking {
+        socket.remove();
+        return Err(Error::Runtime(e));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| cleanup(Error::Runtime(e)))?;
-
     let shared = Arc::new(Shared {
         tx,
         wake,
@@ -314,21 +391,15 @@ pub fn spawn_server(
         metrics: ApiMetrics::default(),
         direct: OnceLock::new(),
     });
-    let shared_for_handle = shared.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
     let limits = Limits {
-        max_connections: cfg.max_connections.max(1),
-        header_read_timeout: cfg.header_read_timeout,
+        conn: ConnLimits {
+            header_timeout: cfg.header_read_timeout,
+            body_timeout: cfg.body_read_timeout,
+            body_limit: cfg.body_limit,
+            max_connections: cfg.max_connections.max(1),
+        },
         grace: cfg.vmm_timeout + SHUTDOWN_GRACE,
     };
-
-    let thread = std::thread::Builder::new()
-        .name("vmm-api".into())
-        .spawn(move || {
-            runtime.block_on(serve(unix, tcp, shared, stop_rx, limits));
-        })
-        .map_err(|e| cleanup(Error::Runtime(e)))?;
-
     if let Some(addr) = tcp_addr.filter(|a| !a.ip().is_loopback()) {
         log::warn!("API on TCP {addr}: not a loopback address, and the API has no authentication");
     }
@@ -339,13 +410,104 @@ pub fn spawn_server(
             .map(|a| format!(" and tcp {a}"))
             .unwrap_or_default()
     );
-    Ok(ServerHandle {
-        socket_path: cfg.socket_path,
-        socket_id,
+    Ok(Bound {
+        unix,
+        tcp,
+        socket,
         tcp_addr,
+        shared,
+        limits,
+    })
+}
+
+/// Starts the API server on its own thread.
+///
+/// Each request becomes an [`ApiMessage`] sent on `tx`, followed by a call to `wake` (the VMM
+/// passes a closure that writes its eventfd). Sockets are bound before this returns, so errors
+/// (socket in use, bad TCP address) come back here.
+pub fn spawn_server(
+    cfg: ServerConfig,
+    tx: Sender<ApiMessage>,
+    wake: WakeFn,
+) -> Result<ServerHandle, Error> {
+    let b = bind(cfg, tx, wake)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| {
+            b.socket.remove();
+            Error::Runtime(e)
+        })?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (unix, tcp, shared, limits) = (b.unix, b.tcp, b.shared.clone(), b.limits);
+    let thread = std::thread::Builder::new()
+        .name("vmm-api".into())
+        .spawn(move || {
+            runtime.block_on(serve(unix, tcp, shared, stop_rx, limits));
+        })
+        .map_err(|e| {
+            b.socket.remove();
+            Error::Runtime(e)
+        })?;
+    Ok(ServerHandle {
+        socket: b.socket,
+        tcp_addr: b.tcp_addr,
         stop: stop_tx,
         thread: Some(thread),
-        shared: shared_for_handle,
+        shared: b.shared,
+    })
+}
+
+/// A server running as a task on the caller's tokio runtime (see [`spawn_server_task`]).
+pub struct ServerTask {
+    socket: SocketFile,
+    tcp_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl ServerTask {
+    pub fn socket_path(&self) -> &Path {
+        &self.socket.path
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// As [`ServerHandle::set_direct_reads`].
+    pub fn set_direct_reads(&self, reads: Arc<dyn DirectReads>) -> bool {
+        self.shared.direct.set(reads).is_ok()
+    }
+
+    /// As [`ServerHandle::shutdown`]: the socket file goes first, then requests in progress
+    /// finish (bounded) and the task ends.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.socket.remove();
+        let _ = self.stop.send(true);
+        self.task.await.map_err(|_| Error::ThreadPanicked)
+    }
+}
+
+/// Like [`spawn_server`], but serves as a task on the current tokio runtime instead of a thread
+/// of its own: for tests that drive the server's timeouts with a paused clock, and for hosts
+/// that run tokio already. Must be called from within a runtime with IO and time enabled.
+pub fn spawn_server_task(
+    cfg: ServerConfig,
+    tx: Sender<ApiMessage>,
+    wake: WakeFn,
+) -> Result<ServerTask, Error> {
+    let b = bind(cfg, tx, wake)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(serve(b.unix, b.tcp, b.shared.clone(), stop_rx, b.limits));
+    Ok(ServerTask {
+        socket: b.socket,
+        tcp_addr: b.tcp_addr,
+        stop: stop_tx,
+        task,
+        shared: b.shared,
     })
 }
 
@@ -358,9 +520,11 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 #[derive(Clone)]
 struct ConnSettings {
     http: http1::Builder,
-    app: Router,
+    app: TowerToHyperService<axum::Router>,
     /// One permit per open connection.
     slots: Arc<Semaphore>,
+    registry: Arc<Registry>,
+    limits: ConnLimits,
     stop: watch::Receiver<bool>,
 }
 
@@ -372,12 +536,17 @@ async fn serve(
     limits: Limits,
 ) {
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+    // Our own deadlines (module `conn`) replace hyper's header timer.
+    // (Not `max_headers`: setting it, even to its default of conn::MAX_HEADERS, moves hyper's
+    // header parsing to the heap.)
+    http.header_read_timeout(None)
+        .max_header_size(MAX_HEADER_BYTES);
     let settings = ConnSettings {
         http,
-        app: router(shared),
-        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        app: TowerToHyperService::new(router(shared)),
+        slots: Arc::new(Semaphore::new(limits.conn.max_connections)),
+        registry: Arc::new(Registry::default()),
+        limits: limits.conn,
         stop: stop.clone(),
     };
     let unix = match tokio::net::UnixListener::from_std(unix) {
@@ -406,9 +575,35 @@ async fn serve(
         }
     };
     tokio::join!(unix_loop, tcp_loop);
-    // Stopped: connections finish the request in progress (bounded by the VMM timeout) and close.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    // Stopped: idle connections close at once, bodies in progress get 408, requests with the
+    // VMM finish (bounded by the VMM timeout) and close.
+    settings.registry.evict_all(Eviction::Shutdown);
+    let all = u32::try_from(limits.conn.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(limits.grace, settings.slots.acquire_many(all)).await;
+}
+
+/// A connection slot: free at once, or made free by evicting the connection that has waited
+/// longest for its client. Waits only while every connection's request is with the server
+/// (each bounded by the VMM timeout). `None` when the server stops meanwhile.
+async fn take_slot(settings: &ConnSettings) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(slot) = settings.slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    let mut evicting = false;
+    let _waiting = settings.registry.waiting_for_room();
+    loop {
+        let freed = settings.registry.freed.notified();
+        let mut freed = std::pin::pin!(freed);
+        freed.as_mut().enable();
+        if !evicting {
+            evicting = settings.registry.evict_longest_waiting();
+        }
+        tokio::select! {
+            slot = settings.slots.clone().acquire_owned() => return slot.ok(),
+            _ = freed => {}
+            _ = stopped(settings.stop.clone()) => return None,
+        }
+    }
 }
 
 /// Accepts connections until stopped, at most `slots` at once; each is served on its own task.
@@ -420,14 +615,6 @@ where
 {
     let mut reported = false;
     loop {
-        // At the limit, stop accepting: new clients wait in the listen backlog.
-        let slot = tokio::select! {
-            slot = settings.slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
-            _ = stopped(settings.stop.clone()) => return,
-        };
         let stream = tokio::select! {
             r = accept() => r,
             _ = stopped(settings.stop.clone()) => return,
@@ -444,21 +631,25 @@ where
                 continue;
             }
         };
-        let conn = settings.http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(settings.app.clone()),
-        );
-        let stop = settings.stop.clone();
+        // At the limit, the new client waits here (its socket accepted, unread) until a slot
+        // is freed; further clients wait in the listen backlog.
+        let Some(slot) = take_slot(&settings).await else {
+            return;
+        };
+        let registered = settings.registry.register();
+        let service = ConnService {
+            app: settings.app.clone(),
+            state: registered.state.clone(),
+            registry: settings.registry.clone(),
+            limits: settings.limits,
+        };
+        let io = TokioIo::new(JsonHttpErrors::new(stream, MAX_HEADER_BYTES));
+        let conn = settings.http.serve_connection(io, service);
+        let limits = settings.limits;
         tokio::spawn(async move {
             let _slot = slot;
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stopped(stop) => {}
-            }
-            // Finish the request in progress, then close; idle connections close at once.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            conn::drive(conn, &registered.state, limits).await;
+            drop(registered);
         });
     }
 }

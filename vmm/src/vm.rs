@@ -9,7 +9,6 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,8 +95,6 @@ pub struct Vm {
     balloon: Option<Arc<Mutex<Balloon>>>,
     virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
     vcpu_threads: Vec<std::thread::JoinHandle<()>>,
-    /// SIGTERM/SIGINT as a signalfd, created by `main` before any thread existed.
-    signals: Option<OwnedFd>,
 }
 
 impl Vm {
@@ -247,7 +244,6 @@ impl Vm {
             balloon: None,
             virtio_mem: None,
             vcpu_threads: Vec::new(),
-            signals: None,
         };
         if let Some(opts) = balloon_opts {
             vm.add_balloon(&opts)?;
@@ -349,16 +345,16 @@ impl Vm {
         Ok(())
     }
 
-    /// Add an event-loop subscriber that is not a virtio device (e.g. the API bridge).
-    /// Stop the VM cleanly on the signals this signalfd reports (see `event_loop`).
-    pub fn watch_signals(&mut self, fd: OwnedFd) {
-        self.signals = Some(fd);
+    /// Where a stop is requested: the signal thread (`lifecycle`) asks through it.
+    pub fn exit_handle(&self) -> Arc<ExitHandle> {
+        self.exit.clone()
     }
 
     pub fn config(&self) -> &VmConfig {
         &self.config
     }
 
+    /// Add an event-loop subscriber that is not a virtio device (e.g. the API bridge).
     pub fn add_subscriber(&mut self, s: Subscriber) {
         self.event_manager.add_subscriber(s);
     }
@@ -414,11 +410,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Step 6: serve devices, the API and signals until the VM stops; returns why. The vCPUs
+    /// Step 6: serve devices and the API until the VM stops; returns why. The vCPUs
     /// are stopped before guest memory can be unmapped.
     pub fn run_until_exit(mut self) -> Result<ExitReason, VmError> {
-        let result = match Control::new(self.exit.clone(), self.serial.clone(), self.signals.take())
-        {
+        let result = match Control::new(self.exit.clone(), self.serial.clone()) {
             Ok(control) => {
                 self.event_manager
                     .add_subscriber(Arc::new(Mutex::new(control)));

@@ -173,7 +173,11 @@ fn bad_input_gets_a_clear_error_and_exit_code_1() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a refused configuration: {stderr}"
+    );
     assert!(stderr.contains("unknown field `memory`"), "{stderr}");
 }
 
