@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod requests;
 pub mod responses;
 pub mod routes;
+pub mod rules;
 pub mod server;
 
 pub use bridge::{

@@ -12,6 +12,7 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
+pub mod resize;
 pub mod slots;
 pub mod vcpu;
 pub mod vm;
