@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use api::fake::FakeVmmConfig;
 use api::{spawn_server, ApiRequest, ApiResponse, Error, ServerConfig};
 use common::{expect_fault, req, Harness, TempDir};
+use vmm::testing::HeadlessOptions;
 
 #[test]
 fn socket_is_0600_and_removed_on_shutdown() {
@@ -84,7 +84,7 @@ async fn tcp_only_when_asked() {
 async fn slow_vmm_gives_504_without_blocking_other_clients() {
     let h = Harness::start_with(
         |c| c.vmm_timeout = Duration::from_millis(300),
-        FakeVmmConfig {
+        HeadlessOptions {
             reply_delay: Duration::from_millis(1500),
             ..Default::default()
         },
@@ -312,7 +312,7 @@ async fn malformed_http_is_a_client_error() {
     let mut c = h.client();
     let (s, _) = req(&mut c, "GET", "/", None).await;
     assert_eq!(s, 200);
-    assert_eq!(h.fake.handled(), 1);
+    assert_eq!(h.vmm.wakes(), 1);
 }
 
 /// GETs the direct reader serves never reach the VMM thread; the rest, mutations included, still

@@ -14,5 +14,7 @@ pub mod event_loop;
 pub mod layout;
 pub mod resize;
 pub mod slots;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod vcpu;
 pub mod vm;

@@ -1,9 +1,9 @@
-//! `api-bench`: API latency under concurrent clients, and a fake VMM to run it against.
+//! `api-bench`: API latency under concurrent clients, against any VMM's API socket: the real
+//! `vmm`, or the headless VMM (the real handler and devices without KVM) that
+//! `cargo run --release -p vmm --features testing --example headless -- --socket S` serves.
 //!
 //! ```text
-//! api-bench serve-fake --socket /tmp/vmm.sock            # a fake VMM behind the real server
 //! api-bench run --socket /tmp/vmm.sock --setup --clients 50 --seconds 10
-//! api-bench run --fake --clients 50 --seconds 10         # both in one process
 //! ```
 //!
 //! Each client keeps one connection and alternates `GET /balloon` and `PATCH /balloon`, timing
@@ -15,13 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use api::fake::{FakeVmm, FakeVmmConfig};
-use api::{spawn_server, ServerConfig};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
 #[derive(Parser, Debug)]
-#[command(name = "api-bench", about = "API latency benchmark and fake VMM")]
+#[command(name = "api-bench", about = "API latency benchmark")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,23 +27,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve the API with a fake VMM behind it until interrupted.
-    ServeFake {
-        #[arg(long)]
-        socket: PathBuf,
-        /// MiB the fake balloon moves per 20 ms tick.
-        #[arg(long, default_value_t = 16)]
-        balloon_mib_per_tick: u64,
-    },
     /// Run the load and report latency percentiles.
     Run {
-        /// API socket of a running VMM (or of `serve-fake`).
-        #[arg(long, required_unless_present = "fake")]
-        socket: Option<PathBuf>,
-        /// Start a fake VMM and server in this process instead.
-        #[arg(long, conflicts_with = "socket")]
-        fake: bool,
-        /// Configure and boot the (fake) VM first: boot source, 1024 MiB, a balloon, start.
+        /// API socket of a running VMM (or of the headless VMM).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Configure and boot the VM first: boot source, 1024 MiB, a balloon, start.
         #[arg(long)]
         setup: bool,
         #[arg(long, default_value_t = 50)]
@@ -77,13 +64,8 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::ServeFake {
-            socket,
-            balloon_mib_per_tick,
-        } => serve_fake(socket, balloon_mib_per_tick),
         Cmd::Run {
             socket,
-            fake,
             setup,
             clients,
             seconds,
@@ -97,7 +79,6 @@ fn main() -> ExitCode {
             rate,
             probe_rate,
             socket,
-            fake,
             setup,
             clients,
             seconds,
@@ -114,35 +95,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve_fake(socket: PathBuf, balloon_mib_per_tick: u64) -> Result<(), String> {
-    let fake = FakeVmm::spawn(FakeVmmConfig {
-        balloon_mib_per_tick,
-        ..Default::default()
-    });
-    let server = spawn_server(ServerConfig::new(&socket), fake.sender(), fake.wake_fn())
-        .map_err(|e| e.to_string())?;
-    eprintln!("api-bench: fake VMM serving on {}", socket.display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok::<_, String>(())
-    })?;
-    server.shutdown().map_err(|e| e.to_string())?;
-    eprintln!("api-bench: stopped after {} requests", fake.handled());
-    Ok(())
-}
-
 struct RunArgs {
-    socket: Option<PathBuf>,
-    fake: bool,
+    socket: PathBuf,
     setup: bool,
     clients: usize,
     seconds: f64,
@@ -228,21 +182,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     let probe_period =
         (args.probe_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.probe_rate));
-    // An in-process fake on a temporary socket, when asked.
-    let mut _fake_parts = None;
-    let socket = match (args.socket, args.fake) {
-        (Some(s), _) => s,
-        (None, _) => {
-            let dir = std::env::temp_dir().join(format!("api-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let sock = dir.join("api.sock");
-            let fake = FakeVmm::spawn(FakeVmmConfig::default());
-            let server = spawn_server(ServerConfig::new(&sock), fake.sender(), fake.wake_fn())
-                .map_err(|e| e.to_string())?;
-            _fake_parts = Some((server, fake, dir));
-            sock
-        }
-    };
+    let socket = args.socket;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
@@ -350,15 +290,10 @@ fn run(args: RunArgs) -> Result<(), String> {
         None => "closed loop".to_owned(),
     };
     println!(
-        "{} clients ({pacing}), {:.1} s, socket {}{}",
+        "{} clients ({pacing}), {:.1} s, socket {}",
         args.clients,
         elapsed.as_secs_f64(),
         socket.display(),
-        if args.fake {
-            " (in-process fake VMM)"
-        } else {
-            ""
-        }
     );
     println!(
         "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -385,10 +320,6 @@ fn run(args: RunArgs) -> Result<(), String> {
         if let Some(e) = s.first_error {
             println!("  first error: {e}");
         }
-    }
-    if let Some((server, _fake, dir)) = _fake_parts.take() {
-        let _ = server.shutdown();
-        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
 }
