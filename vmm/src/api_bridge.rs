@@ -9,7 +9,8 @@
 //!   channel and answers from the devices and the memory manager. Nothing here blocks a vCPU.
 //!
 //! The limits are [`api::rules`], the ones the command line and the API server apply too;
-//! `PUT /vm/resize` is decided by [`crate::resize`], and applied here.
+//! `PUT /vm/resize` is decided by [`crate::resize`], and applied here. The phase before the
+//! start is [`crate::configure`].
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -33,7 +34,8 @@ use memory::{MemoryManager, PageRange, Reason};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{BalloonOptions, HotplugOptions, PartialConfig, VmConfig, DEFAULT_MEMORY_MIB};
+use crate::config::HotplugOptions;
+pub use crate::configure::{configure_until_start, start_config, start_failed, StartDecision};
 use crate::resize::{self, BalloonNow, Devices, Event, Intent, Plan, Shape, VirtioMemNow};
 
 const PAGE: u64 = 4096;
@@ -42,7 +44,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn instance_info(state: InstanceState) -> InstanceInfo {
+pub(crate) fn instance_info(state: InstanceState) -> InstanceInfo {
     InstanceInfo {
         id: format!("vmm-{}", std::process::id()),
         state,
@@ -51,204 +53,7 @@ fn instance_info(state: InstanceState) -> InstanceInfo {
     }
 }
 
-/// What `main` should do after the configuration phase.
-pub enum StartDecision {
-    /// Boot this configuration; `reply` (if any) is answered once the VM started.
-    Start {
-        config: VmConfig,
-        reply: Option<api::bridge::Responder>,
-    },
-    /// The API server went away before a start was asked.
-    ChannelClosed,
-}
-
-fn balloon_options(b: &api::BalloonConfig) -> BalloonOptions {
-    BalloonOptions {
-        amount_mib: b.amount_mib,
-        deflate_on_oom: b.deflate_on_oom,
-        stats_interval_s: b.stats_polling_interval_s as u64,
-        free_page_reporting: b.free_page_reporting,
-    }
-}
-
-/// Answer pre-boot requests until `InstanceStart` with a valid configuration.
-pub fn configure_until_start(
-    rx: &Receiver<ApiMessage>,
-    partial: &mut PartialConfig,
-) -> StartDecision {
-    loop {
-        let Ok(msg) = rx.recv() else {
-            return StartDecision::ChannelClosed;
-        };
-        let (request, responder) = msg.into_parts();
-        let result = match request {
-            ApiRequest::Action(ActionType::InstanceStart) => match start_config(partial) {
-                Ok(config) => {
-                    return StartDecision::Start {
-                        config,
-                        reply: Some(responder),
-                    }
-                }
-                Err(e) => Err(e),
-            },
-            other => configure(other, partial),
-        };
-        responder.respond(result);
-    }
-}
-
-/// The configuration `InstanceStart` boots, or why it cannot, in the API's words: the rules of
-/// the command line ([`VmConfig::from_partial`]) with the fields named as the API names them.
-pub fn start_config(partial: &PartialConfig) -> Result<VmConfig, ApiError> {
-    if partial.kernel.is_none() {
-        return Err(ApiError::bad_request(
-            "kernel_image_path: no boot source: PUT /boot-source {\"kernel_image_path\": ...} first",
-        ));
-    }
-    VmConfig::from_partial(partial.clone()).map_err(|e| ApiError::bad_request(e.for_api()))
-}
-
-/// The answer to an `InstanceStart` whose configuration was valid but whose VM could not be
-/// built or started (KVM refused, a file could not be read, ...).
-pub fn start_failed(e: &dyn std::fmt::Display) -> ApiError {
-    ApiError::bad_request(format!("cannot start: {e}"))
-}
-
-fn needs_running_vm(request: &ApiRequest) -> ApiError {
-    ApiError::conflict(format!(
-        "{} needs a running VM; configure it and PUT /actions {{\"action_type\": \"InstanceStart\"}} first",
-        request_name(request)
-    ))
-}
-
-fn not_configured_balloon() -> ApiError {
-    ApiError::not_found("no balloon is configured: PUT /balloon first")
-}
-
-fn not_configured_hotplug() -> ApiError {
-    ApiError::not_found("no hot-add memory is configured: PUT /hotplug/memory first")
-}
-
-/// One request before start (all but `InstanceStart`): changes `partial` or reads it. Values
-/// are checked against what is known now; rules that tie fields together (a balloon smaller
-/// than the memory) are checked again at `InstanceStart`, when every field is final.
-fn configure(request: ApiRequest, partial: &mut PartialConfig) -> ApiResult {
-    let memory_mib = partial.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
-    match request {
-        ApiRequest::GetInstanceInfo => Ok(ApiResponse::InstanceInfo(instance_info(
-            InstanceState::NotStarted,
-        ))),
-        ApiRequest::PutBootSource(b) => {
-            partial.kernel = Some(b.kernel_image_path.into());
-            partial.initramfs = b.initrd_path.map(Into::into);
-            partial.cmdline = b.boot_args;
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::PutMachineConfig(m) => {
-            partial.vcpus = Some(m.vcpu_count);
-            partial.memory_mib = Some(m.mem_size_mib);
-            if m.huge_pages.is_some() {
-                partial.thp = Some(m.thp());
-            }
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::PutBalloon(b) => {
-            partial.balloon = Some(balloon_options(&b));
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::PatchBalloon(u) => {
-            let b = partial
-                .balloon
-                .as_mut()
-                .ok_or_else(not_configured_balloon)?;
-            b.amount_mib = u.amount_mib;
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::PatchBalloonStats(u) => {
-            let b = partial
-                .balloon
-                .as_mut()
-                .ok_or_else(not_configured_balloon)?;
-            b.stats_interval_s = u.stats_polling_interval_s.into();
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::PutHotplugMemory(h) => {
-            partial.hotplug = Some(HotplugOptions {
-                total_mib: h.total_size_mib,
-                block_mib: h.block_size_mib,
-                requested_mib: 0,
-            });
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::PatchHotplugMemory(u) => {
-            let h = partial
-                .hotplug
-                .as_mut()
-                .ok_or_else(not_configured_hotplug)?;
-            rules::hotplug_requested_size_mib(
-                u.requested_size_mib,
-                Some((h.total_mib, h.block_mib)),
-            )
-            .map_err(|e| ApiError::bad_request(e.for_api()))?;
-            h.requested_mib = u.requested_size_mib;
-            Ok(ApiResponse::Empty)
-        }
-        ApiRequest::GetBalloon => {
-            let b = partial
-                .balloon
-                .as_ref()
-                .ok_or_else(not_configured_balloon)?;
-            Ok(ApiResponse::Balloon(BalloonState {
-                amount_mib: b.amount_mib,
-                deflate_on_oom: b.deflate_on_oom,
-                stats_polling_interval_s: b.stats_interval_s as u16,
-                free_page_reporting: b.free_page_reporting,
-                target_pages: b.amount_mib << 8,
-                actual_pages: 0,
-                actual_mib: 0,
-            }))
-        }
-        ApiRequest::GetBalloonStats => {
-            // No guest, no report yet: the sizes only, as the document says.
-            let b = partial
-                .balloon
-                .as_ref()
-                .ok_or_else(not_configured_balloon)?;
-            Ok(ApiResponse::BalloonStats(BalloonStats {
-                target_pages: b.amount_mib << 8,
-                target_mib: b.amount_mib,
-                ..Default::default()
-            }))
-        }
-        ApiRequest::GetHotplugMemory => {
-            let h = partial
-                .hotplug
-                .as_ref()
-                .ok_or_else(not_configured_hotplug)?;
-            Ok(ApiResponse::HotplugMemory(HotplugMemoryState {
-                total_size_mib: h.total_mib,
-                block_size_mib: h.block_mib,
-                plugged_size_mib: 0,
-                requested_size_mib: h.requested_mib,
-                usable_region_size_mib: 0,
-            }))
-        }
-        ApiRequest::GetResize => Ok(ApiResponse::Resize(ResizeStatus {
-            desired_mib: memory_mib,
-            current_mib: memory_mib,
-            mechanism: api::ResizeMechanism::None,
-            state: api::ResizeState::Idle,
-        })),
-        // A scraper may start before the VM: only the server's own families until then.
-        ApiRequest::GetMetrics => Ok(ApiResponse::Metrics(MetricsSnapshot::default())),
-        ApiRequest::Action(ActionType::FlushMetrics) => Ok(ApiResponse::Empty),
-        other @ (ApiRequest::Action(_) | ApiRequest::PutResize(_) | ApiRequest::GetMemory(_)) => {
-            Err(needs_running_vm(&other))
-        }
-    }
-}
-
-fn request_name(r: &ApiRequest) -> &'static str {
+pub(crate) fn request_name(r: &ApiRequest) -> &'static str {
     match r {
         ApiRequest::GetInstanceInfo => "GET /",
         ApiRequest::PutBootSource(_) => "PUT /boot-source",
@@ -930,6 +735,98 @@ fn offline_runs(m: &MemoryManager, reason: OfflineReason, within: PageRange) -> 
                 }
             }
             out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A handler over 64 MiB of boot RAM with `runs` (start, pages) ballooned, no devices.
+    fn handler_with(runs: &[(u64, u64)]) -> ApiHandler {
+        let spec = memory::RegionSpec {
+            guest_addr: 0,
+            size: 64 << 20,
+            backing: memory::Backing::PrivateAnonymous,
+            kind: memory::RegionKind::BootRam,
+        };
+        let mut m = MemoryManager::new(&[spec], Box::new(balloon::testing::NoSlots)).unwrap();
+        let ranges: Vec<PageRange> = runs.iter().map(|&(s, n)| PageRange::new(s, n)).collect();
+        m.offline(&ranges, Reason::Ballooned).unwrap();
+        let (_tx, rx) = std::sync::mpsc::channel();
+        let vm = RunningVm {
+            boot_mib: 64,
+            hotplug: None,
+            balloon: None,
+            virtio_mem: None,
+            manager: Arc::new(Mutex::new(m)),
+        };
+        ApiHandler::new(rx, EventFd::new(EFD_NONBLOCK).unwrap(), vm).unwrap()
+    }
+
+    fn ballooned(h: &mut ApiHandler, q: MemoryQuery) -> OfflineRuns {
+        match h.handle(ApiRequest::GetMemory(q)) {
+            Ok(ApiResponse::Memory(m)) => m.offline.into_iter().next().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Sorted, disjoint, non-adjacent runs inside 64 MiB (16384 pages).
+    fn runs() -> impl Strategy<Value = Vec<(u64, u64)>> {
+        prop::collection::vec((1u64..200, 1u64..200), 0..40).prop_map(|parts| {
+            let mut pfn = 0;
+            parts
+                .into_iter()
+                .map(|(gap, pages)| {
+                    pfn += gap;
+                    let run = (pfn, pages);
+                    pfn += pages;
+                    run
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Following `next_pfn` from `pfn_start` visits exactly the offline pages of the range,
+        /// each once, in order, never more than `limit` runs at a time, and `pages_in_range`
+        /// counts them all: what `GET /vm/memory` documents.
+        #[test]
+        fn paging_visits_the_range_exactly(
+            runs in runs(),
+            start in 0u64..20_000,
+            len in prop::option::of(1u64..20_000),
+            limit in 1u32..8,
+        ) {
+            let mut h = handler_with(&runs);
+            let end = len.map(|l| start + l);
+            let expected: Vec<u64> = runs
+                .iter()
+                .flat_map(|&(s, n)| s..s + n)
+                .filter(|p| *p >= start && end.is_none_or(|e| *p < e))
+                .collect();
+            let mut q = MemoryQuery { reason: Some(OfflineReason::Ballooned), pfn_start: start, pfn_end: end, limit };
+            prop_assert_eq!(ballooned(&mut h, q).pages_in_range, expected.len() as u64);
+            let mut seen = Vec::new();
+            loop {
+                let page = ballooned(&mut h, q);
+                prop_assert!(page.runs.len() <= limit as usize);
+                for r in &page.runs {
+                    prop_assert!(r.pages > 0);
+                    seen.extend(r.start_pfn..r.start_pfn + r.pages);
+                }
+                match page.next_pfn {
+                    Some(next) => {
+                        prop_assert!(next > q.pfn_start);
+                        q.pfn_start = next;
+                    }
+                    None => break,
+                }
+            }
+            prop_assert_eq!(seen, expected);
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod configure;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
