@@ -134,6 +134,14 @@ fn without_position(e: &serde_json::Error) -> String {
 /// A deserialization error in the API's words: `field: what was sent; expected what the field
 /// takes`. Serde's own `expected u8` (a Rust type) is replaced by the field's allowed values.
 fn describe_json_error(path: &str, e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    if matches!(
+        e.classify(),
+        Category::Syntax | Category::Eof | Category::Io
+    ) {
+        // Not JSON: where it breaks is the useful part.
+        return format!("invalid body: not valid JSON: {e}");
+    }
     let text = without_position(e);
     if text.starts_with("unknown field") {
         // Serde names the field and lists the known ones.

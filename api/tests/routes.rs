@@ -117,7 +117,7 @@ async fn start_failures_name_the_api_fields() {
 async fn bad_bodies_name_the_field_and_what_it_takes() {
     let h = Harness::start();
     let mut c = h.client();
-    let cases: [(&str, &str, &str, &str); 21] = [
+    let cases: [(&str, &str, &str, &str); 23] = [
         (
             "PUT",
             "/machine-config",
@@ -178,6 +178,18 @@ async fn bad_bodies_name_the_field_and_what_it_takes() {
             "/balloon",
             "[1]",
             "invalid body: this route expects a JSON object",
+        ),
+        (
+            "PUT",
+            "/balloon",
+            "{not json",
+            "invalid body: not valid JSON: key must be a string at line 1 column 2",
+        ),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib": 1"#,
+            "invalid body: not valid JSON: EOF while parsing an object at line 1 column 16",
         ),
         (
             "PUT",
