@@ -61,7 +61,7 @@ impl Fault {
             message: message.into(),
         }
     }
-    pub fn bad_request(message: impl Into<String>) -> Self {
+    fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 }

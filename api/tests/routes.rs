@@ -734,6 +734,10 @@ async fn memory_map_pages_through_runs() {
     .await;
     assert_eq!(v["offline"][0]["pages_in_range"], 1);
 
+    // The very end of the physical address space: a valid, empty range.
+    let v = get(&mut c, "/vm/memory?pfn_start=1099511627776").await;
+    assert_eq!(v["offline"][0]["pages_in_range"], 0);
+
     // Discarded runs are listed too (the schema lists the reason; it was a 400): offline pages
     // whose backing is released, as many as the totals say.
     let v = get(&mut c, "/vm/memory?reason=discarded&limit=4096").await;
