@@ -204,70 +204,22 @@ fn run(args: RunArgs) -> Result<(), String> {
         let start = Arc::new(tokio::sync::Barrier::new(
             args.clients + 1 + usize::from(probe_period.is_some()),
         ));
-        let probe_task = probe_period.map(|p| {
-            let (socket, start) = (socket.clone(), start.clone());
-            tokio::spawn(async move {
-                let mut c = Client::new(&socket);
-                let mut samples = Samples::default();
-                start.wait().await;
-                let t0 = Instant::now();
-                let mut next = tokio::time::Instant::now();
-                while t0.elapsed() < duration {
-                    tokio::time::sleep_until(next).await;
-                    next += p;
-                    let body = br#"{"action_type": "FlushMetrics"}"#.to_vec();
-                    let t = Instant::now();
-                    let r = c.raw(Method::PUT, "/actions", Some(body)).await;
-                    samples.record(
-                        t.elapsed().as_nanos() as u64,
-                        "/actions",
-                        r,
-                        &mut c,
-                        &socket,
-                    );
-                }
-                samples
-            })
-        });
+        let probe_task = probe_period
+            .map(|p| tokio::spawn(probe_loop(socket.clone(), start.clone(), duration, p)));
         let mut tasks = Vec::new();
         for id in 0..args.clients {
-            let socket = socket.clone();
-            let start = start.clone();
-            let patch_mib = args.patch_mib;
-            let get_path = args.get_path.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut c = Client::new(&socket);
-                let mut get = Samples::default();
-                let mut patch = Samples::default();
-                start.wait().await;
-                let t0 = Instant::now();
-                let mut i = id as u64;
-                // Paced clients start spread over one period, not all at once.
-                let mut next = period.map(|p| {
-                    tokio::time::Instant::now() + p.mul_f64(id as f64 / args.clients as f64)
-                });
-                while t0.elapsed() < duration {
-                    if let (Some(n), Some(p)) = (next.as_mut(), period) {
-                        tokio::time::sleep_until(*n).await;
-                        *n += p;
-                    }
-                    let is_get = i & 1 == 0;
-                    let (method, path, body) = if is_get {
-                        (Method::GET, get_path.as_str(), None)
-                    } else {
-                        let mib = if (i >> 1) & 1 == 0 { patch_mib } else { 0 };
-                        let body = format!("{{\"amount_mib\": {mib}}}").into_bytes();
-                        (Method::PATCH, "/balloon", Some(body))
-                    };
-                    let t = Instant::now();
-                    let r = c.raw(method, path, body).await;
-                    let ns = t.elapsed().as_nanos() as u64;
-                    let s = if is_get { &mut get } else { &mut patch };
-                    s.record(ns, path, r, &mut c, &socket);
-                    i += 1;
-                }
-                (get, patch)
-            }));
+            tasks.push(tokio::spawn(client_loop(
+                ClientLoad {
+                    socket: socket.clone(),
+                    get_path: args.get_path.clone(),
+                    patch_mib: args.patch_mib,
+                    period,
+                    duration,
+                    id,
+                    clients: args.clients,
+                },
+                start.clone(),
+            )));
         }
         start.wait().await;
         let t0 = Instant::now();
@@ -295,15 +247,21 @@ fn run(args: RunArgs) -> Result<(), String> {
         elapsed.as_secs_f64(),
         socket.display(),
     );
-    println!(
-        "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
-    );
     let get_name = format!("GET {}", args.get_path);
     let mut rows = vec![(get_name.as_str(), get), ("PATCH /balloon", patch)];
     if let Some(p) = probe {
         rows.push(("probe FlushMetrics", p));
     }
+    print_table(rows, elapsed);
+    Ok(())
+}
+
+/// One row per kind of request: count, errors, rate and latency percentiles.
+fn print_table(rows: Vec<(&str, Samples)>, elapsed: Duration) {
+    println!(
+        "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
+    );
     for (name, mut s) in rows {
         s.ns.sort_unstable();
         println!(
@@ -321,7 +279,83 @@ fn run(args: RunArgs) -> Result<(), String> {
             println!("  first error: {e}");
         }
     }
-    Ok(())
+}
+
+/// The probe: `PUT /actions FlushMetrics` every `period`, which only the VMM thread answers.
+async fn probe_loop(
+    socket: std::path::PathBuf,
+    start: Arc<tokio::sync::Barrier>,
+    duration: Duration,
+    period: Duration,
+) -> Samples {
+    let mut c = Client::new(&socket);
+    let mut samples = Samples::default();
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    while t0.elapsed() < duration {
+        tokio::time::sleep_until(next).await;
+        next += period;
+        let body = br#"{"action_type": "FlushMetrics"}"#.to_vec();
+        let t = Instant::now();
+        let r = c.raw(Method::PUT, "/actions", Some(body)).await;
+        samples.record(
+            t.elapsed().as_nanos() as u64,
+            "/actions",
+            r,
+            &mut c,
+            &socket,
+        );
+    }
+    samples
+}
+
+/// What one load client does.
+struct ClientLoad {
+    socket: std::path::PathBuf,
+    get_path: String,
+    patch_mib: u64,
+    /// Paced: one request per period; closed loop: `None`.
+    period: Option<Duration>,
+    duration: Duration,
+    id: usize,
+    clients: usize,
+}
+
+/// One client: alternates a GET and a PATCH /balloon (between `patch_mib` and 0) for the
+/// duration; returns the GET and PATCH samples.
+async fn client_loop(load: ClientLoad, start: Arc<tokio::sync::Barrier>) -> (Samples, Samples) {
+    let mut c = Client::new(&load.socket);
+    let mut get = Samples::default();
+    let mut patch = Samples::default();
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut i = load.id as u64;
+    // Paced clients start spread over one period, not all at once.
+    let mut next = load
+        .period
+        .map(|p| tokio::time::Instant::now() + p.mul_f64(load.id as f64 / load.clients as f64));
+    while t0.elapsed() < load.duration {
+        if let (Some(n), Some(p)) = (next.as_mut(), load.period) {
+            tokio::time::sleep_until(*n).await;
+            *n += p;
+        }
+        let is_get = i & 1 == 0;
+        let (method, path, body) = if is_get {
+            (Method::GET, load.get_path.as_str(), None)
+        } else {
+            let mib = if (i >> 1) & 1 == 0 { load.patch_mib } else { 0 };
+            let body = format!("{{\"amount_mib\": {mib}}}").into_bytes();
+            (Method::PATCH, "/balloon", Some(body))
+        };
+        let t = Instant::now();
+        let r = c.raw(method, path, body).await;
+        let ns = t.elapsed().as_nanos() as u64;
+        let s = if is_get { &mut get } else { &mut patch };
+        s.record(ns, path, r, &mut c, &load.socket);
+        i += 1;
+    }
+    (get, patch)
 }
 
 /// Configures and boots a VM with a balloon; steps the VM refuses as already done (409) are fine.
