@@ -24,16 +24,17 @@
 //! Layout: [`requests`] (what clients send, with validation), [`responses`] (what the VMM fills),
 //! [`bridge`] (the channel messages), [`server`] (sockets, thread, shutdown), [`mod@routes`] (HTTP <->
 //! bridge), [`metrics`] (Prometheus text), [`client`] (a small client over the Unix socket, used by
-//! `vmmctl` and `api-bench`), [`fake`] (a fake VMM thread for tests and benchmarks).
+//! `vmmctl` and `api-bench`), [`rules`] (every limit and its message, shared with the VMM's
+//! command line).
 
 pub mod bridge;
 pub mod client;
 mod conn;
-pub mod fake;
 pub mod metrics;
 pub mod requests;
 pub mod responses;
 pub mod routes;
+pub mod rules;
 pub mod server;
 
 pub use bridge::{

@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::requests::OfflineReason;
 
-/// `GET /` instance state, spelt as Firecracker spells it.
+/// `GET /` instance state, spelt as Firecracker spells it. (A VM that stopped has no API: the
+/// VMM process ends with it.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InstanceState {
     #[serde(rename = "Not started")]
     NotStarted,
     Running,
-    Exited,
 }
 
 /// `GET /`.

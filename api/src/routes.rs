@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, MatchedPath, Query, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::handler::Handler;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -27,6 +27,7 @@ use crate::requests::{
     ActionRequest, BalloonConfig, BalloonStatsUpdate, BalloonUpdate, BootSourceConfig,
     HotplugMemoryConfig, HotplugMemoryUpdate, MachineConfig, MemoryQuery, ResizeRequest, Validate,
 };
+use crate::rules::Field;
 
 /// The wake-up callback the VMM passes: typically writes its eventfd.
 pub type WakeFn = Arc<dyn Fn() + Send + Sync>;
@@ -94,7 +95,8 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
     }
 }
 
-/// Parses and validates a JSON body. Errors name the field (via its path) and what was wrong.
+/// Parses and validates a JSON body. Errors name the field (via its path), what was wrong, and
+/// what the field takes ([`Field::expected`]), without serde's Rust type names or positions.
 pub fn parse_body<T: DeserializeOwned + Validate>(bytes: &[u8]) -> Result<T, Fault> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(Fault::bad_request(
@@ -110,19 +112,61 @@ pub fn parse_body<T: DeserializeOwned + Validate>(bytes: &[u8]) -> Result<T, Fau
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            Fault::bad_request(format!("invalid body: {inner}"))
-        } else {
-            Fault::bad_request(format!("{path}: {inner}"))
-        }
+        Fault::bad_request(describe_json_error(&path, e.inner()))
     })?;
     de.end()
-        .map_err(|e| Fault::bad_request(format!("invalid body: {e}")))?;
+        .map_err(|e| Fault::bad_request(format!("invalid body: {}", without_position(&e))))?;
     value
         .validate()
-        .map_err(|e| Fault::bad_request(e.to_string()))?;
+        .map_err(|e| Fault::bad_request(e.for_api()))?;
     Ok(value)
+}
+
+/// serde_json's message without its ` at line L column C`.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// A deserialization error in the API's words: `field: what was sent; expected what the field
+/// takes`. Serde's own `expected u8` (a Rust type) is replaced by the field's allowed values.
+fn describe_json_error(path: &str, e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    if matches!(
+        e.classify(),
+        Category::Syntax | Category::Eof | Category::Io
+    ) {
+        // Not JSON: where it breaks is the useful part.
+        return format!("invalid body: not valid JSON: {e}");
+    }
+    let text = without_position(e);
+    if text.starts_with("unknown field") {
+        // Serde names the field and lists the known ones.
+        return format!("invalid body: {text}");
+    }
+    if path == "." {
+        // Missing or unknown fields are reported at the top level and name the field.
+        if let Some(name) = text
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'))
+        {
+            if let Some(field) = Field::from_api_name(name) {
+                return format!("missing field `{name}`: {}", field.expected());
+            }
+        }
+        return format!("invalid body: {text}");
+    }
+    let given = match text.split_once(", expected") {
+        Some((given, _)) => given.to_string(),
+        None => text,
+    };
+    match Field::from_api_name(path) {
+        Some(field) => format!("{path}: {given}; expected {}", field.expected()),
+        None => format!("{path}: {given}"),
+    }
 }
 
 /// A JSON body, size-limited (413), parsed and validated (400).
@@ -302,19 +346,9 @@ async fn get_metrics(State(s): State<AppState>) -> Response {
     s.answer(ApiRequest::GetMetrics).await
 }
 
-/// Parses and validates the query of `GET /vm/memory`.
+/// Parses and validates the query of `GET /vm/memory` ([`MemoryQuery::parse`]).
 pub fn parse_memory_query(uri: &Uri) -> Result<MemoryQuery, Fault> {
-    let query = if uri.query().is_some() {
-        Query::<MemoryQuery>::try_from_uri(uri)
-            .map_err(|rej| Fault::bad_request(rej.body_text()))?
-            .0
-    } else {
-        MemoryQuery::default()
-    };
-    query
-        .validate()
-        .map_err(|e| Fault::bad_request(e.to_string()))?;
-    Ok(query)
+    MemoryQuery::parse(uri.query().unwrap_or("")).map_err(Fault::bad_request)
 }
 
 async fn not_found(uri: Uri) -> Fault {

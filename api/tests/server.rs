@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use api::fake::FakeVmmConfig;
 use api::{spawn_server, ApiRequest, ApiResponse, Error, ServerConfig};
 use common::{expect_fault, req, Harness, TempDir};
+use vmm::testing::HeadlessOptions;
 
 #[test]
 fn socket_is_0600_and_removed_on_shutdown() {
@@ -84,7 +84,7 @@ async fn tcp_only_when_asked() {
 async fn slow_vmm_gives_504_without_blocking_other_clients() {
     let h = Harness::start_with(
         |c| c.vmm_timeout = Duration::from_millis(300),
-        FakeVmmConfig {
+        HeadlessOptions {
             reply_delay: Duration::from_millis(1500),
             ..Default::default()
         },
@@ -244,7 +244,7 @@ async fn malformed_http_is_a_client_error() {
     let mut c = h.client();
     let (s, _) = req(&mut c, "GET", "/", None).await;
     assert_eq!(s, 200);
-    assert_eq!(h.fake.handled(), 1);
+    assert_eq!(h.vmm.wakes(), 1);
 }
 
 /// GETs the direct reader serves never reach the VMM thread; the rest, mutations included, still
@@ -322,8 +322,8 @@ async fn direct_reads_answer_gets_on_the_api_thread() {
 // a task beside them, so tokio's paused clock drives every timeout: no real sleeps, and the
 // times asserted are exact.
 
-/// A server on this test's runtime and a fake VMM task that answers through the same channel
-/// and wake-up as the real one. `PUT /actions FlushMetrics` is held unanswered (a request
+/// A server on this test's runtime and a VMM task that answers through the same channel and
+/// wake-up as the real one, with the real VMM's pre-start handler. `PUT /actions FlushMetrics` is held unanswered (a request
 /// that stays with the VMM until the server's VMM timeout).
 struct PausedServer {
     server: Option<api::ServerTask>,
@@ -340,7 +340,8 @@ impl PausedServer {
         let n = notify.clone();
         let wake: api::WakeFn = Arc::new(move || n.notify_one());
         tokio::spawn(async move {
-            let mut state = api::fake::FakeState::new();
+            // The real VMM's answers before start (vmm::configure), without its blocking loop.
+            let mut partial = vmm::config::PartialConfig::default();
             let mut held = Vec::new();
             loop {
                 notify.notified().await;
@@ -348,8 +349,8 @@ impl PausedServer {
                     if msg.request == ApiRequest::Action(api::ActionType::FlushMetrics) {
                         held.push(msg);
                     } else {
-                        let answer = state.handle(&msg.request);
-                        msg.respond(answer);
+                        let (request, responder) = msg.into_parts();
+                        responder.respond(vmm::configure::configure(request, &mut partial));
                     }
                 }
             }

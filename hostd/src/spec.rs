@@ -288,7 +288,7 @@ fn validate_weight(field: &str, w: u32) -> Result<(), SpecError> {
 }
 
 fn validate_balloon(b: &BalloonSpec) -> Result<(), SpecError> {
-    let max = u64::from(api::MAX_STATS_POLLING_INTERVAL_S);
+    let max = api::MAX_STATS_POLLING_INTERVAL_S;
     if b.stats_interval_s > max {
         return err(format!(
             "balloon.stats_interval_s: {} s is out of range 0..={max} s",

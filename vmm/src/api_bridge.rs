@@ -2,16 +2,15 @@
 //!
 //! Two phases:
 //! - **before start** ([`configure_until_start`]): `main` waits on the request channel, fills a
-//!   [`PartialConfig`] from `PUT /boot-source`, `/machine-config`, `/balloon`, `/hotplug/memory`,
-//!   and boots on `PUT /actions InstanceStart` (answering only once the VM really started, or
-//!   with the reason it could not);
+//!   [`PartialConfig`] from `PUT /boot-source`, `/machine-config`, `/balloon`, `/hotplug/memory`
+//!   (and their PATCHes), answers GETs from it, and boots on `PUT /actions InstanceStart`
+//!   (answered only once the VM really started, or with the reason it could not);
 //! - **running** ([`ApiHandler`]): an event-loop subscriber woken by an eventfd drains the
 //!   channel and answers from the devices and the memory manager. Nothing here blocks a vCPU.
 //!
-//! `PUT /vm/resize` picks the mechanism: below the boot size the balloon shrinks the guest,
-//! above it virtio-mem plugs hot-add memory; the other one is released, so they never pull
-//! against each other. Going down across the boot size, the balloon target is held back until
-//! virtio-mem reports (an eventfd) that the guest has unplugged down to its new requested size.
+//! The limits are [`api::rules`], the ones the command line and the API server apply too;
+//! `PUT /vm/resize` is decided by [`crate::resize`], and applied here. The phase before the
+//! start is [`crate::configure`].
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -20,20 +19,24 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use api::rules::{self, StatsQueue};
 use api::{
     ActionType, ApiError, ApiMessage, ApiRequest, ApiResponse, ApiResult, BalloonState,
     BalloonStats, HostMemory, HotplugMemoryState, InstanceInfo, InstanceState, MemoryMap,
     MemoryQuery, MemoryRegionInfo, MemoryTotals, MetricFamily, MetricKind, MetricsSnapshot,
-    OfflineReason, OfflineRuns, PageRun, ResizeMechanism, ResizeState, ResizeStatus,
+    OfflineReason, OfflineRuns, PageRun, ResizeStatus,
 };
 use balloon::{Balloon, StatTag, VirtioMem};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::warn;
+use memory::tracker::Mark;
 use memory::{MemoryManager, PageRange, Reason};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{BalloonOptions, HotplugOptions, PartialConfig, VmConfig};
+use crate::config::HotplugOptions;
+pub use crate::configure::{configure_until_start, start_config, start_failed, StartDecision};
+use crate::resize::{self, BalloonNow, Devices, Event, Intent, Plan, Shape, VirtioMemNow};
 
 const PAGE: u64 = 4096;
 
@@ -41,7 +44,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn instance_info(state: InstanceState) -> InstanceInfo {
+pub(crate) fn instance_info(state: InstanceState) -> InstanceInfo {
     InstanceInfo {
         id: format!("vmm-{}", std::process::id()),
         state,
@@ -50,114 +53,14 @@ fn instance_info(state: InstanceState) -> InstanceInfo {
     }
 }
 
-/// What `main` should do after the configuration phase.
-pub enum StartDecision {
-    /// Boot this configuration; `reply` (if any) is answered once the VM started.
-    Start {
-        config: VmConfig,
-        reply: Option<api::bridge::Responder>,
-    },
-    /// The API server went away before a start was asked.
-    ChannelClosed,
-}
-
-fn balloon_options(b: &api::BalloonConfig) -> BalloonOptions {
-    BalloonOptions {
-        amount_mib: b.amount_mib,
-        deflate_on_oom: b.deflate_on_oom,
-        stats_interval_s: b.stats_polling_interval_s as u64,
-        free_page_reporting: b.free_page_reporting,
-    }
-}
-
-/// Answer pre-boot requests until `InstanceStart` with a valid configuration.
-pub fn configure_until_start(
-    rx: &Receiver<ApiMessage>,
-    partial: &mut PartialConfig,
-) -> StartDecision {
-    loop {
-        let Ok(msg) = rx.recv() else {
-            return StartDecision::ChannelClosed;
-        };
-        let (request, responder) = msg.into_parts();
-        let result: ApiResult = match request {
-            ApiRequest::GetInstanceInfo => {
-                Ok(ApiResponse::InstanceInfo(instance_info(InstanceState::NotStarted)))
-            }
-            ApiRequest::PutBootSource(b) => {
-                partial.kernel = Some(b.kernel_image_path.into());
-                partial.initramfs = b.initrd_path.map(Into::into);
-                partial.cmdline = b.boot_args;
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::PutMachineConfig(m) => {
-                partial.vcpus = Some(m.vcpu_count);
-                partial.memory_mib = Some(m.mem_size_mib);
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::PutBalloon(b) => {
-                partial.balloon = Some(balloon_options(&b));
-                Ok(ApiResponse::Empty)
-            }
-            ApiRequest::PutHotplugMemory(h) => {
-                let opts = HotplugOptions {
-                    total_mib: h.total_size_mib,
-                    block_mib: h.block_size_mib,
-                    requested_mib: 0,
-                };
-                match opts.validate() {
-                    Ok(()) => {
-                        partial.hotplug = Some(opts);
-                        Ok(ApiResponse::Empty)
-                    }
-                    Err(e) => Err(ApiError::bad_request(e.to_string())),
-                }
-            }
-            ApiRequest::GetBalloon => match &partial.balloon {
-                Some(b) => Ok(ApiResponse::Balloon(BalloonState {
-                    amount_mib: b.amount_mib,
-                    deflate_on_oom: b.deflate_on_oom,
-                    stats_polling_interval_s: b.stats_interval_s as u16,
-                    free_page_reporting: b.free_page_reporting,
-                    target_pages: b.amount_mib << 8,
-                    actual_pages: 0,
-                    actual_mib: 0,
-                })),
-                None => Err(ApiError::not_found("no balloon is configured")),
-            },
-            ApiRequest::Action(ActionType::InstanceStart) => {
-                if partial.kernel.is_none() {
-                    Err(ApiError::bad_request(
-                        "no kernel: PUT /boot-source {\"kernel_image_path\": ...} first",
-                    ))
-                } else {
-                    match VmConfig::from_partial(partial.clone()) {
-                        Ok(config) => {
-                            return StartDecision::Start {
-                                config,
-                                reply: Some(responder),
-                            }
-                        }
-                        Err(e) => Err(ApiError::bad_request(e.to_string())),
-                    }
-                }
-            }
-            ApiRequest::Action(ActionType::FlushMetrics) => Ok(ApiResponse::Empty),
-            other => Err(ApiError::conflict(format!(
-                "{} needs a running VM; configure it and PUT /actions {{\"action_type\": \"InstanceStart\"}} first",
-                request_name(&other)
-            ))),
-        };
-        responder.respond(result);
-    }
-}
-
-fn request_name(r: &ApiRequest) -> &'static str {
+pub(crate) fn request_name(r: &ApiRequest) -> &'static str {
     match r {
         ApiRequest::GetInstanceInfo => "GET /",
         ApiRequest::PutBootSource(_) => "PUT /boot-source",
         ApiRequest::PutMachineConfig(_) => "PUT /machine-config",
-        ApiRequest::Action(_) => "PUT /actions",
+        ApiRequest::Action(ActionType::InstanceStart) => "InstanceStart",
+        ApiRequest::Action(ActionType::SendCtrlAltDel) => "SendCtrlAltDel",
+        ApiRequest::Action(ActionType::FlushMetrics) => "FlushMetrics",
         ApiRequest::PutBalloon(_) => "PUT /balloon",
         ApiRequest::PatchBalloon(_) => "PATCH /balloon",
         ApiRequest::GetBalloon => "GET /balloon",
@@ -180,17 +83,6 @@ pub struct RunningVm {
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
     pub manager: Arc<Mutex<MemoryManager>>,
-}
-
-/// What the last `PUT /vm/resize` asked for. Written by the VMM thread, read by `GET /vm/resize`.
-#[derive(Debug, Clone, Copy, Default)]
-struct ResizeIntent {
-    desired_mib: Option<u64>,
-    /// Whether the resize needs both devices (it crosses the boot size).
-    crossing: bool,
-    /// A balloon target held back until virtio-mem has finished unplugging: inflating while
-    /// Linux unplugs makes it migrate balloon pages out of the blocks it is emptying.
-    pending_balloon_mib: Option<u64>,
 }
 
 /// How a read takes the device locks: the VMM thread waits for them; the API thread only tries,
@@ -241,11 +133,10 @@ fn no_hotplug() -> ApiError {
 /// the VMM thread, and the device loop never waits for an HTTP client. Each lock is held only
 /// to copy numbers out, and never two at once.
 pub struct VmView {
-    boot_mib: u64,
-    hotplug: Option<HotplugOptions>,
+    shape: Shape,
     balloon: Option<Arc<Mutex<Balloon>>>,
     virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
-    resize: Mutex<ResizeIntent>,
+    resize: Mutex<Intent>,
     /// GETs answered on the API thread, and those handed to the VMM thread because a device
     /// was busy.
     direct_reads: AtomicU64,
@@ -331,54 +222,38 @@ impl VmView {
         })
     }
 
-    fn resize_status(&self, how: Access) -> Result<ResizeStatus, ReadError> {
-        let intent = *acquire(&self.resize, how)?;
-        // (actual, target) of the balloon and (plugged, requested) of virtio-mem, in bytes.
+    /// What the devices report now, one lock at a time.
+    fn devices(&self, how: Access) -> Result<Devices, ReadError> {
         let balloon = match self.balloon.as_deref() {
             Some(b) => {
                 let b = acquire(b, how)?;
-                Some((b.actual_bytes(), b.target_bytes()))
+                Some(BalloonNow {
+                    target_bytes: b.target_bytes(),
+                    actual_bytes: b.actual_bytes(),
+                })
             }
             None => None,
         };
-        let mem = match self.virtio_mem.as_deref() {
+        let virtio_mem = match self.virtio_mem.as_deref() {
             Some(m) => {
                 let m = acquire(m, how)?;
-                Some((m.plugged_size(), m.requested_size()))
+                Some(VirtioMemNow {
+                    requested_bytes: m.requested_size(),
+                    plugged_bytes: m.plugged_size(),
+                })
             }
             None => None,
         };
-        let boot = self.boot_mib;
-        let ballooned = balloon.map_or(0, |(actual, _)| actual >> 20);
-        let plugged = mem.map_or(0, |(plugged, _)| plugged >> 20);
-        let current = boot - ballooned.min(boot) + plugged;
-        let Some(desired) = intent.desired_mib else {
-            return Ok(ResizeStatus {
-                desired_mib: current,
-                current_mib: current,
-                mechanism: ResizeMechanism::None,
-                state: ResizeState::Idle,
-            });
-        };
-        let mechanism = match desired.cmp(&boot) {
-            _ if intent.crossing => ResizeMechanism::Both,
-            std::cmp::Ordering::Less => ResizeMechanism::Balloon,
-            std::cmp::Ordering::Greater => ResizeMechanism::VirtioMem,
-            std::cmp::Ordering::Equal => ResizeMechanism::None,
-        };
-        // Reached when both devices report their targets; plugging rounds up to whole blocks.
-        let balloon_done = balloon.is_none_or(|(actual, target)| actual == target);
-        let mem_done = mem.is_none_or(|(plugged, requested)| plugged == requested);
-        Ok(ResizeStatus {
-            desired_mib: desired,
-            current_mib: current,
-            mechanism,
-            state: if balloon_done && mem_done && intent.pending_balloon_mib.is_none() {
-                ResizeState::Reached
-            } else {
-                ResizeState::InProgress
-            },
+        Ok(Devices {
+            balloon,
+            virtio_mem,
         })
+    }
+
+    fn resize_status(&self, how: Access) -> Result<ResizeStatus, ReadError> {
+        let intent = *acquire(&self.resize, how)?;
+        let now = self.devices(how)?;
+        Ok(resize::status(&self.shape, &now, &intent))
     }
 }
 
@@ -419,15 +294,22 @@ impl ApiHandler {
         if let Some(m) = vm.virtio_mem.as_deref() {
             lock(m).notify_plugged_changes(plugged_changed.try_clone()?);
         }
+        let shape = Shape {
+            boot_mib: vm.boot_mib,
+            has_balloon: vm.balloon.is_some(),
+            hotplug: vm.hotplug.map(|h| resize::Region {
+                total_mib: h.total_mib,
+                block_mib: h.block_mib,
+            }),
+        };
         Ok(Self {
             rx,
             wake,
             view: Arc::new(VmView {
-                boot_mib: vm.boot_mib,
-                hotplug: vm.hotplug,
+                shape,
                 balloon: vm.balloon,
                 virtio_mem: vm.virtio_mem,
-                resize: Mutex::new(ResizeIntent::default()),
+                resize: Mutex::new(Intent::default()),
                 direct_reads: AtomicU64::new(0),
                 direct_busy: AtomicU64::new(0),
             }),
@@ -443,36 +325,48 @@ impl ApiHandler {
         self.view.clone()
     }
 
-    fn set_intent(&self, intent: ResizeIntent) {
-        *lock(&self.view.resize) = intent;
+    fn devices(&self) -> Devices {
+        match self.view.devices(Access::Wait) {
+            Ok(d) => d,
+            Err(_) => unreachable!("Access::Wait never finds a lock busy"),
+        }
+    }
+
+    /// Feeds `event` to the resize decision and applies what it says.
+    fn resize_event(&mut self, event: Event) -> Result<(), ApiError> {
+        let intent = *lock(&self.view.resize);
+        let plan = resize::decide(&self.view.shape, &self.devices(), intent, event)
+            .map_err(|e| ApiError::bad_request(e.for_api()))?;
+        self.apply(plan)
+    }
+
+    fn apply(&mut self, plan: Plan) -> Result<(), ApiError> {
+        if let Some(mib) = plan.requested_mib {
+            self.set_requested_mib(mib)?;
+        }
+        if let Some(mib) = plan.balloon_mib {
+            self.balloon()?.set_target_mib(mib).map_err(|e| {
+                ApiError::internal(format!("the balloon refused a target of {mib} MiB: {e}"))
+            })?;
+        }
+        *lock(&self.view.resize) = plan.intent;
+        Ok(())
     }
 
     /// A direct PATCH of either device ends any resize in progress.
     fn cancel_resize(&mut self) {
-        self.set_intent(ResizeIntent::default());
+        // A direct change touches no device: it cannot fail.
+        let _ = self.resize_event(Event::DirectChange);
     }
 
-    /// virtio-mem's plugged size changed (or a resize just began): apply the held-back balloon
+    /// virtio-mem's plugged size changed (or a resize just began): apply a held-back balloon
     /// target once virtio-mem is done unplugging.
     fn plugged_size_changed(&mut self) {
-        let intent = *lock(&self.view.resize);
-        let Some(mib) = intent.pending_balloon_mib else {
-            return;
-        };
-        let unplugged = self.view.virtio_mem.as_deref().is_none_or(|m| {
-            let m = lock(m);
-            m.plugged_size() <= m.requested_size()
-        });
-        if unplugged {
-            self.set_intent(ResizeIntent {
-                pending_balloon_mib: None,
-                ..intent
-            });
-            if let Ok(mut b) = self.balloon() {
-                if let Err(e) = b.set_target_mib(mib) {
-                    warn!("resize: balloon target {mib} MiB refused: {e}");
-                }
-            }
+        if let Err(e) = self.resize_event(Event::PluggedChanged) {
+            warn!(
+                "resize: the held-back balloon target was not applied: {}",
+                e.message
+            );
         }
     }
 
@@ -501,6 +395,7 @@ impl ApiHandler {
                 ReadError::Busy => ApiError::internal("a device lock was busy (cannot happen)"),
             });
         }
+        let bad = |e: rules::RuleError| ApiError::bad_request(e.for_api());
         match request {
             ApiRequest::PutBootSource(_)
             | ApiRequest::PutMachineConfig(_)
@@ -516,29 +411,46 @@ impl ApiHandler {
             )),
             ApiRequest::Action(ActionType::FlushMetrics) => Ok(ApiResponse::Empty),
             ApiRequest::PatchBalloon(u) => {
+                self.view.balloon.as_ref().ok_or_else(no_balloon)?;
+                rules::balloon_amount_mib(u.amount_mib, Some(self.view.shape.boot_mib))
+                    .map_err(bad)?;
                 self.cancel_resize();
-                let boot = self.view.boot_mib;
-                self.balloon()?.set_target_mib(u.amount_mib).map_err(|e| {
-                    ApiError::bad_request(format!(
-                        "amount_mib: {} is out of range 0..{boot} (the guest's boot memory): {e}",
-                        u.amount_mib
-                    ))
+                self.apply(Plan {
+                    balloon_mib: Some(u.amount_mib),
+                    ..Plan::default()
                 })?;
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::PatchBalloonStats(u) => {
-                self.balloon()?
-                    .set_stats_interval(Duration::from_secs(u.stats_polling_interval_s as u64))
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                let mut b = self.balloon()?;
+                let queue = if b.config().stats {
+                    StatsQueue::On
+                } else {
+                    StatsQueue::Off
+                };
+                let secs = u64::from(u.stats_polling_interval_s);
+                rules::stats_polling_interval_s(secs, queue).map_err(bad)?;
+                // Off stays off: 0 is all the rules allow then, and there is nothing to set.
+                if queue == StatsQueue::On {
+                    b.set_stats_interval(Duration::from_secs(secs))
+                        .map_err(|e| ApiError::internal(format!("the balloon refused: {e}")))?;
+                }
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::PatchHotplugMemory(u) => {
+                self.view.virtio_mem.as_ref().ok_or_else(no_hotplug)?;
+                let region = self.view.shape.hotplug.map(|h| (h.total_mib, h.block_mib));
+                rules::hotplug_requested_size_mib(u.requested_size_mib, region).map_err(bad)?;
                 self.cancel_resize();
                 self.set_requested_mib(u.requested_size_mib)?;
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::PutResize(r) => {
-                self.resize(r.desired_mib)?;
+                self.resize_event(Event::Resize {
+                    desired_mib: r.desired_mib,
+                })?;
+                // The guest may have unplugged already, before the intent was recorded.
+                self.plugged_size_changed();
                 Ok(ApiResponse::Empty)
             }
             ApiRequest::GetMemory(q) => Ok(ApiResponse::Memory(self.memory_map(&q)?)),
@@ -554,69 +466,7 @@ impl ApiHandler {
     fn set_requested_mib(&self, mib: u64) -> Result<(), ApiError> {
         self.virtio_mem()?
             .set_requested_size(mib << 20)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
-    }
-
-    /// One size for the guest: balloon below the boot size, virtio-mem above it.
-    fn resize(&mut self, desired: u64) -> Result<(), ApiError> {
-        let boot = self.view.boot_mib;
-        let hot = self.view.hotplug.map_or(0, |h| h.total_mib);
-        if desired > boot + hot {
-            return Err(ApiError::bad_request(format!(
-                "desired_mib {desired} is above the most this VM can have: {} MiB ({boot} MiB of \
-                 boot memory plus {hot} MiB of hot-add memory)",
-                boot + hot
-            )));
-        }
-        if desired < boot && self.view.balloon.is_none() {
-            return Err(ApiError::bad_request(format!(
-                "desired_mib {desired} is below the boot memory ({boot} MiB) and the VM has no balloon"
-            )));
-        }
-        if desired > boot && self.view.virtio_mem.is_none() {
-            return Err(ApiError::bad_request(format!(
-                "desired_mib {desired} is above the boot memory ({boot} MiB) and the VM has no hot-add memory"
-            )));
-        }
-        let plug_mib = match self.view.hotplug {
-            Some(h) => desired.saturating_sub(boot).div_ceil(h.block_mib) * h.block_mib,
-            None => 0,
-        };
-        let balloon_mib = boot.saturating_sub(desired);
-        let plugged_now = self
-            .view
-            .virtio_mem
-            .as_deref()
-            .map_or(0, |m| lock(m).plugged_size());
-        let ballooned_now = self
-            .view
-            .balloon
-            .as_deref()
-            .map_or(0, |b| lock(b).target_bytes());
-        self.cancel_resize();
-        if self.view.virtio_mem.is_some() {
-            self.set_requested_mib(plug_mib)?;
-        }
-        let mut pending_balloon_mib = None;
-        if self.view.balloon.is_some() {
-            if balloon_mib > 0 && plugged_now > (plug_mib << 20) {
-                // Down across the boot size: unplug first, inflate once that is done.
-                pending_balloon_mib = Some(balloon_mib);
-            } else {
-                // Deflating and plugging do not compete: both give the guest memory.
-                self.balloon()?
-                    .set_target_mib(balloon_mib)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            }
-        }
-        self.set_intent(ResizeIntent {
-            desired_mib: Some(desired),
-            crossing: (balloon_mib > 0 && plugged_now > 0) || (plug_mib > 0 && ballooned_now > 0),
-            pending_balloon_mib,
-        });
-        // The guest may have unplugged already, before the intent was recorded.
-        self.plugged_size_changed();
-        Ok(())
+            .map_err(|e| ApiError::internal(format!("virtio-mem refused {mib} MiB: {e}")))
     }
 
     fn memory_map(&self, q: &MemoryQuery) -> Result<MemoryMap, ApiError> {
@@ -640,41 +490,26 @@ impl ApiHandler {
                 offline_pages,
             });
         }
-        let end = q.pfn_end.unwrap_or(u64::MAX >> 12);
-        if end <= q.pfn_start {
-            return Err(ApiError::bad_request(format!(
-                "pfn_end {end:#x} must be above pfn_start {:#x}",
-                q.pfn_start
-            )));
-        }
-        let within = PageRange::new(q.pfn_start, end - q.pfn_start);
+        // The query was validated by the server (pfn_end above pfn_start, both in range).
+        let end = q.pfn_end.unwrap_or(rules::MAX_PFN);
+        let within = PageRange::new(q.pfn_start, end.saturating_sub(q.pfn_start));
         let reasons: Vec<OfflineReason> = match q.reason {
-            Some(OfflineReason::Discarded) => {
-                return Err(ApiError::bad_request(
-                    "reason=discarded is not listed run by run; totals.discarded_bytes has the amount. \
-                     Ask for ballooned or unplugged",
-                ))
-            }
             Some(r) => vec![r],
-            None => vec![OfflineReason::Ballooned, OfflineReason::Unplugged],
+            None => OfflineReason::ALL.to_vec(),
         };
         let mut offline = Vec::new();
         for reason in reasons {
-            let r = match reason {
-                OfflineReason::Ballooned => Reason::Ballooned,
-                _ => Reason::Unplugged,
-            };
-            let all = m.offline_runs(Some(r), Some(within), usize::MAX);
-            let pages_in_range = all.iter().map(|(r, _)| r.count).sum();
+            let all = offline_runs(&m, reason, within);
+            let pages_in_range = all.iter().map(|r| r.count).sum();
             let limit = q.limit as usize;
-            let next_pfn = (all.len() > limit).then(|| all[limit].0.start.0);
+            let next_pfn = (all.len() > limit).then(|| all[limit].start.0);
             offline.push(OfflineRuns {
                 reason,
                 pages_in_range,
                 runs: all
                     .iter()
                     .take(limit)
-                    .map(|(r, _)| PageRun {
+                    .map(|r| PageRun {
                         start_pfn: r.start.0,
                         pages: r.count,
                     })
@@ -858,6 +693,131 @@ impl MutEventSubscriber for ApiHandler {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Every run of offline pages of `reason` within `within`, in address order. Ballooned and
+/// unplugged are the manager's runs; discarded (offline pages whose host backing is released,
+/// of either reason) comes from the tracker's marks.
+fn offline_runs(m: &MemoryManager, reason: OfflineReason, within: PageRange) -> Vec<PageRange> {
+    match reason {
+        OfflineReason::Ballooned | OfflineReason::Unplugged => {
+            let r = if reason == OfflineReason::Ballooned {
+                Reason::Ballooned
+            } else {
+                Reason::Unplugged
+            };
+            m.offline_runs(Some(r), Some(within), usize::MAX)
+                .into_iter()
+                .map(|(range, _)| range)
+                .collect()
+        }
+        OfflineReason::Discarded => {
+            let mut out: Vec<PageRange> = Vec::new();
+            let chunks = m
+                .tracker()
+                .marked_runs(Some((within.start.0, within.end())));
+            for c in chunks.filter(|c| c.marks.contains(Mark::Discarded)) {
+                match out.last_mut() {
+                    Some(last) if last.end() == c.start => last.count += c.len,
+                    _ => out.push(PageRange::new(c.start, c.len)),
+                }
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A handler over 64 MiB of boot RAM with `runs` (start, pages) ballooned, no devices.
+    fn handler_with(runs: &[(u64, u64)]) -> ApiHandler {
+        let spec = memory::RegionSpec {
+            guest_addr: 0,
+            size: 64 << 20,
+            backing: memory::Backing::PrivateAnonymous,
+            kind: memory::RegionKind::BootRam,
+        };
+        let mut m = MemoryManager::new(&[spec], Box::new(balloon::testing::NoSlots)).unwrap();
+        let ranges: Vec<PageRange> = runs.iter().map(|&(s, n)| PageRange::new(s, n)).collect();
+        let ranges = memory::PageRanges::from_ranges(&ranges, m.ram());
+        m.offline(&ranges).unwrap();
+        let (_tx, rx) = std::sync::mpsc::channel();
+        let vm = RunningVm {
+            boot_mib: 64,
+            hotplug: None,
+            balloon: None,
+            virtio_mem: None,
+            manager: Arc::new(Mutex::new(m)),
+        };
+        ApiHandler::new(rx, EventFd::new(EFD_NONBLOCK).unwrap(), vm).unwrap()
+    }
+
+    fn ballooned(h: &mut ApiHandler, q: MemoryQuery) -> OfflineRuns {
+        match h.handle(ApiRequest::GetMemory(q)) {
+            Ok(ApiResponse::Memory(m)) => m.offline.into_iter().next().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Sorted, disjoint, non-adjacent runs inside 64 MiB (16384 pages).
+    fn runs() -> impl Strategy<Value = Vec<(u64, u64)>> {
+        prop::collection::vec((1u64..200, 1u64..200), 0..40).prop_map(|parts| {
+            let mut pfn = 0;
+            parts
+                .into_iter()
+                .map(|(gap, pages)| {
+                    pfn += gap;
+                    let run = (pfn, pages);
+                    pfn += pages;
+                    run
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Following `next_pfn` from `pfn_start` visits exactly the offline pages of the range,
+        /// each once, in order, never more than `limit` runs at a time, and `pages_in_range`
+        /// counts them all: what `GET /vm/memory` documents.
+        #[test]
+        fn paging_visits_the_range_exactly(
+            runs in runs(),
+            start in 0u64..20_000,
+            len in prop::option::of(1u64..20_000),
+            limit in 1u32..8,
+        ) {
+            let mut h = handler_with(&runs);
+            let end = len.map(|l| start + l);
+            let expected: Vec<u64> = runs
+                .iter()
+                .flat_map(|&(s, n)| s..s + n)
+                .filter(|p| *p >= start && end.is_none_or(|e| *p < e))
+                .collect();
+            let mut q = MemoryQuery { reason: Some(OfflineReason::Ballooned), pfn_start: start, pfn_end: end, limit };
+            prop_assert_eq!(ballooned(&mut h, q).pages_in_range, expected.len() as u64);
+            let mut seen = Vec::new();
+            loop {
+                let page = ballooned(&mut h, q);
+                prop_assert!(page.runs.len() <= limit as usize);
+                for r in &page.runs {
+                    prop_assert!(r.pages > 0);
+                    seen.extend(r.start_pfn..r.start_pfn + r.pages);
+                }
+                match page.next_pfn {
+                    Some(next) => {
+                        prop_assert!(next > q.pfn_start);
+                        q.pfn_start = next;
+                    }
+                    None => break,
+                }
+            }
+            prop_assert_eq!(seen, expected);
         }
     }
 }

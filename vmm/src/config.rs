@@ -1,8 +1,10 @@
 //! What the user asks for: command-line flags and an equivalent JSON file, merged and validated
-//! into one [`VmConfig`]. Every error names the flag or field and what is allowed.
+//! into one [`VmConfig`]. The limits are the API's ([`api::rules`]): every error names the flag
+//! or field, the value with its unit, and what is allowed.
 
 use std::path::{Path, PathBuf};
 
+use api::rules::{self, Field, RuleError, StatsQueue};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -14,6 +16,8 @@ pub const DEFAULT_MEMORY_MIB: u64 = 256;
 pub const MAX_MEMORY_MIB: u64 = api::MAX_MEM_MIB;
 /// MADT APIC IDs are 8-bit and 0xff is broadcast.
 pub const MAX_VCPUS: u8 = api::MAX_VCPUS;
+/// Smallest boot RAM (the API's limit too).
+pub const MIN_MEMORY_MIB: u64 = api::MIN_MEM_MIB;
 
 /// Command line of the `vmm` binary.
 #[derive(Parser, Debug)]
@@ -129,34 +133,15 @@ impl HotplugOptions {
         Ok(o)
     }
 
-    /// The rules of Linux's virtio-mem driver: the API's (`PUT /hotplug/memory`) for the
-    /// region, named by this flag's keys, plus the initial request's alignment.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |detail: String| {
-            Err(ConfigError::Option {
-                flag: "--hotplug",
-                detail,
-            })
-        };
-        let region = api::HotplugMemoryConfig {
-            total_size_mib: self.total_mib,
-            block_size_mib: self.block_mib,
-        };
-        if let Err(e) = api::Validate::validate(&region) {
-            let key = match e.field {
-                "block_size_mib" => "block_mib",
-                _ => "total_mib",
-            };
-            return err(format!("{key}: {}", e.message));
-        }
-        if self.requested_mib > self.total_mib || !self.requested_mib.is_multiple_of(self.block_mib)
-        {
-            return err(format!(
-                "requested_mib is {}; it must be a multiple of block_mib ({}) up to total_mib ({})",
-                self.requested_mib, self.block_mib, self.total_mib
-            ));
-        }
-        Ok(())
+    /// The rules of Linux's virtio-mem driver, the API's (`PUT /hotplug/memory`,
+    /// `PATCH /hotplug/memory`) for the region and the initial request.
+    pub fn validate(&self) -> Result<(), RuleError> {
+        rules::hotplug_block_size_mib(self.block_mib)?;
+        rules::hotplug_total_size_mib(self.total_mib, self.block_mib)?;
+        rules::hotplug_requested_size_mib(
+            self.requested_mib,
+            Some((self.total_mib, self.block_mib)),
+        )
     }
 }
 
@@ -222,22 +207,28 @@ impl BalloonOptions {
     }
 }
 
-/// Split `key=value,...` (the form of `--balloon` and `--hotplug`), refusing items without `=`.
+/// Split `key=value,...` (the form of `--balloon` and `--hotplug`), refusing items without `=`
+/// and keys given twice (which would otherwise silently take the last value).
 fn key_values<'a>(
     flag: &'static str,
     s: &'a str,
     keys: &str,
 ) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|i| !i.is_empty())
-        .map(|item| {
-            item.split_once('=').ok_or_else(|| ConfigError::Option {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (k, v) = item.split_once('=').ok_or_else(|| ConfigError::Option {
+            flag,
+            detail: format!("`{item}` is not KEY=VALUE; keys are {keys}"),
+        })?;
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(ConfigError::Option {
                 flag,
-                detail: format!("`{item}` is not KEY=VALUE; keys are {keys}"),
-            })
-        })
-        .collect()
+                detail: format!("{k} is given twice; give each key once"),
+            });
+        }
+        out.push((k, v));
+    }
+    Ok(out)
 }
 
 fn unknown_key(flag: &'static str, key: &str, keys: &str) -> ConfigError {
@@ -288,16 +279,33 @@ pub enum ConfigError {
     FileInvalid { path: String, detail: String },
     #[error("no kernel given: pass --kernel PATH (or \"kernel\" in --config), or build the default guest with `{build}`")]
     NoKernel { build: String },
-    #[error("vcpus is {0}; it must be between 1 and {MAX_VCPUS}")]
-    Vcpus(u8),
-    #[error("memory_mib is {0}; it must be between 1 and {MAX_MEMORY_MIB}")]
-    Memory(u64),
-    #[error("serial is empty; use `stdout` or a file path")]
-    Serial,
+    /// A value breaks one of the rules the API applies too; named by its flag here, by its
+    /// JSON field for the API ([`ConfigError::for_api`]).
+    #[error("{}", .0.for_cli())]
+    Rule(RuleError),
     #[error("{flag}: {detail}")]
     Option { flag: &'static str, detail: String },
-    #[error("balloon amount_mib is {amount}; it must be below the guest's memory_mib ({memory})")]
-    BalloonTooLarge { amount: u64, memory: u64 },
+}
+
+impl From<RuleError> for ConfigError {
+    fn from(e: RuleError) -> Self {
+        Self::Rule(e)
+    }
+}
+
+impl ConfigError {
+    /// The error in the API's words, for `PUT /actions InstanceStart`: fields named as the
+    /// API's bodies name them.
+    pub fn for_api(&self) -> String {
+        match self {
+            Self::Rule(e) => e.for_api(),
+            Self::NoKernel { .. } => {
+                "kernel_image_path: no kernel: PUT /boot-source {\"kernel_image_path\": ...} first"
+                    .to_string()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl VmConfig {
@@ -320,25 +328,28 @@ impl VmConfig {
             (d == kernel).then(|| default_guest_file("initramfs.cpio.gz"))?
         });
         let vcpus = p.vcpus.unwrap_or(1);
-        if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(vcpus));
-        }
+        rules::vcpu_count(u64::from(vcpus))?;
         let memory_mib = p.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
-        if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
-            return Err(ConfigError::Memory(memory_mib));
+        rules::mem_size_mib(memory_mib)?;
+        rules::host_path(Field::KernelImagePath, &kernel.to_string_lossy())?;
+        if let Some(i) = &initramfs {
+            rules::host_path(Field::InitrdPath, &i.to_string_lossy())?;
+        }
+        if let Some(c) = &p.cmdline {
+            rules::boot_args(c)?;
         }
         let serial = match p.serial.as_deref() {
             None | Some("stdout") => SerialOut::Stdout,
-            Some("") => return Err(ConfigError::Serial),
+            Some("") => {
+                return Err(
+                    RuleError::new(Field::Serial, "is empty; use `stdout` or a file path").into(),
+                )
+            }
             Some(path) => SerialOut::File(PathBuf::from(path)),
         };
         if let Some(b) = &p.balloon {
-            if b.amount_mib >= memory_mib {
-                return Err(ConfigError::BalloonTooLarge {
-                    amount: b.amount_mib,
-                    memory: memory_mib,
-                });
-            }
+            rules::balloon_amount_mib(b.amount_mib, Some(memory_mib))?;
+            rules::stats_polling_interval_s(b.stats_interval_s, StatsQueue::NotFixed)?;
         }
         if let Some(h) = &p.hotplug {
             h.validate()?;
@@ -422,9 +433,20 @@ mod tests {
     #[test]
     fn flags_are_validated_with_the_allowed_range() {
         let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--vcpus", "0"])).unwrap_err();
-        assert_eq!(e.to_string(), "vcpus is 0; it must be between 1 and 254");
-        let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--memory-mib", "0"])).unwrap_err();
-        assert!(e.to_string().contains("memory_mib is 0"));
+        assert_eq!(
+            e.to_string(),
+            "--vcpus: 0 vCPUs is out of range: allowed 1 to 254 vCPUs"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--vcpus: {}",
+                api::Validate::validate(&api::MachineConfig::new(0, 256))
+                    .unwrap_err()
+                    .message
+            ),
+            "the API's own message, named by the flag"
+        );
         let c = VmConfig::from_cli(cli(&["--kernel", "/k", "--serial", "/tmp/s"])).unwrap();
         assert_eq!(c.serial, SerialOut::File("/tmp/s".into()));
         assert_eq!(c.vcpus, 1);
@@ -459,7 +481,11 @@ mod tests {
         let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--balloon", "amount_mib=256"]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("below the guest's memory_mib (256)"), "{e}");
+        assert_eq!(
+            e,
+            "--balloon amount_mib: 256 MiB is out of range: allowed 0 to 240 MiB (the boot \
+             memory, 256 MiB, less the 16 MiB a guest keeps)"
+        );
         assert_eq!(
             BalloonOptions::parse("").unwrap(),
             BalloonOptions::default()
@@ -479,21 +505,20 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("total_mib: 100 is out of range 128.."),
-            "{e}"
+        assert_eq!(
+            e.for_cli(),
+            "--hotplug total_mib: 100 MiB is out of range: allowed 128 to 1048576 MiB"
         );
         let e = HotplugOptions::parse("total_mib=200")
             .unwrap()
             .validate()
             .unwrap_err();
-        assert!(e.to_string().contains("multiple of 128"), "{e}");
+        assert!(e.for_cli().contains("multiple of 128"), "{e}");
         let e = HotplugOptions::parse("total_mib=256,block_mib=3")
             .unwrap()
             .validate()
             .unwrap_err();
-        assert!(e.to_string().contains("power of two"), "{e}");
+        assert!(e.for_cli().contains("power of two"), "{e}");
         let e = HotplugOptions::parse("total_mib=256,requested_mib=512")
             .unwrap()
             .validate();
@@ -502,6 +527,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown key `size`"), "{e}");
+    }
+
+    /// The command line had limits of its own (1 MiB of memory, any stats interval, repeated
+    /// keys taking the last value): now the API's.
+    #[test]
+    fn command_line_limits_are_the_apis() {
+        let err = |args: &[&str]| {
+            let mut v = vec!["--kernel", "/k"];
+            v.extend_from_slice(args);
+            VmConfig::from_cli(cli(&v)).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&["--memory-mib", "8"]),
+            "--memory-mib: 8 MiB is out of range: allowed 16 to 1048576 MiB"
+        );
+        assert_eq!(
+            err(&["--balloon", "stats_interval_s=4000"]),
+            "--balloon stats_interval_s: 4000 s is out of range: allowed 0 to 3600 s"
+        );
+        assert_eq!(
+            err(&["--balloon", "amount_mib=1,amount_mib=2"]),
+            "--balloon: amount_mib is given twice; give each key once"
+        );
+        assert_eq!(
+            err(&["--hotplug", "total_mib=256,total_mib=512"]),
+            "--hotplug: total_mib is given twice; give each key once"
+        );
+        assert!(
+            err(&["--cmdline", &"x".repeat(3000)]).starts_with("--cmdline: 3000 bytes is too long")
+        );
+        assert_eq!(
+            err(&["--hotplug", "total_mib=256,requested_mib=3"]),
+            "--hotplug requested_mib: 3 MiB is not a multiple of block_size_mib (2 MiB): \
+             allowed 0 to 256 MiB in steps of 2 MiB"
+        );
+        // The same error in the API's words, for InstanceStart.
+        let e = VmConfig::from_cli(cli(&["--kernel", "/k", "--memory-mib", "8"])).unwrap_err();
+        assert_eq!(
+            e.for_api(),
+            "mem_size_mib: 8 MiB is out of range: allowed 16 to 1048576 MiB"
+        );
+        let c = VmConfig::from_cli(cli(&["--kernel", "/k", "--memory-mib", "16"])).unwrap();
+        assert_eq!(c.memory_mib, 16);
     }
 
     #[test]

@@ -9,11 +9,15 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod configure;
 pub mod devices;
 pub mod event_loop;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory_timer;
+pub mod resize;
 pub mod slots;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod vcpu;
 pub mod vm;

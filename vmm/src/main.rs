@@ -10,7 +10,7 @@
 use std::io::IsTerminal;
 use std::sync::{mpsc, Arc};
 
-use api::{ApiError, ApiResponse};
+use api::ApiResponse;
 use clap::Parser;
 use vmm::api_bridge::{configure_until_start, ApiHandler, RunningVm, StartDecision};
 use vmm::config::{Cli, PartialConfig, VmConfig};
@@ -134,7 +134,7 @@ fn boot_from_api(
                     Ok(vm) => return (vm, reply),
                     Err(e) => {
                         if let Some(r) = reply {
-                            r.respond(Err(ApiError::bad_request(format!("cannot start: {e}"))));
+                            r.respond(Err(vmm::api_bridge::start_failed(&e)));
                         }
                     }
                 }

@@ -134,59 +134,25 @@ impl Vm {
             }
         }
         let vm_fd = Arc::new(vm_fd);
-        let backing = if config.thp {
-            Backing::PrivateAnonymousHuge
-        } else {
-            Backing::PrivateAnonymous
-        };
-        let mut specs: Vec<RegionSpec> = layout::ram_ranges(config.memory_bytes())
-            .into_iter()
-            .map(|(guest_addr, size)| RegionSpec {
-                guest_addr,
-                size,
-                backing,
-                kind: RegionKind::BootRam,
-            })
-            .collect();
-        // The hot-add region: reserved address space only, born offline (docs/architecture.md).
+        let specs = region_specs(&config);
+        // The hot-add region: each plugged block is its own KVM memory slot (so unplugged
+        // memory is not mapped into the guest at all): the blocks must fit in KVM's slot limit.
         if let Some(h) = &config.hotplug {
-            // Each plugged block is its own KVM memory slot (so unplugged memory is not mapped
-            // into the guest at all): the blocks must fit in KVM's slot limit.
             let blocks = h.total_mib / h.block_mib;
+            let boot_slots = specs.len() as u64 - 1;
             let slots = kvm.get_nr_memslots() as u64;
-            if blocks + specs.len() as u64 > slots {
+            if blocks + boot_slots > slots {
                 return Err(VmError::Device(format!(
-                    "--hotplug total_mib={} in blocks of {} MiB needs {blocks} KVM memory slots; \
-                     this host allows {slots}: use a block_mib of at least {} MiB",
+                    "hot-add memory of {} MiB in blocks of {} MiB needs {blocks} KVM memory \
+                     slots and this host allows {slots}: use blocks of at least {} MiB \
+                     (block_size_mib, --hotplug block_mib)",
                     h.total_mib,
                     h.block_mib,
-                    (h.total_mib / slots.saturating_sub(specs.len() as u64).max(1))
-                        .next_power_of_two()
+                    (h.total_mib / slots.saturating_sub(boot_slots).max(1)).next_power_of_two()
                 )));
             }
-            specs.push(RegionSpec {
-                guest_addr: layout::hotplug_base(config.memory_bytes()),
-                size: h.total_mib * MIB,
-                backing,
-                kind: RegionKind::Hotplug {
-                    block_size: h.block_mib * MIB,
-                },
-            });
         }
-        let manager =
-            MemoryManager::new(&specs, Box::new(KvmSlots::new(vm_fd.clone()))).map_err(|e| {
-                VmError::Memory {
-                    mib: config.memory_mib,
-                    detail: e.to_string(),
-                }
-            })?;
-        let mut manager = manager;
-        // Inflates are acknowledged first; the manager releases their host memory afterwards on
-        // its own timer (16 MiB batches, or after 2 ms without inflates: memory_timer.rs), so
-        // the guest's wait per request is the device's, not madvise's.
-        manager
-            .set_discard_policy(DiscardPolicy::Deferred)
-            .map_err(|e| VmError::Device(e.to_string()))?;
+        let manager = memory_manager(&specs, Box::new(KvmSlots::new(vm_fd.clone())), &config)?;
         let mem = manager.guest_memory().clone();
         let manager = Arc::new(Mutex::new(manager));
 
@@ -256,14 +222,7 @@ impl Vm {
 
     /// The virtio-mem device over the hot-add region.
     fn add_virtio_mem(&mut self, opts: &HotplugOptions) -> Result<(), VmError> {
-        let mut cfg = MemConfig::new(
-            layout::hotplug_base(self.config.memory_bytes()),
-            opts.total_mib * MIB,
-        );
-        cfg.block_size = opts.block_mib * MIB;
-        cfg.requested_size = opts.requested_mib * MIB;
-        let backend: Arc<dyn MemBackend> = self.manager.clone();
-        let dev = VirtioMem::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
+        let dev = virtio_mem_device(opts, &self.manager, self.config.memory_bytes())?;
         let dev = Arc::new(Mutex::new(dev));
         self.add_virtio_device(dev.clone(), dev.clone())?;
         self.virtio_mem = Some(dev);
@@ -277,18 +236,7 @@ impl Vm {
 
     /// The virtio-balloon, releasing memory through the memory manager.
     fn add_balloon(&mut self, opts: &BalloonOptions) -> Result<(), VmError> {
-        let cfg = BalloonConfig {
-            amount_mib: opts.amount_mib,
-            stats: opts.stats_interval_s > 0,
-            stats_interval: Duration::from_secs(opts.stats_interval_s),
-            deflate_on_oom: opts.deflate_on_oom,
-            free_page_reporting: opts.free_page_reporting,
-            ..BalloonConfig::default()
-        };
-        // The manager is the balloon's backend (balloon::manager implements it).
-        let backend: Arc<dyn BalloonBackend> = self.manager.clone();
-        let mut dev = Balloon::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
-        dev.set_guest_ram_bytes(self.config.memory_bytes());
+        let dev = balloon_device(opts, &self.manager, self.config.memory_bytes())?;
         let dev = Arc::new(Mutex::new(dev));
         self.add_virtio_device(dev.clone(), dev.clone())?;
         self.balloon = Some(dev);
@@ -448,6 +396,90 @@ impl Vm {
             }
         }
     }
+}
+
+/// Guest RAM for `config` as memory-manager regions: boot RAM around the 32-bit MMIO hole, then
+/// the hot-add region (reserved address space only, born offline). Used by [`Vm::new`] and the
+/// headless VMM of the tests.
+pub fn region_specs(config: &VmConfig) -> Vec<RegionSpec> {
+    let backing = if config.thp {
+        Backing::PrivateAnonymousHuge
+    } else {
+        Backing::PrivateAnonymous
+    };
+    let mut specs: Vec<RegionSpec> = layout::ram_ranges(config.memory_bytes())
+        .into_iter()
+        .map(|(guest_addr, size)| RegionSpec {
+            guest_addr,
+            size,
+            backing,
+            kind: RegionKind::BootRam,
+        })
+        .collect();
+    if let Some(h) = &config.hotplug {
+        specs.push(RegionSpec {
+            guest_addr: layout::hotplug_base(config.memory_bytes()),
+            size: h.total_mib * MIB,
+            backing,
+            kind: RegionKind::Hotplug {
+                block_size: h.block_mib * MIB,
+            },
+        });
+    }
+    specs
+}
+
+/// The memory manager over `specs`, registering slots through `slots`.
+pub fn memory_manager(
+    specs: &[RegionSpec],
+    slots: Box<dyn memory::SlotMapper>,
+    config: &VmConfig,
+) -> Result<MemoryManager, VmError> {
+    let mut manager = MemoryManager::new(specs, slots).map_err(|e| VmError::Memory {
+        mib: config.memory_mib,
+        detail: e.to_string(),
+    })?;
+    // Inflates are acknowledged first; the manager releases their host memory afterwards on
+    // its own timer (16 MiB batches, or after 2 ms without inflates: memory_timer.rs), so the
+    // guest's wait per request is the device's, not madvise's.
+    manager
+        .set_discard_policy(DiscardPolicy::Deferred)
+        .map_err(|e| VmError::Device(e.to_string()))?;
+    Ok(manager)
+}
+
+/// The virtio-balloon for the user's options, backed by the memory manager.
+pub fn balloon_device(
+    opts: &BalloonOptions,
+    manager: &Arc<Mutex<MemoryManager>>,
+    memory_bytes: u64,
+) -> Result<Balloon, VmError> {
+    let cfg = BalloonConfig {
+        amount_mib: opts.amount_mib,
+        stats: opts.stats_interval_s > 0,
+        stats_interval: Duration::from_secs(opts.stats_interval_s),
+        deflate_on_oom: opts.deflate_on_oom,
+        free_page_reporting: opts.free_page_reporting,
+        ..BalloonConfig::default()
+    };
+    // The manager is the balloon's backend (balloon::manager implements it).
+    let backend: Arc<dyn BalloonBackend> = manager.clone();
+    let mut dev = Balloon::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))?;
+    dev.set_guest_ram_bytes(memory_bytes);
+    Ok(dev)
+}
+
+/// The virtio-mem device over the hot-add region, backed by the memory manager.
+pub fn virtio_mem_device(
+    opts: &HotplugOptions,
+    manager: &Arc<Mutex<MemoryManager>>,
+    memory_bytes: u64,
+) -> Result<VirtioMem, VmError> {
+    let mut cfg = MemConfig::new(layout::hotplug_base(memory_bytes), opts.total_mib * MIB);
+    cfg.block_size = opts.block_mib * MIB;
+    cfg.requested_size = opts.requested_mib * MIB;
+    let backend: Arc<dyn MemBackend> = manager.clone();
+    VirtioMem::new(cfg, backend).map_err(|e| VmError::Device(e.to_string()))
 }
 
 fn insert(

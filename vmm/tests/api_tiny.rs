@@ -96,16 +96,26 @@ fn configure_and_start_through_the_api_alone() {
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("boot-source"), "{body}");
     // A running-VM request before start is a state conflict.
-    let (st, _) = vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib":4}"#));
-    assert_eq!(st, 409);
-    let src = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
+    let (st, body) = vmm.call("PUT", "/vm/resize", Some(r#"{"desired_mib":64}"#));
+    assert_eq!(st, 409, "{body}");
+    // GETs answer from the configuration so far; a metrics scraper may start before the VM.
+    assert_eq!(vmm.json("/vm/resize")["state"], "idle");
+    assert_eq!(vmm.call("GET", "/metrics", None).0, 200);
+    assert_eq!(vmm.call("GET", "/balloon/statistics", None).0, 404);
+    let src = format!(
+        r#"{{"kernel_image_path":"{}","initrd_path":null,"boot_args":null}}"#,
+        kernel.display()
+    );
     assert_eq!(vmm.call("PUT", "/boot-source", Some(&src)).0, 204);
-    let mc = r#"{"vcpu_count":1,"mem_size_mib":64}"#;
+    // What a Firecracker client sends.
+    let mc = r#"{"vcpu_count":1,"mem_size_mib":64,"smt":false,"track_dirty_pages":false,"huge_pages":"None","cpu_template":"None"}"#;
     assert_eq!(vmm.call("PUT", "/machine-config", Some(mc)).0, 204);
     let b = r#"{"amount_mib":0,"deflate_on_oom":true,"stats_polling_interval_s":1}"#;
     assert_eq!(vmm.call("PUT", "/balloon", Some(b)).0, 204);
-    let h = r#"{"total_size_mib":256,"block_size_mib":2}"#;
+    let h = r#"{"total_size_mib":256,"block_size_mib":2,"slot_size_mib":128}"#;
     assert_eq!(vmm.call("PUT", "/hotplug/memory", Some(h)).0, 204);
+    assert_eq!(vmm.json("/hotplug/memory")["total_size_mib"], 256);
+    assert_eq!(vmm.json("/balloon/statistics")["target_mib"], 0);
     let (st, body) = vmm.call(
         "PUT",
         "/actions",
@@ -127,9 +137,21 @@ fn configure_and_start_through_the_api_alone() {
         (bal["amount_mib"].as_u64(), bal["actual_pages"].as_u64()),
         (Some(16), Some(0))
     );
-    // Too large a target is a 400 naming the limit.
-    let (st, body) = vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib":4096}"#));
+    // Too large a target is a 400 naming the limit; so is the whole boot memory.
+    let (st, body) = vmm.call("PATCH", "/balloon", Some(r#"{"amount_mib":64}"#));
     assert_eq!(st, 400, "{body}");
+    assert_eq!(
+        body,
+        r#"{"fault_message":"amount_mib: 64 MiB is out of range: allowed 0 to 48 MiB (the boot memory, 64 MiB, less the 16 MiB a guest keeps)"}"#
+    );
+    // Statistics stay on once the VM runs.
+    let (st, body) = vmm.call(
+        "PATCH",
+        "/balloon/statistics",
+        Some(r#"{"stats_polling_interval_s":0}"#),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("0 s would switch statistics off"), "{body}");
     // Hot-add: the region is born offline, all of it unplugged, none resident.
     let mem = vmm.json("/vm/memory");
     assert_eq!(
@@ -145,8 +167,11 @@ fn configure_and_start_through_the_api_alone() {
         .unwrap();
     assert_eq!(hot["guest_phys_addr"].as_u64(), Some(1 << 32));
     assert_eq!(hot["offline_pages"].as_u64(), Some(256 << 8));
-    // Resize up: virtio-mem is asked for the difference, the balloon (16 MiB target) is
-    // released: both devices work on it.
+    // Offline pages whose backing is released are listed too.
+    let d = vmm.json("/vm/memory?reason=discarded&limit=1");
+    assert_eq!(d["offline"][0]["reason"], "discarded", "{d}");
+    // Resize up: virtio-mem is asked for the difference and the balloon's 16 MiB target is
+    // released; the tiny guest has no balloon driver, so only virtio-mem has work to do.
     assert_eq!(
         vmm.call("PUT", "/vm/resize", Some(r#"{"desired_mib":128}"#))
             .0,
@@ -158,7 +183,7 @@ fn configure_and_start_through_the_api_alone() {
     let rs = vmm.json("/vm/resize");
     assert_eq!(
         (rs["mechanism"].as_str(), rs["state"].as_str()),
-        (Some("both"), Some("in_progress")),
+        (Some("virtio_mem"), Some("in_progress")),
         "{rs}"
     );
     // Beyond boot + hot-add is refused.

@@ -117,7 +117,7 @@ fn bad_input_gets_a_clear_error_and_exit_code_1() {
                 "--memory-mib".into(),
                 "0".into(),
             ],
-            "memory_mib is 0",
+            "--memory-mib: 0 MiB is out of range: allowed 16 to 1048576 MiB",
         ),
         (
             vec![
@@ -126,7 +126,7 @@ fn bad_input_gets_a_clear_error_and_exit_code_1() {
                 "--vcpus".into(),
                 "0".into(),
             ],
-            "vcpus is 0",
+            "--vcpus: 0 vCPUs is out of range: allowed 1 to 254 vCPUs",
         ),
         (
             vec![
@@ -196,7 +196,7 @@ fn virtio_mmio_window_answers_with_magic_and_device_id() {
     ];
     code.extend(outb(0x3c0, &[(5 << 2) | (1 << 5)]));
     code.extend_from_slice(&HALT);
-    let Some(r) = run_tiny("virtio-mmio", &code, &["--balloon", "amount_mib=4"]) else {
+    let Some(r) = run_tiny("virtio-mmio", &code, &["--balloon", "amount_mib=0"]) else {
         return;
     };
     assert_eq!(r.console, "virt5", "stderr: {}", r.stderr);

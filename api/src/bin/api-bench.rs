@@ -1,9 +1,9 @@
-//! `api-bench`: API latency under concurrent clients, and a fake VMM to run it against.
+//! `api-bench`: API latency under concurrent clients, against any VMM's API socket: the real
+//! `vmm`, or the headless VMM (the real handler and devices without KVM) that
+//! `cargo run --release -p vmm --features testing --example headless -- --socket S` serves.
 //!
 //! ```text
-//! api-bench serve-fake --socket /tmp/vmm.sock            # a fake VMM behind the real server
 //! api-bench run --socket /tmp/vmm.sock --setup --clients 50 --seconds 10
-//! api-bench run --fake --clients 50 --seconds 10         # both in one process
 //! ```
 //!
 //! Each client keeps one connection and alternates `GET /balloon` and `PATCH /balloon`, timing
@@ -15,13 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use api::client::Client;
-use api::fake::{FakeVmm, FakeVmmConfig};
-use api::{spawn_server, ServerConfig};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 
 #[derive(Parser, Debug)]
-#[command(name = "api-bench", about = "API latency benchmark and fake VMM")]
+#[command(name = "api-bench", about = "API latency benchmark")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,23 +27,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve the API with a fake VMM behind it until interrupted.
-    ServeFake {
-        #[arg(long)]
-        socket: PathBuf,
-        /// MiB the fake balloon moves per 20 ms tick.
-        #[arg(long, default_value_t = 16)]
-        balloon_mib_per_tick: u64,
-    },
     /// Run the load and report latency percentiles.
     Run {
-        /// API socket of a running VMM (or of `serve-fake`).
-        #[arg(long, required_unless_present = "fake")]
-        socket: Option<PathBuf>,
-        /// Start a fake VMM and server in this process instead.
-        #[arg(long, conflicts_with = "socket")]
-        fake: bool,
-        /// Configure and boot the (fake) VM first: boot source, 1024 MiB, a balloon, start.
+        /// API socket of a running VMM (or of the headless VMM).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Configure and boot the VM first: boot source, 1024 MiB, a balloon, start.
         #[arg(long)]
         setup: bool,
         #[arg(long, default_value_t = 50)]
@@ -77,13 +64,8 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::ServeFake {
-            socket,
-            balloon_mib_per_tick,
-        } => serve_fake(socket, balloon_mib_per_tick),
         Cmd::Run {
             socket,
-            fake,
             setup,
             clients,
             seconds,
@@ -97,7 +79,6 @@ fn main() -> ExitCode {
             rate,
             probe_rate,
             socket,
-            fake,
             setup,
             clients,
             seconds,
@@ -114,35 +95,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve_fake(socket: PathBuf, balloon_mib_per_tick: u64) -> Result<(), String> {
-    let fake = FakeVmm::spawn(FakeVmmConfig {
-        balloon_mib_per_tick,
-        ..Default::default()
-    });
-    let server = spawn_server(ServerConfig::new(&socket), fake.sender(), fake.wake_fn())
-        .map_err(|e| e.to_string())?;
-    eprintln!("api-bench: fake VMM serving on {}", socket.display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok::<_, String>(())
-    })?;
-    server.shutdown().map_err(|e| e.to_string())?;
-    eprintln!("api-bench: stopped after {} requests", fake.handled());
-    Ok(())
-}
-
 struct RunArgs {
-    socket: Option<PathBuf>,
-    fake: bool,
+    socket: PathBuf,
     setup: bool,
     clients: usize,
     seconds: f64,
@@ -228,21 +182,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     let probe_period =
         (args.probe_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.probe_rate));
-    // An in-process fake on a temporary socket, when asked.
-    let mut _fake_parts = None;
-    let socket = match (args.socket, args.fake) {
-        (Some(s), _) => s,
-        (None, _) => {
-            let dir = std::env::temp_dir().join(format!("api-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let sock = dir.join("api.sock");
-            let fake = FakeVmm::spawn(FakeVmmConfig::default());
-            let server = spawn_server(ServerConfig::new(&sock), fake.sender(), fake.wake_fn())
-                .map_err(|e| e.to_string())?;
-            _fake_parts = Some((server, fake, dir));
-            sock
-        }
-    };
+    let socket = args.socket;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
@@ -264,70 +204,22 @@ fn run(args: RunArgs) -> Result<(), String> {
         let start = Arc::new(tokio::sync::Barrier::new(
             args.clients + 1 + usize::from(probe_period.is_some()),
         ));
-        let probe_task = probe_period.map(|p| {
-            let (socket, start) = (socket.clone(), start.clone());
-            tokio::spawn(async move {
-                let mut c = Client::new(&socket);
-                let mut samples = Samples::default();
-                start.wait().await;
-                let t0 = Instant::now();
-                let mut next = tokio::time::Instant::now();
-                while t0.elapsed() < duration {
-                    tokio::time::sleep_until(next).await;
-                    next += p;
-                    let body = br#"{"action_type": "FlushMetrics"}"#.to_vec();
-                    let t = Instant::now();
-                    let r = c.raw(Method::PUT, "/actions", Some(body)).await;
-                    samples.record(
-                        t.elapsed().as_nanos() as u64,
-                        "/actions",
-                        r,
-                        &mut c,
-                        &socket,
-                    );
-                }
-                samples
-            })
-        });
+        let probe_task = probe_period
+            .map(|p| tokio::spawn(probe_loop(socket.clone(), start.clone(), duration, p)));
         let mut tasks = Vec::new();
         for id in 0..args.clients {
-            let socket = socket.clone();
-            let start = start.clone();
-            let patch_mib = args.patch_mib;
-            let get_path = args.get_path.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut c = Client::new(&socket);
-                let mut get = Samples::default();
-                let mut patch = Samples::default();
-                start.wait().await;
-                let t0 = Instant::now();
-                let mut i = id as u64;
-                // Paced clients start spread over one period, not all at once.
-                let mut next = period.map(|p| {
-                    tokio::time::Instant::now() + p.mul_f64(id as f64 / args.clients as f64)
-                });
-                while t0.elapsed() < duration {
-                    if let (Some(n), Some(p)) = (next.as_mut(), period) {
-                        tokio::time::sleep_until(*n).await;
-                        *n += p;
-                    }
-                    let is_get = i & 1 == 0;
-                    let (method, path, body) = if is_get {
-                        (Method::GET, get_path.as_str(), None)
-                    } else {
-                        let mib = if (i >> 1) & 1 == 0 { patch_mib } else { 0 };
-                        let body = format!("{{\"amount_mib\": {mib}}}").into_bytes();
-                        (Method::PATCH, "/balloon", Some(body))
-                    };
-                    let t = Instant::now();
-                    let r = c.raw(method, path, body).await;
-                    let ns = t.elapsed().as_nanos() as u64;
-                    let s = if is_get { &mut get } else { &mut patch };
-                    s.record(ns, path, r, &mut c, &socket);
-                    i += 1;
-                }
-                (get, patch)
-            }));
+            tasks.push(tokio::spawn(client_loop(
+                ClientLoad {
+                    socket: socket.clone(),
+                    get_path: args.get_path.clone(),
+                    patch_mib: args.patch_mib,
+                    period,
+                    duration,
+                    id,
+                    clients: args.clients,
+                },
+                start.clone(),
+            )));
         }
         start.wait().await;
         let t0 = Instant::now();
@@ -350,25 +242,26 @@ fn run(args: RunArgs) -> Result<(), String> {
         None => "closed loop".to_owned(),
     };
     println!(
-        "{} clients ({pacing}), {:.1} s, socket {}{}",
+        "{} clients ({pacing}), {:.1} s, socket {}",
         args.clients,
         elapsed.as_secs_f64(),
         socket.display(),
-        if args.fake {
-            " (in-process fake VMM)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
     );
     let get_name = format!("GET {}", args.get_path);
     let mut rows = vec![(get_name.as_str(), get), ("PATCH /balloon", patch)];
     if let Some(p) = probe {
         rows.push(("probe FlushMetrics", p));
     }
+    print_table(rows, elapsed);
+    Ok(())
+}
+
+/// One row per kind of request: count, errors, rate and latency percentiles.
+fn print_table(rows: Vec<(&str, Samples)>, elapsed: Duration) {
+    println!(
+        "{:<16} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "request", "count", "errors", "req/s", "p50 us", "p90 us", "p99 us", "max us"
+    );
     for (name, mut s) in rows {
         s.ns.sort_unstable();
         println!(
@@ -386,11 +279,83 @@ fn run(args: RunArgs) -> Result<(), String> {
             println!("  first error: {e}");
         }
     }
-    if let Some((server, _fake, dir)) = _fake_parts.take() {
-        let _ = server.shutdown();
-        let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The probe: `PUT /actions FlushMetrics` every `period`, which only the VMM thread answers.
+async fn probe_loop(
+    socket: std::path::PathBuf,
+    start: Arc<tokio::sync::Barrier>,
+    duration: Duration,
+    period: Duration,
+) -> Samples {
+    let mut c = Client::new(&socket);
+    let mut samples = Samples::default();
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    while t0.elapsed() < duration {
+        tokio::time::sleep_until(next).await;
+        next += period;
+        let body = br#"{"action_type": "FlushMetrics"}"#.to_vec();
+        let t = Instant::now();
+        let r = c.raw(Method::PUT, "/actions", Some(body)).await;
+        samples.record(
+            t.elapsed().as_nanos() as u64,
+            "/actions",
+            r,
+            &mut c,
+            &socket,
+        );
     }
-    Ok(())
+    samples
+}
+
+/// What one load client does.
+struct ClientLoad {
+    socket: std::path::PathBuf,
+    get_path: String,
+    patch_mib: u64,
+    /// Paced: one request per period; closed loop: `None`.
+    period: Option<Duration>,
+    duration: Duration,
+    id: usize,
+    clients: usize,
+}
+
+/// One client: alternates a GET and a PATCH /balloon (between `patch_mib` and 0) for the
+/// duration; returns the GET and PATCH samples.
+async fn client_loop(load: ClientLoad, start: Arc<tokio::sync::Barrier>) -> (Samples, Samples) {
+    let mut c = Client::new(&load.socket);
+    let mut get = Samples::default();
+    let mut patch = Samples::default();
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut i = load.id as u64;
+    // Paced clients start spread over one period, not all at once.
+    let mut next = load
+        .period
+        .map(|p| tokio::time::Instant::now() + p.mul_f64(load.id as f64 / load.clients as f64));
+    while t0.elapsed() < load.duration {
+        if let (Some(n), Some(p)) = (next.as_mut(), load.period) {
+            tokio::time::sleep_until(*n).await;
+            *n += p;
+        }
+        let is_get = i & 1 == 0;
+        let (method, path, body) = if is_get {
+            (Method::GET, load.get_path.as_str(), None)
+        } else {
+            let mib = if (i >> 1) & 1 == 0 { load.patch_mib } else { 0 };
+            let body = format!("{{\"amount_mib\": {mib}}}").into_bytes();
+            (Method::PATCH, "/balloon", Some(body))
+        };
+        let t = Instant::now();
+        let r = c.raw(method, path, body).await;
+        let ns = t.elapsed().as_nanos() as u64;
+        let s = if is_get { &mut get } else { &mut patch };
+        s.record(ns, path, r, &mut c, &load.socket);
+        i += 1;
+    }
+    (get, patch)
 }
 
 /// Configures and boots a VM with a balloon; steps the VM refuses as already done (409) are fine.

@@ -1,15 +1,17 @@
-//! Shared test harness: a fake VMM thread behind a real server on a Unix socket in a temp dir.
+//! Shared test harness: the real server on a Unix socket in a temp dir, and behind it the VMM's
+//! real request handler, devices and memory manager without KVM (`vmm::testing`), with a
+//! simulated guest that moves the balloon and the plugged size when the test says
+//! [`Harness::settle`]. Every answer is the VMM's own.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use api::client::{Client, Reply};
-use api::fake::{FakeVmm, FakeVmmConfig};
-use api::{spawn_server, ServerConfig, ServerHandle};
+use api::{ServerConfig, ServerHandle};
 use hyper::Method;
 use serde_json::Value;
+use vmm::testing::{HeadlessOptions, HeadlessVmm};
 
 /// A private temporary directory, removed on drop.
 pub struct TempDir(PathBuf);
@@ -37,28 +39,27 @@ impl Drop for TempDir {
 }
 
 pub struct Harness {
-    // Field order matters: the server stops before the fake VMM and the directory go.
+    // Field order matters: the server stops before the VMM and the directory go.
     pub server: Option<ServerHandle>,
-    pub fake: FakeVmm,
+    pub vmm: HeadlessVmm,
     pub socket: PathBuf,
     pub dir: TempDir,
 }
 
 impl Harness {
     pub fn start() -> Self {
-        Self::start_with(|_| {}, FakeVmmConfig::default())
+        Self::start_with(|_| {}, HeadlessOptions::default())
     }
 
-    pub fn start_with(tweak: impl FnOnce(&mut ServerConfig), fake_cfg: FakeVmmConfig) -> Self {
+    pub fn start_with(tweak: impl FnOnce(&mut ServerConfig), opts: HeadlessOptions) -> Self {
         let dir = TempDir::new();
         let socket = dir.path().join("api.sock");
-        let fake = FakeVmm::spawn(fake_cfg);
         let mut cfg = ServerConfig::new(&socket);
         tweak(&mut cfg);
-        let server = spawn_server(cfg, fake.sender(), fake.wake_fn()).unwrap();
+        let (server, vmm) = HeadlessVmm::serve(cfg, opts).unwrap();
         Self {
             server: Some(server),
-            fake,
+            vmm,
             socket,
             dir,
         }
@@ -66,6 +67,11 @@ impl Harness {
 
     pub fn client(&self) -> Client {
         Client::new(&self.socket)
+    }
+
+    /// The guest does what the devices ask, and the VMM reacts, until nothing moves.
+    pub fn settle(&self) {
+        self.vmm.settle();
     }
 }
 
@@ -92,63 +98,63 @@ pub async fn expect_fault(
     status: u16,
     needles: &[&str],
 ) {
-    let (got, v) = req(c, method, path, body).await;
-    assert_eq!(got, status, "{method} {path} {body:?} -> {v}");
-    let msg = v["fault_message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no fault_message in {v}"));
+    let msg = fault(c, method, path, body, status).await;
     for n in needles {
         assert!(msg.contains(n), "{method} {path}: {msg:?} lacks {n:?}");
     }
 }
 
-/// Polls `path` until `done` holds or the deadline passes.
-pub async fn wait_for(
+/// The fault_message of an error answer with `status`.
+pub async fn fault(
     c: &mut Client,
+    method: &str,
     path: &str,
-    timeout: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let (status, v) = req(c, "GET", path, None).await;
-        assert_eq!(status, 200, "GET {path} -> {v}");
-        if done(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting on {path}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    body: Option<&str>,
+    status: u16,
+) -> String {
+    let (got, v) = req(c, method, path, body).await;
+    assert_eq!(got, status, "{method} {path} {body:?} -> {v}");
+    v["fault_message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no fault_message in {v}"))
+        .to_owned()
 }
 
-/// Configures and boots the fake VM: 1024 MiB, a balloon with stats, 2048 MiB hot-add.
+/// GET `path`, expecting 200.
+pub async fn get(c: &mut Client, path: &str) -> Value {
+    let (status, v) = req(c, "GET", path, None).await;
+    assert_eq!(status, 200, "GET {path} -> {v}");
+    v
+}
+
+/// The configuration [`boot`] gives: 1024 MiB, a balloon with statistics, 2048 MiB hot-add.
+pub const BOOT_REQUESTS: [(&str, &str, &str); 5] = [
+    (
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#,
+    ),
+    (
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 1024}"#,
+    ),
+    (
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+    ),
+    (
+        "PUT",
+        "/hotplug/memory",
+        r#"{"total_size_mib": 2048, "block_size_mib": 2}"#,
+    ),
+    ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+];
+
+/// Configures and starts the VM (see [`BOOT_REQUESTS`]).
 pub async fn boot(c: &mut Client) {
-    for (method, path, body) in [
-        (
-            "PUT",
-            "/boot-source",
-            r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#,
-        ),
-        (
-            "PUT",
-            "/machine-config",
-            r#"{"vcpu_count": 2, "mem_size_mib": 1024}"#,
-        ),
-        (
-            "PUT",
-            "/balloon",
-            r#"{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
-        ),
-        (
-            "PUT",
-            "/hotplug/memory",
-            r#"{"total_size_mib": 2048, "block_size_mib": 2}"#,
-        ),
-        ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
-    ] {
+    for (method, path, body) in BOOT_REQUESTS {
         let (status, v) = req(c, method, path, Some(body)).await;
         assert_eq!(status, 204, "{method} {path} -> {v}");
     }
