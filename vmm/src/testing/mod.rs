@@ -286,6 +286,9 @@ fn vmm_thread(t: VmmThread) {
     .into_iter()
     .flatten()
     .collect();
+    // The manager's own timer, as in the real VMM: it releases deferred discards and compacts.
+    let timer = crate::memory_timer::MemoryTimer::new(running.manager.clone());
+    events.add_subscriber(Arc::new(Mutex::new(timer)));
     let handler = ApiHandler::new(t.rx, t.wake, running).expect("the API handler's eventfds");
     let _ = t.reads.0.set(handler.view());
     events.add_subscriber(Arc::new(Mutex::new(handler)));
