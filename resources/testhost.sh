@@ -8,20 +8,22 @@
 # test request is its own TCP connection, so console streams, stdin writes, signals and HTTP
 # proxying need no multiplexing protocol, and the console of the test host stays free for people.
 #
-# Usage: resources/testhost.sh [--port PORT] [--log FILE] [--vmm PATH|none] [--agent PATH|none]
-#                              [--mem SIZE] [--smp N] [--run -- VMM-ARGS...]
+# Usage: resources/testhost.sh [--port PORT] [--log FILE] [--monitor SOCKET] [--vmm PATH|none]
+#                              [--agent PATH|none] [--mem SIZE] [--smp N] [--run -- VMM-ARGS...]
 #   --log FILE   console to FILE, no terminal (the harness uses this); default: the terminal
+#   --monitor SOCKET   QEMU's monitor on this Unix socket (with --log; the harness uses this)
 #   --run ...    run "vmm VMM-ARGS..." on the test host console once /dev/kvm is up, then power
 #                off when it exits. Guest files are in /guest/ (bzImage, vmlinux, initramfs.cpio.gz).
 # Environment: TESTHOST_MEM (default 6G), TESTHOST_SMP (default 2).
 . "$(dirname "$0")/lib.sh"
 
-port=7000 logfile="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
+port=7000 logfile="" monitor="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
 smp="${TESTHOST_SMP:-2}" run=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --port) port=$2; shift 2 ;;
         --log) logfile=$2; shift 2 ;;
+        --monitor) monitor=$2; shift 2 ;;
         --vmm) vmm=$2; shift 2 ;;
         --agent) agent=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
@@ -82,7 +84,9 @@ base_size=$(stat -c %s "$T/initramfs.cpio.gz")
 } > "$T/initrd-$port.img"
 rm -rf "$OV" "$T/overlay-$port.cpio"
 # QEMU reads the initrd at start: hand it an open descriptor of an already deleted file, so no
-# image is left behind whatever happens to QEMU later. Old console logs go after two days.
+# image is left behind whatever happens to QEMU later. The harness keeps each test host's files
+# in build/testhost/runs/ and removes earlier runs' (tests/src/rundir.rs); files named in the
+# layout before that go after two days.
 exec 3<"$T/initrd-$port.img"
 rm -f "$T/initrd-$port.img"
 find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 'monitor-*.sock' \
@@ -99,10 +103,10 @@ args=(
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7000" -device virtio-net-pci,netdev=n0
 )
 if [ -n "$logfile" ]; then
-    # The monitor on a socket next to the log, to look at a hung test host from outside, e.g.
-    # echo "info registers -a" | socat - UNIX-CONNECT:build/testhost/monitor-PORT.sock
-    args+=(-display none -monitor "unix:$T/monitor-$port.sock,server=on,wait=off"
-        -serial "file:$logfile")
+    args+=(-display none -serial "file:$logfile")
+    # The monitor on a socket, to look at a hung test host from outside, e.g.
+    # echo "info registers -a" | socat - UNIX-CONNECT:build/testhost/runs/RUN/HOST/monitor.sock
+    [ -z "$monitor" ] || args+=(-monitor "unix:$monitor,server=on,wait=off")
 else
     args+=(-nographic)
 fi

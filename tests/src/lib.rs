@@ -17,6 +17,7 @@
 
 pub mod http;
 pub mod proto;
+pub mod rundir;
 pub mod supervisor;
 
 use std::collections::VecDeque;
@@ -166,6 +167,8 @@ struct HostFiles {
     /// The test host kernel's text symbols, taken at boot (Debian ships no System.map, and
     /// KASLR moves the kernel at each boot), to name the functions the vCPUs' RIPs are in.
     kallsyms: PathBuf,
+    /// The directory holding them, locked while this test host lives (see [`rundir`]).
+    _dir: Option<rundir::HostDir>,
 }
 
 impl HostFiles {
@@ -1049,14 +1052,31 @@ fn boot_testhost(
         .map_err(|e| format!("no free port: {e}"))?
         .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let log = root.join(format!("build/testhost/console-{}.log", std::process::id()));
-    std::fs::create_dir_all(log.parent().unwrap()).map_err(|e| e.to_string())?;
+    // This run's files, in a directory of their own; earlier runs' files go (see [`rundir`]).
+    let dir = rundir::HostDir::create(
+        &root.join("build/testhost/runs"),
+        &rundir::run_id(),
+        &rundir::host_name(),
+    )
+    .map_err(|e| format!("no directory for the test host's files: {e}"))?;
+    let log = dir.path().join("console.log");
+    let monitor = dir.path().join("monitor.sock");
+    let kallsyms = dir.path().join("kallsyms.txt");
     let mut cmd = Command::new(root.join("resources/testhost.sh"));
     cmd.arg("--port")
         .arg(port.to_string())
         .arg("--log")
-        .arg(&log)
-        .arg("--vmm")
+        .arg(&log);
+    // A Unix socket path has room for 107 bytes; QEMU refuses to start with a longer one.
+    if monitor.as_os_str().len() < 108 {
+        cmd.arg("--monitor").arg(&monitor);
+    } else {
+        loud(&format!(
+            "e2e: no QEMU monitor for the test host: {} is too long for a socket",
+            monitor.display()
+        ));
+    }
+    cmd.arg("--vmm")
         .arg(vmm.unwrap_or(Path::new("none")))
         .arg("--agent")
         .arg(agent)
@@ -1105,9 +1125,6 @@ fn boot_testhost(
         }
         match agent_call(addr, &Request::Ping) {
             Ok(r) if r.kvm == Some(true) => {
-                // resources/testhost.sh puts the monitor's socket next to the console log.
-                let monitor = log.with_file_name(format!("monitor-{port}.sock"));
-                let kallsyms = log.with_file_name(format!("kallsyms-{port}.txt"));
                 save_kallsyms(addr, &kallsyms);
                 return Ok((
                     addr,
@@ -1115,6 +1132,7 @@ fn boot_testhost(
                         console: log,
                         monitor,
                         kallsyms,
+                        _dir: Some(dir),
                     },
                 ));
             }
@@ -1197,6 +1215,7 @@ mod tests {
             console,
             monitor: monitor.clone(),
             kallsyms,
+            _dir: None,
         };
         let r = files.report();
         server.join().unwrap();
