@@ -9,22 +9,25 @@
 # proxying need no multiplexing protocol, and the console of the test host stays free for people.
 #
 # Usage: resources/testhost.sh [--port PORT] [--log FILE] [--monitor SOCKET] [--vmm PATH|none]
-#                              [--agent PATH|none] [--mem SIZE] [--smp N] [--run -- VMM-ARGS...]
+#                              [--agent PATH|none] [--vmm-baseline PATH] [--mem SIZE] [--smp N]
+#                              [--run -- VMM-ARGS...]
 #   --log FILE   console to FILE, no terminal (the harness uses this); default: the terminal
 #   --monitor SOCKET   QEMU's monitor on this Unix socket (with --log; the harness uses this)
+#   --vmm-baseline PATH  a second VMM, as /bin/vmm-baseline (to compare two builds side by side)
 #   --run ...    run "vmm VMM-ARGS..." on the test host console once /dev/kvm is up, then power
 #                off when it exits. Guest files are in /guest/ (bzImage, vmlinux, initramfs.cpio.gz).
 # Environment: TESTHOST_MEM (default 6G), TESTHOST_SMP (default 2).
 . "$(dirname "$0")/lib.sh"
 
 port=7000 logfile="" monitor="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
-smp="${TESTHOST_SMP:-2}" run=0
+smp="${TESTHOST_SMP:-2}" run=0 baseline=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --port) port=$2; shift 2 ;;
         --log) logfile=$2; shift 2 ;;
         --monitor) monitor=$2; shift 2 ;;
         --vmm) vmm=$2; shift 2 ;;
+        --vmm-baseline) baseline=$2; shift 2 ;;
         --agent) agent=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
@@ -69,6 +72,7 @@ add_binary() {
 }
 [ "$vmm" != none ] && add_binary "$vmm" vmm
 [ "$agent" != none ] && add_binary "$agent" testhost-agent
+[ -z "$baseline" ] || add_binary "$baseline" vmm-baseline
 if [ $run = 1 ]; then
     [ "$vmm" != none ] || die "--run needs a VMM"
     printf '%s\n' "$@" > "$OV/etc/vmm-args"

@@ -10,7 +10,9 @@
 //!
 //! Environment: `E2E_MODE=direct|nested` forces a mode; `VMM_BIN` names the VMM binary
 //! (default target/release/vmm, built with `cargo build --release -p vmm` unless
-//! `E2E_NO_BUILD=1`); `E2E_REQUIRE=1` turns "no way to run" into a failure instead of a skip.
+//! `E2E_NO_BUILD=1`); `E2E_REQUIRE=1` turns "no way to run" into a failure instead of a skip;
+//! `E2E_VMM_BASELINE` names a second VMM binary to compare with, side by side in the same test
+//! host ([`TestHost::baseline_vmm`]; the boot benchmark uses it).
 //!
 //! Conventions in this file: "console" is the VMM's stdout (the guest's serial port), "stderr"
 //! is the VMM's own log; lines are stored without line endings and terminal escape sequences.
@@ -149,6 +151,8 @@ pub struct TestHost {
     mode: Mode,
     /// The VMM where it runs, or why there is none (the harness itself still works).
     vmm: Result<String, String>,
+    /// `E2E_VMM_BASELINE`'s VMM where it runs.
+    baseline: Option<String>,
     guest_dir: String,
     scratch: String,
     agent: Option<SocketAddr>,
@@ -349,6 +353,12 @@ impl TestHost {
                 "e2e: WARNING: no VMM binary, VMs cannot start: {e}"
             ));
         }
+        let baseline = match std::env::var_os("E2E_VMM_BASELINE").map(PathBuf::from) {
+            Some(p) if !p.is_file() => {
+                return Err(format!("E2E_VMM_BASELINE={} is not a file", p.display()))
+            }
+            p => p,
+        };
         let build = root.join("build");
         match mode {
             Mode::Direct => {
@@ -357,6 +367,7 @@ impl TestHost {
                 Ok(TestHost {
                     mode,
                     vmm: vmm.map(|p| p.display().to_string()),
+                    baseline: baseline.map(|p| p.display().to_string()),
                     guest_dir: build.join("guest").display().to_string(),
                     scratch: scratch.display().to_string(),
                     agent: None,
@@ -368,11 +379,13 @@ impl TestHost {
             Mode::Nested => {
                 let agent_bin = agent_binary()?;
                 let t = Instant::now();
-                let (addr, files) = boot_testhost(&root, vmm.as_deref().ok(), &agent_bin)?;
+                let (addr, files) =
+                    boot_testhost(&root, vmm.as_deref().ok(), baseline.as_deref(), &agent_bin)?;
                 let boot_secs = t.elapsed().as_secs_f64();
                 Ok(TestHost {
                     mode,
                     vmm: vmm.map(|_| "/bin/vmm".to_string()),
+                    baseline: baseline.map(|_| "/bin/vmm-baseline".to_string()),
                     guest_dir: "/guest".into(),
                     scratch: "/tmp".into(),
                     agent: Some(addr),
@@ -386,6 +399,12 @@ impl TestHost {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The `E2E_VMM_BASELINE` VMM as a path where the VMMs run, to start with
+    /// [`TestHost::start_process`] beside the VMM under test.
+    pub fn baseline_vmm(&self) -> Option<&str> {
+        self.baseline.as_deref()
     }
 
     /// The guest bzImage, as a path where the VMM runs.
@@ -1045,6 +1064,7 @@ fn agent_binary() -> Result<PathBuf, String> {
 fn boot_testhost(
     root: &Path,
     vmm: Option<&Path>,
+    baseline: Option<&Path>,
     agent: &Path,
 ) -> Result<(SocketAddr, HostFiles), String> {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -1075,6 +1095,9 @@ fn boot_testhost(
             "e2e: no QEMU monitor for the test host: {} is too long for a socket",
             monitor.display()
         ));
+    }
+    if let Some(b) = baseline {
+        cmd.arg("--vmm-baseline").arg(b);
     }
     cmd.arg("--vmm")
         .arg(vmm.unwrap_or(Path::new("none")))
