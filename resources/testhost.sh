@@ -9,23 +9,29 @@
 # proxying need no multiplexing protocol, and the console of the test host stays free for people.
 #
 # Usage: resources/testhost.sh [--port PORT] [--log FILE] [--monitor SOCKET] [--vmm PATH|none]
-#                              [--agent PATH|none] [--vmm-baseline PATH] [--mem SIZE] [--smp N]
-#                              [--run -- VMM-ARGS...]
+#                              [--agent PATH|none] [--vmm-baseline PATH] [--mem SIZE]
+#                              [--smp N] [--quiet] [--run -- VMM-ARGS...]
 #   --log FILE   console to FILE, no terminal (the harness uses this); default: the terminal
 #   --monitor SOCKET   QEMU's monitor on this Unix socket (with --log; the harness uses this)
 #   --vmm-baseline PATH  a second VMM, as /bin/vmm-baseline (to compare two builds side by side)
+#   --console-log FILE   on the terminal, and a copy in FILE (resources/run.sh uses this)
+#   --quiet      only progress on the terminal before the VMM's console: the test host's kernel
+#                prints warnings and worse, its init no module and symbol lines, and building
+#                and QEMU's own messages go to logs in $RUN_LOGS (see lib.sh, `quietly`)
 #   --run ...    run "vmm VMM-ARGS..." on the test host console once /dev/kvm is up, then power
 #                off when it exits. Guest files are in /guest/ (bzImage, vmlinux, initramfs.cpio.gz).
 # Environment: TESTHOST_MEM (default 6G), TESTHOST_SMP (default 2).
 . "$(dirname "$0")/lib.sh"
 
 port=7000 logfile="" monitor="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
-smp="${TESTHOST_SMP:-2}" run=0 baseline=""
+smp="${TESTHOST_SMP:-2}" run=0 quiet=0 console_log="" baseline=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --port) port=$2; shift 2 ;;
         --log) logfile=$2; shift 2 ;;
         --monitor) monitor=$2; shift 2 ;;
+        --quiet) quiet=1; shift ;;
+        --console-log) console_log=$2; shift 2 ;;
         --vmm) vmm=$2; shift 2 ;;
         --vmm-baseline) baseline=$2; shift 2 ;;
         --agent) agent=$2; shift 2 ;;
@@ -38,13 +44,14 @@ while [ $# -gt 0 ]; do
 done
 
 need_cmd qemu-system-x86_64 qemu-system-x86
-"$RES/build-testhost.sh" >&2
+[ $quiet = 1 ] && export RUN_QUIET=1
+quietly build-testhost "$RES/build-testhost.sh" >&2
 T="$BUILD/testhost"
 
 if [ "$vmm" != none ] && [ ! -x "$vmm" ]; then
     [ "$vmm" = "$ROOT/target/release/vmm" ] || die "no VMM binary at $vmm"
     log "building the VMM: cargo build --release -p vmm"
-    (cd "$ROOT" && cargo build --release -p vmm >&2)
+    (cd "$ROOT" && quietly cargo cargo build --release -p vmm >&2)
 fi
 if [ -z "$agent" ]; then
     for a in "$ROOT/target/release/testhost-agent" "$ROOT/target/debug/testhost-agent"; do
@@ -52,7 +59,7 @@ if [ -z "$agent" ]; then
     done
     if [ -z "$agent" ]; then
         log "building the agent: cargo build --release -p e2e --bin testhost-agent"
-        (cd "$ROOT" && cargo build --release -p e2e --bin testhost-agent >&2)
+        (cd "$ROOT" && quietly cargo cargo build --release -p e2e --bin testhost-agent >&2)
         agent="$ROOT/target/release/testhost-agent"
     fi
 fi
@@ -100,10 +107,12 @@ find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 
 # A soft lockup prints every CPU's stack, not only the stuck one's: a CPU spinning in the kernel
 # is often waiting for another CPU, and that one's stack is the one that explains the hang.
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
+append="console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz softlockup_all_cpu_backtrace=1"
+# testhost.quiet: the test host's init prints only its progress lines (resources/testhost/init).
+[ $quiet = 1 ] && append+=" quiet testhost.quiet"
 args=(
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem" -no-reboot
-    -kernel "$T/bzImage" -initrd /proc/self/fd/3
-    -append "console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz softlockup_all_cpu_backtrace=1"
+    -kernel "$T/bzImage" -initrd /proc/self/fd/3 -append "$append"
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7000" -device virtio-net-pci,netdev=n0
 )
 if [ -n "$logfile" ]; then
@@ -112,7 +121,15 @@ if [ -n "$logfile" ]; then
     # echo "info registers -a" | socat - UNIX-CONNECT:build/testhost/runs/RUN/HOST/monitor.sock
     [ -z "$monitor" ] || args+=(-monitor "unix:$monitor,server=on,wait=off")
 else
-    args+=(-nographic)
+    # What -nographic does (console and monitor multiplexed on the terminal, Ctrl-A X quits),
+    # with a copy of the console in a file when asked.
+    args+=(-display none -chardev "stdio,id=con,mux=on${console_log:+,logfile=$console_log}"
+        -serial chardev:con -mon chardev=con)
 fi
 log "starting the test host: agent on 127.0.0.1:$port, memory $mem, $smp CPUs${logfile:+, console in $logfile}"
+if [ $quiet = 1 ]; then
+    # QEMU's warnings (e.g. the CPU features TCG does not emulate) are not the guest's console.
+    mkdir -p "$LOGS"
+    exec qemu-system-x86_64 "${args[@]}" 2>>"$LOGS/qemu.log"
+fi
 exec qemu-system-x86_64 "${args[@]}"
