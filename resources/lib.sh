@@ -17,6 +17,23 @@ EXTRACT="$BUILD/extract"
 log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# Quiet mode (resources/run.sh's default, RUN_QUIET=1): the output of package installs, builds
+# and QEMU goes to logs in $LOGS instead of the terminal. RUN_LOGS names the directory.
+LOGS="${RUN_LOGS:-$BUILD/run}"
+
+# quietly NAME CMD...: runs CMD; in quiet mode its output is appended to $LOGS/NAME.log, and a
+# failure shows the log's last lines and where it is.
+quietly() {
+    local name=$1; shift
+    if [ "${RUN_QUIET:-0}" != 1 ]; then "$@"; return; fi
+    mkdir -p "$LOGS"
+    if ! "$@" >>"$LOGS/$name.log" 2>&1; then
+        log "failed: $*; the end of $LOGS/$name.log:"
+        tail -n 30 "$LOGS/$name.log" >&2
+        return 1
+    fi
+}
+
 # need_cmd CMD PACKAGE...: install the Debian packages when CMD is missing.
 need_cmd() {
     local cmd=$1; shift
@@ -29,10 +46,11 @@ apt_install() {
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
     if [ -z "${_APT_UPDATED:-}" ]; then
-        $sudo apt-get update -qq || true
+        quietly apt $sudo apt-get update -qq || true
         _APT_UPDATED=1
     fi
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >&2
+    quietly apt $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends "$@" >&2
 }
 
 # fresh OUT IN...: true when OUT exists and is newer than every IN (files or directories).

@@ -25,6 +25,9 @@ step "nested test host image"
 "$RES/build-testhost.sh"
 
 export E2E_REQUIRE="${E2E_REQUIRE:-1}"
+# One run for every test binary below: each keeps its test host's files (console log, QEMU
+# monitor socket, kernel symbols) in build/testhost/runs/$E2E_RUN/, and the next run removes them.
+export E2E_RUN="${E2E_RUN:-$(date +%Y%m%d-%H%M%S)-$$}"
 step "unit, property and KVM tests"
 cargo test --workspace --release --exclude e2e "$@"
 # One nested test host per test binary, one VM at a time inside it: the machine has 2 cores.

@@ -8,21 +8,32 @@
 # test request is its own TCP connection, so console streams, stdin writes, signals and HTTP
 # proxying need no multiplexing protocol, and the console of the test host stays free for people.
 #
-# Usage: resources/testhost.sh [--port PORT] [--log FILE] [--vmm PATH|none] [--agent PATH|none]
-#                              [--mem SIZE] [--smp N] [--run -- VMM-ARGS...]
+# Usage: resources/testhost.sh [--port PORT] [--log FILE] [--monitor SOCKET] [--vmm PATH|none]
+#                              [--agent PATH|none] [--vmm-baseline PATH] [--mem SIZE]
+#                              [--smp N] [--quiet] [--run -- VMM-ARGS...]
 #   --log FILE   console to FILE, no terminal (the harness uses this); default: the terminal
+#   --monitor SOCKET   QEMU's monitor on this Unix socket (with --log; the harness uses this)
+#   --vmm-baseline PATH  a second VMM, as /bin/vmm-baseline (to compare two builds side by side)
+#   --console-log FILE   on the terminal, and a copy in FILE (resources/run.sh uses this)
+#   --quiet      only progress on the terminal before the VMM's console: the test host's kernel
+#                prints warnings and worse, its init no module and symbol lines, and building
+#                and QEMU's own messages go to logs in $RUN_LOGS (see lib.sh, `quietly`)
 #   --run ...    run "vmm VMM-ARGS..." on the test host console once /dev/kvm is up, then power
 #                off when it exits. Guest files are in /guest/ (bzImage, vmlinux, initramfs.cpio.gz).
 # Environment: TESTHOST_MEM (default 6G), TESTHOST_SMP (default 2).
 . "$(dirname "$0")/lib.sh"
 
-port=7000 logfile="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
-smp="${TESTHOST_SMP:-2}" run=0
+port=7000 logfile="" monitor="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
+smp="${TESTHOST_SMP:-2}" run=0 quiet=0 console_log="" baseline=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --port) port=$2; shift 2 ;;
         --log) logfile=$2; shift 2 ;;
+        --monitor) monitor=$2; shift 2 ;;
+        --quiet) quiet=1; shift ;;
+        --console-log) console_log=$2; shift 2 ;;
         --vmm) vmm=$2; shift 2 ;;
+        --vmm-baseline) baseline=$2; shift 2 ;;
         --agent) agent=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
@@ -33,13 +44,14 @@ while [ $# -gt 0 ]; do
 done
 
 need_cmd qemu-system-x86_64 qemu-system-x86
-"$RES/build-testhost.sh" >&2
+[ $quiet = 1 ] && export RUN_QUIET=1
+quietly build-testhost "$RES/build-testhost.sh" >&2
 T="$BUILD/testhost"
 
 if [ "$vmm" != none ] && [ ! -x "$vmm" ]; then
     [ "$vmm" = "$ROOT/target/release/vmm" ] || die "no VMM binary at $vmm"
     log "building the VMM: cargo build --release -p vmm"
-    (cd "$ROOT" && cargo build --release -p vmm >&2)
+    (cd "$ROOT" && quietly cargo cargo build --release -p vmm >&2)
 fi
 if [ -z "$agent" ]; then
     for a in "$ROOT/target/release/testhost-agent" "$ROOT/target/debug/testhost-agent"; do
@@ -47,7 +59,7 @@ if [ -z "$agent" ]; then
     done
     if [ -z "$agent" ]; then
         log "building the agent: cargo build --release -p e2e --bin testhost-agent"
-        (cd "$ROOT" && cargo build --release -p e2e --bin testhost-agent >&2)
+        (cd "$ROOT" && quietly cargo cargo build --release -p e2e --bin testhost-agent >&2)
         agent="$ROOT/target/release/testhost-agent"
     fi
 fi
@@ -71,6 +83,7 @@ for b in hostd vmmctl; do
     if [ "$vmm" != none ] && [ -x "$(dirname "$vmm")/$b" ]; then add_binary "$(dirname "$vmm")/$b" "$b"; fi
 done
 [ "$agent" != none ] && add_binary "$agent" testhost-agent
+[ -z "$baseline" ] || add_binary "$baseline" vmm-baseline
 if [ $run = 1 ]; then
     [ "$vmm" != none ] || die "--run needs a VMM"
     printf '%s\n' "$@" > "$OV/etc/vmm-args"
@@ -86,7 +99,9 @@ base_size=$(stat -c %s "$T/initramfs.cpio.gz")
 } > "$T/initrd-$port.img"
 rm -rf "$OV" "$T/overlay-$port.cpio"
 # QEMU reads the initrd at start: hand it an open descriptor of an already deleted file, so no
-# image is left behind whatever happens to QEMU later. Old console logs go after two days.
+# image is left behind whatever happens to QEMU later. The harness keeps each test host's files
+# in build/testhost/runs/ and removes earlier runs' (tests/src/rundir.rs); files named in the
+# layout before that go after two days.
 exec 3<"$T/initrd-$port.img"
 rm -f "$T/initrd-$port.img"
 find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 'monitor-*.sock' \
@@ -96,19 +111,29 @@ find "$T" -maxdepth 1 \( -name 'console-*.log' -o -name 'initrd-*.img' -o -name 
 # A soft lockup prints every CPU's stack, not only the stuck one's: a CPU spinning in the kernel
 # is often waiting for another CPU, and that one's stack is the one that explains the hang.
 khz=$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)
+append="console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz softlockup_all_cpu_backtrace=1"
+# testhost.quiet: the test host's init prints only its progress lines (resources/testhost/init).
+[ $quiet = 1 ] && append+=" quiet testhost.quiet"
 args=(
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp "$smp" -m "$mem" -no-reboot
-    -kernel "$T/bzImage" -initrd /proc/self/fd/3
-    -append "console=ttyS0 panic=-1 reboot=k tsc_early_khz=$khz softlockup_all_cpu_backtrace=1"
+    -kernel "$T/bzImage" -initrd /proc/self/fd/3 -append "$append"
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$port-:7000" -device virtio-net-pci,netdev=n0
 )
 if [ -n "$logfile" ]; then
-    # The monitor on a socket next to the log, to look at a hung test host from outside, e.g.
-    # echo "info registers -a" | socat - UNIX-CONNECT:build/testhost/monitor-PORT.sock
-    args+=(-display none -monitor "unix:$T/monitor-$port.sock,server=on,wait=off"
-        -serial "file:$logfile")
+    args+=(-display none -serial "file:$logfile")
+    # The monitor on a socket, to look at a hung test host from outside, e.g.
+    # echo "info registers -a" | socat - UNIX-CONNECT:build/testhost/runs/RUN/HOST/monitor.sock
+    [ -z "$monitor" ] || args+=(-monitor "unix:$monitor,server=on,wait=off")
 else
-    args+=(-nographic)
+    # What -nographic does (console and monitor multiplexed on the terminal, Ctrl-A X quits),
+    # with a copy of the console in a file when asked.
+    args+=(-display none -chardev "stdio,id=con,mux=on${console_log:+,logfile=$console_log}"
+        -serial chardev:con -mon chardev=con)
 fi
 log "starting the test host: agent on 127.0.0.1:$port, memory $mem, $smp CPUs${logfile:+, console in $logfile}"
+if [ $quiet = 1 ]; then
+    # QEMU's warnings (e.g. the CPU features TCG does not emulate) are not the guest's console.
+    mkdir -p "$LOGS"
+    exec qemu-system-x86_64 "${args[@]}" 2>>"$LOGS/qemu.log"
+fi
 exec qemu-system-x86_64 "${args[@]}"

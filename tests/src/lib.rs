@@ -10,13 +10,16 @@
 //!
 //! Environment: `E2E_MODE=direct|nested` forces a mode; `VMM_BIN` names the VMM binary
 //! (default target/release/vmm, built with `cargo build --release -p vmm` unless
-//! `E2E_NO_BUILD=1`); `E2E_REQUIRE=1` turns "no way to run" into a failure instead of a skip.
+//! `E2E_NO_BUILD=1`); `E2E_REQUIRE=1` turns "no way to run" into a failure instead of a skip;
+//! `E2E_VMM_BASELINE` names a second VMM binary to compare with, side by side in the same test
+//! host ([`TestHost::baseline_vmm`]; the boot benchmark uses it).
 //!
 //! Conventions in this file: "console" is the VMM's stdout (the guest's serial port), "stderr"
 //! is the VMM's own log; lines are stored without line endings and terminal escape sequences.
 
 pub mod http;
 pub mod proto;
+pub mod rundir;
 pub mod supervisor;
 
 use std::collections::VecDeque;
@@ -148,6 +151,8 @@ pub struct TestHost {
     mode: Mode,
     /// The VMM where it runs, or why there is none (the harness itself still works).
     vmm: Result<String, String>,
+    /// `E2E_VMM_BASELINE`'s VMM where it runs.
+    baseline: Option<String>,
     guest_dir: String,
     scratch: String,
     agent: Option<SocketAddr>,
@@ -166,6 +171,8 @@ struct HostFiles {
     /// The test host kernel's text symbols, taken at boot (Debian ships no System.map, and
     /// KASLR moves the kernel at each boot), to name the functions the vCPUs' RIPs are in.
     kallsyms: PathBuf,
+    /// The directory holding them, locked while this test host lives (see [`rundir`]).
+    _dir: Option<rundir::HostDir>,
 }
 
 impl HostFiles {
@@ -346,6 +353,12 @@ impl TestHost {
                 "e2e: WARNING: no VMM binary, VMs cannot start: {e}"
             ));
         }
+        let baseline = match std::env::var_os("E2E_VMM_BASELINE").map(PathBuf::from) {
+            Some(p) if !p.is_file() => {
+                return Err(format!("E2E_VMM_BASELINE={} is not a file", p.display()))
+            }
+            p => p,
+        };
         let build = root.join("build");
         match mode {
             Mode::Direct => {
@@ -354,6 +367,7 @@ impl TestHost {
                 Ok(TestHost {
                     mode,
                     vmm: vmm.map(|p| p.display().to_string()),
+                    baseline: baseline.map(|p| p.display().to_string()),
                     guest_dir: build.join("guest").display().to_string(),
                     scratch: scratch.display().to_string(),
                     agent: None,
@@ -365,11 +379,13 @@ impl TestHost {
             Mode::Nested => {
                 let agent_bin = agent_binary()?;
                 let t = Instant::now();
-                let (addr, files) = boot_testhost(&root, vmm.as_deref().ok(), &agent_bin)?;
+                let (addr, files) =
+                    boot_testhost(&root, vmm.as_deref().ok(), baseline.as_deref(), &agent_bin)?;
                 let boot_secs = t.elapsed().as_secs_f64();
                 Ok(TestHost {
                     mode,
                     vmm: vmm.map(|_| "/bin/vmm".to_string()),
+                    baseline: baseline.map(|_| "/bin/vmm-baseline".to_string()),
                     guest_dir: "/guest".into(),
                     scratch: "/tmp".into(),
                     agent: Some(addr),
@@ -383,6 +399,12 @@ impl TestHost {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The `E2E_VMM_BASELINE` VMM as a path where the VMMs run, to start with
+    /// [`TestHost::start_process`] beside the VMM under test.
+    pub fn baseline_vmm(&self) -> Option<&str> {
+        self.baseline.as_deref()
     }
 
     /// The guest bzImage, as a path where the VMM runs.
@@ -1042,6 +1064,7 @@ fn agent_binary() -> Result<PathBuf, String> {
 fn boot_testhost(
     root: &Path,
     vmm: Option<&Path>,
+    baseline: Option<&Path>,
     agent: &Path,
 ) -> Result<(SocketAddr, HostFiles), String> {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -1049,14 +1072,34 @@ fn boot_testhost(
         .map_err(|e| format!("no free port: {e}"))?
         .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let log = root.join(format!("build/testhost/console-{}.log", std::process::id()));
-    std::fs::create_dir_all(log.parent().unwrap()).map_err(|e| e.to_string())?;
+    // This run's files, in a directory of their own; earlier runs' files go (see [`rundir`]).
+    let dir = rundir::HostDir::create(
+        &root.join("build/testhost/runs"),
+        &rundir::run_id(),
+        &rundir::host_name(),
+    )
+    .map_err(|e| format!("no directory for the test host's files: {e}"))?;
+    let log = dir.path().join("console.log");
+    let monitor = dir.path().join("monitor.sock");
+    let kallsyms = dir.path().join("kallsyms.txt");
     let mut cmd = Command::new(root.join("resources/testhost.sh"));
     cmd.arg("--port")
         .arg(port.to_string())
         .arg("--log")
-        .arg(&log)
-        .arg("--vmm")
+        .arg(&log);
+    // A Unix socket path has room for 107 bytes; QEMU refuses to start with a longer one.
+    if monitor.as_os_str().len() < 108 {
+        cmd.arg("--monitor").arg(&monitor);
+    } else {
+        loud(&format!(
+            "e2e: no QEMU monitor for the test host: {} is too long for a socket",
+            monitor.display()
+        ));
+    }
+    if let Some(b) = baseline {
+        cmd.arg("--vmm-baseline").arg(b);
+    }
+    cmd.arg("--vmm")
         .arg(vmm.unwrap_or(Path::new("none")))
         .arg("--agent")
         .arg(agent)
@@ -1105,9 +1148,6 @@ fn boot_testhost(
         }
         match agent_call(addr, &Request::Ping) {
             Ok(r) if r.kvm == Some(true) => {
-                // resources/testhost.sh puts the monitor's socket next to the console log.
-                let monitor = log.with_file_name(format!("monitor-{port}.sock"));
-                let kallsyms = log.with_file_name(format!("kallsyms-{port}.txt"));
                 save_kallsyms(addr, &kallsyms);
                 return Ok((
                     addr,
@@ -1115,6 +1155,7 @@ fn boot_testhost(
                         console: log,
                         monitor,
                         kallsyms,
+                        _dir: Some(dir),
                     },
                 ));
             }
@@ -1197,6 +1238,7 @@ mod tests {
             console,
             monitor: monitor.clone(),
             kallsyms,
+            _dir: None,
         };
         let r = files.report();
         server.join().unwrap();

@@ -6,6 +6,14 @@
 //! register and [`MmioTransport::interrupt_fd`] as an irqfd. Without ioeventfds (tests), a write to
 //! QueueNotify signals the queue's eventfd from here.
 //!
+//! ConfigGeneration (virtio 1.2 section 4.2.2.2) moves whenever the device configuration may have
+//! changed since the driver last read it, so a driver that reads a 64-bit field as two 32-bit
+//! halves and re-reads until the generation is stable never keeps a torn value. Devices change
+//! their configuration under their own lock; the transport reads the generation under the same
+//! lock and moves it when the device signalled a change ([`Interrupt::notify_config`]) or when
+//! the configuration bytes differ from those it saw at the previous generation read (a change
+//! made before DRIVER_OK has no interrupt to signal it).
+//!
 //! Conventions in this file: `offset` is relative to the start of the device's 4 KiB window;
 //! registers are 32-bit and accesses of another width to them are ignored (reads give zeros), as
 //! the spec requires the driver to use 32-bit accesses for them.
@@ -31,6 +39,10 @@ const MMIO_VERSION: u32 = 2;
 /// Vendor ID register: drivers do not interpret it; ours spells "RVMM".
 const VENDOR_ID: u32 = 0x4d4d_5652;
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
+/// Bytes of device configuration compared at each ConfigGeneration read. Covers every config
+/// space this VMM has (virtio-balloon 16 bytes, virtio-mem 56); a device with a larger config
+/// space must raise a config interrupt for changes past it.
+const CONFIG_COMPARED_LEN: usize = 256;
 
 /// Interrupt status bits (virtio 1.2 section 4.2.2, InterruptStatus).
 pub const INT_USED_RING: u32 = 1;
@@ -41,6 +53,8 @@ pub const INT_CONFIG: u32 = 2;
 pub struct MmioInterrupt {
     status: AtomicU32,
     irq: EventFd,
+    /// Config-change notifications so far (the transport's ConfigGeneration follows it).
+    config_changes: AtomicU32,
 }
 
 impl MmioInterrupt {
@@ -48,6 +62,7 @@ impl MmioInterrupt {
         Ok(Self {
             status: AtomicU32::new(0),
             irq: EventFd::new(EFD_NONBLOCK)?,
+            config_changes: AtomicU32::new(0),
         })
     }
 
@@ -74,6 +89,8 @@ impl Interrupt for MmioInterrupt {
         self.raise(INT_USED_RING);
     }
     fn notify_config(&self) {
+        // Counted before the interrupt: a driver woken by it must see the new generation.
+        self.config_changes.fetch_add(1, Ordering::SeqCst);
         self.raise(INT_CONFIG);
     }
 }
@@ -106,7 +123,7 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     status: u32,
-    config_generation: u32,
+    config_generation: ConfigGeneration,
     activated: bool,
     counters: TransportCounters,
 }
@@ -138,7 +155,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             status: 0,
-            config_generation: 0,
+            config_generation: ConfigGeneration::default(),
             activated: false,
             counters: TransportCounters::default(),
         })
@@ -204,7 +221,7 @@ impl MmioTransport {
             0x70 => self.status,
             // Shared memory regions: none. SHMLen of all ones means "no such region".
             0xb0 | 0xb4 | 0xb8 | 0xbc => u32::MAX,
-            0xfc => self.config_generation,
+            0xfc => self.config_generation(),
             _ => {
                 self.counters.bad_accesses += 1;
                 0
@@ -249,6 +266,17 @@ impl MmioTransport {
             0xac => {} // SHMSel: no regions, nothing to select.
             _ => self.counters.bad_accesses += 1,
         }
+    }
+
+    /// The ConfigGeneration register: moved on by every config change since the last read.
+    fn config_generation(&mut self) -> u32 {
+        // The device lock orders this read after or before a whole config update, never inside.
+        let device = lock(&self.device);
+        let mut config = [0u8; CONFIG_COMPARED_LEN];
+        device.read_config(0, &mut config);
+        let signalled = self.interrupt.config_changes.load(Ordering::SeqCst);
+        drop(device);
+        self.config_generation.observe(signalled, config)
     }
 
     fn write_driver_features(&mut self, v: u32) {
@@ -386,6 +414,41 @@ impl MmioTransport {
         for slot in &mut self.queues {
             slot.queue.reset();
         }
+    }
+}
+
+/// What the transport knows of the device configuration, to tell the driver whether it changed.
+struct ConfigGeneration {
+    value: u32,
+    /// [`MmioInterrupt::config_changes`] at the previous read.
+    signalled: u32,
+    /// The configuration bytes at the previous read.
+    config: [u8; CONFIG_COMPARED_LEN],
+    /// Whether there was a previous read.
+    seen: bool,
+}
+
+impl Default for ConfigGeneration {
+    fn default() -> Self {
+        Self {
+            value: 0,
+            signalled: 0,
+            config: [0; CONFIG_COMPARED_LEN],
+            seen: false,
+        }
+    }
+}
+
+impl ConfigGeneration {
+    /// The generation to report given the device's signalled changes and its config bytes now.
+    fn observe(&mut self, signalled: u32, config: [u8; CONFIG_COMPARED_LEN]) -> u32 {
+        if self.seen && (signalled != self.signalled || config != self.config) {
+            self.value = self.value.wrapping_add(1);
+        }
+        self.seen = true;
+        self.signalled = signalled;
+        self.config = config;
+        self.value
     }
 }
 
@@ -592,6 +655,93 @@ mod tests {
         t.write(0x100, &[9]);
         t.read(0x100, &mut c);
         assert_eq!(c, [9]);
+    }
+
+    /// A driver's read of a 64-bit config field as Linux does it (virtio_cread64 over
+    /// virtio-mmio): generation, low half, high half, generation, again until the generation is
+    /// stable. `between_halves` runs once, after the first low half. Returns the value and how
+    /// many attempts it took.
+    fn driver_read_u64(
+        t: &mut MmioTransport,
+        offset: u64,
+        mut between_halves: impl FnMut(),
+    ) -> (u64, u32) {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let before = r(t, 0xfc);
+            let low = r(t, 0x100 + offset);
+            if attempts == 1 {
+                between_halves();
+            }
+            let high = r(t, 0x100 + offset + 4);
+            if r(t, 0xfc) == before {
+                return ((u64::from(high) << 32) | u64::from(low), attempts);
+            }
+            assert!(attempts < 10, "the generation never settles");
+        }
+    }
+
+    fn set_config(dev: &Mutex<FakeDevice>, v: u64) {
+        dev.lock().unwrap().config = v.to_le_bytes();
+    }
+
+    const OLD: u64 = 0x0000_0001_ffff_ffff;
+    const NEW: u64 = 0x0000_0002_0000_0000;
+
+    #[test]
+    fn a_signalled_config_change_between_two_halves_is_never_read_torn() {
+        let (dev, mut t) = setup();
+        set_config(&dev, OLD);
+        let irq = t.interrupt();
+        // The device updates its config and signals it under its lock, as the devices do.
+        let (v, attempts) = driver_read_u64(&mut t, 0, || {
+            let mut d = dev.lock().unwrap();
+            d.config = NEW.to_le_bytes();
+            irq.notify_config();
+        });
+        assert_eq!(v, NEW, "torn read {v:#x} (old {OLD:#x}, new {NEW:#x})");
+        assert_eq!(attempts, 2);
+    }
+
+    #[test]
+    fn an_unsignalled_config_change_moves_the_generation_too() {
+        // Before DRIVER_OK a device has no interrupt to raise, yet the driver reads its config.
+        let (dev, mut t) = setup();
+        set_config(&dev, OLD);
+        let (v, attempts) = driver_read_u64(&mut t, 0, || set_config(&dev, NEW));
+        assert_eq!(v, NEW, "torn read {v:#x}");
+        assert_eq!(attempts, 2);
+    }
+
+    #[test]
+    fn a_signalled_change_and_back_moves_the_generation() {
+        // The driver may have read a half of the intermediate value: the bytes alone are equal.
+        let (dev, mut t) = setup();
+        set_config(&dev, OLD);
+        let irq = t.interrupt();
+        let g = r(&mut t, 0xfc);
+        set_config(&dev, NEW);
+        irq.notify_config();
+        set_config(&dev, OLD);
+        irq.notify_config();
+        assert_ne!(r(&mut t, 0xfc), g);
+    }
+
+    #[test]
+    fn the_generation_stays_while_nothing_changes() {
+        let (dev, mut t) = setup();
+        set_config(&dev, OLD);
+        let g = r(&mut t, 0xfc);
+        assert_eq!(driver_read_u64(&mut t, 0, || {}), (OLD, 1));
+        assert_eq!(r(&mut t, 0xfc), g);
+        // A used-ring interrupt is no config change.
+        t.interrupt().notify_used();
+        assert_eq!(r(&mut t, 0xfc), g);
+        set_config(&dev, NEW);
+        let g2 = r(&mut t, 0xfc);
+        assert_ne!(g2, g);
+        assert_eq!(r(&mut t, 0xfc), g2);
     }
 
     #[test]

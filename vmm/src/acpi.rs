@@ -3,8 +3,9 @@
 //!
 //! The platform is ACPI "hardware-reduced": no PM1 blocks, no SCI, no legacy PIT/PIC timers
 //! expected; power off goes through the FADT sleep control register and reset through the FADT
-//! reset register (see `devices::power`). Tables are laid out from [`ACPI_START`] with the RSDP
-//! first, where Linux also scans for it.
+//! reset register (see `devices::power`). The FADT's IA-PC boot flags say which legacy devices
+//! are absent ([`IAPC_BOOT_ARCH`]). Tables are laid out from [`ACPI_START`] with the RSDP first,
+//! where Linux also scans for it.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -27,6 +28,18 @@ use crate::layout::{
 const OEM_ID: [u8; 6] = *b"RVMMVM";
 const OEM_TABLE_ID: [u8; 8] = *b"RVMMVMM ";
 const OEM_REVISION: u32 = 1;
+
+/// FADT IAPC_BOOT_ARCH bit 2 (ACPI 6.5 table 5.11): the OS must not probe for VGA.
+const IAPC_NO_VGA: u16 = 1 << 2;
+/// FADT IAPC_BOOT_ARCH bit 5: there is no CMOS RTC at ports 0x70/0x71. Without it Linux
+/// registers its rtc_cmos device, whose probe reads all-ones from the empty ports: the "update in
+/// progress" bit never clears and the probe waits it out (about 4 s of the guest's boot).
+/// Linux reads it as `acpi_gbl_FADT.boot_flags & ACPI_FADT_NO_CMOS_RTC`; the guest then takes
+/// its wall clock from kvm-clock.
+const IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+/// The IA-PC boot flags of this machine: no legacy devices (bit 0 clear), no 8042 keyboard
+/// controller (bit 1 clear: Linux then skips i8042 probing), no VGA, no CMOS RTC.
+pub const IAPC_BOOT_ARCH: u16 = IAPC_NO_VGA | IAPC_NO_CMOS_RTC;
 
 /// A virtio-mmio device as the DSDT announces it.
 #[derive(Debug, Clone, Copy)]
@@ -139,6 +152,7 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     b.sleep_status_reg = io8(ACPI_SLEEP_PORT);
     b.reset_reg = io8(ACPI_RESET_PORT);
     b.reset_value = ACPI_RESET_VALUE;
+    b.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     b.hypervisor_vendor_identity = u64::from_le_bytes(*b"RVMMVMM ").into();
     bytes_of(&b.finalize())
 }
@@ -259,6 +273,8 @@ mod tests {
         assert_eq!(x_dsdt, addr_of(b"DSDT"));
         let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
         assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+        // ACPICA zeroes the boot flags of FADTs no longer than the ACPI 2.0 layout (116 bytes).
+        assert_eq!(fadt.len(), 276, "an ACPI 6 FADT");
         // Sleep control register: system I/O at the power port.
         assert_eq!(fadt[244], 1);
         assert_eq!(
@@ -277,6 +293,23 @@ mod tests {
         let (_, madt) = t.blobs.iter().find(|(_, b)| &b[..4] == b"APIC").unwrap();
         // Header 44 bytes, 3 local APICs of 8 bytes, one IOAPIC of 12.
         assert_eq!(madt.len(), 44 + 3 * 8 + 12);
+    }
+
+    /// The guest must learn that the platform has no CMOS RTC (or it waits ~4 s for one at
+    /// boot), no 8042 and no VGA, from the FADT's IA-PC boot flags at offset 109.
+    #[test]
+    fn fadt_says_there_is_no_cmos_rtc_8042_or_vga() {
+        let t = build(1, &devices()).unwrap();
+        let (_, fadt) = t.blobs.iter().find(|(_, b)| &b[..4] == b"FACP").unwrap();
+        let boot_flags = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
+        assert_ne!(boot_flags & (1 << 5), 0, "CMOS RTC not present");
+        assert_ne!(boot_flags & (1 << 2), 0, "VGA not present");
+        assert_eq!(
+            boot_flags & (1 << 1),
+            0,
+            "8042 present would make Linux probe it"
+        );
+        assert_eq!(boot_flags & 1, 0, "legacy (ISA) devices present");
     }
 
     #[test]

@@ -31,11 +31,14 @@ pub fn configure(
     entry: regs::EntryMode,
 ) -> Result<(), regs::RegsError> {
     let mut c = supported_cpuid.clone();
-    cpuid::configure(&mut c, id, count);
+    let xcr0 = cpuid::configure(&mut c, id, count);
     vcpu.set_cpuid2(&c).map_err(|source| regs::RegsError::Kvm {
         what: "set cpuid",
         source,
     })?;
+    if let Some(xcr0) = xcr0 {
+        regs::setup_xcr0(vcpu, xcr0);
+    }
     let msrs = regs::setup_msrs(vcpu);
     log::debug!(
         "vCPU {id}: {msrs} of {} boot MSRs set",

@@ -7,7 +7,9 @@
 //! - **PVH** (ELF vmlinux with a PVH note): 32-bit protected mode, paging off, flat 4 GiB
 //!   segments, EBX = hvm_start_info (the Xen PVH ABI that Linux implements).
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcr, kvm_xcrs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -179,6 +181,25 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
         ..Default::default()
     };
     vcpu.set_fpu(&fpu).map_err(kvm("set fpu"))
+}
+
+/// XCR0 as [`super::cpuid::xsave`] chose it. Call after setting CPUID: KVM accepts only the
+/// components the vCPU's CPUID offers, and recomputes CPUID.0xD's sizes from the new value.
+/// A refusal is logged and not fatal: the guest then starts with XCR0 = x87 as after reset
+/// (and may print Linux's XSAVE warning where its XSETBV does not reach KVM).
+pub fn setup_xcr0(vcpu: &VcpuFd, xcr0: u64) {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0] = kvm_xcr {
+        xcr: 0,
+        value: xcr0,
+        ..Default::default()
+    };
+    if let Err(e) = vcpu.set_xcrs(&xcrs) {
+        log::warn!("KVM did not accept XCR0 {xcr0:#x}: {e}");
+    }
 }
 
 /// MSRs Linux expects a boot loader or firmware to have set.
