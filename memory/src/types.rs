@@ -215,15 +215,3 @@ pub struct MemoryStats {
     /// Tracker leaves turned into sparse leaves by [`crate::MemoryManager::compact`] (cumulative).
     pub tracker_compacted_leaves: u64,
 }
-
-/// When the host backing of newly offline pages is released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DiscardPolicy {
-    /// Inside `offline`, before it returns.
-    #[default]
-    Immediate,
-    /// Queued by `offline`; released by [`crate::MemoryManager::tick`] once a batch is full or
-    /// the queue went idle (or by [`crate::MemoryManager::flush_discards`]). A page that comes
-    /// back online before the release is not discarded.
-    Deferred,
-}

@@ -79,8 +79,8 @@ impl MemoryManager {
                 out.refused += c.len;
             }
         }
-        // Recorded, then queued: `offline` flushes the queue before it returns under the
-        // immediate policy, so the runs of a whole request reach the kernel together.
+        // Recorded, then queued: released later (`tick`, `flush_discards`), only while still
+        // offline.
         self.queue
             .try_reserve(gaps.len())
             .map_err(|_| Error::NoMemory {
