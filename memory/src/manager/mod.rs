@@ -25,8 +25,10 @@
 //! to, are refused and counted (in the returned [`Outcome`] and in [`MemoryStats`]), never
 //! touched. `Err` means the host failed (memory, a system call, the slot mapper). The parts of a
 //! balloon request before the failure are applied, the rest not; every request is idempotent,
-//! so the device retries the whole request and the pages already done count as unchanged. Plug
-//! and unplug are all or nothing.
+//! so a retry of the whole request counts the pages already done as unchanged (the balloon
+//! device does not retry: it returns the buffer and counts `backend_errors`; the pages it could
+//! not record stay backed, so nothing is lost but the memory). Plug and unplug are all or
+//! nothing: virtio-mem answers BUSY and the guest retries.
 //!
 //! # Discard and compaction
 //! Newly offline pages are recorded in the tracker and queued first, then their backing is
