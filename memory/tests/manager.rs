@@ -571,7 +571,54 @@ fn a_failed_plug_or_unplug_undoes_its_other_blocks() {
     assert!(matches!(err, Error::Slot { slot: 2, .. }), "{err}");
     assert_eq!(m.plugged_runs(pages(0, 256 * MIB)), vec![pages(0, 8 * MIB)]);
     assert_eq!(read_u64(&m, 0), 0x0707_0707_0707_0707, "block 0 untouched");
+    assert_eq!(
+        read_u64(&m, 2 * MIB),
+        0x0707_0707_0707_0707,
+        "block 1 kept its contents: nothing is released before every slot is gone"
+    );
     assert_eq!(m.stats().unplugged_bytes, 248 * MIB);
+}
+
+/// Linux unplugs a whole memory block (64 blocks of 2 MiB) in one request: every block loses
+/// its slot, and the backing of the request's adjacent blocks goes back to the host in one
+/// system call, not one per block. Blocks already unplugged in a request are left alone, and
+/// the others still go in one call per run of adjacent blocks.
+#[test]
+fn unplugging_adjacent_blocks_releases_them_in_one_call() {
+    let (mut m, slots) = manager(&[hotplug(0, 256 * MIB, Backing::PrivateAnonymous, 2 * MIB)]);
+    m.plug(pages(0, 128 * MIB)).unwrap();
+    touch(&m, 0, 128 * MIB, 3);
+    assert_eq!(m.resident_bytes().unwrap(), 128 * MIB);
+    slots.calls.lock().unwrap().clear();
+    let calls = m.stats().discard_calls;
+    let out = m.unplug(pages(0, 128 * MIB)).unwrap();
+    assert_eq!((out.changed, out.unchanged, out.refused), (32768, 0, 0));
+    assert_eq!(m.stats().discard_calls - calls, 1, "64 adjacent blocks, one call");
+    assert_eq!(m.resident_bytes().unwrap(), 0, "all released");
+    let unmapped: Vec<u32> = slots
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| match c {
+            SlotCall::Unmap { slot, .. } => *slot,
+            other => panic!("only unmaps expected: {other:?}"),
+        })
+        .collect();
+    assert_eq!(unmapped, (0..64).collect::<Vec<u32>>(), "every block's slot removed");
+    assert_eq!(m.stats().discarded_bytes, 256 * MIB);
+
+    // Blocks 2..6 and 8..10 plugged, then the request covers 0..12: two runs, two calls.
+    m.plug(pages(4 * MIB, 8 * MIB)).unwrap();
+    m.plug(pages(16 * MIB, 4 * MIB)).unwrap();
+    touch(&m, 4 * MIB, 8 * MIB, 4);
+    touch(&m, 16 * MIB, 4 * MIB, 4);
+    let calls = m.stats().discard_calls;
+    let out = m.unplug(pages(0, 24 * MIB)).unwrap();
+    assert_eq!((out.changed, out.unchanged), (6 * 512, 6 * 512));
+    assert_eq!(m.stats().discard_calls - calls, 2);
+    assert_eq!(m.resident_bytes().unwrap(), 0);
+    assert_eq!(m.plugged_runs(pages(0, 256 * MIB)), vec![]);
 }
 
 /// Dropping the manager removes every KVM slot before the mappings go.

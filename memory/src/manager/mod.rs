@@ -4,7 +4,8 @@
 //! # Files
 //! - `mod.rs` (this file): the manager, its public requests and accounting, its timer.
 //! - [`regions`]: region specs, mappings, KVM slots ([`SlotMapper`]), splitting at boundaries.
-//! - [`requests`]: what each request does to the pages of one region.
+//! - [`requests`]: what each balloon request does to the pages of one region.
+//! - [`plug`]: plugging and unplugging hot-add blocks, a whole request at a time.
 //! - [`discard`]: releasing host backing, and the deferred-discard queue.
 //! - [`schedule`]: the pure rules for when to release and when to compact.
 //!
@@ -44,6 +45,7 @@
 //! unplug discard at once.
 
 mod discard;
+mod plug;
 mod regions;
 mod requests;
 pub mod schedule;
