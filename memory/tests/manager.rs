@@ -593,7 +593,11 @@ fn unplugging_adjacent_blocks_releases_them_in_one_call() {
     let calls = m.stats().discard_calls;
     let out = m.unplug(pages(0, 128 * MIB)).unwrap();
     assert_eq!((out.changed, out.unchanged, out.refused), (32768, 0, 0));
-    assert_eq!(m.stats().discard_calls - calls, 1, "64 adjacent blocks, one call");
+    assert_eq!(
+        m.stats().discard_calls - calls,
+        1,
+        "64 adjacent blocks, one call"
+    );
     assert_eq!(m.resident_bytes().unwrap(), 0, "all released");
     let unmapped: Vec<u32> = slots
         .calls
@@ -605,7 +609,11 @@ fn unplugging_adjacent_blocks_releases_them_in_one_call() {
             other => panic!("only unmaps expected: {other:?}"),
         })
         .collect();
-    assert_eq!(unmapped, (0..64).collect::<Vec<u32>>(), "every block's slot removed");
+    assert_eq!(
+        unmapped,
+        (0..64).collect::<Vec<u32>>(),
+        "every block's slot removed"
+    );
     assert_eq!(m.stats().discarded_bytes, 256 * MIB);
 
     // Blocks 2..6 and 8..10 plugged, then the request covers 0..12: two runs, two calls.
