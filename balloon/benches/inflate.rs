@@ -20,7 +20,7 @@ use balloon::backend::{BackendError, BalloonBackend, Outcome, PageRange, PageRan
 use balloon::testing::{pfn_bytes, BalloonRig, Desc, BUFFER_BASE};
 use balloon::BalloonConfig;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use memory::{Backing, DiscardPolicy, MemoryManager};
+use memory::{Backing, MemoryManager};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const RAM: u64 = 260 << 20;
@@ -31,10 +31,8 @@ const PAGES: u32 = (256 << 20) >> 12;
 type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// Guest RAM as the VMM makes it: one boot region of `backing` behind the manager.
-fn manager(backing: Backing, policy: DiscardPolicy) -> Arc<Mutex<MemoryManager>> {
-    Arc::new(Mutex::new(balloon::testing::boot_ram_manager(
-        RAM, backing, policy,
-    )))
+fn manager(backing: Backing) -> Arc<Mutex<MemoryManager>> {
+    Arc::new(Mutex::new(balloon::testing::boot_ram_manager(RAM, backing)))
 }
 
 /// A baseline backend: only inflate does anything (these benches never deflate or report).
@@ -166,11 +164,11 @@ fn release(mm: &Mutex<MemoryManager>) {
     mm.lock().unwrap().flush_discards().unwrap();
 }
 
-/// One turn of the VMM's event loop for the manager's timer: `tick` if its deadline has come
-/// (a full batch is due at once).
+/// What the VMM's event loop does after each turn (vmm/src/memory_timer.rs `after_turn`):
+/// `tick` if something is due now (a full batch is due at once).
 fn timer_turn(mm: &Mutex<MemoryManager>) {
     let mut m = mm.lock().unwrap();
-    if m.next_deadline().is_some_and(|d| d <= Instant::now()) {
+    if m.tick_due() {
         m.tick().unwrap();
     }
 }
@@ -210,8 +208,6 @@ fn ranges_of(pfns: &[u32]) -> Vec<memory::PageRange> {
 enum Single {
     /// NaiveBackend: one madvise per page before the ack.
     Naive,
-    /// The manager with `DiscardPolicy::Immediate`: released (coalesced) before the ack.
-    Immediate,
     /// The product: ack, then release (clock stops at the ack).
     DeferredAck,
     /// The product: ack, then release (clock stops when released).
@@ -221,11 +217,7 @@ enum Single {
 }
 
 fn bench_single(c: &mut Criterion, name: &str, mode: Single, pattern: fn(u32) -> Vec<u32>) {
-    let policy = match mode {
-        Single::Immediate => DiscardPolicy::Immediate,
-        _ => DiscardPolicy::Deferred,
-    };
-    let mm = manager(Backing::PrivateAnonymous, policy);
+    let mm = manager(Backing::PrivateAnonymous);
     let mem = mm.lock().unwrap().guest_memory().clone();
     let backend: Arc<dyn BalloonBackend> = match mode {
         Single::Naive => Arc::new(InflateOnly(NaiveBackend { mem: mem.clone() })),
@@ -334,7 +326,7 @@ fn bench_burst(
     releaser: Releaser,
     pattern: fn(u32) -> Vec<u32>,
 ) {
-    let mm = manager(backing, DiscardPolicy::Deferred);
+    let mm = manager(backing);
     let mem = mm.lock().unwrap().guest_memory().clone();
     let backend: Arc<dyn BalloonBackend> = match releaser {
         Releaser::Naive => Arc::new(InflateOnly(NaiveBackend { mem: mem.clone() })),
@@ -467,7 +459,6 @@ fn benches(c: &mut Criterion) {
     ] {
         for (name, mode) in [
             ("naive_per_page_madvise", Single::Naive),
-            ("manager_immediate", Single::Immediate),
             ("manager_deferred/ack", Single::DeferredAck),
             ("manager_deferred/released", Single::DeferredReleased),
             ("device_only_no_release", Single::DeviceOnly),

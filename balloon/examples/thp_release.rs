@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use memory::{Backing, DiscardPolicy, PageRange};
+use memory::{Backing, PageRange};
 use vm_memory::{Bytes, GuestAddress};
 
 const SIZE: u64 = 1 << 30;
@@ -84,7 +84,7 @@ fn main() {
     } else {
         Backing::PrivateAnonymous
     };
-    let mut mm = balloon::testing::boot_ram_manager(SIZE, backing, DiscardPolicy::Deferred);
+    let mut mm = balloon::testing::boot_ram_manager(SIZE, backing);
     for p in 0..SIZE >> 12 {
         mm.guest_memory()
             .write_obj(0xa5u8, GuestAddress(p << 12))

@@ -9,8 +9,8 @@ use balloon::testing::{
 };
 use balloon::{BalloonBackend, BalloonConfig, MemBackend, VirtioMem};
 use memory::{
-    Backing, Clock, DiscardPolicy, MemoryManager, RegionKind, RegionSpec, COMPACT_IDLE_DELAY,
-    RELEASE_BATCH_PAGES, RELEASE_IDLE_DELAY,
+    Backing, Clock, MemoryManager, RegionKind, RegionSpec, COMPACT_IDLE_DELAY, RELEASE_BATCH_PAGES,
+    RELEASE_IDLE_DELAY,
 };
 use virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
@@ -60,7 +60,6 @@ fn deferred(mm: Arc<Mutex<MemoryManager>>) -> (Arc<Mutex<MemoryManager>>, Manual
     let clock = ManualClock::new();
     {
         let mut m = mm.lock().unwrap();
-        m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
         m.set_clock(Arc::new(clock.clone()));
     }
     (mm, clock)
@@ -69,9 +68,15 @@ fn deferred(mm: Arc<Mutex<MemoryManager>>) -> (Arc<Mutex<MemoryManager>>, Manual
 /// One turn of the VMM's event loop for the manager's timer: `tick` if its deadline has come.
 fn timer_turn(mm: &Mutex<MemoryManager>, clock: &ManualClock) -> memory::Tick {
     let mut m = mm.lock().unwrap();
-    match m.next_deadline() {
-        Some(d) if d <= clock.now() => m.tick().unwrap(),
-        _ => memory::Tick::default(),
+    assert_eq!(
+        m.tick_due(),
+        m.next_deadline().is_some_and(|d| d <= clock.now()),
+        "tick_due reads the manager's clock"
+    );
+    if m.tick_due() {
+        m.tick().unwrap()
+    } else {
+        memory::Tick::default()
     }
 }
 
@@ -406,7 +411,6 @@ fn balloon_releases_on_both_backings() {
         let mm = Arc::new(Mutex::new(balloon::testing::boot_ram_manager(
             64 * MIB,
             backing,
-            DiscardPolicy::Deferred,
         )));
         let (mut rig, mem) = rig_on(&mm, BalloonConfig::default());
         for p in 0..((64 * MIB) >> 12) {

@@ -5,8 +5,6 @@ use crate::tracker::TrackerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("PFN 0x{pfn:x} lies outside guest RAM (0x{lo:x}..0x{hi:x})")]
-    PfnOutsideRam { pfn: u64, lo: u64, hi: u64 },
     #[error("region {index} at 0x{guest_addr:x} size 0x{size:x}: {what}")]
     InvalidRegion {
         index: usize,
@@ -51,13 +49,7 @@ pub enum Error {
         size: u64,
         source: std::io::Error,
     },
-    #[error("mincore on host 0x{host_addr:x} size 0x{size:x}: {source}")]
-    Mincore {
-        host_addr: usize,
-        size: u64,
-        source: std::io::Error,
-    },
-    #[error("creating the discard timer (timerfd or eventfd): {0}")]
+    #[error("creating the discard timer (timerfd): {0}")]
     Timer(std::io::Error),
     #[error(transparent)]
     Tracker(#[from] TrackerError),

@@ -50,14 +50,6 @@ impl RamMap {
         self.spans.iter().map(|&(a, b)| PageRange::new(a, b - a))
     }
 
-    /// First page of RAM and one past the last (0..0 without RAM), for messages.
-    pub fn bounds(&self) -> (u64, u64) {
-        match (self.spans.first(), self.spans.last()) {
-            (Some(f), Some(l)) => (f.0, l.1),
-            _ => (0, 0),
-        }
-    }
-
     /// Whether page `pfn` is RAM.
     pub fn contains(&self, pfn: u64) -> bool {
         let i = self.spans.partition_point(|s| s.1 <= pfn);
@@ -345,6 +337,5 @@ mod tests {
             vec![PageRange::new(0, 0x11), PageRange::new(0x21, 1)]
         );
         assert!(ram.contains(0x10) && !ram.contains(0x11) && ram.contains(0x21));
-        assert_eq!(ram.bounds(), (0, 0x22));
     }
 }

@@ -123,7 +123,8 @@ pub fn memfd(name: &str, size: u64, hugetlb: bool) -> io::Result<File> {
     Ok(file)
 }
 
-/// Blocks (512-byte units) the file occupies on its filesystem.
+/// Blocks (512-byte units) the file occupies on its filesystem (tests; feature `testing`).
+#[cfg(any(test, feature = "testing"))]
 pub fn file_blocks(file: &File) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     Ok(file.metadata()?.blocks())

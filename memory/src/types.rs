@@ -205,25 +205,14 @@ pub struct MemoryStats {
     /// Discard system calls made (cumulative): one per coalesced run, or one per batch of up to
     /// 512 runs of a private anonymous region (`process_madvise`).
     pub discard_calls: u64,
-    /// Pages whose deferred discard the schedule released (cumulative; immediate discards and
-    /// `flush_discards` calls by hand are not counted here).
+    /// Pages whose deferred discard `tick` released (cumulative; discards at once, for free page
+    /// reports and unplug, and `flush_discards` called directly are not counted here).
     pub released_pages: u64,
-    /// Scheduled releases that failed and were kept for a retry (cumulative).
+    /// Releases that failed and were queued for a retry: scheduled ones, and those of unplugged
+    /// blocks (cumulative).
     pub release_errors: u64,
     /// Heap bytes held by the offline-page tracker.
     pub tracker_heap_bytes: u64,
     /// Tracker leaves turned into sparse leaves by [`crate::MemoryManager::compact`] (cumulative).
     pub tracker_compacted_leaves: u64,
-}
-
-/// When the host backing of newly offline pages is released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DiscardPolicy {
-    /// Inside `offline`, before it returns.
-    #[default]
-    Immediate,
-    /// Queued by `offline`; released by [`crate::MemoryManager::tick`] once a batch is full or
-    /// the queue went idle (or by [`crate::MemoryManager::flush_discards`]). A page that comes
-    /// back online before the release is not discarded.
-    Deferred,
 }

@@ -6,7 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use memory::tracker::{Mark, Marks, Need, Tracker, TrackerError, MAX_INDEX};
+use memory::tracker::{Mark, Marks, Tracker, TrackerError, MAX_INDEX};
 
 struct Failing;
 
@@ -246,23 +246,6 @@ fn compact_under_failing_allocations_changes_nothing_observable() {
     );
     assert_eq!(t.compact(0, 1 << 30), 0, "nothing left to turn");
     assert_eq!(snapshot(&t), before);
-}
-
-#[test]
-fn reserved_spares_let_an_insert_succeed_without_allocating() {
-    let mut t = Tracker::new();
-    t.reserve(Need {
-        nodes: 8,
-        leaves: 1,
-        maps: 0,
-    })
-    .unwrap();
-    let added = with_budget(0, || t.insert_range(0x1234_5678, 3, BAL)).unwrap();
-    assert_eq!(added, 3);
-    assert!(t.contains(0x1234_5679));
-    // Nothing reserved any more: the next one needs the allocator.
-    let r = with_budget(0, || t.insert(0x40_0000_0000, BAL));
-    assert!(matches!(r, Err(TrackerError::NoMemory { .. })));
 }
 
 #[test]

@@ -51,6 +51,11 @@ fn canary_beside_region_is_untouched() {
         ]))
         .unwrap();
     assert_eq!((out.changed, out.refused), (1, 4));
+    assert_eq!(
+        m.flush_discards().unwrap(),
+        1,
+        "the page inside RAM released"
+    );
     let out = m
         .discard_free(&m.page_ranges(&[pages(size, 4 * PAGE_SIZE)]))
         .unwrap();

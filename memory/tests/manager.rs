@@ -6,10 +6,18 @@ mod common;
 use memory::Clock as _;
 
 use common::*;
-use memory::{Backing, DiscardPolicy, Error, MemoryManager, Outcome, PageRange, Pfn, Reason};
+use memory::{Backing, Error, MemoryManager, Outcome, PageRange, Pfn, Reason};
 
 fn pages(addr: u64, len: u64) -> PageRange {
     PageRange::from_addr(addr, len)
+}
+
+/// A balloon inflate as the VMM completes it: `offline` records and queues the pages, then the
+/// manager's timer releases them (here at once, by `flush_discards`).
+fn inflate(m: &mut MemoryManager, ranges: &[PageRange]) -> Outcome {
+    let out = m.offline(&m.page_ranges(ranges)).unwrap();
+    m.flush_discards().unwrap();
+    out
 }
 
 #[test]
@@ -30,9 +38,7 @@ fn inflate_frees_resident_memory_and_deflate_reads_zeros() {
     let before = m.resident_bytes().unwrap();
     assert!(before >= 64 * MIB, "all touched: {before}");
 
-    let out = m
-        .offline(&m.page_ranges(&[pages(16 * MIB, 16 * MIB)]))
-        .unwrap();
+    let out = inflate(&mut m, &[pages(16 * MIB, 16 * MIB)]);
     assert_eq!(
         out,
         Outcome {
@@ -54,9 +60,7 @@ fn inflate_frees_resident_memory_and_deflate_reads_zeros() {
     assert_eq!(s.online_bytes, 48 * MIB);
 
     // Asking again changes nothing.
-    let again = m
-        .offline(&m.page_ranges(&[pages(16 * MIB, 16 * MIB)]))
-        .unwrap();
+    let again = inflate(&mut m, &[pages(16 * MIB, 16 * MIB)]);
     assert_eq!(again.unchanged, 4096);
     assert_eq!(again.changed, 0);
 
@@ -85,7 +89,7 @@ fn refused_pages_are_counted_and_never_discarded() {
         pages(48 * MIB, 4 * MIB),
         PageRange::new(u64::MAX - 3, 10),
     ];
-    let out = m.offline(&m.page_ranges(&req)).unwrap();
+    let out = inflate(&mut m, &req);
     assert_eq!(out.changed, 0);
     assert_eq!(out.refused, 4096 + 1024 + 10);
     assert_eq!(m.resident_bytes().unwrap(), before, "nothing discarded");
@@ -93,17 +97,14 @@ fn refused_pages_are_counted_and_never_discarded() {
     assert_eq!(m.stats().discard_calls, 0);
 
     // A run straddling the end of the first region: only the inside part is taken.
-    let out = m
-        .offline(&m.page_ranges(&[pages(15 * MIB, 2 * MIB)]))
-        .unwrap();
+    let out = inflate(&mut m, &[pages(15 * MIB, 2 * MIB)]);
     assert_eq!((out.changed, out.refused), (256, 256));
     assert_eq!(m.resident_bytes().unwrap(), before - MIB);
 
-    let err = m.validate(PageRange::new(0x12345, 1)).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "PFN 0x12345 lies outside guest RAM (0x0..0x3000)"
-    );
+    // What the device logs for a request naming pages outside RAM: how many, and the first.
+    let outside = m.page_ranges(&[PageRange::new(0x12345, 3), PageRange::new(0x2fff, 2)]);
+    assert_eq!(outside.first_outside(), Some(0x3000));
+    assert_eq!(outside.outside_ram(), 4);
 }
 
 #[test]
@@ -113,7 +114,7 @@ fn duplicate_and_overlapping_pages_count_once_and_coalesce() {
         .iter()
         .map(|&p| PageRange::page(p))
         .collect();
-    let out = m.offline(&m.page_ranges(&req)).unwrap();
+    let out = inflate(&mut m, &req);
     assert_eq!(out.changed, 6);
     // Two runs, one process_madvise call (two madvise calls where the kernel refuses it).
     let calls = m.stats().discard_calls;
@@ -135,9 +136,7 @@ fn memfd_punch_hole_frees_file_blocks() {
     touch(&m, 0, 32 * MIB, 7);
     let full = m.region_file_blocks(0).unwrap().unwrap() * 512;
     assert!(full >= 32 * MIB, "file fully allocated: {full}");
-    let out = m
-        .offline(&m.page_ranges(&[pages(8 * MIB, 8 * MIB)]))
-        .unwrap();
+    let out = inflate(&mut m, &[pages(8 * MIB, 8 * MIB)]);
     assert_eq!(out.changed, 2048);
     let after = m.region_file_blocks(0).unwrap().unwrap() * 512;
     assert_eq!(full - after, 8 * MIB, "punch-hole released the blocks");
@@ -152,7 +151,7 @@ fn shared_anonymous_uses_madv_remove() {
     let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::SharedAnonymous)]);
     touch(&m, 0, 16 * MIB, 3);
     let before = m.resident_bytes().unwrap();
-    m.offline(&m.page_ranges(&[pages(0, 4 * MIB)])).unwrap();
+    inflate(&mut m, &[pages(0, 4 * MIB)]);
     assert_eq!(before - m.resident_bytes().unwrap(), 4 * MIB);
     m.online(&m.page_ranges(&[pages(0, 4 * MIB)])).unwrap();
     assert_eq!(read_u64(&m, 0), 0);
@@ -162,7 +161,7 @@ fn shared_anonymous_uses_madv_remove() {
 fn free_page_reporting_discards_but_does_not_track() {
     let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::PrivateAnonymous)]);
     touch(&m, 0, 16 * MIB, 9);
-    m.offline(&m.page_ranges(&[pages(0, MIB)])).unwrap();
+    inflate(&mut m, &[pages(0, MIB)]);
     let before = m.resident_bytes().unwrap();
     let out = m
         .discard_free(&m.page_ranges(&[pages(0, 4 * MIB)]))
@@ -268,7 +267,6 @@ fn failed_slot_map_leaves_block_unplugged() {
 #[test]
 fn deferred_discard_skips_pages_back_online() {
     let (mut m, _) = manager(&[boot(0, 16 * MIB, Backing::PrivateAnonymous)]);
-    m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
     touch(&m, 0, 16 * MIB, 0x11);
     let before = m.resident_bytes().unwrap();
     m.offline(&m.page_ranges(&[pages(0, 4 * MIB)])).unwrap();
@@ -307,11 +305,11 @@ fn hugetlbfs_discards_only_whole_huge_pages() {
     }
     let calls0 = m.stats().discard_calls;
     // Half a huge page: tracked, not discarded.
-    m.offline(&m.page_ranges(&[pages(0, MIB)])).unwrap();
+    inflate(&mut m, &[pages(0, MIB)]);
     assert_eq!(m.stats().discard_calls, calls0);
     assert_eq!(m.stats().pending_discard_bytes, MIB);
     // The other half: now the whole huge page goes.
-    m.offline(&m.page_ranges(&[pages(MIB, MIB)])).unwrap();
+    inflate(&mut m, &[pages(MIB, MIB)]);
     assert_eq!(m.stats().discard_calls, calls0 + 1);
     assert_eq!(m.stats().discarded_bytes, huge);
     // One piece back online: the huge page is backed again when touched.
@@ -371,7 +369,6 @@ fn pfn_helpers() {
 fn deferred_flush_of_scattered_runs_is_batched() {
     for backing in [Backing::PrivateAnonymous, Backing::PrivateAnonymousHuge] {
         let (mut m, _) = manager(&[boot(0, 32 * MIB, backing)]);
-        m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
         touch(&m, 0, 32 * MIB, 0x5a);
         let before = m.resident_bytes().unwrap();
         // 1200 single pages, two apart, from 4 MiB up; and 4 MiB from 16 MiB (2 MiB-aligned).
@@ -450,7 +447,6 @@ fn the_timer_releases_when_idle_and_compacts_when_quiet() {
     let (mut m, _) = manager(&[boot(0, 64 * MIB, Backing::PrivateAnonymous)]);
     let clock = ManualClock::new();
     m.set_clock(Arc::new(clock.clone()));
-    m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
     assert_eq!(m.next_deadline(), None, "nothing to do");
     touch(&m, 0, 64 * MIB, 0x3c);
     let before = m.resident_bytes().unwrap();
@@ -512,7 +508,6 @@ fn a_full_batch_is_due_at_once() {
     let (mut m, _) = manager(&[boot(0, 64 * MIB, Backing::PrivateAnonymous)]);
     let clock = ManualClock::new();
     m.set_clock(Arc::new(clock.clone()));
-    m.set_discard_policy(DiscardPolicy::Deferred).unwrap();
     m.offline(&m.page_ranges(&[PageRange::new(0, RELEASE_BATCH_PAGES - 1)]))
         .unwrap();
     assert!(m.next_deadline().unwrap() > clock.now());
@@ -576,7 +571,62 @@ fn a_failed_plug_or_unplug_undoes_its_other_blocks() {
     assert!(matches!(err, Error::Slot { slot: 2, .. }), "{err}");
     assert_eq!(m.plugged_runs(pages(0, 256 * MIB)), vec![pages(0, 8 * MIB)]);
     assert_eq!(read_u64(&m, 0), 0x0707_0707_0707_0707, "block 0 untouched");
+    assert_eq!(
+        read_u64(&m, 2 * MIB),
+        0x0707_0707_0707_0707,
+        "block 1 kept its contents: nothing is released before every slot is gone"
+    );
     assert_eq!(m.stats().unplugged_bytes, 248 * MIB);
+}
+
+/// Linux unplugs a whole memory block (64 blocks of 2 MiB) in one request: every block loses
+/// its slot, and the backing of the request's adjacent blocks goes back to the host in one
+/// system call, not one per block. Blocks already unplugged in a request are left alone, and
+/// the others still go in one call per run of adjacent blocks.
+#[test]
+fn unplugging_adjacent_blocks_releases_them_in_one_call() {
+    let (mut m, slots) = manager(&[hotplug(0, 256 * MIB, Backing::PrivateAnonymous, 2 * MIB)]);
+    m.plug(pages(0, 128 * MIB)).unwrap();
+    touch(&m, 0, 128 * MIB, 3);
+    assert_eq!(m.resident_bytes().unwrap(), 128 * MIB);
+    slots.calls.lock().unwrap().clear();
+    let calls = m.stats().discard_calls;
+    let out = m.unplug(pages(0, 128 * MIB)).unwrap();
+    assert_eq!((out.changed, out.unchanged, out.refused), (32768, 0, 0));
+    assert_eq!(
+        m.stats().discard_calls - calls,
+        1,
+        "64 adjacent blocks, one call"
+    );
+    assert_eq!(m.resident_bytes().unwrap(), 0, "all released");
+    let unmapped: Vec<u32> = slots
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| match c {
+            SlotCall::Unmap { slot, .. } => *slot,
+            other => panic!("only unmaps expected: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        unmapped,
+        (0..64).collect::<Vec<u32>>(),
+        "every block's slot removed"
+    );
+    assert_eq!(m.stats().discarded_bytes, 256 * MIB);
+
+    // Blocks 2..6 and 8..10 plugged, then the request covers 0..12: two runs, two calls.
+    m.plug(pages(4 * MIB, 8 * MIB)).unwrap();
+    m.plug(pages(16 * MIB, 4 * MIB)).unwrap();
+    touch(&m, 4 * MIB, 8 * MIB, 4);
+    touch(&m, 16 * MIB, 4 * MIB, 4);
+    let calls = m.stats().discard_calls;
+    let out = m.unplug(pages(0, 24 * MIB)).unwrap();
+    assert_eq!((out.changed, out.unchanged), (6 * 512, 6 * 512));
+    assert_eq!(m.stats().discard_calls - calls, 2);
+    assert_eq!(m.resident_bytes().unwrap(), 0);
+    assert_eq!(m.plugged_runs(pages(0, 256 * MIB)), vec![]);
 }
 
 /// Dropping the manager removes every KVM slot before the mappings go.

@@ -12,7 +12,7 @@ use common::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-use memory::{Backing, DiscardPolicy, ManualClock, MemoryManager, Outcome, PageRange, Reason};
+use memory::{Backing, ManualClock, MemoryManager, Outcome, PageRange, Reason};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -40,8 +40,8 @@ enum Req {
     Free(Vec<(u64, u64)>),
     Plug(u64, u64),
     Unplug(u64, u64),
+    /// `flush_discards`: every queued release at once.
     Flush,
-    Policy(bool),
     /// `compact`: leaves of few offline pages become sparse; nothing observable changes.
     Compact,
     /// Time passes (ms) and the manager's timer fires: deferred releases and compaction happen
@@ -73,8 +73,7 @@ fn req() -> impl Strategy<Value = Req> {
         2 => ranges().prop_map(Req::Free),
         2 => block_range.clone().prop_map(|(a, n)| Req::Plug(a, n)),
         2 => block_range.prop_map(|(a, n)| Req::Unplug(a, n)),
-        1 => Just(Req::Flush),
-        1 => any::<bool>().prop_map(Req::Policy),
+        2 => Just(Req::Flush),
         2 => Just(Req::Compact),
         2 => prop_oneof![Just(1u64), Just(2), Just(1000), Just(1500)].prop_map(Req::Tick),
     ]
@@ -173,7 +172,7 @@ impl Model {
                     }
                 }
             }
-            Req::Flush | Req::Policy(_) | Req::Compact | Req::Tick(_) => {}
+            Req::Flush | Req::Compact | Req::Tick(_) => {}
         }
         o
     }
@@ -234,15 +233,6 @@ fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
             Req::Compact => {
                 m.compact();
                 m.tracker().check_invariants().unwrap();
-                Outcome::default()
-            }
-            Req::Policy(deferred) => {
-                let p = if *deferred {
-                    DiscardPolicy::Deferred
-                } else {
-                    DiscardPolicy::Immediate
-                };
-                m.set_discard_policy(p).unwrap();
                 Outcome::default()
             }
         };

@@ -19,7 +19,7 @@ use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY}
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use log::info;
 use memory::units::MIB;
-use memory::{Backing, DiscardPolicy, MemoryManager, RegionKind, RegionSpec};
+use memory::{Backing, MemoryManager, RegionKind, RegionSpec};
 use virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
@@ -86,6 +86,8 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     manager: Arc<Mutex<MemoryManager>>,
+    /// The manager's wake-ups; also asked after every event-loop turn.
+    memory_timer: Arc<Mutex<MemoryTimer>>,
     pio: Bus,
     mmio: Bus,
     virtio: Vec<MmioDeviceInfo>,
@@ -192,7 +194,8 @@ impl Vm {
 
         let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| VmError::EventLoop(format!("{e:?}")))?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(MemoryTimer::new(manager.clone()))));
+        let memory_timer = Arc::new(Mutex::new(MemoryTimer::new(manager.clone())));
+        event_manager.add_subscriber(memory_timer.clone());
         let balloon_opts = config.balloon.clone();
         let hotplug_opts = config.hotplug;
         let mut vm = Self {
@@ -201,6 +204,7 @@ impl Vm {
             vm_fd,
             mem,
             manager,
+            memory_timer,
             pio,
             mmio: Bus::new(),
             virtio: Vec::new(),
@@ -391,6 +395,10 @@ impl Vm {
                 self.exit.request(ExitReason::Error);
                 return Err(VmError::EventLoop(format!("{e:?}")));
             }
+            self.memory_timer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .after_turn();
             if let Some(reason) = self.exit.reason() {
                 return Ok(reason);
             }
@@ -435,16 +443,13 @@ pub fn memory_manager(
     slots: Box<dyn memory::SlotMapper>,
     config: &VmConfig,
 ) -> Result<MemoryManager, VmError> {
-    let mut manager = MemoryManager::new(specs, slots).map_err(|e| VmError::Memory {
+    // Inflates are acknowledged first; the manager releases their host memory afterwards
+    // (16 MiB batches right after the turn that filled them, or after 2 ms without inflates:
+    // memory_timer.rs), so the guest's wait per request is the device's, not madvise's.
+    let manager = MemoryManager::new(specs, slots).map_err(|e| VmError::Memory {
         mib: config.memory_mib,
         detail: e.to_string(),
     })?;
-    // Inflates are acknowledged first; the manager releases their host memory afterwards on
-    // its own timer (16 MiB batches, or after 2 ms without inflates: memory_timer.rs), so the
-    // guest's wait per request is the device's, not madvise's.
-    manager
-        .set_discard_policy(DiscardPolicy::Deferred)
-        .map_err(|e| VmError::Device(e.to_string()))?;
     Ok(manager)
 }
 

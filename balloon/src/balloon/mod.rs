@@ -93,8 +93,6 @@ pub fn queue_roles(features: u64) -> Vec<QueueRole> {
 pub struct BalloonConfig {
     /// Initial target, MiB of guest RAM to take away.
     pub amount_mib: u64,
-    /// Offer VERSION_1 (the modern interface). Off only for legacy-driver experiments.
-    pub version_1: bool,
     /// Offer STATS_VQ.
     pub stats: bool,
     /// How often the device asks for fresh statistics; zero keeps the guest's buffer without
@@ -112,7 +110,6 @@ impl Default for BalloonConfig {
     fn default() -> Self {
         Self {
             amount_mib: 0,
-            version_1: true,
             stats: true,
             stats_interval: Duration::from_secs(1),
             deflate_on_oom: false,
@@ -123,12 +120,10 @@ impl Default for BalloonConfig {
 }
 
 impl BalloonConfig {
-    /// The feature bits this configuration offers.
+    /// The feature bits this configuration offers. VERSION_1 always: the virtio-mmio transport
+    /// is the modern one only, and refuses a driver that does not accept it.
     pub fn features(&self) -> u64 {
-        let mut f = 0u64;
-        if self.version_1 {
-            f |= 1 << features::VERSION_1;
-        }
+        let mut f = 1u64 << features::VERSION_1;
         if self.stats {
             f |= 1 << features::STATS_VQ;
         }

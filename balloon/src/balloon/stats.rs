@@ -54,28 +54,6 @@ impl StatTag {
     pub fn from_wire(tag: u16) -> Option<StatTag> {
         StatTag::ALL.get(usize::from(tag)).copied()
     }
-
-    /// Name as Firecracker's and Cloud Hypervisor's APIs spell it, for the REST layer.
-    pub fn api_name(self) -> &'static str {
-        match self {
-            StatTag::SwapIn => "swap_in",
-            StatTag::SwapOut => "swap_out",
-            StatTag::MajorFaults => "major_faults",
-            StatTag::MinorFaults => "minor_faults",
-            StatTag::FreeMemory => "free_memory",
-            StatTag::TotalMemory => "total_memory",
-            StatTag::AvailableMemory => "available_memory",
-            StatTag::DiskCaches => "disk_caches",
-            StatTag::HugetlbAllocations => "hugetlb_allocations",
-            StatTag::HugetlbFailures => "hugetlb_failures",
-            StatTag::OomKills => "oom_kills",
-            StatTag::AllocStalls => "alloc_stalls",
-            StatTag::AsyncScans => "async_scans",
-            StatTag::DirectScans => "direct_scans",
-            StatTag::AsyncReclaims => "async_reclaims",
-            StatTag::DirectReclaims => "direct_reclaims",
-        }
-    }
 }
 
 /// The latest statistics the guest reported.

@@ -173,19 +173,6 @@ impl VirtioMem {
         self.active.is_some()
     }
 
-    /// The whole VM is reset (reboot): unplug everything and shrink the usable region, so that
-    /// the next boot starts clean. A plain virtio reset (driver reload) keeps plugged blocks, as
-    /// the spec requires; the driver then asks UNPLUG_ALL itself.
-    pub fn system_reset(&mut self) -> Result<(), crate::backend::BackendError> {
-        let before = self.plugged_size();
-        self.reset();
-        let unplugged = self.unplug_all();
-        self.plugged_size_may_have_changed(before);
-        unplugged?;
-        self.usable_region_size = self.usable_for(self.requested_size);
-        Ok(())
-    }
-
     // ---- Queue processing ----
 
     /// Handles every available request. Returns how many buffers went back to the guest.

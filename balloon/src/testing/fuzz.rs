@@ -246,11 +246,7 @@ pub fn mem_queue(data: &[u8]) {
                 dev.write_config(u64::from(inp.u8()), &b);
             }
             _ => {
-                if inp.u8() & 1 == 0 {
-                    dev.reset();
-                } else {
-                    let _ = dev.system_reset();
-                }
+                dev.reset();
                 activate(&mut dev, &mut q);
             }
         }

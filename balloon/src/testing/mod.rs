@@ -89,19 +89,14 @@ pub fn activation(
 }
 
 /// Guest RAM as the VMM makes it, without a hypervisor: one boot region of `size` bytes at guest
-/// address 0 on `backing`, behind a memory manager with discard `policy`.
-pub fn boot_ram_manager(
-    size: u64,
-    backing: memory::Backing,
-    policy: memory::DiscardPolicy,
-) -> memory::MemoryManager {
+/// address 0 on `backing`, behind a memory manager (whose discards wait for its `tick` or
+/// `flush_discards`).
+pub fn boot_ram_manager(size: u64, backing: memory::Backing) -> memory::MemoryManager {
     let spec = memory::RegionSpec {
         guest_addr: 0,
         size,
         backing,
         kind: memory::RegionKind::BootRam,
     };
-    let mut mm = memory::MemoryManager::new(&[spec], Box::new(NoSlots)).expect("manager");
-    mm.set_discard_policy(policy).expect("policy");
-    mm
+    memory::MemoryManager::new(&[spec], Box::new(NoSlots)).expect("manager")
 }

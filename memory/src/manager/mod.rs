@@ -4,7 +4,8 @@
 //! # Files
 //! - `mod.rs` (this file): the manager, its public requests and accounting, its timer.
 //! - [`regions`]: region specs, mappings, KVM slots ([`SlotMapper`]), splitting at boundaries.
-//! - [`requests`]: what each request does to the pages of one region.
+//! - [`requests`]: what each balloon request does to the pages of one region.
+//! - [`plug`]: plugging and unplugging hot-add blocks, a whole request at a time.
 //! - [`discard`]: releasing host backing, and the deferred-discard queue.
 //! - [`schedule`]: the pure rules for when to release and when to compact.
 //!
@@ -25,21 +26,26 @@
 //! to, are refused and counted (in the returned [`Outcome`] and in [`MemoryStats`]), never
 //! touched. `Err` means the host failed (memory, a system call, the slot mapper). The parts of a
 //! balloon request before the failure are applied, the rest not; every request is idempotent,
-//! so the device retries the whole request and the pages already done count as unchanged. Plug
-//! and unplug are all or nothing.
+//! so a retry of the whole request counts the pages already done as unchanged (the balloon
+//! device does not retry: it returns the buffer and counts `backend_errors`; the pages it could
+//! not record stay backed, so nothing is lost but the memory). Plug and unplug are all or
+//! nothing: virtio-mem answers BUSY and the guest retries.
 //!
 //! # Discard and compaction
 //! Newly offline pages are recorded in the tracker and queued first, then their backing is
 //! released with the call that frees it for the region's backing (see [`Backing`]), one call
 //! per coalesced run, or on private anonymous regions one `process_madvise` per 512 runs; so an
-//! online page is never discarded. Under [`DiscardPolicy::Immediate`] `offline` releases before
-//! it returns. Under [`DiscardPolicy::Deferred`] (the VMM's) it only queues, so the guest's ack
-//! never waits for the kernel; the manager's wake-ups ([`MemoryManager::wake_fds`], serviced by
-//! [`MemoryManager::tick`] on the VMM's event loop) then release the queue when a batch is full
-//! or the queue went idle, and compacts the tracker once it has been left alone for a while
-//! (see [`schedule`]). Free page reports and unplug always discard at once.
+//! online page is never discarded. `offline` only queues, so the guest's ack never waits for the
+//! kernel, and makes no system call of its own: [`MemoryManager::tick`] releases the queue when a
+//! batch is full or the queue went idle, and compacts the tracker once it has been left alone for
+//! a while (see [`schedule`]). Whoever owns the manager calls `tick` when
+//! [`MemoryManager::wake_fd`] (a timerfd, for deadlines ahead) is readable and when
+//! [`MemoryManager::tick_due`] says work is due now (the VMM asks after every turn of its event
+//! loop); [`MemoryManager::flush_discards`] releases the queue at once. Free page reports and
+//! unplug discard at once.
 
 mod discard;
+mod plug;
 mod regions;
 mod requests;
 pub mod schedule;
@@ -49,7 +55,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::error::Error;
@@ -95,7 +100,6 @@ pub struct MemoryManager {
     guest_memory: GuestMemoryMmap<()>,
     tracker: Tracker,
     slots: Box<dyn SlotMapper>,
-    policy: DiscardPolicy,
     /// Deferred discards: (region, a, b).
     queue: Vec<(usize, u64, u64)>,
     /// Batched `MADV_DONTNEED` for flushes of many runs.
@@ -106,16 +110,12 @@ pub struct MemoryManager {
     changed: Option<(u64, u64)>,
     clock: Arc<dyn Clock>,
     schedule: Schedule,
-    /// Fires at the schedule's next deadline; the event loop calls `tick` when it does.
+    /// Fires at the schedule's next deadline; the event loop calls `tick` when it does. Work
+    /// due at once (a full batch) does not use it: the event loop asks [`Self::tick_due`] after
+    /// every turn, so the guest's ack path makes no system call to wake it.
     timer: TimerFd,
     /// The deadline `timer` is armed for.
     armed: Option<Instant>,
-    /// Written when something is due at once (a full batch): wakes the event loop on its next
-    /// turn without re-arming `timer`, which would reprogram the host's timer on the guest's
-    /// ack path.
-    kick: EventFd,
-    /// `kick` was written and `tick` has not run since.
-    kicked: bool,
 }
 
 impl MemoryManager {
@@ -191,7 +191,6 @@ impl MemoryManager {
             Error::Timer(std::io::Error::from_raw_os_error(e.errno()))
         };
         let timer = TimerFd::new().map_err(timer_err)?;
-        let kick = EventFd::new(EFD_NONBLOCK).map_err(Error::Timer)?;
         register_boot_slots(&regions, slots.as_mut())?;
         Ok(MemoryManager {
             regions,
@@ -199,7 +198,6 @@ impl MemoryManager {
             guest_memory,
             tracker,
             slots,
-            policy: DiscardPolicy::Immediate,
             queue: Vec::new(),
             batch: sys::BatchDontneed::open(),
             counters: Counters::default(),
@@ -208,8 +206,6 @@ impl MemoryManager {
             schedule: Schedule::default(),
             timer,
             armed: None,
-            kick,
-            kicked: false,
         })
     }
 
@@ -234,39 +230,16 @@ impl MemoryManager {
         &self.tracker
     }
 
-    /// Where the manager reads the time for its schedule (tests step a manual clock).
+    /// Where the manager reads the time for its schedule (tests step a manual clock; feature
+    /// `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
         self.clock = clock;
     }
 
-    pub fn discard_policy(&self) -> DiscardPolicy {
-        self.policy
-    }
-
-    /// Chooses when newly offline pages are discarded. Switching to `Immediate` flushes the queue.
-    pub fn set_discard_policy(&mut self, policy: DiscardPolicy) -> Result<(), Error> {
-        if policy == DiscardPolicy::Immediate {
-            self.flush_discards()?;
-        }
-        self.policy = policy;
-        Ok(())
-    }
-
-    /// `Ok` if every page of `range` is guest RAM, else the first page that is not.
-    pub fn validate(&self, range: PageRange) -> Result<(), Error> {
-        let r = self.page_ranges(&[range]);
-        match r.first_outside() {
-            None => Ok(()),
-            Some(pfn) => {
-                let (lo, hi) = self.ram.bounds();
-                Err(Error::PfnOutsideRam { pfn, lo, hi })
-            }
-        }
-    }
-
-    /// Balloon inflate: takes online pages offline as [`Reason::Ballooned`] and releases their
-    /// backing (at once, or on the schedule under [`DiscardPolicy::Deferred`]). Refused: pages
-    /// outside guest RAM and unplugged pages; already ballooned pages are unchanged.
+    /// Balloon inflate: takes online pages offline as [`Reason::Ballooned`] and queues them
+    /// for release (see [`Self::tick`]). Refused: pages outside guest RAM and unplugged pages;
+    /// already ballooned pages are unchanged.
     pub fn offline(&mut self, pages: &PageRanges) -> Result<Outcome, Error> {
         let now = self.clock.now();
         self.note_changed_ranges(pages);
@@ -275,12 +248,8 @@ impl MemoryManager {
             ..Outcome::default()
         };
         let queued_before = self.queue.len();
-        let mut res = self.each_part(pages, &mut out, |m, r, a, b| m.offline_part(r, a, b));
-        if self.policy == DiscardPolicy::Immediate {
-            // What was recorded is released even if a later part failed.
-            let flushed = self.flush_discards().map(|_| ());
-            res = res.and(flushed);
-        } else if self.queue.len() > queued_before {
+        let res = self.each_part(pages, &mut out, |m, r, a, b| m.offline_part(r, a, b));
+        if self.queue.len() > queued_before {
             self.schedule.queued(out.changed, now);
         }
         if out.changed > 0 {
@@ -417,16 +386,25 @@ impl MemoryManager {
 
     // ---- The schedule's timer ----
 
-    /// The descriptors that become readable when something is due (a timerfd for deadlines, an
-    /// eventfd for "at once"): the VMM watches both on its event loop and calls [`Self::tick`]
-    /// when either is. They stay open as long as the manager.
-    pub fn wake_fds(&self) -> [RawFd; 2] {
-        [self.timer.as_raw_fd(), self.kick.as_raw_fd()]
+    /// A timerfd that becomes readable at the schedule's next deadline: the VMM watches it on
+    /// its event loop and calls [`Self::tick`] when it is. It stays open as long as the manager.
+    /// Work due at once is not signalled through it: see [`Self::tick_due`].
+    pub fn wake_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
     }
 
     /// When [`Self::tick`] next has something to do, if anything is pending.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.schedule.next_deadline()
+    }
+
+    /// Whether [`Self::tick`] has something to do now. A request can make work due at once (an
+    /// inflate that fills a release batch) without any system call to wake the event loop, so
+    /// the loop asks this after every turn: a clock read and a compare.
+    pub fn tick_due(&self) -> bool {
+        self.schedule
+            .next_deadline()
+            .is_some_and(|d| d <= self.clock.now())
     }
 
     /// Does what is due now: releases the deferred discards if a batch is full or the queue has
@@ -435,10 +413,6 @@ impl MemoryManager {
     /// A failed release is kept queued and tried again later; its error is returned.
     pub fn tick(&mut self) -> Result<Tick, Error> {
         let now = self.clock.now();
-        if std::mem::take(&mut self.kicked) {
-            // Non-blocking: nothing to read is fine.
-            let _ = self.kick.read();
-        }
         let due = self.schedule.due(now);
         let mut tick = Tick::default();
         let mut res = Ok(());
@@ -477,22 +451,18 @@ impl MemoryManager {
         res.map(|_| tick)
     }
 
-    /// Arms the timer if the schedule's next deadline comes before the armed one.
-    /// Makes sure the event loop wakes up by the schedule's next deadline: at once through
-    /// `kick`, later through `timer` if it is not armed early enough already.
+    /// Arms the timer for the schedule's next deadline unless it is armed early enough. Work
+    /// due now needs no re-arming when the timer is armed at all: the event loop finds it
+    /// through [`Self::tick_due`] after this turn, and the armed timer is the backstop. So a
+    /// burst of inflates arms the timer once, at its first request, and the requests after it
+    /// (the guest waits for each ack) make no timer system call.
     fn arm_timer(&mut self, now: Instant) {
         let Some(d) = self.schedule.next_deadline() else {
             return;
         };
-        if d <= now {
-            if !self.kicked {
-                match self.kick.write(1) {
-                    Ok(()) => self.kicked = true,
-                    Err(e) => log::error!("memory: cannot wake the event loop: {e}"),
-                }
-            }
-        } else if self.armed.is_none_or(|a| d < a) {
-            self.arm_at(d, now);
+        match self.armed {
+            Some(armed) if armed <= d || d <= now => {}
+            _ => self.arm_at(d, now),
         }
     }
 
@@ -607,7 +577,8 @@ impl MemoryManager {
         Ok(pages * PAGE_SIZE)
     }
 
-    /// Blocks the backing file occupies, for file-backed regions (tests and diagnostics).
+    /// Blocks the backing file occupies, for file-backed regions (tests; feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
     pub fn region_file_blocks(&self, index: usize) -> Option<std::io::Result<u64>> {
         self.regions[index].file.as_ref().map(sys::file_blocks)
     }

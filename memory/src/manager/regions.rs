@@ -57,12 +57,11 @@ impl Region {
     pub fn is_hugetlb(&self) -> bool {
         self.spec.backing == Backing::HugetlbFs
     }
-    /// Block `blk` of a hot-add region: its pages `x..y`, slot and guest bytes.
+    /// Block `blk` of a hot-add region: its first page, slot and guest bytes.
     pub fn block(&self, blk: u64) -> Block {
         let x = self.start + blk * self.block_pages;
         Block {
             x,
-            y: x + self.block_pages,
             slot: self.first_slot + blk as u32,
             guest_addr: x << PAGE_SHIFT,
             size: self.block_pages << PAGE_SHIFT,
@@ -79,8 +78,8 @@ impl Region {
 /// One block of a hot-add region.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Block {
+    /// First page.
     pub x: u64,
-    pub y: u64,
     pub slot: u32,
     pub guest_addr: u64,
     pub size: u64,

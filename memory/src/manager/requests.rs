@@ -1,5 +1,5 @@
-//! What each request does to the pages of one region: balloon offline/online, free page
-//! reports, and plugging or unplugging hot-add blocks (with their KVM slots).
+//! What each balloon request does to the pages of one region: offline (inflate), online
+//! (deflate) and free page reports. Plugging and unplugging hot-add blocks is in `plug.rs`.
 //!
 //! Requests arrive as [`PageRanges`] (sorted, disjoint, inside guest RAM) and are cut at region
 //! boundaries by [`MemoryManager::each_part`]; every `*_part` function sees `a..b` inside one
@@ -79,8 +79,8 @@ impl MemoryManager {
                 out.refused += c.len;
             }
         }
-        // Recorded, then queued: `offline` flushes the queue before it returns under the
-        // immediate policy, so the runs of a whole request reach the kernel together.
+        // Recorded, then queued: released later (`tick`, `flush_discards`), only while still
+        // offline.
         self.queue
             .try_reserve(gaps.len())
             .map_err(|_| Error::NoMemory {
@@ -147,126 +147,5 @@ impl MemoryManager {
             }
         }
         Ok(out)
-    }
-
-    /// Plugs (or unplugs) the whole blocks of `range`. All or nothing: if one block fails, the
-    /// blocks this call changed are put back as they were, so the device can answer BUSY and
-    /// the guest retry the same request.
-    pub(super) fn plug_range(&mut self, range: PageRange, plug: bool) -> Result<Outcome, Error> {
-        let ranges = PageRanges::from_ranges(&[range], &self.ram);
-        let mut out = Outcome {
-            refused: ranges.outside_ram(),
-            ..Outcome::default()
-        };
-        self.note_changed(range.start.0, range.end());
-        let mut done: Vec<(usize, u64)> = Vec::new();
-        let res = self.each_part(&ranges, &mut out, |m, r, a, b| {
-            m.plug_part(r, a, b, plug, &mut done)
-        });
-        if let Err(e) = res {
-            for &(r, blk) in done.iter().rev() {
-                let undo = if plug {
-                    self.unplug_block(r, blk)
-                } else {
-                    self.plug_block(r, blk)
-                };
-                if let Err(u) = undo {
-                    log::error!("memory: undoing block {blk} of region {r} after \"{e}\": {u}");
-                }
-            }
-            return Err(e);
-        }
-        self.counters.refused_plug += out.refused;
-        Ok(out)
-    }
-
-    fn plug_part(
-        &mut self,
-        r: usize,
-        a: u64,
-        b: u64,
-        plug: bool,
-        done: &mut Vec<(usize, u64)>,
-    ) -> Result<Outcome, Error> {
-        let mut out = Outcome::default();
-        let g = &self.regions[r];
-        if !g.is_hotplug() {
-            out.refused = b - a;
-            return Ok(out);
-        }
-        let bp = g.block_pages;
-        let first = (a - g.start).div_ceil(bp);
-        let last = (b - g.start) / bp; // exclusive
-        if first >= last {
-            out.refused = b - a;
-            return Ok(out);
-        }
-        out.refused += (g.start + first * bp - a) + (b - (g.start + last * bp));
-        for blk in first..last {
-            if self.block_plugged(r, blk) == plug {
-                out.unchanged += bp;
-                continue;
-            }
-            if plug {
-                self.plug_block(r, blk)?;
-            } else {
-                self.unplug_block(r, blk)?;
-            }
-            done.push((r, blk));
-            out.changed += bp;
-        }
-        Ok(out)
-    }
-
-    /// Whether block `blk` of hot-add region `r` is plugged: none of its pages is unplugged.
-    pub(super) fn block_plugged(&self, r: usize, blk: u64) -> bool {
-        let k = self.regions[r].block(blk);
-        self.tracker.next(k.x, Some(U)).is_none_or(|p| p >= k.y)
-    }
-
-    /// Maps the block's slot and brings its pages online.
-    fn plug_block(&mut self, r: usize, blk: u64) -> Result<(), Error> {
-        let g = &self.regions[r];
-        let k = g.block(blk);
-        let host = g.host_addr(k.x);
-        // SAFETY: `host..host + k.size` is block `blk` of region `r`'s mapping (the block lies
-        // inside the region, checked when the region was made). The manager holds that mapping
-        // until its `Drop`, which unmaps every plugged block's slot first.
-        unsafe { self.slots.map(k.slot, k.guest_addr, k.size, host) }.map_err(k.slot_error())?;
-        if let Err(e) = self.tracker.remove_range(k.x, k.y - k.x) {
-            let _ = self.slots.unmap(k.slot, k.guest_addr, k.size);
-            return Err(e.into());
-        }
-        Ok(())
-    }
-
-    /// Unmaps the block's slot, takes all its pages offline as U (ballooned ones included) and
-    /// releases their backing.
-    fn unplug_block(&mut self, r: usize, blk: u64) -> Result<(), Error> {
-        let k = self.regions[r].block(blk);
-        self.slots
-            .unmap(k.slot, k.guest_addr, k.size)
-            .map_err(k.slot_error())?;
-        let n = k.y - k.x;
-        self.tracker.insert_range(k.x, n, Marks::from(U))?;
-        self.tracker.set_mark(k.x, n, U)?;
-        self.tracker.clear_mark(k.x, n, B)?;
-        self.release(r, k.x, k.y)?;
-        Ok(())
-    }
-
-    /// The plugged pages (pages not unplugged) of `a..b` within one hot-add region, appended to
-    /// `out` as runs.
-    pub(super) fn plugged_in(&self, a: u64, b: u64, out: &mut Vec<PageRange>) {
-        let mut pos = a;
-        self.tracker.for_each_run(Some(U), Some((a, b)), |s, len| {
-            if s > pos {
-                out.push(PageRange::new(pos, s - pos));
-            }
-            pos = pos.max(s + len);
-        });
-        if pos < b {
-            out.push(PageRange::new(pos, b - pos));
-        }
     }
 }

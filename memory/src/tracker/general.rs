@@ -143,7 +143,7 @@ impl Tracker {
         };
         // Phase 1: everything that can fail.
         let need = self.plan(start, hi, height, op)?;
-        let prior = self.reserved();
+        let prior = self.pool.spares();
         self.pool.reserve(need)?;
 
         // Phase 2: the changes, which cannot fail.
@@ -158,7 +158,7 @@ impl Tracker {
         self.shrink();
         self.pool.release_empty();
         debug_assert_eq!(
-            self.reserved(),
+            self.pool.spares(),
             prior.max_each(need).minus(need),
             "reservation miscounted for {op:?} on 0x{start:x}..0x{hi:x}"
         );

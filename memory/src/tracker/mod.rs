@@ -18,7 +18,7 @@
 //!   sparse leaf.
 //! - `k`: a mark index (`Mark as usize`); `m`, `marks`: a set of marks ([`Marks`]).
 //! - `op`: the update being applied (`Op`); `delta`: the change it made in pages and in pages
-//!   carrying each mark (`Delta`); `need`: what it will allocate ([`Need`]); `pool`: the
+//!   carrying each mark (`Delta`); `need`: what it will allocate (`Need`); `pool`: the
 //!   spares allocated ahead that it draws from.
 //!
 //! # Shape
@@ -44,8 +44,8 @@
 //! Every update first works out exactly which nodes, leaves and mark bitmaps it will need,
 //! allocates them fallibly (and reserves room in the child vectors it will grow), and only
 //! then changes the tree. A failed allocation returns [`TrackerError::NoMemory`] with the tree
-//! untouched, so the caller may retry; [`Tracker::reserve`] allocates ahead of time, like
-//! xarray's `xa_reserve`. An index past [`MAX_INDEX`] is refused by updates
+//! untouched, so the caller may retry (the spares allocated before the failure stay in the pool
+//! and serve the retry). An index past [`MAX_INDEX`] is refused by updates
 //! ([`TrackerError::OutOfRange`], nothing changed) and absent for reads.
 //!
 //! # Locking
@@ -72,7 +72,6 @@ mod check;
 
 pub use cursor::Chunk;
 pub use lookup::LookupCursor;
-pub use pool::Need;
 pub use runs::{MarkedRuns, Run, Runs};
 
 use fbox::{AllocError, FBox};
@@ -308,22 +307,6 @@ impl Tracker {
             .as_ref()
             .map_or(0, |r| std::mem::size_of::<Node>() + r.heap_bytes())
             + self.pool.heap_bytes()
-    }
-
-    /// Allocates spares until at least `need` of each kind are held, so that later updates
-    /// needing no more than that do not call the allocator (as xarray's `xa_reserve`). Updates
-    /// draw from the spares first; spares left over stay until used or until the tracker is
-    /// dropped, and count in [`Tracker::heap_bytes`].
-    ///
-    /// Errors: [`TrackerError::NoMemory`]; the spares allocated before the failure stay, the
-    /// tree is untouched.
-    pub fn reserve(&mut self, need: Need) -> Result<(), TrackerError> {
-        Ok(self.pool.reserve(need)?)
-    }
-
-    /// Returns the spares currently held. Cost: O(1).
-    pub fn reserved(&self) -> Need {
-        self.pool.spares()
     }
 }
 

@@ -1,14 +1,14 @@
-//! What an update will allocate (`Need`), and the spares allocated ahead for it (`Pool`).
+//! What an update will allocate (`Need`), and the spares allocated for it before the tree
+//! changes (`Pool`).
 
 use super::fbox::{AllocError, FBox};
 use super::leaf::{Leaf, MarkMaps};
 use super::node::Node;
 use super::slot_shift;
 
-/// Allocations for updates: what one update will take from the pool, or what
-/// [`Tracker::reserve`](super::Tracker::reserve) allocates ahead.
+/// Allocations for updates: what one update will take from the pool.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Need {
+pub(super) struct Need {
     /// Interior nodes (a node is 160 bytes, plus its child vectors).
     pub nodes: usize,
     /// Bitmap leaves (528 bytes each).

@@ -287,8 +287,10 @@ fn vmm_thread(t: VmmThread) {
     .flatten()
     .collect();
     // The manager's own timer, as in the real VMM: it releases deferred discards and compacts.
-    let timer = crate::memory_timer::MemoryTimer::new(running.manager.clone());
-    events.add_subscriber(Arc::new(Mutex::new(timer)));
+    let timer = Arc::new(Mutex::new(crate::memory_timer::MemoryTimer::new(
+        running.manager.clone(),
+    )));
+    events.add_subscriber(timer.clone());
     let handler = ApiHandler::new(t.rx, t.wake, running).expect("the API handler's eventfds");
     let _ = t.reads.0.set(handler.view());
     events.add_subscriber(Arc::new(Mutex::new(handler)));
@@ -307,6 +309,7 @@ fn vmm_thread(t: VmmThread) {
         if events.run().is_err() {
             return;
         }
+        timer.lock().unwrap_or_else(|p| p.into_inner()).after_turn();
     }
 }
 
