@@ -1,9 +1,9 @@
 //! The policy itself: one tick, observations in, a [`Plan`] out.
 //!
 //! Conventions in this file: `lo`/`hi` are a VM's effective min/max (MiB); `used` is its working
-//! set, what it can use now minus what it says is available (free plus reclaimable cache);
-//! `wanted` is `used` plus the buffer plus the projected growth, within `lo..=hi`; `band` is the
-//! hysteresis: a target in `wanted..=wanted + band` is left alone.
+//! set, the size it had when it made its report minus what it said was available (free plus
+//! reclaimable cache); `wanted` is `used` plus the buffer plus the projected growth, within
+//! `lo..=hi`; `band` is the hysteresis: a target in `wanted..=wanted + band` is left alone.
 //!
 //! A tick runs in three passes: [`assess`] proposes a target for each VM on its own (grow under
 //! pressure, take back idle memory step by step, freeze without fresh statistics), [`fit_budget`]
@@ -66,6 +66,7 @@ pub fn decide_into(
         };
         memory.seen_at = Some(now);
         assessed.push(assess(params, vm, memory, now));
+        memory.size_seen = Some((now, vm.current_mib));
     }
     state.vms.retain(|_, memory| memory.seen_at == Some(now));
     plan.over_budget_mib = fit_budget(
@@ -120,7 +121,10 @@ struct Reading {
 fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) -> Reading {
     let stats = vm.stats.unwrap_or_default();
     let available = stats.available_memory.unwrap_or(0) / MIB;
-    let used = vm.current_mib.saturating_sub(available);
+    let at = now.saturating_sub(Duration::from_millis(stats.age_ms.unwrap_or(0)));
+    // The guest's available memory is from the report; its size must be too, or a balloon
+    // moving between the report and now reads as the working set moving.
+    let used = size_at(memory.size_seen, vm.current_mib, at).saturating_sub(available);
     let cache = match (stats.free_memory, stats.disk_caches) {
         (Some(free), caches) => available
             .saturating_sub(free / MIB)
@@ -128,7 +132,6 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
         (None, Some(caches)) => (caches / MIB).min(available),
         (None, None) => 0,
     };
-    let at = now.saturating_sub(Duration::from_millis(stats.age_ms.unwrap_or(0)));
     let report = Report {
         at,
         major_faults: stats.major_faults,
@@ -166,8 +169,11 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
                 || grew(report.oom_kill, last.oom_kill)
                 || (!inflating && grew(report.alloc_stall, last.alloc_stall));
             let growth = (used as f64 - last.used_mib as f64) / secs;
-            // Fast attack, slow decay: a guest that starts allocating is believed at once.
-            let trend = growth.max(0.5 * memory.trend_mib_per_s);
+            // Fast attack, slow decay: a guest that keeps allocating is believed at its second
+            // rising report (the smaller of the two rises), and forgotten by halves.
+            let confirmed = growth.min(memory.last_growth_mib_per_s);
+            memory.last_growth_mib_per_s = growth;
+            let trend = confirmed.max(0.5 * memory.trend_mib_per_s);
             memory.trend_mib_per_s = if trend < FLAT_TREND { 0.0 } else { trend };
             memory.report = Some(report);
         }
@@ -179,6 +185,16 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
         cache,
         counter_pressure: memory.counter_pressure,
         trend_mib_per_s: memory.trend_mib_per_s,
+    }
+}
+
+/// The VM's size when the guest made a report at `at`: the balloon and virtio-mem move right
+/// after a tick sets a target (a step takes well under a tick), so a report made after the
+/// previous tick saw this tick's size, and an older one the previous tick's (`before`, if any).
+fn size_at(before: Option<(Duration, u64)>, current: u64, at: Duration) -> u64 {
+    match before {
+        Some((then, size)) if at <= then => size,
+        _ => current,
     }
 }
 

@@ -73,7 +73,7 @@ pub(crate) struct Report {
     pub swap_in: Option<u64>,
     pub alloc_stall: Option<u64>,
     pub oom_kill: Option<u64>,
-    /// The guest's working set (current minus available), MiB.
+    /// The guest's working set (its size when it reported, minus available), MiB.
     pub used_mib: u64,
     /// Its reclaimable page cache, MiB.
     pub cache_mib: u64,
@@ -89,6 +89,13 @@ pub(crate) struct VmMemory {
     pub counter_pressure: bool,
     /// Growth of the working set, MiB per second, smoothed over reports; never negative.
     pub trend_mib_per_s: f64,
+    /// The growth measured between the last two reports, MiB per second (may be negative): a
+    /// rise is believed only when the next report rises too, so one noisy pair of reports does
+    /// not project hundreds of MiB of growth.
+    pub last_growth_mib_per_s: f64,
+    /// The VM's size (`current_mib`) at the previous tick, and that tick's time: with this tick's
+    /// size it gives the size the guest had when it made its report (see `size_at`).
+    pub size_seen: Option<(Duration, u64)>,
     /// Deflate-on-OOM count at the last tick.
     pub deflate_on_oom_events: Option<u64>,
     /// When the policy last lowered this VM's target.

@@ -102,3 +102,59 @@ fn without_a_cache_figure_only_the_working_set_and_buffer_are_wanted() {
     let d = tick(vm(2048, 2048, 1548, 500), &mut PolicyState::new(), 10_000);
     assert_eq!(d.wanted_mib, Some(500 + 256), "{d:?}");
 }
+
+/// A guest whose working set stays at 300 MiB while its balloon takes 64 MiB at every tick (the
+/// step done within 200 ms of the tick), reporting once a second at a phase that drifts against
+/// the daemon's ticks, as the daemon sees it.
+#[test]
+fn a_balloon_moving_between_reports_is_not_read_as_growth() {
+    let mut state = PolicyState::new();
+    let used = 300;
+    // Size at time `ms`: 1000 MiB until the first tick, then 64 MiB less 200 ms after each tick.
+    let size_at =
+        |ms: u64| 1000 - 64 * (ms.saturating_sub(10_200) / 1000 + u64::from(ms >= 10_200));
+    let mut report_at = 9_700;
+    for n in 0..8u64 {
+        let now = 10_000 + n * 1000;
+        // Reports every 1.1 s: their age at the ticks drifts through the whole second.
+        while report_at + 1100 <= now {
+            report_at += 1100;
+        }
+        let current = size_at(now);
+        let available = size_at(report_at) - used;
+        let d = tick(
+            vm(current - 64, current, available, now - report_at),
+            &mut state,
+            now,
+        );
+        // A report made inside a step's 200 ms is off by that step, no more; never above.
+        let wanted = d.wanted_mib.unwrap();
+        assert!(
+            (used + 256 - 64..=used + 256).contains(&wanted),
+            "tick {n}: size {current}, report {} ms old: wanted {wanted} MiB: {d:?}",
+            now - report_at
+        );
+    }
+}
+
+/// A guest that allocates 50 MiB a second at a steady size: its growth is projected from its
+/// second rising report on, not from its first (one pair of reports can be noise).
+#[test]
+fn a_working_set_that_keeps_growing_is_believed_at_its_second_rise() {
+    let mut state = PolicyState::new();
+    let mut wanted = Vec::new();
+    for i in 0..4u64 {
+        let used = 500 + 50 * i;
+        let d = tick(
+            vm(3000, 3000, 3000 - used, 500),
+            &mut state,
+            10_000 + i * 1000,
+        );
+        wanted.push(d.wanted_mib.unwrap() - used - 256);
+    }
+    // Buffer is 256 MiB (the minimum) while used < 1280; what is left is the projection.
+    assert_eq!(wanted[0], 0, "{wanted:?}");
+    assert_eq!(wanted[1], 0, "one rise is not a trend yet: {wanted:?}");
+    assert!(wanted[2] >= 200, "5 s of 50 MiB/s: {wanted:?}");
+    assert!(wanted[3] >= 200, "{wanted:?}");
+}
