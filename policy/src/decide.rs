@@ -78,7 +78,9 @@ pub fn decide_into(
     plan.total_target_mib = 0;
     plan.decisions.truncate(vms.len());
     for (i, (vm, a)) in vms.iter().zip(assessed).enumerate() {
-        if a.proposed < vm.target_mib && !a.flags.frozen {
+        // Only the policy's own choice to take idle memory can have gone too far (a back-off's
+        // trigger); a budget squeeze is forced on the VM, and pressure after it is the budget's.
+        if a.proposed < vm.target_mib && a.reason == Reason::IdleReclaim {
             if let Some(memory) = state.vms.get_mut(&vm.id) {
                 memory.last_shrink_at = Some(now);
             }

@@ -322,3 +322,36 @@ fn a_vm_no_longer_observed_is_forgotten() {
     decide(&p, &host(1 << 20), &[vm("b", 1024, 500)], &mut state, later);
     assert_eq!(state.len(), 1);
 }
+
+#[test]
+fn pressure_after_a_budget_squeeze_starts_no_back_off() {
+    let mut state = PolicyState::new();
+    // Two busy VMs that do not fit: both squeezed below what they want.
+    let vms = |t: [u64; 2], avail: u64| -> Vec<VmObservation> {
+        vec![vm("a", t[0], avail), vm("b", t[1], avail)]
+    };
+    let plan = decide(
+        &Params::default(),
+        &host(3000),
+        &vms([2048, 2048], 548),
+        &mut state,
+        Duration::from_secs(10),
+    );
+    assert!(
+        plan.decisions
+            .iter()
+            .all(|d| d.reason == Reason::BudgetSqueeze),
+        "{plan:?}"
+    );
+    let t = [plan.decisions[0].target_mib, plan.decisions[1].target_mib];
+    // Then both show pressure: the squeeze, not an idle reclaim, took their memory.
+    decide(
+        &Params::default(),
+        &host(3000),
+        &vms(t, 20),
+        &mut state,
+        Duration::from_secs(12),
+    );
+    assert_eq!(state.backoff_until("a", Duration::from_secs(12)), None);
+    assert_eq!(state.backoff_until("b", Duration::from_secs(12)), None);
+}
