@@ -647,7 +647,7 @@ fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
     if flags < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: as above.
+    // SAFETY: the same descriptor, still ours; F_SETFL takes the integer flags read above.
     if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
