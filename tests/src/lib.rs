@@ -48,34 +48,51 @@ const MAX_LINES: usize = 100_000;
 /// Budget for the nested test host to boot and report /dev/kvm.
 const TESTHOST_BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// Why a harness call failed; each carries what the test needs to see why.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Nothing matched before the deadline.
     #[error("timed out after {waited:?} waiting for {what}\n{tail}")]
     Timeout {
+        /// What was awaited.
         what: String,
+        /// How long.
         waited: Duration,
+        /// The last lines of the VMM's output.
         tail: String,
     },
+    /// The VMM exited while the harness waited for something.
     #[error("the VMM ended ({exit}) while waiting for {what}\n{tail}")]
     Exited {
+        /// What was awaited.
         what: String,
+        /// How the VMM ended.
         exit: Exit,
+        /// The last lines of its output.
         tail: String,
     },
+    /// A command in the guest exited non-zero.
     #[error("guest command {cmd:?} failed with status {status}; output:\n{output}")]
     Command {
+        /// The command line.
         cmd: String,
+        /// Its exit status.
         status: i32,
+        /// What it printed.
         output: String,
     },
+    /// The test host agent refused a request or answered something unexpected.
     #[error("test host agent: {0}")]
     Agent(String),
+    /// A local I/O error (sockets, files, processes).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The test host could not be started or reached; tests skip unless `E2E_REQUIRE=1`.
     #[error("test host unavailable: {0}")]
     Unavailable(String),
 }
 
+/// Where VMMs under test run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// The VMM runs on this machine.
@@ -397,6 +414,7 @@ impl TestHost {
         }
     }
 
+    /// Whether this host runs VMMs directly or in the nested test host.
     pub fn mode(&self) -> Mode {
         self.mode
     }

@@ -39,36 +39,63 @@ use crate::memory_timer::MemoryTimer;
 use crate::slots::KvmSlots;
 use crate::vcpu::{self, VcpuContext};
 
+/// Why the VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available and do you have access to it?)")]
     KvmOpen(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
     #[error("KVM refused to {what}: {source}")]
     Kvm {
+        /// What was being done.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// More vCPUs than this host's KVM allows.
     #[error("{asked} vCPUs asked, but this host's KVM allows at most {max}")]
-    TooManyVcpus { asked: u8, max: usize },
+    TooManyVcpus {
+        /// vCPUs asked for.
+        asked: u8,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// Guest memory could not be created.
     #[error("cannot allocate {mib} MiB of guest memory: {detail} (the host cannot map that much)")]
-    Memory { mib: u64, detail: String },
+    Memory {
+        /// How much was asked for.
+        mib: u64,
+        /// The manager's error.
+        detail: String,
+    },
+    /// The kernel, initramfs or command line could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be built or written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// A vCPU's boot state could not be set.
     #[error(transparent)]
     Regs(#[from] crate::arch::regs::RegsError),
+    /// The serial output file could not be opened.
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
+        /// The path given.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// More virtio devices than there are virtio-mmio slots.
     #[error("no free virtio-mmio slot: at most {0} devices")]
     TooManyDevices(usize),
+    /// A device could not be created or placed.
     #[error("device set-up failed: {0}")]
     Device(String),
+    /// The event loop could not be set up or failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// Any other system call failed.
     #[error("system error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -77,6 +104,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// A device's event handler as the event loop holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A VM being built: everything before the vCPUs start.
@@ -302,6 +330,7 @@ impl Vm {
         self.exit.clone()
     }
 
+    /// The configuration the VM was built from.
     pub fn config(&self) -> &VmConfig {
         &self.config
     }

@@ -205,6 +205,7 @@ impl Balloon {
         Ok(())
     }
 
+    /// How often the device asks the guest for fresh statistics (zero: never asks).
     pub fn stats_interval(&self) -> Duration {
         self.stats_interval
     }
@@ -214,6 +215,8 @@ impl Balloon {
         self.counters
     }
 
+    /// The configuration the device was created with (later targets and intervals are not in
+    /// it).
     pub fn config(&self) -> &BalloonConfig {
         &self.config
     }
