@@ -158,3 +158,28 @@ pub enum Event {
         exit: Exit,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_lines_round_trip() {
+        let ev = Event::Exit {
+            exit: Exit::Signal(15),
+        };
+        let line = serde_json::to_string(&ev).unwrap();
+        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), ev);
+        let req = Request::Spawn {
+            argv: vec!["vmm".into(), "--balloon".into(), String::new()],
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert!(line.starts_with(r#"{"op":"spawn""#), "{line}");
+        match serde_json::from_str::<Request>(&line).unwrap() {
+            Request::Spawn { argv } => assert_eq!(argv[2], ""),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Exit::Signal(15).as_status(), 143);
+        assert_eq!(Exit::Code(0).as_status(), 0);
+    }
+}
