@@ -322,6 +322,7 @@ enum Releaser {
     Manager,
 }
 
+// Long: set-up, the timed closure and the report share the rig, manager and touch helper.
 fn bench_burst(
     c: &mut Criterion,
     name: &str,

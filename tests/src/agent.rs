@@ -252,6 +252,26 @@ pub(crate) fn boot_testhost(
             }
         })
         .map_err(|e| e.to_string())?;
+    wait_for_agent(addr, &rx, &log)?;
+    save_kallsyms(addr, &kallsyms);
+    Ok((
+        addr,
+        HostFiles {
+            console: log,
+            monitor,
+            kallsyms,
+            _dir: Some(dir),
+        },
+    ))
+}
+
+/// Waits until the agent at `addr` reports /dev/kvm; `exited` tells when QEMU ended first.
+/// Errors carry the end of the console `log`.
+fn wait_for_agent(
+    addr: SocketAddr,
+    exited: &std::sync::mpsc::Receiver<String>,
+    log: &Path,
+) -> Result<(), String> {
     let started = Instant::now();
     let tail = |log: &Path| {
         last_lines(
@@ -260,32 +280,21 @@ pub(crate) fn boot_testhost(
         )
     };
     loop {
-        if let Ok(why) = rx.try_recv() {
-            return Err(format!("{why}; console tail:\n{}", tail(&log)));
+        if let Ok(why) = exited.try_recv() {
+            return Err(format!("{why}; console tail:\n{}", tail(log)));
         }
         if started.elapsed() > TESTHOST_BOOT_TIMEOUT {
             return Err(format!(
                 "the test host's agent did not answer within {TESTHOST_BOOT_TIMEOUT:?}; console tail:\n{}",
-                tail(&log)
+                tail(log)
             ));
         }
         match agent_call(addr, &Request::Ping) {
-            Ok(r) if r.kvm == Some(true) => {
-                save_kallsyms(addr, &kallsyms);
-                return Ok((
-                    addr,
-                    HostFiles {
-                        console: log,
-                        monitor,
-                        kallsyms,
-                        _dir: Some(dir),
-                    },
-                ));
-            }
+            Ok(r) if r.kvm == Some(true) => return Ok(()),
             Ok(_) => {
                 return Err(format!(
                     "the test host has no /dev/kvm (kvm_amd did not load); console tail:\n{}",
-                    tail(&log)
+                    tail(log)
                 ))
             }
             Err(_) => thread::sleep(Duration::from_millis(500)),

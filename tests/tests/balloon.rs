@@ -204,6 +204,7 @@ fn deflate_on_oom_keeps_the_guest_alive() {
 
 /// Free page reporting gives freed guest memory back to the host with no target change, and the
 /// statistics follow the guest's memory use.
+// Long: one guest allocates and frees memory; each check reads the state the last step left.
 #[test]
 fn free_page_reporting_and_statistics_follow_the_guest() {
     let Some(host) = e2e::host() else { return };

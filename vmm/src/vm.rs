@@ -100,6 +100,42 @@ pub enum VmError {
     Io(#[from] std::io::Error),
 }
 
+/// The hot-add region: each plugged block is its own KVM memory slot (so unplugged memory is
+/// not mapped into the guest at all): the blocks, and the `boot_slots` of boot RAM, must fit in
+/// KVM's slot limit.
+fn check_hotplug_slots(kvm: &Kvm, h: &HotplugOptions, boot_slots: u64) -> Result<(), VmError> {
+    let blocks = h.total_mib / h.block_mib;
+    let slots = kvm.get_nr_memslots() as u64;
+    if blocks + boot_slots > slots {
+        return Err(VmError::Device(format!(
+            "hot-add memory of {} MiB in blocks of {} MiB needs {blocks} KVM memory \
+             slots and this host allows {slots}: use blocks of at least {} MiB \
+             (block_size_mib, --hotplug block_mib)",
+            h.total_mib,
+            h.block_mib,
+            (h.total_mib / slots.saturating_sub(boot_slots).max(1)).next_power_of_two()
+        )));
+    }
+    Ok(())
+}
+
+/// Where the guest console's output goes: the VMM's stdout, or a file appended to.
+fn serial_output(serial: &SerialOut) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match serial {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmError::SerialFile {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ),
+    })
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
@@ -165,22 +201,8 @@ impl Vm {
         }
         let vm_fd = Arc::new(vm_fd);
         let specs = region_specs(&config);
-        // The hot-add region: each plugged block is its own KVM memory slot (so unplugged
-        // memory is not mapped into the guest at all): the blocks must fit in KVM's slot limit.
         if let Some(h) = &config.hotplug {
-            let blocks = h.total_mib / h.block_mib;
-            let boot_slots = specs.len() as u64 - 1;
-            let slots = kvm.get_nr_memslots() as u64;
-            if blocks + boot_slots > slots {
-                return Err(VmError::Device(format!(
-                    "hot-add memory of {} MiB in blocks of {} MiB needs {blocks} KVM memory \
-                     slots and this host allows {slots}: use blocks of at least {} MiB \
-                     (block_size_mib, --hotplug block_mib)",
-                    h.total_mib,
-                    h.block_mib,
-                    (h.total_mib / slots.saturating_sub(boot_slots).max(1)).next_power_of_two()
-                )));
-            }
+            check_hotplug_slots(&kvm, h, specs.len() as u64 - 1)?;
         }
         let manager = memory_manager(&specs, Box::new(KvmSlots::new(vm_fd.clone())), &config)?;
         let mem = manager.guest_memory().clone();
@@ -192,19 +214,7 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("register the serial irqfd"))?;
-        let out: Box<dyn Write + Send> = match &config.serial {
-            SerialOut::Stdout => Box::new(std::io::stdout()),
-            SerialOut::File(p) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|source| VmError::SerialFile {
-                        path: p.display().to_string(),
-                        source,
-                    })?,
-            ),
-        };
+        let out = serial_output(&config.serial)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
         insert(&mut pio, serial.clone(), COM1_PORT as u64, 8)?;
         insert(
