@@ -1,4 +1,4 @@
-//! The REST API end to end with the Debian guest (issue 5): configure and boot a VM through the
+//! The REST API end to end with the Debian guest: configure and boot a VM through the
 //! API alone, resize it every way the API offers, check that GET /vm/memory agrees with the
 //! guest, and drive it with the real `vmmctl` client.
 //!

@@ -1,4 +1,4 @@
-//! virtio-balloon end to end with the Debian guest (issue 3): what a user checks from both sides,
+//! virtio-balloon end to end with the Debian guest: what a user checks from both sides,
 //! the guest's /proc/meminfo and the VMM's RSS on the host.
 //!
 //! Each test boots one 1 GiB, 1-vCPU guest and runs several checks on it. The measured figures

@@ -1,4 +1,4 @@
-//! Hot-added memory through virtio-mem end to end with the Debian guest (issue 4): a 512 MiB
+//! Hot-added memory through virtio-mem end to end with the Debian guest: a 512 MiB
 //! guest with a 2 GiB hot-add region at 4 GiB, born offline. What a user checks from both sides:
 //! the guest's MemTotal, GET /hotplug/memory, and the VMM's RSS on the host.
 //!

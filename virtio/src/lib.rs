@@ -2,7 +2,8 @@
 //!
 //! `vmm` owns the transport (registers, queue setup, interrupts, ioeventfds); the device crates
 //! (`balloon`) own the device logic. Both depend on this crate and on nothing of each other, which
-//! keeps the direction of design.md section 2: `vmm -> {balloon, memory}`, `balloon -> memory`.
+//! keeps calls one way: `vmm -> {balloon, memory}`, `balloon -> memory` (docs/architecture.md,
+//! "Crates, and who calls whom").
 //!
 //! Life of a device, as the transport drives it (virtio 1.2 section 3.1):
 //! 1. The driver reads [`VirtioDevice::avail_features`] and writes the features it accepts; at

@@ -1,5 +1,5 @@
 //! ACPI tables: how a stock kernel finds the vCPUs, the IOAPIC, the serial port and the
-//! virtio-mmio devices, and how it powers the machine off (design.md section 3).
+//! virtio-mmio devices, and how it powers the machine off (addresses in `layout.rs`).
 //!
 //! The platform is ACPI "hardware-reduced": no PM1 blocks, no SCI, no legacy PIT/PIC timers
 //! expected; power off goes through the FADT sleep control register and reset through the FADT

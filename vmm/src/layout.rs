@@ -1,4 +1,5 @@
-//! The guest physical address map (design.md section 3).
+//! The guest physical address map: where boot data, ACPI tables, RAM, the MMIO hole and the
+//! hot-add region sit.
 //!
 //! ```text
 //! 0x0000_0500  GDT                      0x0000_7000  boot_params (zero page)
