@@ -14,7 +14,7 @@
 //! `E2E_VMM_BASELINE` names a second VMM binary to compare with, side by side in the same test
 //! host ([`TestHost::baseline_vmm`]; the boot benchmark uses it).
 //!
-//! Conventions in this file: "console" is the VMM's stdout (the guest's serial port), "stderr"
+//! Conventions in this crate: "console" is the VMM's stdout (the guest's serial port), "stderr"
 //! is the VMM's own log; lines are stored without line endings and terminal escape sequences.
 
 mod agent;
