@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# API latency against the real VMM, side by side for one or more VMM builds (issue 5's figures).
+# API latency against the real VMM, side by side for one or more VMM builds (the README's
+# REST API table).
 #
 #   api/benches/vmm-latency.sh [VMM_BINARY...]      (default: target/release/vmm)
 #

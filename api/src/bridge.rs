@@ -59,13 +59,21 @@ pub enum ApiRequest {
 /// The shape of answer a request expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseKind {
+    /// No body; HTTP 204.
     Empty,
+    /// [`ApiResponse::InstanceInfo`].
     InstanceInfo,
+    /// [`ApiResponse::Balloon`].
     Balloon,
+    /// [`ApiResponse::BalloonStats`].
     BalloonStats,
+    /// [`ApiResponse::HotplugMemory`].
     HotplugMemory,
+    /// [`ApiResponse::Resize`].
     Resize,
+    /// [`ApiResponse::Memory`].
     Memory,
+    /// [`ApiResponse::Metrics`].
     Metrics,
 }
 
@@ -99,16 +107,24 @@ impl ApiRequest {
 pub enum ApiResponse {
     /// Done; HTTP 204.
     Empty,
+    /// `GET /`.
     InstanceInfo(InstanceInfo),
+    /// `GET /balloon`.
     Balloon(BalloonState),
+    /// `GET /balloon/statistics`.
     BalloonStats(BalloonStats),
+    /// `GET /hotplug/memory`.
     HotplugMemory(HotplugMemoryState),
+    /// `GET /vm/resize`.
     Resize(ResizeStatus),
+    /// `GET /vm/memory`.
     Memory(MemoryMap),
+    /// `GET /metrics`: the VMM's families; the server adds its own.
     Metrics(MetricsSnapshot),
 }
 
 impl ApiResponse {
+    /// The shape of this answer, to check it against [`ApiRequest::expected_response`].
     pub fn kind(&self) -> ResponseKind {
         match self {
             Self::Empty => ResponseKind::Empty,
@@ -139,26 +155,33 @@ pub enum ApiErrorKind {
 /// A refusal from the VMM, with a message for `fault_message` that says what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// Which HTTP status the refusal maps to.
     pub kind: ApiErrorKind,
+    /// What was wrong, for `fault_message`.
     pub message: String,
 }
 
 impl ApiError {
+    /// A refusal of `kind` saying `message`.
     pub fn new(kind: ApiErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
             message: message.into(),
         }
     }
+    /// 400: the values are wrong for this VM.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ApiErrorKind::BadRequest, message)
     }
+    /// 404: the thing asked about does not exist.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ApiErrorKind::NotFound, message)
     }
+    /// 409: the VM's state forbids it now.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(ApiErrorKind::Conflict, message)
     }
+    /// 500: the VMM failed; not the client's fault.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ApiErrorKind::Internal, message)
     }
@@ -231,7 +254,9 @@ pub trait DirectReads: Send + Sync {
 /// One request on its way to the VMM thread, with its reply channel.
 #[derive(Debug)]
 pub struct ApiMessage {
+    /// What the client asked for, validated.
     pub request: ApiRequest,
+    /// Where the VMM thread sends its answer.
     pub responder: Responder,
 }
 

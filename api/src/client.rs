@@ -13,30 +13,43 @@ use serde::Serialize;
 
 use crate::routes::FaultBody;
 
+/// Why a call through [`Client`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The socket could not be connected (no server, or the wrong path).
     #[error("cannot connect to the API socket {path}: {source}")]
     Connect {
+        /// The socket's path.
         path: PathBuf,
         #[source]
+        /// The connect error.
         source: std::io::Error,
     },
+    /// The connection broke, or the answer was not HTTP.
     #[error("HTTP error talking to the API: {0}")]
     Http(#[from] hyper::Error),
+    /// The request could not be built (a bad path or header).
     #[error("invalid request: {0}")]
     Request(String),
     /// The server answered with an error status.
     #[error("{method} {path}: HTTP {status}: {message}")]
     Status {
+        /// The HTTP method of the request.
         method: Method,
+        /// The request's path.
         path: String,
+        /// The status the server answered.
         status: StatusCode,
+        /// The server's `fault_message`, or the body as text.
         message: String,
     },
+    /// The answer was not the JSON expected.
     #[error("cannot decode the answer to {path}: {source}")]
     Decode {
+        /// The request's path.
         path: String,
         #[source]
+        /// serde's error.
         source: serde_json::Error,
     },
 }
@@ -44,9 +57,13 @@ pub enum ClientError {
 /// A response: status and body.
 #[derive(Debug, Clone)]
 pub struct Reply {
+    /// HTTP status.
     pub status: StatusCode,
+    /// The `Content-Type` header, if any.
     pub content_type: Option<String>,
+    /// Every header of the answer.
     pub headers: hyper::HeaderMap,
+    /// The body, whole.
     pub body: Bytes,
 }
 
@@ -66,6 +83,7 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client for the socket at `path`; it connects on the first request.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
@@ -73,6 +91,7 @@ impl Client {
         }
     }
 
+    /// The socket this client talks to.
     pub fn socket_path(&self) -> &Path {
         &self.path
     }

@@ -1,4 +1,4 @@
-//! REST API of the VMM (issue 5): typed requests and responses, the HTTP server on a Unix socket,
+//! REST API of the VMM: typed requests and responses, the HTTP server on a Unix socket,
 //! and the bridge that carries requests to the VMM thread. No KVM in here.
 //!
 //! How the VMM uses it:

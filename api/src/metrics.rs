@@ -17,6 +17,7 @@ pub struct ApiMetrics {
 }
 
 impl ApiMetrics {
+    /// Counts one answered request, by its method, route pattern and status.
     pub fn record(&self, method: &'static str, route: &'static str, status: u16) {
         let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry((method, route, status)).or_insert(0) += 1;

@@ -27,6 +27,7 @@ pub type ValidationError = RuleError;
 
 /// Checks that serde cannot express.
 pub trait Validate {
+    /// `Ok` when every rule of [`crate::rules`] holds for this value, else the first broken one.
     fn validate(&self) -> Result<(), ValidationError>;
 }
 
@@ -74,6 +75,7 @@ pub enum HugePages {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
+    /// Number of vCPUs, 1 to 254.
     pub vcpu_count: u8,
     /// Boot memory size. Hot-add memory is configured with `PUT /hotplug/memory`.
     pub mem_size_mib: u64,
@@ -183,6 +185,7 @@ impl Validate for BalloonConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonUpdate {
+    /// The new target: MiB of guest RAM for the balloon to take.
     pub amount_mib: u64,
 }
 
@@ -196,6 +199,7 @@ impl Validate for BalloonUpdate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonStatsUpdate {
+    /// Seconds between statistics requests to the guest; 0 stops asking.
     pub stats_polling_interval_s: u16,
 }
 
@@ -253,6 +257,7 @@ impl Validate for HotplugMemoryConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HotplugMemoryUpdate {
+    /// How much of the hot-add region the guest should have plugged, MiB.
     pub requested_size_mib: u64,
 }
 
@@ -265,8 +270,11 @@ impl Validate for HotplugMemoryUpdate {
 /// `PUT /actions` `action_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActionType {
+    /// Boot the configured VM.
     InstanceStart,
+    /// Ask the guest to reboot (a keyboard Ctrl-Alt-Del: refused, the VM has no i8042).
     SendCtrlAltDel,
+    /// Flush metrics (accepted and done: metrics are read live).
     FlushMetrics,
 }
 
@@ -274,6 +282,7 @@ pub enum ActionType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
+    /// What to do.
     pub action_type: ActionType,
 }
 
@@ -287,6 +296,7 @@ impl Validate for ActionRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResizeRequest {
+    /// The size to make the guest, MiB.
     pub desired_mib: u64,
 }
 
@@ -309,8 +319,10 @@ pub enum OfflineReason {
 }
 
 impl OfflineReason {
+    /// Every reason, in the order answers list them.
     pub const ALL: [OfflineReason; 3] = [Self::Ballooned, Self::Unplugged, Self::Discarded];
 
+    /// The reason's name in the API (`ballooned`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ballooned => "ballooned",
@@ -319,6 +331,7 @@ impl OfflineReason {
         }
     }
 
+    /// The reason named `name` in the API, if any.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|r| r.as_str() == name)
     }

@@ -50,11 +50,14 @@ type AppState = Arc<Shared>;
 /// An error answer: `{"fault_message": "..."}` with a status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fault {
+    /// The HTTP status to answer with.
     pub status: StatusCode,
+    /// The `fault_message` text.
     pub message: String,
 }
 
 impl Fault {
+    /// A fault with `status` saying `message`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -69,6 +72,7 @@ impl Fault {
 /// The JSON error body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FaultBody {
+    /// What was wrong, in words for the client.
     pub fault_message: String,
 }
 

@@ -30,11 +30,13 @@ pub const MAX_STATS_POLLING_INTERVAL_S: u64 = 3600;
 pub const HOTPLUG_ALIGN_MIB: u64 = 128;
 /// virtio-mem block sizes: powers of two in this range.
 pub const MIN_BLOCK_SIZE_MIB: u64 = 2;
+/// Largest virtio-mem block size, MiB.
 pub const MAX_BLOCK_SIZE_MIB: u64 = 1024;
 /// The one `slot_size_mib` accepted: Firecracker's default, which its clients send.
 pub const FIRECRACKER_SLOT_SIZE_MIB: u64 = 128;
 /// Default and largest number of offline runs per reason in one `GET /vm/memory` answer.
 pub const DEFAULT_RUN_LIMIT: u64 = 256;
+/// Most offline runs per reason `limit` may ask for.
 pub const MAX_RUN_LIMIT: u64 = 4096;
 /// Page numbers (4 KiB pages) of x86-64's 52-bit physical address space: `pfn_start` and
 /// `pfn_end` are at most this.
@@ -43,30 +45,55 @@ pub const MAX_PFN: u64 = 1 << 40;
 /// Every value a client sets, with the name each interface gives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Field {
+    /// `kernel_image_path`, `--kernel`.
     KernelImagePath,
+    /// `initrd_path`, `--initramfs`.
     InitrdPath,
+    /// `boot_args`, `--cmdline`.
     BootArgs,
+    /// `vcpu_count`, `--vcpus`.
     VcpuCount,
+    /// `mem_size_mib`, `--memory-mib`.
     MemSizeMib,
+    /// `smt` (API only).
     Smt,
+    /// `track_dirty_pages` (API only).
     TrackDirtyPages,
+    /// `huge_pages`, `--thp`.
     HugePages,
+    /// `cpu_template` (API only).
     CpuTemplate,
+    /// `amount_mib` of the balloon, `--balloon amount_mib`.
     BalloonAmountMib,
+    /// `deflate_on_oom`, `--balloon deflate_on_oom`.
     DeflateOnOom,
+    /// `stats_polling_interval_s`, `--balloon stats_interval_s`.
     StatsPollingIntervalS,
+    /// `free_page_reporting`, `--balloon free_page_reporting`.
     FreePageReporting,
+    /// `free_page_hinting` (API only).
     FreePageHinting,
+    /// `total_size_mib` of the hot-add region, `--hotplug total_mib`.
     HotplugTotalSizeMib,
+    /// `block_size_mib`, `--hotplug block_mib`.
     HotplugBlockSizeMib,
+    /// `slot_size_mib` (API only).
     HotplugSlotSizeMib,
+    /// `requested_size_mib`, `--hotplug requested_mib`.
     HotplugRequestedSizeMib,
+    /// `desired_mib` of `PUT /vm/resize`.
     DesiredMib,
+    /// `action_type` of `PUT /actions`.
     ActionType,
+    /// `reason` query parameter of `GET /vm/memory`.
     Reason,
+    /// `pfn_start` query parameter of `GET /vm/memory`.
     PfnStart,
+    /// `pfn_end` query parameter of `GET /vm/memory`.
     PfnEnd,
+    /// `limit` query parameter of `GET /vm/memory`.
     Limit,
+    /// `--serial` (command line only).
     Serial,
 }
 
@@ -162,6 +189,7 @@ impl Field {
         Self::ALL.into_iter().find(|f| f.api_name() == name)
     }
 
+    /// Every field, for lookups by name.
     pub const ALL: [Field; 25] = [
         Self::KernelImagePath,
         Self::InitrdPath,
@@ -195,12 +223,14 @@ impl Field {
 /// and the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleError {
+    /// The field whose value broke the rule.
     pub field: Field,
     /// The value with its unit and what is allowed, without the field's name.
     pub message: String,
 }
 
 impl RuleError {
+    /// `field`'s value broke a rule; `message` says how.
     pub fn new(field: Field, message: impl Into<String>) -> Self {
         Self {
             field,
@@ -234,11 +264,17 @@ pub type Checked = Result<(), RuleError>;
 /// The unit of a value, as the client wrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
+    /// Mebibytes.
     Mib,
+    /// Seconds.
     Seconds,
+    /// Virtual CPUs.
     Vcpus,
+    /// Bytes.
     Bytes,
+    /// Offline runs.
     Runs,
+    /// A 4 KiB page frame number.
     Pfn,
 }
 
@@ -318,6 +354,7 @@ pub fn boot_args(args: &str) -> Checked {
 
 // ---- Machine ----
 
+/// `vcpu_count`: 1 to [`MAX_VCPUS`].
 pub fn vcpu_count(n: u64) -> Checked {
     in_range(Field::VcpuCount, n, 1, MAX_VCPUS, Unit::Vcpus)
 }
@@ -399,6 +436,7 @@ pub fn stats_polling_interval_s(secs: u64, queue: StatsQueue) -> Checked {
 
 // ---- Hot-add memory (virtio-mem) ----
 
+/// `block_size_mib`: a power of two from [`MIN_BLOCK_SIZE_MIB`] to [`MAX_BLOCK_SIZE_MIB`].
 pub fn hotplug_block_size_mib(block: u64) -> Checked {
     if !(MIN_BLOCK_SIZE_MIB..=MAX_BLOCK_SIZE_MIB).contains(&block) || !block.is_power_of_two() {
         return Err(RuleError::new(
@@ -487,13 +525,16 @@ pub const MAX_DESIRED_MIB: u64 = 2 * MAX_MEM_MIB;
 /// adds up to its region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reach {
+    /// Boot memory, MiB.
     pub boot_mib: u64,
+    /// Whether the VM has a balloon to shrink it.
     pub has_balloon: bool,
     /// Size of the hot-add region, when the VM has one.
     pub hotplug_mib: Option<u64>,
 }
 
 impl Reach {
+    /// The least the VM can be made: [`MIN_MEM_MIB`] with a balloon, else its boot memory.
     pub fn min_mib(&self) -> u64 {
         if self.has_balloon {
             MIN_MEM_MIB.min(self.boot_mib)
@@ -502,6 +543,7 @@ impl Reach {
         }
     }
 
+    /// The most the VM can be made: boot memory plus the whole hot-add region.
     pub fn max_mib(&self) -> u64 {
         self.boot_mib + self.hotplug_mib.unwrap_or(0)
     }
@@ -539,6 +581,7 @@ pub fn desired_mib(desired: u64, reach: Option<Reach>) -> Checked {
 
 // ---- GET /vm/memory ----
 
+/// `limit` of `GET /vm/memory`: 1 to [`MAX_RUN_LIMIT`].
 pub fn run_limit(limit: u64) -> Checked {
     in_range(Field::Limit, limit, 1, MAX_RUN_LIMIT, Unit::Runs)
 }

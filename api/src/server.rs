@@ -73,6 +73,7 @@ struct Limits {
 }
 
 impl ServerConfig {
+    /// A server on the Unix socket at `socket_path` with the default limits and no TCP listener.
     pub fn new(socket_path: impl Into<PathBuf>) -> Self {
         Self {
             socket_path: socket_path.into(),
@@ -148,30 +149,47 @@ impl ApiArgs {
 /// Why the server did not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Another server answers on the socket path.
     #[error("API socket {0} is in use by a live server")]
     SocketInUse(PathBuf),
+    /// Something other than a socket is at the path.
     #[error("API socket path {0} exists and is not a socket; refusing to remove it")]
     NotASocket(PathBuf),
     #[error(
         "API socket path {path} is {len} bytes long; a Unix socket path is at most \
          {MAX_SOCKET_PATH} bytes (clients could not connect to it)"
     )]
-    PathTooLong { path: PathBuf, len: usize },
+    /// The path does not fit a Unix socket address.
+    PathTooLong {
+        /// The path given.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Binding or linking the Unix socket failed.
     #[error("API socket {path}: {what}: {source}")]
     Socket {
+        /// The socket's path.
         path: PathBuf,
+        /// The step that failed.
         what: &'static str,
         #[source]
+        /// The system's error.
         source: io::Error,
     },
+    /// The TCP listener could not bind.
     #[error("API TCP listener on {addr}: {source}")]
     Tcp {
+        /// The address asked for.
         addr: SocketAddr,
         #[source]
+        /// The system's error.
         source: io::Error,
     },
+    /// The server's runtime or thread could not start.
     #[error("cannot start the API runtime or thread: {0}")]
     Runtime(#[source] io::Error),
+    /// The server thread panicked; the API stopped.
     #[error("the API server thread panicked")]
     ThreadPanicked,
 }
@@ -262,6 +280,7 @@ pub struct SocketFile {
 }
 
 impl SocketFile {
+    /// Where the socket file is.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -297,6 +316,7 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
+    /// The Unix socket the server listens on.
     pub fn socket_path(&self) -> &Path {
         &self.socket.path
     }
@@ -469,10 +489,12 @@ pub struct ServerTask {
 }
 
 impl ServerTask {
+    /// The Unix socket the server listens on.
     pub fn socket_path(&self) -> &Path {
         &self.socket.path
     }
 
+    /// The TCP address the server listens on, if it has one (the bound port, when 0 was asked).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
     }

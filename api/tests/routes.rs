@@ -113,6 +113,7 @@ async fn start_failures_name_the_api_fields() {
     assert_eq!(get(&mut c, "/balloon").await["amount_mib"], 496);
 }
 
+// Long: a table of 23 refused bodies with the exact message each must get.
 #[tokio::test]
 async fn bad_bodies_name_the_field_and_what_it_takes() {
     let h = Harness::start();
@@ -661,6 +662,7 @@ async fn resize_both_ways() {
     );
 }
 
+// Long: one scenario, each page of runs following from the one before.
 #[tokio::test]
 async fn memory_map_pages_through_runs() {
     let h = Harness::start();

@@ -422,7 +422,7 @@ fn fault(v: &serde_json::Value) -> &str {
 const STALLED_BODY: &[u8] =
     b"PATCH /balloon HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n{\"amoun";
 
-/// Issue 11: 256 clients that stall in their body or head, or sit idle, used to stop the API
+/// 256 clients that stall in their body or head, or sit idle, used to stop the API
 /// for everyone (for ever, or ~10 s). At the limit, the connection that waited longest for its
 /// client now makes room at once.
 #[tokio::test(start_paused = true)]
@@ -580,7 +580,7 @@ async fn stalled_heads_and_idle_connections_close_after_the_header_timeout() {
     .await;
 }
 
-/// Issue 11: 404 and 405 were answered before the body was read, and the connection closed, so
+/// 404 and 405 were answered before the body was read, and the connection closed, so
 /// a client writing its body after the headers (Python's http.client, urllib3) got a broken
 /// pipe. Every answer now comes after the body, and the connection stays usable.
 #[tokio::test(start_paused = true)]
@@ -623,7 +623,7 @@ async fn answers_wait_for_a_body_sent_after_the_headers() {
     assert!(head.contains("connection: close"), "{head}");
 }
 
-/// Issue 11: what hyper itself refuses came back with an empty body.
+/// What hyper itself refuses came back with an empty body; it has a JSON `fault_message` now.
 #[tokio::test(start_paused = true)]
 async fn http_level_errors_answer_json() {
     use tokio::io::AsyncWriteExt;

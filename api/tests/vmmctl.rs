@@ -83,6 +83,7 @@ fn booted(opts: HeadlessOptions) -> Harness {
     h
 }
 
+// Long: one vmmctl session through every command, each checking the state the last one left.
 #[test]
 fn info_and_start() {
     let h = Harness::start();

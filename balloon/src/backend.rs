@@ -17,6 +17,7 @@ pub use memory::{Outcome, PageRange, PageRanges, Pfn, RamMap, PAGE_SHIFT, PAGE_S
 /// A host-side failure (the guest's request was fine).
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// The memory manager refused or failed the request; its message says why.
     #[error("memory manager: {0}")]
     Manager(String),
 }

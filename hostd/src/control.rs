@@ -72,6 +72,7 @@ impl Default for Controller {
 }
 
 impl Controller {
+    /// A controller with a fresh policy state: no history of any VM.
     pub fn new() -> Self {
         Self {
             policy: PolicyState::new(),

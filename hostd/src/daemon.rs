@@ -16,6 +16,7 @@ use crate::statedir::StateDir;
 /// How the daemon runs (from its command line).
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
+    /// The state directory: everything that survives a restart.
     pub state: StateDir,
     /// The daemon's own API socket.
     pub socket: PathBuf,
@@ -35,29 +36,37 @@ pub struct DaemonConfig {
 
 /// Everything shared.
 pub struct Daemon {
+    /// How it was started.
     pub config: DaemonConfig,
     registry: Mutex<Registry>,
+    /// Counters for `GET /metrics`.
     pub metrics: Metrics,
+    /// When the daemon started, for its uptime.
     pub started: Instant,
 }
 
 /// An API error: the status and a message for the user (`{"fault_message": ...}`).
 pub type Fault = api::Fault;
 
+/// 400: the request is wrong.
 pub fn bad_request(msg: impl Into<String>) -> Fault {
     Fault::new(StatusCode::BAD_REQUEST, msg)
 }
+/// 404: what was asked about does not exist.
 pub fn not_found(msg: impl Into<String>) -> Fault {
     Fault::new(StatusCode::NOT_FOUND, msg)
 }
+/// 409: the request conflicts with the state (an id in use, no room in the budget).
 pub fn conflict(msg: impl Into<String>) -> Fault {
     Fault::new(StatusCode::CONFLICT, msg)
 }
+/// 500: the daemon failed; not the client's fault.
 pub fn internal(msg: impl Into<String>) -> Fault {
     Fault::new(StatusCode::INTERNAL_SERVER_ERROR, msg)
 }
 
 impl Daemon {
+    /// A daemon with no VMs yet and these host settings.
     pub fn new(config: DaemonConfig, host: HostSettings) -> Self {
         Self {
             config,
@@ -72,6 +81,7 @@ impl Daemon {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The budget, tick and policy parameters in force.
     pub fn host_settings(&self) -> HostSettings {
         self.registry().host
     }
@@ -210,21 +220,26 @@ impl Metrics {
             }
         })
     }
+    /// A target change a VMM refused or did not answer.
     pub fn change_failed(&self) {
         self.with(|c| c.change_failures += 1)
     }
+    /// A VMM whose API did not answer at a tick.
     pub fn unreachable(&self) {
         self.with(|c| c.unreachable += 1)
     }
+    /// One control-loop tick that took `seconds`.
     pub fn tick(&self, seconds: f64) {
         self.with(|c| {
             c.ticks += 1;
             c.tick_seconds += seconds;
         })
     }
+    /// A VMM ended.
     pub fn vm_exited(&self) {
         self.with(|c| c.exits += 1)
     }
+    /// One API request answered, by method, route pattern and status.
     pub fn request(&self, method: &'static str, route: &'static str, status: u16) {
         self.with(|c| *c.requests.entry((method, route, status)).or_default() += 1)
     }

@@ -21,10 +21,13 @@ pub fn default_reserve_mib(mem_total_mib: u64) -> u64 {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostUpdate {
+    /// The new budget, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_mib: Option<u64>,
+    /// The new control loop period, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tick_ms: Option<u64>,
+    /// Policy parameters to change, by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub params: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -32,7 +35,9 @@ pub struct HostUpdate {
 /// Why an update cannot apply: a bad value (400), or a budget below what is guaranteed (409).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpdateError {
+    /// A value out of range or of the wrong type (400).
     Invalid(String),
+    /// A budget below what admission control has promised (409).
     Conflict(String),
 }
 

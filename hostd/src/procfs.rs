@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 /// time (clock ticks after boot) and the boot id together with it are not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessId {
+    /// The process id.
     pub pid: i32,
     /// Field 22 of /proc/PID/stat.
     pub start_ticks: u64,
@@ -38,6 +39,7 @@ impl ProcessId {
         })
     }
 
+    /// Whether the recorded process still runs, is a zombie, or is gone (PID reused, reboot).
     pub fn liveness(&self) -> Liveness {
         match stat(self.pid) {
             Some((state, start)) if start == self.start_ticks && self.boot_id == boot_id() => {
@@ -110,7 +112,9 @@ fn meminfo_field(text: &str, name: &str) -> Option<u64> {
 /// The host's memory as the policy sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostReading {
+    /// MemTotal, MiB.
     pub mem_total_mib: Option<u64>,
+    /// MemAvailable, MiB.
     pub mem_available_mib: Option<u64>,
     /// /proc/pressure/memory `some avg10`, percent.
     pub psi_some_avg10: Option<f64>,

@@ -30,10 +30,13 @@ pub enum VmState {
 /// How a VMM ended, for people: the raw status and the cause in words.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {
+    /// Exit code, when it exited.
     #[serde(default)]
     pub code: Option<i32>,
+    /// Signal, when a signal killed it.
     #[serde(default)]
     pub signal: Option<i32>,
+    /// What ended it, in words.
     pub cause: String,
     /// When it ended, if known.
     #[serde(default)]
@@ -125,12 +128,18 @@ pub struct Readings {
 /// The policy's last decision for a VM, as shown and logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionView {
+    /// The target the policy chose, MiB.
     pub target_mib: u64,
+    /// The target before, MiB.
     pub previous_mib: u64,
+    /// Why the target is what it is.
     pub reason: policy::Reason,
+    /// Conditions the policy saw beside the reason.
     pub flags: policy::Flags,
+    /// What the VM would get with memory to spare, MiB; `None` when frozen.
     #[serde(default)]
     pub wanted_mib: Option<u64>,
+    /// When the decision was made.
     pub at_unix_ms: u64,
     /// The last change the daemon sent (`PUT /vm/resize`), when it made one.
     #[serde(default)]
@@ -140,9 +149,13 @@ pub struct DecisionView {
 /// One target change sent to a VMM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangeView {
+    /// The target before, MiB.
     pub from_mib: u64,
+    /// The target sent, MiB.
     pub to_mib: u64,
+    /// Why the policy changed it.
     pub reason: policy::Reason,
+    /// When it was sent.
     pub at_unix_ms: u64,
     /// `None` when the VMM accepted it; else why not.
     #[serde(default)]
@@ -154,20 +167,26 @@ pub struct ChangeView {
 pub struct VmEntry {
     /// As created (every default filled in), limits as last PATCHed.
     pub spec: VmSpec,
+    /// The VM's directory in the state directory.
     pub dir: VmDir,
     /// The VMM and its monitor, once recorded.
     pub record: Option<VmmRecord>,
+    /// Where the VMM is in its life.
     pub state: VmState,
+    /// How the VMM ended, once it has.
     pub exit: Option<ExitInfo>,
     /// Set by DELETE: SIGKILL after this instant if the VMM is still there.
     pub kill_at: Option<Instant>,
     /// When the VMM was first seen gone without an exit record yet.
     pub gone_since: Option<Instant>,
+    /// What the control loop last read from the VM.
     pub readings: Readings,
+    /// The policy's last decision for the VM.
     pub decision: Option<DecisionView>,
 }
 
 impl VmEntry {
+    /// A VM about to start: state `starting`, nothing read or decided yet.
     pub fn new(spec: VmSpec, dir: VmDir) -> Self {
         Self {
             spec,
@@ -187,6 +206,7 @@ impl VmEntry {
         self.state != VmState::Exited
     }
 
+    /// The VM as `GET /vms/{id}` shows it.
     pub fn info(&self) -> VmInfo {
         let m = self.spec.memory;
         VmInfo {
@@ -213,7 +233,9 @@ impl VmEntry {
 /// `GET /vms/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmInfo {
+    /// The VM's name.
     pub id: String,
+    /// Where the VMM is in its life.
     pub state: VmState,
     /// The VMM's PID, once it runs.
     pub pid: Option<i32>,
@@ -223,20 +245,28 @@ pub struct VmInfo {
     pub console_log: PathBuf,
     /// A FIFO: what is written to it is typed on the guest's serial console.
     pub console_in: PathBuf,
+    /// Limits and the last readings.
     pub memory: VmMemoryInfo,
+    /// The policy's last decision, if any.
     pub last_decision: Option<DecisionView>,
     /// How the VMM ended (state `exited`), else null.
     pub exit: Option<ExitInfo>,
+    /// The VM as created (defaults filled in), limits as last patched.
     pub spec: VmSpec,
 }
 
 /// A VM's limits and the last readings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmMemoryInfo {
+    /// Boot RAM, MiB.
     pub boot_mib: u64,
+    /// The guaranteed minimum, MiB.
     pub min_mib: u64,
+    /// The most the VM may get, MiB.
     pub max_mib: u64,
+    /// Share of memory when it is short.
     pub weight: u32,
+    /// The last readings (flattened into this object).
     #[serde(flatten)]
     pub readings: Readings,
 }
@@ -244,6 +274,7 @@ pub struct VmMemoryInfo {
 /// `GET /vms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmList {
+    /// Every VM, live or ended, by id.
     pub vms: Vec<VmInfo>,
 }
 
@@ -254,36 +285,49 @@ pub struct HostSettings {
     pub budget_mib: u64,
     /// How often the control loop runs, ms.
     pub tick_ms: u64,
+    /// The policy's parameters in force.
     pub params: policy::Params,
 }
 
 /// The host side of the last tick.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TickView {
+    /// When the tick started.
     pub at_unix_ms: u64,
+    /// How long it took, ms.
     pub duration_ms: f64,
+    /// The host's memory readings.
     pub host: HostReading,
+    /// The targets of every live VM added up, MiB.
     pub total_target_mib: u64,
+    /// How far the targets' sum exceeds the budget, MiB (0 when within it).
     pub over_budget_mib: u64,
 }
 
 /// The daemon's records.
 #[derive(Debug)]
 pub struct Registry {
+    /// Every VM by id.
     pub vms: BTreeMap<String, VmEntry>,
+    /// The budget, tick and parameters in force.
     pub host: HostSettings,
+    /// The host side of the last tick; `None` before the first.
     pub last_tick: Option<TickView>,
 }
 
 /// Refused by admission control: the guaranteed minimums would exceed the budget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoRoom {
+    /// How much more budget the new minimum needs, MiB.
     pub missing_mib: u64,
+    /// What the other live VMs' minimums already take, MiB.
     pub guaranteed_mib: u64,
+    /// The budget, MiB.
     pub budget_mib: u64,
 }
 
 impl Registry {
+    /// Empty records with these host settings.
     pub fn new(host: HostSettings) -> Self {
         Self {
             vms: BTreeMap::new(),
@@ -346,26 +390,35 @@ impl Registry {
 /// `GET /host/memory`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostMemory {
+    /// What the VMs' targets may add up to, MiB.
     pub budget_mib: u64,
     /// The live VMs' minimums added up: what admission control has promised.
     pub guaranteed_mib: u64,
     /// The live VMMs' resident sets added up, MiB (guest memory plus each VMM's own).
     pub total_rss_mib: u64,
+    /// Control loop period, ms.
     pub tick_ms: u64,
+    /// The policy's parameters in force.
     pub params: policy::Params,
     /// The host's readings and the targets' sum at the last tick (none before the first).
     pub last_tick: Option<TickView>,
+    /// Every live VM.
     pub vms: Vec<HostVm>,
 }
 
 /// One live VM in `GET /host/memory`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostVm {
+    /// The VM's name.
     pub id: String,
+    /// Where the VMM is in its life.
     pub state: VmState,
+    /// Its memory limits as given.
     pub limits: MemorySpec,
+    /// The last readings (flattened into this object).
     #[serde(flatten)]
     pub readings: Readings,
+    /// The policy's last decision, if any.
     pub last_decision: Option<DecisionView>,
 }
 

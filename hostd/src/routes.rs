@@ -30,10 +30,15 @@ type AppState = Arc<Daemon>;
 /// `GET /`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonInfo {
+    /// The program's name.
     pub app_name: String,
+    /// The daemon's version.
     pub version: String,
+    /// The state directory in use.
     pub state_dir: String,
+    /// The `vmm` binary the VMs run.
     pub vmm: String,
+    /// Seconds since the daemon started.
     pub uptime_s: u64,
 }
 

@@ -32,16 +32,21 @@ pub struct VmSpec {
     pub id: String,
     /// Guest kernel (bzImage or ELF vmlinux), a path on this host.
     pub kernel: PathBuf,
+    /// Initramfs, a path on this host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line; the VMM's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// Number of vCPUs (default 1).
     #[serde(default = "one")]
     pub vcpus: u8,
+    /// Memory limits.
     pub memory: MemorySpec,
+    /// The balloon's settings (on by default).
     #[serde(default)]
     pub balloon: BalloonSpec,
+    /// The hot-add region's settings.
     #[serde(default)]
     pub hotplug: HotplugSpec,
 }
@@ -69,12 +74,15 @@ pub struct MemorySpec {
 }
 
 impl MemorySpec {
+    /// The guaranteed minimum, MiB: `min_mib`, else `boot_mib`.
     pub fn min(&self) -> u64 {
         self.min_mib.unwrap_or(self.boot_mib)
     }
+    /// The most the VM may get, MiB: `max_mib`, else `boot_mib`.
     pub fn max(&self) -> u64 {
         self.max_mib.unwrap_or(self.boot_mib)
     }
+    /// The weight: `weight`, else the default (100).
     pub fn weight(&self) -> u32 {
         self.weight.unwrap_or(DEFAULT_WEIGHT)
     }
@@ -86,7 +94,9 @@ impl MemorySpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BalloonSpec {
+    /// Let the guest take memory back from the balloon when it runs out.
     pub deflate_on_oom: bool,
+    /// Free page reporting: freed guest pages go back to the host.
     pub free_page_reporting: bool,
     /// Seconds between statistics reports. 0 turns statistics off, which freezes the VM at its
     /// size: the policy shrinks nothing it cannot see.
@@ -108,6 +118,7 @@ impl Default for BalloonSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HotplugSpec {
+    /// Size of the hot-add region, MiB; by default enough to reach `max_mib`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub region_mib: Option<u64>,
     /// Plug granularity, MiB: a power of two from 2 to 1024 (default 2).
@@ -116,6 +127,7 @@ pub struct HotplugSpec {
 }
 
 impl HotplugSpec {
+    /// The block size, MiB: `block_mib`, else the smallest allowed.
     pub fn block(&self) -> u64 {
         self.block_mib.unwrap_or(api::MIN_BLOCK_SIZE_MIB)
     }
@@ -302,10 +314,13 @@ fn validate_balloon(b: &BalloonSpec) -> Result<(), SpecError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryPatch {
+    /// The new guaranteed minimum, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_mib: Option<u64>,
+    /// The new maximum, MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_mib: Option<u64>,
+    /// The new weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
 }
@@ -313,7 +328,9 @@ pub struct MemoryPatch {
 /// Why a patch cannot apply: a bad value (400) or one the VM's shape forbids (409).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatchError {
+    /// A value out of range (400).
     Invalid(String),
+    /// A value the VM's shape forbids, e.g. a maximum beyond its hot-add region (409).
     Conflict(String),
 }
 

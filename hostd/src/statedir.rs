@@ -56,6 +56,7 @@ impl StateDir {
         Ok(Self { root })
     }
 
+    /// The state directory's path.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -83,10 +84,12 @@ impl StateDir {
         Ok(DirLock(f))
     }
 
+    /// `host.json`: the host settings `PUT /host/memory` saved.
     pub fn host_settings(&self) -> PathBuf {
         self.root.join("host.json")
     }
 
+    /// The directory of VM `id` (it may not exist).
     pub fn vm(&self, id: &str) -> VmDir {
         VmDir {
             path: self.root.join("vms").join(id),
@@ -108,9 +111,13 @@ impl StateDir {
 /// What the monitor records once the VMM runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmmRecord {
+    /// The VMM process.
     pub vmm: ProcessId,
+    /// Its monitor process (this binary, which waits for the VMM).
     pub monitor: ProcessId,
+    /// The VMM's API socket.
     pub api_socket: PathBuf,
+    /// When the VMM started.
     pub started_at_unix_ms: u64,
 }
 
@@ -126,31 +133,39 @@ pub struct ExitRecord {
     /// Why it could not be started at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When it ended (or the start failed).
     pub at_unix_ms: u64,
 }
 
 /// One VM's directory.
 #[derive(Debug, Clone)]
 pub struct VmDir {
+    /// The directory's path.
     pub path: PathBuf,
 }
 
 impl VmDir {
+    /// `spec.json`: the VM as created.
     pub fn spec_file(&self) -> PathBuf {
         self.path.join("spec.json")
     }
+    /// `api.sock`: the VMM's API socket.
     pub fn api_socket(&self) -> PathBuf {
         self.path.join("api.sock")
     }
+    /// `console.log`: the guest's serial output.
     pub fn console_log(&self) -> PathBuf {
         self.path.join("console.log")
     }
+    /// `console.in`: a FIFO typed into the guest's serial console.
     pub fn console_in(&self) -> PathBuf {
         self.path.join("console.in")
     }
+    /// `vmm.log`: the VMM's stderr.
     pub fn vmm_log(&self) -> PathBuf {
         self.path.join("vmm.log")
     }
+    /// `monitor.log`: the monitor's own messages.
     pub fn monitor_log(&self) -> PathBuf {
         self.path.join("monitor.log")
     }
@@ -174,12 +189,15 @@ impl VmDir {
         made
     }
 
+    /// Saves the VM's spec.
     pub fn write_spec(&self, spec: &VmSpec) -> io::Result<()> {
         write_json(&self.spec_file(), spec)
     }
+    /// Reads the VM's spec.
     pub fn read_spec(&self) -> io::Result<VmSpec> {
         read_json(&self.spec_file())
     }
+    /// Saves the running VMM's record (the monitor does).
     pub fn write_vmm(&self, r: &VmmRecord) -> io::Result<()> {
         write_json(&self.vmm_file(), r)
     }
@@ -187,18 +205,23 @@ impl VmDir {
     pub fn read_vmm(&self) -> io::Result<Option<VmmRecord>> {
         optional(read_json(&self.vmm_file()))
     }
+    /// Saves how the VMM ended (the monitor does).
     pub fn write_exit(&self, r: &ExitRecord) -> io::Result<()> {
         write_json(&self.exit_file(), r)
     }
+    /// How the VMM ended; `Ok(None)` before it has.
     pub fn read_exit(&self) -> io::Result<Option<ExitRecord>> {
         optional(read_json(&self.exit_file()))
     }
+    /// Marks the VM as being deleted, so a restarted daemon finishes the stop.
     pub fn mark_stopping(&self) -> io::Result<()> {
         File::create(self.stopping_file()).map(|_| ())
     }
+    /// Whether a stop was asked for.
     pub fn is_stopping(&self) -> bool {
         self.stopping_file().exists()
     }
+    /// Deletes the VM's directory and everything in it.
     pub fn remove(&self) -> io::Result<()> {
         std::fs::remove_dir_all(&self.path)
     }
@@ -250,6 +273,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Reads and parses a JSON file; a parse error is an `InvalidData` error naming the file.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<T> {
     let text = std::fs::read(path)?;
     serde_json::from_slice(&text).map_err(|e| {

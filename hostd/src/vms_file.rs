@@ -13,6 +13,7 @@ use crate::spec::VmSpec;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmsFile {
+    /// The VMs to start if missing, each as in `POST /vms`.
     pub vms: Vec<VmSpec>,
 }
 

@@ -28,7 +28,8 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 // SAFETY: forwards to the system allocator and only updates two atomics.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: same contract as ours.
+        // SAFETY: our caller upholds `GlobalAlloc::alloc`'s contract for `l` (non-zero size),
+        // which is exactly what `System.alloc` requires.
         let p = unsafe { System.alloc(l) };
         if !p.is_null() {
             let now = LIVE.fetch_add(l.size(), Relaxed) + l.size();
@@ -42,7 +43,8 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        // SAFETY: same contract as ours.
+        // SAFETY: our caller passes a `p` this allocator returned for `l` (every block comes from
+        // `System`) and a valid `new` size, which is what `System.realloc` requires.
         let q = unsafe { System.realloc(p, l, new) };
         if !q.is_null() {
             if new >= l.size() {

@@ -6,6 +6,9 @@
 //!
 //! The workload tables of the README come from benches/compare.rs (see benches/run.sh).
 
+// criterion_group! generates a public fn with no doc comment; a bench has no API to document.
+#![allow(missing_docs)]
+
 mod common;
 
 use std::collections::{BTreeSet, HashSet};

@@ -183,8 +183,8 @@ impl BatchDontneed {
                     break;
                 }
                 iov.push(libc::iovec {
-                    // SAFETY (of the pointer arithmetic): `offset + len` lies inside the mapping
-                    // (checked above).
+                    // SAFETY: `check` above verified `offset + len` lies inside `region`'s
+                    // mapping, so the offset pointer stays within that one allocation.
                     iov_base: unsafe { region.as_ptr().add(offset as usize) }.cast(),
                     iov_len: len as usize,
                 });

@@ -34,11 +34,14 @@ impl fmt::Display for Pfn {
 /// `count` pages starting at `start`.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PageRange {
+    /// First page of the range.
     pub start: Pfn,
+    /// Number of pages; a range of zero pages is empty.
     pub count: u64,
 }
 
 impl PageRange {
+    /// `count` pages from page frame `start`.
     pub fn new(start: u64, count: u64) -> PageRange {
         PageRange {
             start: Pfn(start),
@@ -61,6 +64,7 @@ impl PageRange {
     pub fn bytes(self) -> u64 {
         self.count.saturating_mul(PAGE_SIZE)
     }
+    /// Whether the range holds no pages.
     pub fn is_empty(self) -> bool {
         self.count == 0
     }
@@ -103,6 +107,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Pages the request covered, whatever happened to them.
     pub fn total(&self) -> u64 {
         self.changed + self.refused + self.unchanged
     }
@@ -149,24 +154,35 @@ pub enum RegionKind {
     BootRam,
     /// Hot-add (virtio-mem) memory: address space reserved, born offline (unplugged), plugged
     /// and unplugged in blocks of `block_size` bytes, each block its own KVM slot while plugged.
-    Hotplug { block_size: u64 },
+    Hotplug {
+        /// Bytes per virtio-mem block: the unit of plug and unplug.
+        block_size: u64,
+    },
 }
 
 /// One guest RAM region to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionSpec {
+    /// Guest physical address of the first byte; page-aligned.
     pub guest_addr: u64,
+    /// Size in bytes; a multiple of the page size (of the block size for hot-add memory).
     pub size: u64,
+    /// What host memory backs the region, which decides how pages are given back.
     pub backing: Backing,
+    /// Boot RAM or hot-add memory.
     pub kind: RegionKind,
 }
 
 /// A region as the manager holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionInfo {
+    /// Guest physical address of the first byte.
     pub guest_addr: u64,
+    /// Size in bytes.
     pub size: u64,
+    /// What host memory backs the region.
     pub backing: Backing,
+    /// Boot RAM or hot-add memory.
     pub kind: RegionKind,
     /// Host virtual address of the mapping.
     pub host_addr: usize,
@@ -192,15 +208,21 @@ pub struct MemoryStats {
     /// Offline pages whose backing is still held (deferred discard not flushed yet, or pieces of
     /// huge pages that are not wholly offline).
     pub pending_discard_bytes: u64,
-    /// Size of all hot-add regions, and the plugged part of them.
+    /// Size of all hot-add regions.
     pub hotplug_total_bytes: u64,
+    /// The plugged part of the hot-add regions (their size minus the unplugged pages).
     pub hotplug_plugged_bytes: u64,
     /// Online pages the guest reported free and whose backing was released (cumulative).
     pub free_reported_bytes: u64,
-    /// Pages refused, per request kind (cumulative).
+    /// Inflated pages refused (cumulative; likewise the other `refused_*`): outside guest RAM,
+    /// or unplugged.
     pub refused_offline_pages: u64,
+    /// Deflated pages refused: outside guest RAM, or unplugged.
     pub refused_online_pages: u64,
+    /// Free-page-report pages refused: outside guest RAM, or unplugged.
     pub refused_free_pages: u64,
+    /// Plug and unplug pages refused: outside the hot-add regions, or in blocks only partly
+    /// covered.
     pub refused_plug_pages: u64,
     /// Discard system calls made (cumulative): one per coalesced run, or one per batch of up to
     /// 512 runs of a private anonymous region (`process_madvise`).

@@ -38,7 +38,8 @@ unsafe impl GlobalAlloc for Failing {
         if !allowed {
             return std::ptr::null_mut();
         }
-        // SAFETY: same contract as ours.
+        // SAFETY: our caller upholds `GlobalAlloc::alloc`'s contract for `layout` (non-zero
+        // size), which is exactly what `System.alloc` requires.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             let _ = LIVE.try_with(|l| l.set(l.get() + layout.size() as isize));

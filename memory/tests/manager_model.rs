@@ -181,6 +181,7 @@ impl Model {
     }
 }
 
+// Long by design: one match arm per request kind, each checked against the model in place.
 fn run(reqs: Vec<Req>, boot_backing: Backing) -> Result<(), TestCaseError> {
     let (mut m, _slots) = manager(&[
         boot(0, BOOT * 4096, boot_backing),

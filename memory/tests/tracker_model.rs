@@ -152,6 +152,7 @@ fn check_counts(t: &Tracker, m: &BTreeMap<u64, Marks>) -> Result<(), TestCaseErr
     Ok(())
 }
 
+// Long by design: one match arm per tracker operation, each checked against the model in place.
 fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut t = Tracker::new();
     let mut m: BTreeMap<u64, Marks> = BTreeMap::new();

@@ -51,13 +51,16 @@ pub struct Flags {
 /// The policy's answer for one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
+    /// The VM's id, as in its observation.
     pub id: String,
     /// The usable size to ask for (`PUT /vm/resize` `desired_mib`); equal to the observation's
     /// `target_mib` when nothing changes.
     pub target_mib: u64,
     /// The observation's `target_mib`, for logging the change.
     pub previous_mib: u64,
+    /// Why the target is what it is.
     pub reason: Reason,
+    /// Conditions worth showing beside the reason.
     pub flags: Flags,
     /// What the policy would give this VM with memory to spare (working set + buffer + trend,
     /// within its limits), MiB; `None` when frozen.

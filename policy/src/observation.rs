@@ -72,6 +72,7 @@ pub struct VmObservation {
     /// The caller's name for the VM; decisions carry it back, and [`crate::PolicyState`] keys its
     /// memory of the VM by it.
     pub id: String,
+    /// The VM's memory limits.
     pub limits: VmLimits,
     /// The target the caller last asked the VMM for (`PUT /vm/resize` `desired_mib`). For a VM
     /// never resized, its boot size.

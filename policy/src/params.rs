@@ -11,10 +11,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {value} {unit} is out of range {min}..={max} {unit}")]
 pub struct ParamsError {
+    /// The parameter's name.
     pub field: &'static str,
+    /// The value given.
     pub value: u64,
+    /// Its unit, for the message.
     pub unit: &'static str,
+    /// The smallest value allowed.
     pub min: u64,
+    /// The largest value allowed.
     pub max: u64,
 }
 

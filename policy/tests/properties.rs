@@ -1,4 +1,6 @@
-//! The policy's invariants under random observation sequences (issue 13, "Done means").
+//! The policy's invariants under random observation sequences: each plan checked against the
+//! budget and the VMs' bounds, working sets cut last, the same input giving the same plan,
+//! targets settling on constant input, and more pressure never giving a VM less memory.
 
 use std::time::Duration;
 

@@ -47,6 +47,7 @@ impl HostDir {
         Ok(HostDir { path, _lock: lock })
     }
 
+    /// The directory's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

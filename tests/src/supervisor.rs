@@ -90,14 +90,17 @@ impl Proc {
         }))
     }
 
+    /// The child's process id.
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
+    /// Whether the child has exited (its reaper thread saw it).
     pub fn has_exited(&self) -> bool {
         self.exited.load(Ordering::SeqCst)
     }
 
+    /// Writes `data` to the child's stdin; an error once the child closed it.
     pub fn write_stdin(&self, data: &[u8]) -> io::Result<()> {
         let mut guard = self.stdin.lock().unwrap();
         let stdin = guard

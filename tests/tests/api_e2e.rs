@@ -1,4 +1,4 @@
-//! The REST API end to end with the Debian guest (issue 5): configure and boot a VM through the
+//! The REST API end to end with the Debian guest: configure and boot a VM through the
 //! API alone, resize it every way the API offers, check that GET /vm/memory agrees with the
 //! guest, and drive it with the real `vmmctl` client.
 //!
@@ -79,6 +79,7 @@ fn wait_resize_reached(vm: &e2e::Vm, timeout: Duration) -> (Value, Duration) {
 
 /// Start the VMM with only --api-socket; configure, boot, balloon, hot-add and resize through
 /// the API; GET /vm/memory agrees with the guest's MemTotal all along.
+// Long: one guest through a sequence of resizes, each starting from where the last ended.
 #[test]
 fn configure_boot_and_resize_through_the_api() {
     let Some(host) = e2e::host() else { return };

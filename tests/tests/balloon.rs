@@ -1,4 +1,4 @@
-//! virtio-balloon end to end with the Debian guest (issue 3): what a user checks from both sides,
+//! virtio-balloon end to end with the Debian guest: what a user checks from both sides,
 //! the guest's /proc/meminfo and the VMM's RSS on the host.
 //!
 //! Each test boots one 1 GiB, 1-vCPU guest and runs several checks on it. The measured figures
@@ -204,6 +204,7 @@ fn deflate_on_oom_keeps_the_guest_alive() {
 
 /// Free page reporting gives freed guest memory back to the host with no target change, and the
 /// statistics follow the guest's memory use.
+// Long: one guest allocates and frees memory; each check reads the state the last step left.
 #[test]
 fn free_page_reporting_and_statistics_follow_the_guest() {
     let Some(host) = e2e::host() else { return };

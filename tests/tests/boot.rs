@@ -1,4 +1,4 @@
-//! Issue 6, end to end: Debian's stock kernel and our busybox initramfs (resources/build-guest.sh)
+//! Booting end to end: Debian's stock kernel and our busybox initramfs (resources/build-guest.sh)
 //! boot under the VMM, see their memory and vCPUs, find a virtio-mmio device through ACPI, and
 //! the VMM ends the way the user asked (guest power off: 0; SIGTERM: 128 + 15, by itself).
 //!
@@ -79,7 +79,7 @@ fn assert_balloon_bound(vm: &Vm) {
 
 /// The guest's kernel log has no warning splat (e.g. Linux's "XSAVE consistency problem" when
 /// CPUID leaf 0xD disagrees with XCR0) and no CMOS RTC driver: the machine has no RTC, and
-/// probing the empty ports stalled every boot for seconds (issue 11). Only matching lines
+/// probing the empty ports stalled every boot for seconds. Only matching lines
 /// cross the (slow) serial console.
 fn assert_clean_kernel_log(vm: &Vm) {
     let found = vm

@@ -1,4 +1,4 @@
-//! Hot-added memory through virtio-mem end to end with the Debian guest (issue 4): a 512 MiB
+//! Hot-added memory through virtio-mem end to end with the Debian guest: a 512 MiB
 //! guest with a 2 GiB hot-add region at 4 GiB, born offline. What a user checks from both sides:
 //! the guest's MemTotal, GET /hotplug/memory, and the VMM's RSS on the host.
 //!
@@ -144,6 +144,7 @@ fn unplugged_region_costs_the_host_nothing() {
 /// Plug 1 GiB: MemTotal grows by 1 GiB, the host spends memory only when the guest writes it.
 /// Unplug down to 256 MiB: Linux gives back what it can, the host's RSS falls, and data the
 /// guest wrote survives (Linux migrates it out of the blocks it unplugs).
+// Long: one guest plugged then unplugged; the unplug checks depend on what plugging did.
 #[test]
 fn plug_one_gib_then_unplug_to_256_mib() {
     let Some(host) = e2e::host() else { return };

@@ -2,7 +2,8 @@
 //!
 //! `vmm` owns the transport (registers, queue setup, interrupts, ioeventfds); the device crates
 //! (`balloon`) own the device logic. Both depend on this crate and on nothing of each other, which
-//! keeps the direction of design.md section 2: `vmm -> {balloon, memory}`, `balloon -> memory`.
+//! keeps calls one way: `vmm -> {balloon, memory}`, `balloon -> memory` (docs/architecture.md,
+//! "Crates, and who calls whom").
 //!
 //! Life of a device, as the transport drives it (virtio 1.2 section 3.1):
 //! 1. The driver reads [`VirtioDevice::avail_features`] and writes the features it accepts; at
@@ -33,17 +34,25 @@ pub const VIRTIO_F_VERSION_1: u32 = 32;
 
 /// Device status bits (virtio 1.2 section 2.1).
 pub mod status {
+    /// The guest noticed the device.
     pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
     pub const DRIVER: u32 = 2;
+    /// The driver is ready: the device may serve its queues.
     pub const DRIVER_OK: u32 = 4;
+    /// The driver accepted the features.
     pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from until a reset.
     pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up on the device.
     pub const FAILED: u32 = 128;
 }
 
 /// Device IDs (virtio 1.2 section 5).
 pub mod device_type {
+    /// virtio-balloon.
     pub const BALLOON: u32 = 5;
+    /// virtio-mem.
     pub const MEM: u32 = 24;
 }
 
@@ -59,6 +68,7 @@ pub trait Interrupt: Send + Sync {
 pub struct ActiveQueue {
     /// Queue index as the driver numbered it (QueueSel).
     pub index: usize,
+    /// The queue as the driver configured it.
     pub queue: Queue,
     /// Signalled when the driver notifies this queue (by KVM ioeventfd, or the transport itself).
     pub notify: EventFd,
@@ -66,8 +76,11 @@ pub struct ActiveQueue {
 
 /// Everything a device needs to start serving its queues.
 pub struct Activation {
+    /// Guest memory the queues and buffers live in.
     pub mem: GuestMemoryMmap,
+    /// The queues the driver made ready.
     pub queues: Vec<ActiveQueue>,
+    /// How the device interrupts the guest.
     pub interrupt: Arc<dyn Interrupt>,
     /// Features the driver accepted (already intersected with the device's offer).
     pub acked_features: u64,
@@ -76,10 +89,19 @@ pub struct Activation {
 /// Why a device refused to start; the transport sets DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// A queue the device cannot work without was not made ready.
     #[error("queue {index} is required but the driver did not make it ready")]
-    MissingQueue { index: usize },
+    MissingQueue {
+        /// The queue's index.
+        index: usize,
+    },
+    /// A queue's rings lie outside guest memory.
     #[error("queue {index} is not valid in guest memory")]
-    InvalidQueue { index: usize },
+    InvalidQueue {
+        /// The queue's index.
+        index: usize,
+    },
+    /// Anything else, with its reason.
     #[error("device could not start: {0}")]
     Other(String),
 }
@@ -112,6 +134,7 @@ pub trait VirtioDevice: Send {
 pub struct ActivationEvent(EventFd);
 
 impl ActivationEvent {
+    /// A fresh, unsignalled event.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self(EventFd::new(EFD_NONBLOCK)?))
     }
@@ -125,6 +148,7 @@ impl ActivationEvent {
     pub fn consume(&self) {
         let _ = self.0.read();
     }
+    /// The eventfd, for the subscriber's `init` to register.
     pub fn fd(&self) -> &EventFd {
         &self.0
     }

@@ -46,6 +46,7 @@ const CONFIG_COMPARED_LEN: usize = 256;
 
 /// Interrupt status bits (virtio 1.2 section 4.2.2, InterruptStatus).
 pub const INT_USED_RING: u32 = 1;
+/// The device configuration changed.
 pub const INT_CONFIG: u32 = 2;
 
 /// The interrupt line of one virtio-mmio device: the InterruptStatus register plus the eventfd
@@ -58,6 +59,7 @@ pub struct MmioInterrupt {
 }
 
 impl MmioInterrupt {
+    /// An interrupt line with no status bits set.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             status: AtomicU32::new(0),
@@ -172,6 +174,7 @@ impl MmioTransport {
         self.interrupt.clone()
     }
 
+    /// A snapshot of the transport's counters.
     pub fn counters(&self) -> TransportCounters {
         self.counters
     }

@@ -1,5 +1,5 @@
 //! ACPI tables: how a stock kernel finds the vCPUs, the IOAPIC, the serial port and the
-//! virtio-mmio devices, and how it powers the machine off (design.md section 3).
+//! virtio-mmio devices, and how it powers the machine off (addresses in `layout.rs`).
 //!
 //! The platform is ACPI "hardware-reduced": no PM1 blocks, no SCI, no legacy PIT/PIC timers
 //! expected; power off goes through the FADT sleep control register and reset through the FADT
@@ -44,24 +44,38 @@ pub const IAPC_BOOT_ARCH: u16 = IAPC_NO_VGA | IAPC_NO_CMOS_RTC;
 /// A virtio-mmio device as the DSDT announces it.
 #[derive(Debug, Clone, Copy)]
 pub struct MmioDeviceInfo {
+    /// Guest physical address of its register window.
     pub addr: u64,
+    /// Size of the window in bytes.
     pub len: u64,
+    /// Its interrupt line (GSI).
     pub gsi: u32,
 }
 
+/// Why the ACPI tables could not be built or written.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
+    /// The tables do not fit the area reserved for them.
     #[error("ACPI tables need {needed:#x} bytes but only {room:#x} are reserved")]
-    TooLarge { needed: u64, room: u64 },
+    TooLarge {
+        /// Bytes the tables take.
+        needed: u64,
+        /// Bytes reserved.
+        room: u64,
+    },
+    /// Guest memory refused the write.
     #[error("cannot write ACPI tables to guest memory: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
+    /// More vCPUs than the MADT can name.
     #[error("{0} vCPUs do not fit in the MADT's 8-bit APIC IDs")]
     TooManyCpus(u8),
 }
 
 /// The tables as bytes, each with its guest address.
 pub struct Tables {
+    /// Each table with its guest physical address.
     pub blobs: Vec<(u64, Vec<u8>)>,
+    /// Where the RSDP is; the boot protocol passes it to the kernel.
     pub rsdp_addr: u64,
 }
 
@@ -216,6 +230,7 @@ pub fn build(vcpus: u8, devices: &[MmioDeviceInfo]) -> Result<Tables, AcpiError>
 }
 
 impl Tables {
+    /// Copies every table into guest memory at its address.
     pub fn write(&self, mem: &GuestMemoryMmap) -> Result<(), AcpiError> {
         for (addr, blob) in &self.blobs {
             mem.write_slice(blob, GuestAddress(*addr))?;

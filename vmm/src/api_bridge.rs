@@ -78,10 +78,15 @@ pub(crate) fn request_name(r: &ApiRequest) -> &'static str {
 
 /// Handles to what a running VM's API answers from.
 pub struct RunningVm {
+    /// Boot memory, MiB.
     pub boot_mib: u64,
+    /// The hot-add region, when the VM has one.
     pub hotplug: Option<HotplugOptions>,
+    /// The balloon, when the VM has one.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// virtio-mem, when the VM has it.
     pub virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
+    /// The memory manager, for `GET /vm/memory` and the metrics.
     pub manager: Arc<Mutex<MemoryManager>>,
 }
 
@@ -289,6 +294,7 @@ pub struct ApiHandler {
 }
 
 impl ApiHandler {
+    /// A handler that takes requests from `rx`, woken by `wake`, answering for `vm`.
     pub fn new(rx: Receiver<ApiMessage>, wake: EventFd, vm: RunningVm) -> std::io::Result<Self> {
         let plugged_changed = EventFd::new(EFD_NONBLOCK)?;
         if let Some(m) = vm.virtio_mem.as_deref() {

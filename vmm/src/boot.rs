@@ -17,26 +17,53 @@ use crate::layout::{
     PAGE_SIZE, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
 
+/// Why the kernel, initramfs or command line could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The kernel file could not be read.
     #[error("cannot read kernel image {path}: {source}")]
     KernelUnreadable {
+        /// The path given.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// The file is not a bzImage or ELF vmlinux for x86-64.
     #[error("{path} is not a kernel this VMM can boot (expected an x86-64 bzImage or ELF vmlinux): {detail}")]
-    NotAKernel { path: String, detail: String },
+    NotAKernel {
+        /// The path given.
+        path: String,
+        /// What the loader said.
+        detail: String,
+    },
+    /// The initramfs file could not be read.
     #[error("cannot read initramfs {path}: {source}")]
     InitrdUnreadable {
+        /// The path given.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// The initramfs does not fit below the kernel's limit in guest RAM.
     #[error("initramfs of {size} bytes does not fit in guest memory below {limit:#x}; give the guest more memory")]
-    InitrdTooLarge { size: u64, limit: u64 },
+    InitrdTooLarge {
+        /// Its size in bytes.
+        size: u64,
+        /// The highest address it may reach.
+        limit: u64,
+    },
+    /// The command line is longer than Linux accepts.
     #[error("kernel command line is {len} bytes; the limit is {max}")]
-    CmdlineTooLong { len: usize, max: usize },
+    CmdlineTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit, NUL included.
+        max: usize,
+    },
+    /// The command line holds a NUL byte, which would cut it short.
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
+    /// Guest memory refused a write.
     #[error("cannot write boot data to guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -44,6 +71,7 @@ pub enum BootError {
 /// What the vCPU needs to start the kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
+    /// How the vCPU enters the kernel.
     pub entry: EntryMode,
 }
 

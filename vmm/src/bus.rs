@@ -10,16 +10,33 @@ use std::sync::{Arc, Mutex};
 
 /// A device on a bus. `offset` is relative to the start of the range it was inserted with.
 pub trait BusDevice: Send {
+    /// A guest read of `data.len()` bytes at `offset`; fill `data`.
     fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// A guest write of `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Why a device could not be placed on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
+    /// The range is empty or wraps past the end of the address space.
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
-    BadRange { base: u64, len: u64 },
+    BadRange {
+        /// Its start.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The range overlaps a device already on the bus.
     #[error("bus range {base:#x}+{len:#x} overlaps the device at {other:#x}")]
-    Overlap { base: u64, len: u64, other: u64 },
+    Overlap {
+        /// Its start.
+        base: u64,
+        /// Its length.
+        len: u64,
+        /// Where the other device starts.
+        other: u64,
+    },
 }
 
 struct Entry {
@@ -35,10 +52,12 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Places `device` at `base..base + len`; it then sees offsets from `base`.
     pub fn insert(
         &mut self,
         device: Arc<Mutex<dyn BusDevice>>,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 /// Default kernel command line: console on COM1, reset through the keyboard controller, reboot
 /// (and so exit) at once on panic, no PCI bus to probe.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
+/// Boot memory when none is given.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Largest boot RAM we lay out (1 TiB); the host may well refuse less.
 pub const MAX_MEMORY_MIB: u64 = api::MAX_MEM_MIB;
@@ -74,14 +75,23 @@ pub struct Cli {
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct PartialConfig {
+    /// `--kernel`: the kernel image (bzImage or ELF vmlinux).
     pub kernel: Option<PathBuf>,
+    /// `--initramfs`.
     pub initramfs: Option<PathBuf>,
+    /// `--cmdline`: the kernel command line.
     pub cmdline: Option<String>,
+    /// `--vcpus`.
     pub vcpus: Option<u8>,
+    /// `--memory-mib`: boot memory.
     pub memory_mib: Option<u64>,
+    /// `--serial`: `stdout` or a file path.
     pub serial: Option<String>,
+    /// `--thp`: guest RAM on transparent huge pages.
     pub thp: Option<bool>,
+    /// `--balloon`.
     pub balloon: Option<BalloonOptions>,
+    /// `--hotplug`.
     pub hotplug: Option<HotplugOptions>,
 }
 
@@ -249,42 +259,72 @@ fn parse_bool(v: &str) -> Option<bool> {
 /// Where the guest console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOut {
+    /// The VMM's standard output.
     Stdout,
+    /// A file, created if missing and appended to.
     File(PathBuf),
 }
 
 /// A validated VM description.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The kernel image.
     pub kernel: PathBuf,
+    /// The initramfs, if any.
     pub initramfs: Option<PathBuf>,
+    /// The kernel command line.
     pub cmdline: String,
+    /// Number of vCPUs.
     pub vcpus: u8,
+    /// Boot memory, MiB.
     pub memory_mib: u64,
+    /// Where the guest console goes.
     pub serial: SerialOut,
     /// Guest RAM on transparent huge pages (`--thp`).
     pub thp: bool,
+    /// The balloon, if the VM has one.
     pub balloon: Option<BalloonOptions>,
+    /// Hot-add memory, if the VM has it.
     pub hotplug: Option<HotplugOptions>,
 }
 
+/// Why a configuration was refused; main exits with 64 (usage) for these.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The `--config` file could not be read.
     #[error("cannot read config file {path}: {source}")]
     FileUnreadable {
+        /// The path given.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// The `--config` file is not valid JSON for a VM.
     #[error("config file {path} is not valid: {detail}")]
-    FileInvalid { path: String, detail: String },
+    FileInvalid {
+        /// The path given.
+        path: String,
+        /// serde's message.
+        detail: String,
+    },
+    /// Neither a kernel was given nor the default guest image built.
     #[error("no kernel given: pass --kernel PATH (or \"kernel\" in --config), or build the default guest with `{build}`")]
-    NoKernel { build: String },
+    NoKernel {
+        /// The command that builds it.
+        build: String,
+    },
     /// A value breaks one of the rules the API applies too; named by its flag here, by its
     /// JSON field for the API ([`ConfigError::for_api`]).
     #[error("{}", .0.for_cli())]
     Rule(RuleError),
+    /// A flag's value cannot be used.
     #[error("{flag}: {detail}")]
-    Option { flag: &'static str, detail: String },
+    Option {
+        /// The flag.
+        flag: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 impl From<RuleError> for ConfigError {
@@ -367,6 +407,7 @@ impl VmConfig {
         })
     }
 
+    /// Boot memory in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }

@@ -23,7 +23,9 @@ use crate::config::{BalloonOptions, HotplugOptions, PartialConfig, VmConfig, DEF
 pub enum StartDecision {
     /// Boot this configuration; `reply` (if any) is answered once the VM started.
     Start {
+        /// The validated configuration.
         config: VmConfig,
+        /// Where to answer `InstanceStart`, when the API asked for it.
         reply: Option<api::bridge::Responder>,
     },
     /// The API server went away before a start was asked.

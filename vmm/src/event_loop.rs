@@ -27,6 +27,8 @@ pub struct Control {
 }
 
 impl Control {
+    /// The event loop's control subscriber: exit requests from `exit`, console input to
+    /// `serial`.
     pub fn new(exit: Arc<ExitHandle>, serial: Arc<Mutex<SerialConsole>>) -> std::io::Result<Self> {
         Ok(Self {
             exit,

@@ -1,4 +1,5 @@
-//! The guest physical address map (design.md section 3).
+//! The guest physical address map: where boot data, ACPI tables, RAM, the MMIO hole and the
+//! hot-add region sit.
 //!
 //! ```text
 //! 0x0000_0500  GDT                      0x0000_7000  boot_params (zero page)
@@ -10,36 +11,55 @@
 //! 0x1_0000_0000 RAM above 4 GiB, then the hot-add region aligned to 128 MiB
 //! ```
 
+/// x86-64 base page size.
 pub const PAGE_SIZE: u64 = 0x1000;
 
+/// The boot GDT (flat code and data segments).
 pub const GDT_ADDR: u64 = 0x500;
+/// An empty IDT: the kernel installs its own.
 pub const IDT_ADDR: u64 = 0x520;
+/// PVH `hvm_start_info`.
 pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// PVH module list (the initramfs).
 pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+/// PVH memory map.
 pub const PVH_MEMMAP_ADDR: u64 = 0x6080;
+/// The Linux boot protocol's `boot_params` (zero page).
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Top of the stack the boot vCPU starts with.
 pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+/// The boot page tables' top level.
 pub const PML4_ADDR: u64 = 0x9000;
+/// The boot page tables' PDPT.
 pub const PDPT_ADDR: u64 = 0xa000;
 /// Four page directories of 2 MiB pages identity-map the first 4 GiB.
 pub const PD_ADDR: u64 = 0xb000;
+/// The kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
 /// Linux's default COMMAND_LINE_SIZE on x86-64.
 pub const CMDLINE_MAX: usize = 2048;
+/// Start of the EBDA: reserved from here to 1 MiB.
 pub const EBDA_START: u64 = 0x9_fc00;
+/// Start of the ACPI tables (the RSDP first).
 pub const ACPI_START: u64 = 0xe_0000;
+/// End (exclusive) of the ACPI area.
 pub const ACPI_END: u64 = 0x10_0000;
+/// Where high memory starts: the kernel, initramfs and the rest of RAM.
 pub const HIMEM_START: u64 = 0x10_0000;
 
 /// Start of the 32-bit MMIO hole; RAM stops here and resumes at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// Where RAM resumes above the MMIO hole.
 pub const RAM_ABOVE_4G: u64 = 0x1_0000_0000;
 /// virtio-mmio device windows, 4 KiB each.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The IOAPIC's MMIO window.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APIC's MMIO window.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map, inside the hole.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// KVM's identity-map page, just below the TSS.
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 /// Linux's x86-64 memory block size: hot-add regions are aligned to it.
@@ -47,12 +67,15 @@ pub const MEMORY_BLOCK_SIZE: u64 = 128 << 20;
 
 /// Legacy I/O ports.
 pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
+/// The i8042 keyboard controller's data port (command port at +4).
 pub const I8042_PORT: u16 = 0x60;
 /// ACPI hardware-reduced sleep control/status register (FADT), one byte.
 pub const ACPI_SLEEP_PORT: u16 = 0x3c0;
 /// ACPI reset register (FADT), one byte; writing [`ACPI_RESET_VALUE`] resets.
 pub const ACPI_RESET_PORT: u16 = 0x3c1;
+/// The value that resets the machine when written to [`ACPI_RESET_PORT`].
 pub const ACPI_RESET_VALUE: u8 = 1;
 
 /// GSIs for virtio-mmio devices: legacy ISA lines left free by the platform.

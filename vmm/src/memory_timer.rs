@@ -25,6 +25,7 @@ pub struct MemoryTimer {
 }
 
 impl MemoryTimer {
+    /// A timer for `manager`, registered with the event loop by the subscriber's `init`.
     pub fn new(manager: Arc<Mutex<MemoryManager>>) -> Self {
         Self {
             manager,

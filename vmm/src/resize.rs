@@ -19,7 +19,9 @@ use api::{ResizeMechanism, ResizeState, ResizeStatus};
 /// The VM's fixed shape: what it was started with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
+    /// Boot memory, MiB.
     pub boot_mib: u64,
+    /// Whether the VM has a balloon.
     pub has_balloon: bool,
     /// The hot-add region, when the VM has virtio-mem.
     pub hotplug: Option<Region>,
@@ -28,7 +30,9 @@ pub struct Shape {
 /// The hot-add region of virtio-mem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
+    /// Size of the region, MiB.
     pub total_mib: u64,
+    /// virtio-mem block size, MiB.
     pub block_mib: u64,
 }
 
@@ -45,10 +49,13 @@ impl Shape {
 /// What the devices report now, in bytes (`None` for a device the VM does not have).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Devices {
+    /// The balloon's state, if the VM has one.
     pub balloon: Option<BalloonNow>,
+    /// virtio-mem's state, if the VM has it.
     pub virtio_mem: Option<VirtioMemNow>,
 }
 
+/// The balloon's state for a decision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BalloonNow {
     /// The target the device gives the guest.
@@ -57,15 +64,19 @@ pub struct BalloonNow {
     pub actual_bytes: u64,
 }
 
+/// virtio-mem's state for a decision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VirtioMemNow {
+    /// What the device asks the guest to have plugged.
     pub requested_bytes: u64,
+    /// What the guest has plugged.
     pub plugged_bytes: u64,
 }
 
 /// What the last resize asked for, kept between events. `Intent::default()` is "no resize".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Intent {
+    /// The size the last resize asked for; `None` when there is none.
     pub desired_mib: Option<u64>,
     /// The resize crosses the boot size: both devices have work to do.
     pub crossing: bool,
@@ -77,7 +88,10 @@ pub struct Intent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// `PUT /vm/resize {"desired_mib": N}`.
-    Resize { desired_mib: u64 },
+    Resize {
+        /// The size asked for, MiB.
+        desired_mib: u64,
+    },
     /// virtio-mem's plugged size changed (the guest plugged or unplugged blocks).
     PluggedChanged,
     /// The user set a device directly (`PATCH /balloon`, `PATCH /hotplug/memory`): the resize
@@ -88,8 +102,11 @@ pub enum Event {
 /// What to tell the devices (`None`: leave it), and the intent to keep.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// virtio-mem's new requested size, MiB.
     pub requested_mib: Option<u64>,
+    /// The balloon's new target, MiB.
     pub balloon_mib: Option<u64>,
+    /// What to remember for the next event.
     pub intent: Intent,
 }
 

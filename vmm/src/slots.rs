@@ -12,6 +12,7 @@ pub struct KvmSlots {
 }
 
 impl KvmSlots {
+    /// Slots of the KVM VM `vm`.
     pub fn new(vm: Arc<VmFd>) -> Self {
         Self { vm }
     }

@@ -16,8 +16,11 @@ use crate::devices::power::{ExitHandle, ExitReason};
 
 /// What every vCPU thread shares.
 pub struct VcpuContext {
+    /// Port I/O devices.
     pub pio: Arc<Bus>,
+    /// MMIO devices.
     pub mmio: Arc<Bus>,
+    /// Where a vCPU reports a power-off, reset or fatal error.
     pub exit: Arc<ExitHandle>,
 }
 

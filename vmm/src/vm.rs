@@ -39,44 +39,108 @@ use crate::memory_timer::MemoryTimer;
 use crate::slots::KvmSlots;
 use crate::vcpu::{self, VcpuContext};
 
+/// Why the VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available and do you have access to it?)")]
     KvmOpen(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
     #[error("KVM refused to {what}: {source}")]
     Kvm {
+        /// What was being done.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// More vCPUs than this host's KVM allows.
     #[error("{asked} vCPUs asked, but this host's KVM allows at most {max}")]
-    TooManyVcpus { asked: u8, max: usize },
+    TooManyVcpus {
+        /// vCPUs asked for.
+        asked: u8,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// Guest memory could not be created.
     #[error("cannot allocate {mib} MiB of guest memory: {detail} (the host cannot map that much)")]
-    Memory { mib: u64, detail: String },
+    Memory {
+        /// How much was asked for.
+        mib: u64,
+        /// The manager's error.
+        detail: String,
+    },
+    /// The kernel, initramfs or command line could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be built or written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// A vCPU's boot state could not be set.
     #[error(transparent)]
     Regs(#[from] crate::arch::regs::RegsError),
+    /// The serial output file could not be opened.
     #[error("cannot open serial output {path}: {source}")]
     SerialFile {
+        /// The path given.
         path: String,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// More virtio devices than there are virtio-mmio slots.
     #[error("no free virtio-mmio slot: at most {0} devices")]
     TooManyDevices(usize),
+    /// A device could not be created or placed.
     #[error("device set-up failed: {0}")]
     Device(String),
+    /// The event loop could not be set up or failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// Any other system call failed.
     #[error("system error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The hot-add region: each plugged block is its own KVM memory slot (so unplugged memory is
+/// not mapped into the guest at all): the blocks, and the `boot_slots` of boot RAM, must fit in
+/// KVM's slot limit.
+fn check_hotplug_slots(kvm: &Kvm, h: &HotplugOptions, boot_slots: u64) -> Result<(), VmError> {
+    let blocks = h.total_mib / h.block_mib;
+    let slots = kvm.get_nr_memslots() as u64;
+    if blocks + boot_slots > slots {
+        return Err(VmError::Device(format!(
+            "hot-add memory of {} MiB in blocks of {} MiB needs {blocks} KVM memory \
+             slots and this host allows {slots}: use blocks of at least {} MiB \
+             (block_size_mib, --hotplug block_mib)",
+            h.total_mib,
+            h.block_mib,
+            (h.total_mib / slots.saturating_sub(boot_slots).max(1)).next_power_of_two()
+        )));
+    }
+    Ok(())
+}
+
+/// Where the guest console's output goes: the VMM's stdout, or a file appended to.
+fn serial_output(serial: &SerialOut) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match serial {
+        SerialOut::Stdout => Box::new(std::io::stdout()),
+        SerialOut::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmError::SerialFile {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ),
+    })
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// A device's event handler as the event loop holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A VM being built: everything before the vCPUs start.
@@ -137,22 +201,8 @@ impl Vm {
         }
         let vm_fd = Arc::new(vm_fd);
         let specs = region_specs(&config);
-        // The hot-add region: each plugged block is its own KVM memory slot (so unplugged
-        // memory is not mapped into the guest at all): the blocks must fit in KVM's slot limit.
         if let Some(h) = &config.hotplug {
-            let blocks = h.total_mib / h.block_mib;
-            let boot_slots = specs.len() as u64 - 1;
-            let slots = kvm.get_nr_memslots() as u64;
-            if blocks + boot_slots > slots {
-                return Err(VmError::Device(format!(
-                    "hot-add memory of {} MiB in blocks of {} MiB needs {blocks} KVM memory \
-                     slots and this host allows {slots}: use blocks of at least {} MiB \
-                     (block_size_mib, --hotplug block_mib)",
-                    h.total_mib,
-                    h.block_mib,
-                    (h.total_mib / slots.saturating_sub(boot_slots).max(1)).next_power_of_two()
-                )));
-            }
+            check_hotplug_slots(&kvm, h, specs.len() as u64 - 1)?;
         }
         let manager = memory_manager(&specs, Box::new(KvmSlots::new(vm_fd.clone())), &config)?;
         let mem = manager.guest_memory().clone();
@@ -164,19 +214,7 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("register the serial irqfd"))?;
-        let out: Box<dyn Write + Send> = match &config.serial {
-            SerialOut::Stdout => Box::new(std::io::stdout()),
-            SerialOut::File(p) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|source| VmError::SerialFile {
-                        path: p.display().to_string(),
-                        source,
-                    })?,
-            ),
-        };
+        let out = serial_output(&config.serial)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
         insert(&mut pio, serial.clone(), COM1_PORT as u64, 8)?;
         insert(
@@ -302,6 +340,7 @@ impl Vm {
         self.exit.clone()
     }
 
+    /// The configuration the VM was built from.
     pub fn config(&self) -> &VmConfig {
         &self.config
     }

@@ -76,6 +76,7 @@ impl Vmm {
     }
 }
 
+// Long: one VM configured and started step by step, each step's refusal checked in order.
 #[test]
 fn configure_and_start_through_the_api_alone() {
     if !kvm_usable() {

@@ -196,70 +196,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             c.send(Method::PUT, "/actions", &body).await?;
             println!("started");
         }
-        Cmd::Balloon(BalloonCmd::Set { mib, wait }) => {
-            c.send(
-                Method::PATCH,
-                "/balloon",
-                &BalloonUpdate { amount_mib: mib },
-            )
-            .await?;
-            if wait.wait {
-                wait_balloon(&mut c, mib, wait).await?;
-            } else {
-                println!("balloon target set to {mib} MiB");
-            }
-        }
-        Cmd::Balloon(BalloonCmd::Get) => {
-            let b: BalloonState = c.get("/balloon").await?;
-            if json {
-                print_json(&b);
-            } else {
-                println!(
-                    "target:               {} MiB ({} pages)",
-                    b.amount_mib, b.target_pages
-                );
-                println!(
-                    "actual:               {} MiB ({} pages)",
-                    b.actual_mib, b.actual_pages
-                );
-                println!("deflate_on_oom:       {}", b.deflate_on_oom);
-                println!("stats interval:       {} s", b.stats_polling_interval_s);
-                println!("free page reporting:  {}", b.free_page_reporting);
-            }
-        }
-        Cmd::Balloon(BalloonCmd::Stats) => {
-            let s: BalloonStats = c.get("/balloon/statistics").await?;
-            if json {
-                print_json(&s);
-            } else {
-                print_stats(&s);
-            }
-        }
-        Cmd::Hotplug(HotplugCmd::Set { mib, wait }) => {
-            let body = HotplugMemoryUpdate {
-                requested_size_mib: mib,
-            };
-            c.send(Method::PATCH, "/hotplug/memory", &body).await?;
-            if wait.wait {
-                wait_hotplug(&mut c, mib, wait).await?;
-            } else {
-                println!("hot-plug request set to {mib} MiB");
-            }
-        }
-        Cmd::Hotplug(HotplugCmd::Get) => {
-            let h: HotplugMemoryState = c.get("/hotplug/memory").await?;
-            if json {
-                print_json(&h);
-            } else {
-                println!(
-                    "region:     {} MiB in {} MiB blocks",
-                    h.total_size_mib, h.block_size_mib
-                );
-                println!("requested:  {} MiB", h.requested_size_mib);
-                println!("plugged:    {} MiB", h.plugged_size_mib);
-                println!("usable:     {} MiB", h.usable_region_size_mib);
-            }
-        }
+        Cmd::Balloon(cmd) => balloon(&mut c, cmd, json).await?,
+        Cmd::Hotplug(cmd) => hotplug(&mut c, cmd, json).await?,
         Cmd::Resize { mib: None, .. } => {
             let r: ResizeStatus = c.get("/vm/resize").await?;
             if json {
@@ -316,6 +254,84 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(v) => print_json(&v),
                 Err(_) if text.is_empty() => println!("{}", reply.status),
                 Err(_) => print!("{text}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `vmmctl balloon ...`: set the target (and wait for it), or show the device or its statistics.
+async fn balloon(c: &mut Client, cmd: BalloonCmd, json: bool) -> Result<(), Failure> {
+    match cmd {
+        BalloonCmd::Set { mib, wait } => {
+            c.send(
+                Method::PATCH,
+                "/balloon",
+                &BalloonUpdate { amount_mib: mib },
+            )
+            .await?;
+            if wait.wait {
+                wait_balloon(c, mib, wait).await?;
+            } else {
+                println!("balloon target set to {mib} MiB");
+            }
+        }
+        BalloonCmd::Get => {
+            let b: BalloonState = c.get("/balloon").await?;
+            if json {
+                print_json(&b);
+            } else {
+                println!(
+                    "target:               {} MiB ({} pages)",
+                    b.amount_mib, b.target_pages
+                );
+                println!(
+                    "actual:               {} MiB ({} pages)",
+                    b.actual_mib, b.actual_pages
+                );
+                println!("deflate_on_oom:       {}", b.deflate_on_oom);
+                println!("stats interval:       {} s", b.stats_polling_interval_s);
+                println!("free page reporting:  {}", b.free_page_reporting);
+            }
+        }
+        BalloonCmd::Stats => {
+            let s: BalloonStats = c.get("/balloon/statistics").await?;
+            if json {
+                print_json(&s);
+            } else {
+                print_stats(&s);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `vmmctl hotplug ...`: set the requested size (and wait for it), or show the device.
+async fn hotplug(c: &mut Client, cmd: HotplugCmd, json: bool) -> Result<(), Failure> {
+    match cmd {
+        HotplugCmd::Set { mib, wait } => {
+            let body = HotplugMemoryUpdate {
+                requested_size_mib: mib,
+            };
+            c.send(Method::PATCH, "/hotplug/memory", &body).await?;
+            if wait.wait {
+                wait_hotplug(c, mib, wait).await?;
+            } else {
+                println!("hot-plug request set to {mib} MiB");
+            }
+        }
+        HotplugCmd::Get => {
+            let h: HotplugMemoryState = c.get("/hotplug/memory").await?;
+            if json {
+                print_json(&h);
+            } else {
+                println!(
+                    "region:     {} MiB in {} MiB blocks",
+                    h.total_size_mib, h.block_size_mib
+                );
+                println!("requested:  {} MiB", h.requested_size_mib);
+                println!("plugged:    {} MiB", h.plugged_size_mib);
+                println!("usable:     {} MiB", h.usable_region_size_mib);
             }
         }
     }

@@ -205,6 +205,7 @@ impl Balloon {
         Ok(())
     }
 
+    /// How often the device asks the guest for fresh statistics (zero: never asks).
     pub fn stats_interval(&self) -> Duration {
         self.stats_interval
     }
@@ -214,6 +215,8 @@ impl Balloon {
         self.counters
     }
 
+    /// The configuration the device was created with (later targets and intervals are not in
+    /// it).
     pub fn config(&self) -> &BalloonConfig {
         &self.config
     }
@@ -647,7 +650,7 @@ fn set_nonblocking(fd: &impl AsRawFd) -> std::io::Result<()> {
     if flags < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: as above.
+    // SAFETY: the same descriptor, still ours; F_SETFL takes the integer flags read above.
     if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -10,6 +10,7 @@ pub struct BalloonCounters {
     pub deflated_pages: u64,
     /// Inflate or deflate buffers processed (returned to the guest).
     pub inflate_buffers: u64,
+    /// Deflate buffers processed (returned to the guest).
     pub deflate_buffers: u64,
     /// PFNs refused: outside guest RAM, past [`super::MAX_PFNS_PER_BUFFER`], or refused by the
     /// backend.

@@ -23,12 +23,19 @@ pub use stats::{BalloonStats, StatTag};
 
 /// Feature bits (virtio 1.2 section 5.5.3).
 pub mod features {
+    /// The guest tells the host before it uses deflated pages again.
     pub const MUST_TELL_HOST: u32 = 0;
+    /// The statistics queue (statsq) is present.
     pub const STATS_VQ: u32 = 1;
+    /// The guest may deflate on its own when it runs out of memory.
     pub const DEFLATE_ON_OOM: u32 = 2;
+    /// Free page hinting (never offered: free page reporting covers it).
     pub const FREE_PAGE_HINT: u32 = 3;
+    /// The guest poisons free pages with `poison_val` (never offered).
     pub const PAGE_POISON: u32 = 4;
+    /// Free page reporting: the guest reports free pages on reporting_vq.
     pub const PAGE_REPORTING: u32 = 5;
+    /// The modern (virtio 1.x) interface; always offered.
     pub const VERSION_1: u32 = virtio::VIRTIO_F_VERSION_1;
 }
 
@@ -58,13 +65,18 @@ pub mod config_offsets {
 /// then statsq if STATS_VQ, then reporting_vq if PAGE_REPORTING (free_page_vq is never offered).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueRole {
+    /// inflateq: PFNs the guest gives to the host.
     Inflate,
+    /// deflateq: PFNs the guest takes back.
     Deflate,
+    /// statsq: the guest's memory statistics.
     Stats,
+    /// reporting_vq: free pages the guest reports.
     Reporting,
 }
 
 impl QueueRole {
+    /// The queue's name in the spec, as logs and errors print it.
     pub fn name(self) -> &'static str {
         match self {
             QueueRole::Inflate => "inflateq",
@@ -140,16 +152,30 @@ impl BalloonConfig {
 /// Errors of the control API (the VMM's calls, not the guest's).
 #[derive(Debug, thiserror::Error)]
 pub enum BalloonError {
+    /// The target is more than the guest has.
     #[error("balloon target {mib} MiB is larger than guest RAM ({ram_mib} MiB)")]
-    TargetTooLarge { mib: u64, ram_mib: u64 },
+    TargetTooLarge {
+        /// The target asked for, MiB.
+        mib: u64,
+        /// Guest RAM, MiB.
+        ram_mib: u64,
+    },
+    /// The target in 4 KiB pages does not fit the config space's u32.
     #[error("balloon target {mib} MiB does not fit the 32-bit num_pages field")]
-    TargetOverflow { mib: u64 },
+    TargetOverflow {
+        /// The target asked for, MiB.
+        mib: u64,
+    },
+    /// A statistics interval was set but the device was created without statsq.
     #[error("statistics are not enabled (STATS_VQ was not offered)")]
     StatsDisabled,
+    /// The configured queue size cannot be offered.
     #[error("queue size {0} is not a power of two in 1..=32768")]
     BadQueueSize(u16),
+    /// An eventfd for the device could not be created.
     #[error("cannot set up the device: {0}")]
     Io(#[from] std::io::Error),
+    /// The statistics timer could not be created or armed.
     #[error("stats timer: {0}")]
     Timer(#[from] vmm_sys_util::errno::Error),
 }
@@ -157,51 +183,110 @@ pub enum BalloonError {
 /// A guest mistake: counted, logged (rate limited), skipped; the buffer is still returned.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum GuestFault {
+    /// A descriptor the device must write is read-only, or the reverse.
     #[error("{queue}: descriptor {addr:#x} (len {len}) has the wrong direction")]
     WrongDirection {
+        /// The queue's name.
         queue: &'static str,
+        /// Guest address of the descriptor.
         addr: u64,
+        /// Length of the descriptor.
         len: u32,
     },
+    /// A buffer that is not a whole number of entries.
     #[error("{queue}: buffer length {len} is not a multiple of {unit}")]
     BadLength {
+        /// The queue's name.
         queue: &'static str,
+        /// The buffer's length in bytes.
         len: u32,
+        /// Bytes per entry.
         unit: u32,
     },
+    /// A buffer with more PFNs than one buffer may carry.
     #[error("{queue}: buffer carries {count} PFNs, more than {max}; {refused} refused")]
     TooManyPfns {
+        /// The queue's name.
         queue: &'static str,
+        /// PFNs the buffer carried.
         count: usize,
+        /// PFNs accepted per buffer.
         max: usize,
+        /// PFNs past `max`, refused.
         refused: usize,
     },
+    /// PFNs that name no guest RAM; they are refused.
     #[error("{queue}: {count} PFNs outside guest RAM, first {first:#x}")]
     OutsideRam {
+        /// The queue's name.
         queue: &'static str,
+        /// How many.
         count: u64,
+        /// The first of them, for the log.
         first: u64,
     },
+    /// PFNs named twice in one buffer; the repeats are ignored.
     #[error("{queue}: {count} duplicate PFNs in one buffer")]
-    Duplicates { queue: &'static str, count: u64 },
+    Duplicates {
+        /// The queue's name.
+        queue: &'static str,
+        /// How many repeats.
+        count: u64,
+    },
+    /// Deflated PFNs that were not in the balloon.
     #[error("deflateq: {count} PFNs were not inflated")]
-    NotInflated { count: u64 },
+    NotInflated {
+        /// How many.
+        count: u64,
+    },
+    /// A descriptor whose buffer lies outside guest memory.
     #[error("{queue}: descriptor {addr:#x} (len {len}) is not in guest memory")]
     Unreadable {
+        /// The queue's name.
         queue: &'static str,
+        /// Guest address of the buffer.
         addr: u64,
+        /// Its length.
         len: u32,
     },
+    /// A chain with no descriptor the device can use.
     #[error("{queue}: buffer without a usable descriptor")]
-    EmptyBuffer { queue: &'static str },
+    EmptyBuffer {
+        /// The queue's name.
+        queue: &'static str,
+    },
+    /// A statistics buffer the device cannot parse.
     #[error("statsq: stats buffer of {len} bytes ({reason})")]
-    BadStatsBuffer { len: u32, reason: &'static str },
+    BadStatsBuffer {
+        /// Its length in bytes.
+        len: u32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The driver wrote a field only the device writes.
     #[error("config write of {len} bytes at offset {offset:#x} touches read-only fields")]
-    ReadOnlyConfig { offset: u64, len: usize },
+    ReadOnlyConfig {
+        /// Offset into the config space.
+        offset: u64,
+        /// Bytes written.
+        len: usize,
+    },
+    /// A reported free range that is not whole 4 KiB pages.
     #[error("reporting_vq: range {addr:#x}+{len:#x} is not 4 KiB aligned")]
-    UnalignedReport { addr: u64, len: u32 },
+    UnalignedReport {
+        /// Guest address of the range.
+        addr: u64,
+        /// Its length in bytes.
+        len: u32,
+    },
+    /// The avail ring cannot be read (bad index, ring outside memory); the queue is skipped.
     #[error("{queue}: avail ring is unusable ({reason})")]
-    BrokenQueue { queue: &'static str, reason: String },
+    BrokenQueue {
+        /// The queue's name.
+        queue: &'static str,
+        /// What virtio-queue reported.
+        reason: String,
+    },
 }
 
 impl GuestFault {

@@ -13,25 +13,42 @@ pub const MAX_ENTRIES: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum StatTag {
+    /// Memory swapped in (bytes).
     SwapIn = 0,
+    /// Memory swapped out (bytes).
     SwapOut = 1,
+    /// Major page faults.
     MajorFaults = 2,
+    /// Minor page faults.
     MinorFaults = 3,
+    /// Memory the guest does not use at all (bytes).
     FreeMemory = 4,
+    /// Memory the guest can use (bytes).
     TotalMemory = 5,
+    /// Memory available for new work without swapping, as /proc/meminfo's MemAvailable (bytes).
     AvailableMemory = 6,
+    /// Disk caches the guest could drop (bytes).
     DiskCaches = 7,
+    /// Successful hugetlb page allocations.
     HugetlbAllocations = 8,
+    /// Failed hugetlb page allocations.
     HugetlbFailures = 9,
+    /// Processes killed by the guest's OOM killer.
     OomKills = 10,
+    /// Allocations that stalled for reclaim.
     AllocStalls = 11,
+    /// Pages scanned by background reclaim (kswapd).
     AsyncScans = 12,
+    /// Pages scanned by direct reclaim.
     DirectScans = 13,
+    /// Pages reclaimed in the background.
     AsyncReclaims = 14,
+    /// Pages reclaimed directly by allocating tasks.
     DirectReclaims = 15,
 }
 
 impl StatTag {
+    /// Every tag, in wire order (index = tag number).
     pub const ALL: [StatTag; 16] = [
         StatTag::SwapIn,
         StatTag::SwapOut,
@@ -51,6 +68,7 @@ impl StatTag {
         StatTag::DirectReclaims,
     ];
 
+    /// The tag for a wire value, or `None` for tags this device does not know.
     pub fn from_wire(tag: u16) -> Option<StatTag> {
         StatTag::ALL.get(usize::from(tag)).copied()
     }
@@ -68,6 +86,7 @@ pub struct BalloonStats {
 }
 
 impl BalloonStats {
+    /// The latest value for `tag`, if the guest reported it.
     pub fn get(&self, tag: StatTag) -> Option<u64> {
         self.values[tag as usize]
     }

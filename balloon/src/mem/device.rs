@@ -143,10 +143,12 @@ impl VirtioMem {
         self.plugged_ranges().iter().map(|r| r.bytes()).sum()
     }
 
+    /// The size the host asks the guest to plug, in bytes (config field `requested_size`).
     pub fn requested_size(&self) -> u64 {
         self.requested_size
     }
 
+    /// How much of the region the guest may plug into, in bytes (config `usable_region_size`).
     pub fn usable_region_size(&self) -> u64 {
         self.usable_region_size
     }
@@ -157,18 +159,22 @@ impl VirtioMem {
         self.backend.plugged_runs(self.block_range(0, all))
     }
 
+    /// A snapshot of the counters.
     pub fn counters(&self) -> MemCounters {
         self.counters
     }
 
+    /// The configuration the device was created with (later requested sizes are not in it).
     pub fn config(&self) -> &MemConfig {
         &self.config
     }
 
+    /// Features the driver accepted; zero before it negotiated.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
     }
 
+    /// Whether the driver has started the device (DRIVER_OK) and not reset it since.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
     }

@@ -8,19 +8,24 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Descriptor flags (virtio 1.2 section 2.7.5).
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+/// The buffer is device-writable.
 pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// The buffer holds a table of indirect descriptors.
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
 /// One descriptor of a chain to write.
 #[derive(Clone, Copy, Debug)]
 pub struct Desc {
+    /// Guest physical address of the buffer.
     pub addr: u64,
+    /// Length in bytes.
     pub len: u32,
     /// Device-writable (VIRTQ_DESC_F_WRITE).
     pub write: bool,
 }
 
 impl Desc {
+    /// A device-readable descriptor (the driver's request).
     pub fn read(addr: u64, len: u32) -> Self {
         Desc {
             addr,
@@ -28,6 +33,7 @@ impl Desc {
             write: false,
         }
     }
+    /// A device-writable descriptor (room for the device's answer).
     pub fn write(addr: u64, len: u32) -> Self {
         Desc {
             addr,
@@ -40,9 +46,13 @@ impl Desc {
 /// The driver's view of one split virtqueue placed at `base` in guest memory.
 #[derive(Debug)]
 pub struct DriverQueue {
+    /// Number of descriptors (a power of two).
     pub size: u16,
+    /// Guest address of the descriptor table.
     pub desc_table: u64,
+    /// Guest address of the avail ring.
     pub avail_ring: u64,
+    /// Guest address of the used ring.
     pub used_ring: u64,
     next_desc: u16,
     avail_idx: u16,
@@ -203,6 +213,7 @@ pub struct BufferArea {
 }
 
 impl BufferArea {
+    /// Buffers are handed out from `start` up to `end` (exclusive).
     pub fn new(start: u64, end: u64) -> Self {
         BufferArea { next: start, end }
     }

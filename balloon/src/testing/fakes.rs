@@ -11,11 +11,17 @@ use crate::backend::{BackendError, BalloonBackend, MemBackend, Outcome, PageRang
 /// One call a fake backend received.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Call {
+    /// Balloon inflate with its ranges.
     Inflate(Vec<PageRange>),
+    /// Balloon deflate with its ranges.
     Deflate(Vec<PageRange>),
+    /// Free page report with its ranges.
     ReportFree(Vec<PageRange>),
+    /// Every ballooned page back (a device reset).
     DeflateAll,
+    /// virtio-mem plug.
     Plug(PageRange),
+    /// virtio-mem unplug.
     Unplug(PageRange),
 }
 
@@ -72,6 +78,7 @@ impl FakeBalloonBackend {
             state: Mutex::default(),
         }
     }
+    /// A fake over the RAM regions of `mem`.
     pub fn from_memory(mem: &GuestMemoryMmap) -> Self {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         Self::new(
@@ -83,12 +90,15 @@ impl FakeBalloonBackend {
     fn state(&self) -> std::sync::MutexGuard<'_, FakeBalloonState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+    /// Ballooned PFNs, sorted.
     pub fn ballooned(&self) -> Vec<u64> {
         self.state().ballooned.iter().copied().collect()
     }
+    /// PFNs reported free so far, sorted.
     pub fn reported(&self) -> Vec<u64> {
         self.state().reported.iter().copied().collect()
     }
+    /// Every call received, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.state().calls.clone()
     }
@@ -168,6 +178,7 @@ pub struct FakeMemBackend {
 }
 
 impl FakeMemBackend {
+    /// A fake over hot-add region `region`, nothing plugged.
     pub fn new(region: PageRange) -> Self {
         FakeMemBackend {
             region,
@@ -177,15 +188,19 @@ impl FakeMemBackend {
     fn state(&self) -> std::sync::MutexGuard<'_, FakeMemState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+    /// How many pages are plugged.
     pub fn plugged_pages(&self) -> u64 {
         self.state().plugged.len() as u64
     }
+    /// Whether page `pfn` is plugged.
     pub fn is_plugged(&self, pfn: u64) -> bool {
         self.state().plugged.contains(&pfn)
     }
+    /// Every call received, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.state().calls.clone()
     }
+    /// Makes the next plug or unplug fail as a host error would.
     pub fn fail_next(&self) {
         self.state().fail_next = true;
     }

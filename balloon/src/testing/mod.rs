@@ -29,15 +29,20 @@ pub fn guest_memory(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
 /// Counts interrupts and remembers when the last used-buffer interrupt came.
 #[derive(Default, Debug)]
 pub struct TestInterrupt {
+    /// Used-buffer interrupts so far.
     pub used: AtomicUsize,
+    /// Config-change interrupts so far.
     pub config: AtomicUsize,
+    /// When the last used-buffer interrupt came.
     pub last_used_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl TestInterrupt {
+    /// Used-buffer interrupts so far.
     pub fn used_count(&self) -> usize {
         self.used.load(Ordering::SeqCst)
     }
+    /// Config-change interrupts so far.
     pub fn config_count(&self) -> usize {
         self.config.load(Ordering::SeqCst)
     }

@@ -13,17 +13,25 @@ use crate::backend::{BalloonBackend, PageRange};
 /// Guest layout of the rigs: queue `i` at `QUEUE_BASE + i * QUEUE_STRIDE`, buffers from
 /// `BUFFER_BASE` to `BUFFER_END`, both inside the first RAM region.
 pub const QUEUE_BASE: u64 = 0x1_0000;
+/// Distance between two queues' layouts.
 pub const QUEUE_STRIDE: u64 = 0x1_0000;
+/// First byte of the buffer area.
 pub const BUFFER_BASE: u64 = 0x10_0000;
+/// End (exclusive) of the buffer area.
 pub const BUFFER_END: u64 = 0x20_0000;
 
 /// A balloon with a driver in front of it: every queue laid out in guest memory, the device
 /// activated with all offered features accepted.
 pub struct BalloonRig {
+    /// Guest memory the driver writes queues and buffers into.
     pub mem: GuestMemoryMmap,
+    /// The device under test.
     pub dev: crate::balloon::Balloon,
+    /// The driver's side of each queue, in index order.
     pub queues: Vec<DriverQueue>,
+    /// Counts the device's interrupts.
     pub interrupt: std::sync::Arc<TestInterrupt>,
+    /// Where buffers are allocated.
     pub buffers: BufferArea,
 }
 
@@ -103,14 +111,20 @@ impl BalloonRig {
 /// A virtio-mem device with a driver in front of it. Guest RAM is 2 MiB at 0 (queue and
 /// buffers); the device region lies above it and is not mapped (the device never touches it).
 pub struct MemRig {
+    /// Guest memory the driver writes the queue and buffers into.
     pub mem: GuestMemoryMmap,
+    /// The device under test.
     pub dev: crate::mem::VirtioMem,
+    /// The driver's side of the request queue.
     pub queue: DriverQueue,
+    /// Counts the device's interrupts.
     pub interrupt: std::sync::Arc<TestInterrupt>,
+    /// Where buffers are allocated.
     pub buffers: BufferArea,
 }
 
 impl MemRig {
+    /// A device over `config`, activated, with the fake backend it plugs into.
     pub fn new(config: crate::mem::MemConfig) -> (Self, std::sync::Arc<FakeMemBackend>) {
         let region = PageRange::new(config.addr >> 12, config.region_size >> 12);
         let backend = std::sync::Arc::new(FakeMemBackend::new(region));
@@ -127,6 +141,7 @@ impl MemRig {
         (rig, backend)
     }
 
+    /// Resets the queue and activates the device again, all offered features accepted.
     pub fn activate(&mut self) {
         use virtio::VirtioDevice;
         let features = self.dev.avail_features();

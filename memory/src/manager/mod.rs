@@ -479,6 +479,8 @@ impl MemoryManager {
 
     // ---- Accounting ----
 
+    /// Where the guest's memory is now (online, offline by reason, released) and the cumulative
+    /// counters.
     pub fn stats(&self) -> MemoryStats {
         let t = &self.tracker;
         let total: u64 = self.regions.iter().map(|g| g.spec.size).sum();
@@ -513,6 +515,7 @@ impl MemoryManager {
         }
     }
 
+    /// The regions as created: where each is in the guest and in the host, and how much is plugged.
     pub fn regions(&self) -> Vec<RegionInfo> {
         self.regions
             .iter()

@@ -35,6 +35,7 @@ pub const COMPACT_IDLE_DELAY: Duration = Duration::from_secs(1);
 /// Where the manager reads the time. The VMM uses [`SystemClock`]; tests step a
 /// `ManualClock` (feature `testing`).
 pub trait Clock: Send + Sync {
+    /// The current time, monotonic; deadlines for releases and compaction are computed from it.
     fn now(&self) -> Instant;
 }
 

@@ -1,4 +1,4 @@
-//! Trace-driven simulation of the host memory policy against two baselines (issue 13).
+//! Trace-driven simulation of the host memory policy against two baselines.
 //!
 //! `cargo bench -p policy --bench simulate` prints a markdown table. Options (after `--`):
 //! `--scales 10,100,1000` (budget = scale x boot size), `--seconds 3600` (simulated time),

@@ -21,18 +21,31 @@ use crate::layout::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryMode {
     /// 64-bit boot protocol at this address.
-    Linux64 { entry: u64 },
+    Linux64 {
+        /// Guest physical address of the 64-bit entry point.
+        entry: u64,
+    },
     /// PVH 32-bit entry at this address with start_info at `start_info`.
-    Pvh { entry: u32, start_info: u32 },
+    Pvh {
+        /// Guest physical address of the 32-bit PVH entry point.
+        entry: u32,
+        /// Guest physical address of `hvm_start_info`, passed in %ebx.
+        start_info: u32,
+    },
 }
 
+/// Why a vCPU's boot state could not be set.
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
+    /// A KVM ioctl refused the state.
     #[error("KVM refused vCPU state ({what}): {source}")]
     Kvm {
+        /// Which state.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// The page tables or the GDT could not be written to guest memory.
     #[error("cannot write boot page tables or GDT: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }

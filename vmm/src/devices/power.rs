@@ -26,6 +26,7 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// The VMM's exit status for this reason (see the README's exit codes).
     pub fn exit_code(self) -> i32 {
         match self {
             ExitReason::PowerOff => 0,
@@ -63,6 +64,7 @@ pub struct ExitHandle {
 }
 
 impl ExitHandle {
+    /// A handle with no reason recorded.
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             reason: AtomicI32::new(0),
@@ -70,6 +72,7 @@ impl ExitHandle {
         }))
     }
 
+    /// Records `reason` unless one was recorded before, and wakes the event loop.
     pub fn request(&self, reason: ExitReason) {
         let _ =
             self.reason
@@ -77,10 +80,12 @@ impl ExitHandle {
         let _ = self.evt.write(1);
     }
 
+    /// The reason recorded first, if any.
     pub fn reason(&self) -> Option<ExitReason> {
         ExitReason::decode(self.reason.load(Ordering::SeqCst))
     }
 
+    /// Signalled on every request, for the event loop to watch.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
     }
@@ -92,6 +97,7 @@ pub struct AcpiPower {
 }
 
 impl AcpiPower {
+    /// Registers that report power-off and reset to `exit`.
     pub fn new(exit: Arc<ExitHandle>) -> Self {
         Self { exit }
     }
@@ -125,6 +131,7 @@ pub struct I8042 {
 }
 
 impl I8042 {
+    /// A controller whose reset command reports to `exit`.
     pub fn new(exit: Arc<ExitHandle>) -> Self {
         Self { exit }
     }

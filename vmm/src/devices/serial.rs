@@ -23,6 +23,7 @@ pub struct SerialConsole {
 }
 
 impl SerialConsole {
+    /// A UART that raises `irq` and writes the guest's output to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             uart: Serial::new(IrqTrigger(irq), out),
@@ -34,6 +35,7 @@ impl SerialConsole {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 
+    /// Flushes output written so far (before the VMM exits).
     pub fn flush(&mut self) {
         let _ = self.uart.writer_mut().flush();
     }

@@ -44,8 +44,11 @@ pub enum GuestPace {
     /// Every `every`, at most `balloon_mib` of balloon and `hotplug_mib` of plugging: progress
     /// a client polling the API can watch (vmmctl `--wait`, the benchmark).
     Steady {
+        /// How often the guest moves.
         every: Duration,
+        /// Most balloon change per step, MiB.
         balloon_mib: u64,
+        /// Most plugging per step, MiB.
         hotplug_mib: u64,
     },
 }
@@ -53,6 +56,7 @@ pub enum GuestPace {
 /// How the headless VMM behaves.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadlessOptions {
+    /// How the simulated guest follows the devices.
     pub guest: GuestPace,
     /// Delay before the VMM thread gets each request (to test the server's timeout).
     pub reply_delay: Duration,
