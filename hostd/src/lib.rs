@@ -1,5 +1,5 @@
 //! hostd, the host daemon: runs many VMs on one host (one `vmm` process each) and moves memory
-//! between them inside a budget, through each VMM's own REST API (issue 13; design.md section 10).
+//! between them inside a budget, through each VMM's own REST API.
 //!
 //! Layout: [`spec`] (what users ask for, and its rules), [`host`] (budget, tick, policy
 //! parameters), [`registry`] (the daemon's records and admission control), [`statedir`] (what

@@ -70,6 +70,8 @@ fn vmm_binary() -> PathBuf {
     vmm
 }
 
+// One VMM's whole life under the daemon (frozen, daemon killed, re-adopted, stopped): the
+// steps depend on each other's state, so they stay one test.
 #[test]
 fn a_guest_without_statistics_is_frozen_and_a_real_vmm_is_stopped_and_adopted() {
     if !kvm_usable() {

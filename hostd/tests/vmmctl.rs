@@ -42,6 +42,8 @@ fn run(bin: &PathBuf, h: &Hostd, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+// One scenario, each command in the order a user runs them (create, list, show, host view,
+// delete): splitting it would start a daemon per step.
 #[test]
 fn vms_and_host_commands() {
     let bin = vmmctl_binary();

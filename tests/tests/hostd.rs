@@ -1,4 +1,4 @@
-//! The host daemon end to end (issue 13, "Done means"): hostd launches three Debian guests
+//! The host daemon end to end: hostd launches three Debian guests
 //! whose maximums together exceed its budget; idle, their resident memory falls; one guest then
 //! allocates and touches 700 MiB and gets it, with no OOM kill anywhere, while the others give
 //! memory back and the targets stay within the budget; checksummed data in every guest stays
