@@ -127,6 +127,13 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
     // The guest's available memory is from the report; its size must be too, or a balloon
     // moving between the report and now reads as the working set moving.
     let used = size_at(memory.size_seen, vm.current_mib, at).saturating_sub(available);
+    // Plugged memory the guest has not onlined yet is in the VMM's size but not in the guest's
+    // MemTotal, nor in its available memory: the guest's own total, from the same report, bounds
+    // the working set (with deflate-on-OOM it also counts ballooned pages, so it is only a bound).
+    let used = match stats.total_memory {
+        Some(total) => used.min((total / MIB).saturating_sub(available)),
+        None => used,
+    };
     let cache = match (stats.free_memory, stats.disk_caches) {
         (Some(free), caches) => available
             .saturating_sub(free / MIB)

@@ -158,3 +158,15 @@ fn a_working_set_that_keeps_growing_is_believed_at_its_second_rise() {
     assert!(wanted[2] >= 200, "5 s of 50 MiB/s: {wanted:?}");
     assert!(wanted[3] >= 200, "{wanted:?}");
 }
+
+/// Memory virtio-mem just plugged is in the VMM's size at once, but in the guest's MemTotal and
+/// available memory only once the guest onlined it: until then it is not working set.
+#[test]
+fn plugged_memory_not_yet_online_is_not_read_as_working_set() {
+    let mut state = PolicyState::new();
+    // 768 MiB plugged up to, the guest still sees 512 MiB total with 300 available.
+    let mut v = vm(768, 768, 300, 500);
+    v.stats.as_mut().unwrap().total_memory = Some(512 * MIB);
+    let d = tick(v, &mut state, 10_000);
+    assert_eq!(d.wanted_mib, Some(212 + 256), "{d:?}");
+}
