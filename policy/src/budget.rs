@@ -1,5 +1,6 @@
 //! The budget pass: when the VMs' proposals add up to more than the budget, cut them down by
-//! tiers (idle memory first, then buffers, then working sets), each tier shared by weight.
+//! tiers (idle memory first, then the buffers of VMs that are not busy, then busy VMs' buffers,
+//! then working sets), each tier shared by weight.
 
 use crate::decision::{Flags, Reason};
 
@@ -20,11 +21,15 @@ pub(crate) struct Assessment {
     pub(crate) need: u64,
     /// What it gives next: `wanted` within `need..=proposed`. Above it is idle memory, cut first.
     pub(crate) comfort: u64,
+    /// Its working set is growing, or the guest's own counters show pressure: its buffer is
+    /// served before the buffers of VMs that are not (idle guests give first).
+    pub(crate) busy: bool,
 }
 
 /// Cuts the proposals down until they add up to `budget`: every VM keeps its floor (its minimum;
-/// all of a frozen VM's proposal); then working sets are served, then buffers, then idle memory,
-/// each tier shared by weight. Returns how far the floors alone exceed the budget.
+/// all of a frozen VM's proposal); then working sets are served, then busy VMs' buffers, then
+/// the other buffers, then idle memory, each tier shared by weight. Returns how far the floors
+/// alone exceed the budget.
 ///
 /// A share that lands less than `2 * granule` above the VM's current target is rounded down to
 /// the target, and one less than `granule` below it to `granule` below it: without this, noise in
@@ -42,9 +47,22 @@ pub(crate) fn fit_budget(budget: u64, granule: u64, assessed: &mut [Assessment])
     let mut room = budget.saturating_sub(floors);
     let mut grant: Vec<u64> = assessed.iter().map(floor).collect();
     type Tier = fn(&Assessment) -> (u64, u64);
-    let tiers: [Tier; 3] = [
+    let tiers: [Tier; 4] = [
         |a| (a.lo, a.need),
-        |a| (a.need, a.comfort),
+        |a| {
+            if a.busy {
+                (a.need, a.comfort)
+            } else {
+                (a.need, a.need)
+            }
+        },
+        |a| {
+            if a.busy {
+                (a.comfort, a.comfort)
+            } else {
+                (a.need, a.comfort)
+            }
+        },
         |a| (a.comfort, a.proposed),
     ];
     for tier in tiers {

@@ -24,6 +24,9 @@ const MIB: u64 = 1 << 20;
 const SAME_REPORT: Duration = Duration::from_millis(500);
 /// A working-set trend below this (MiB/s) is noise and counts as flat.
 const FLAT_TREND: f64 = 0.5;
+/// A working set growing at least this fast (MiB/s) is a guest at work, whose buffer the budget
+/// pass serves before idle guests'; a slow creep (a leak) is not, or it would flip in and out.
+const BUSY_TREND: f64 = 2.0;
 
 /// Decides every VM's target for this tick.
 ///
@@ -299,6 +302,9 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
         wanted: Some(wanted),
         need,
         comfort: wanted.clamp(need, proposed),
+        // From the working set and the guest's counters, not from the size (available memory
+        // changes with the target), so that on constant input it stays put.
+        busy: reading.trend_mib_per_s >= BUSY_TREND || reading.counter_pressure || deflated_on_oom,
     }
 }
 
@@ -341,6 +347,7 @@ fn assess_frozen(
         wanted: None,
         need: proposed,
         comfort: proposed,
+        busy: false,
     }
 }
 

@@ -355,3 +355,28 @@ fn pressure_after_a_budget_squeeze_starts_no_back_off() {
     assert_eq!(state.backoff_until("a", Duration::from_secs(12)), None);
     assert_eq!(state.backoff_until("b", Duration::from_secs(12)), None);
 }
+
+#[test]
+fn a_growing_guest_gets_its_buffer_before_an_idle_guest_keeps_its_own() {
+    // a's working set rises 100 MiB a second (two reports: a trend); b idles at 200 MiB used.
+    // The budget (1700) cannot hold both buffers: b's goes first.
+    let p = Params::default();
+    let mut state = PolicyState::new();
+    let mut plan = None;
+    for (i, used_a) in [600u64, 700, 800].into_iter().enumerate() {
+        let vms = vec![vm("a", 1200, 1200 - used_a), vm("b", 500, 300)];
+        plan = Some(decide(
+            &p,
+            &host(1700),
+            &vms,
+            &mut state,
+            Duration::from_secs(10 + i as u64),
+        ));
+    }
+    let plan = plan.unwrap();
+    let (a, b) = (&plan.decisions[0], &plan.decisions[1]);
+    // a wants 800 + 256 + 5 s of 100 MiB/s (more than its max growth needs here), b 200 + 256.
+    // a is served up to what it wants before b keeps more than its working set plus 128.
+    assert!(a.target_mib >= 1700 - 328, "{plan:?}");
+    assert_eq!(b.target_mib, 328, "{plan:?}");
+}
