@@ -16,8 +16,7 @@ pub(crate) struct Assessment {
     pub(crate) flags: Flags,
     pub(crate) wanted: Option<u64>,
     /// What the budget pass gives first: the working set (below it the guest would OOM or
-    /// swap) plus one pressure step of room to grow, within `lo..=proposed`. For a frozen VM,
-    /// its whole proposal.
+    /// swap), within `lo..=proposed`. For a frozen VM, its whole proposal.
     pub(crate) need: u64,
     /// What it gives next: `wanted` within `need..=proposed`. Above it is idle memory, cut first.
     pub(crate) comfort: u64,

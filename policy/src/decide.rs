@@ -287,11 +287,7 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
         (target, Reason::Hold)
     };
     let proposed = proposed.clamp(lo, hi);
-    // What the budget pass serves first: the working set and room for one step of growth above
-    // it (a guest that allocates now must not wait for the others' buffers and idle memory,
-    // which the squeeze takes first). From the working set, not the size, so that on constant
-    // input the claim stays put.
-    let need = used.saturating_add(p.pressure_grow_mib).clamp(lo, proposed);
+    let need = used.clamp(lo, proposed);
     Assessment {
         target,
         lo,
