@@ -153,30 +153,49 @@ impl Vm {
         what: &str,
         pred: impl Fn(&str) -> bool,
     ) -> Result<(String, u64), Error> {
+        let mut next = from;
+        self.wait_state(
+            timeout,
+            || format!("{what:?} on the console of `{}`", self.argv.join(" ")),
+            |s| {
+                let first = s.dropped;
+                next = next.max(first);
+                while next < first + s.console.len() as u64 {
+                    let l = &s.console[(next - first) as usize];
+                    if pred(l) {
+                        return Some(Ok((l.clone(), next)));
+                    }
+                    next += 1;
+                }
+                s.exit.map(|exit| {
+                    Err(Error::Exited {
+                        what: format!("{what:?}"),
+                        exit,
+                        tail: s.tail(),
+                    })
+                })
+            },
+        )
+    }
+
+    /// Waits on the shared state until `step` gives a result; past `timeout`, or when the agent's
+    /// connection was lost, a timeout error naming `what()`.
+    fn wait_state<R>(
+        &self,
+        timeout: Duration,
+        what: impl Fn() -> String,
+        mut step: impl FnMut(&State) -> Option<Result<R, Error>>,
+    ) -> Result<R, Error> {
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.state.lock().unwrap();
-        let mut next = from;
         loop {
-            let first = s.dropped;
-            next = next.max(first);
-            while next < first + s.console.len() as u64 {
-                let l = &s.console[(next - first) as usize];
-                if pred(l) {
-                    return Ok((l.clone(), next));
-                }
-                next += 1;
-            }
-            if let Some(exit) = s.exit {
-                return Err(Error::Exited {
-                    what: format!("{what:?}"),
-                    exit,
-                    tail: s.tail(),
-                });
+            if let Some(result) = step(&s) {
+                return result;
             }
             let now = Instant::now();
             if now >= deadline || s.lost.is_some() {
                 return Err(Error::Timeout {
-                    what: format!("{what:?} on the console of `{}`", self.argv.join(" ")),
+                    what: what(),
                     waited: timeout,
                     tail: s.tail(),
                 });
@@ -317,27 +336,11 @@ impl Vm {
 
     /// Waits for the VMM to end; returns how it ended.
     pub fn wait_exit_status(&self, timeout: Duration) -> Result<Exit, Error> {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.shared.state.lock().unwrap();
-        loop {
-            if let Some(exit) = s.exit {
-                return Ok(exit);
-            }
-            let now = Instant::now();
-            if now >= deadline || s.lost.is_some() {
-                return Err(Error::Timeout {
-                    what: format!("`{}` to exit", self.argv.join(" ")),
-                    waited: timeout,
-                    tail: s.tail(),
-                });
-            }
-            s = self
-                .shared
-                .changed
-                .wait_timeout(s, deadline - now)
-                .unwrap()
-                .0;
-        }
+        self.wait_state(
+            timeout,
+            || format!("`{}` to exit", self.argv.join(" ")),
+            |s| s.exit.map(Ok),
+        )
     }
 
     /// Has the VMM ended?
