@@ -27,7 +27,7 @@
 # __svm_vcpu_run, while the guest's GS base is still loaded, and recursive page faults run into
 # the stack guard page. L2 guests also wedged or reset in early boot on two CPUs. One CPU sends
 # no IPIs and never moves a guest's vCPU between CPUs. On an unloaded machine it costs nothing
-# measurable (the balloon e2e binary: 124 s with one CPU, 137 s with two).
+# measurable: the balloon e2e binary took 127 s with one CPU and 131 s with two, back to back.
 . "$(dirname "$0")/lib.sh"
 
 port=7000 logfile="" monitor="" vmm="$ROOT/target/release/vmm" agent="" mem="${TESTHOST_MEM:-6G}"
