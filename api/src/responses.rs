@@ -115,6 +115,11 @@ pub struct BalloonStats {
     /// Age of the last statistics report; absent before the first one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
+    /// `actual_pages` when that report arrived: with deflate-on-OOM the guest counts its ballooned
+    /// pages in `total_memory` as used, so its working set is total - available - these pages,
+    /// each of the same moment. Absent before the first report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_pages_at_report: Option<u64>,
 }
 
 /// `GET /hotplug/memory`: the virtio-mem device's view.

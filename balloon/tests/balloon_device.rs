@@ -292,6 +292,18 @@ fn stats_buffer_is_held_and_returned_on_request() {
     assert_eq!(s.get(StatTag::DirectReclaims), Some(9));
     assert_eq!(s.unknown_tags, 1);
     assert!(s.age() < Duration::from_secs(5));
+    assert_eq!(s.actual_pages, 0, "the balloon was empty when they came");
+
+    // The balloon's size is stamped on each report as it arrives (the driver's `actual`).
+    rig.dev.write_config(4, &300u32.to_le_bytes());
+    rig.send(2, &[Desc::read(a, b.len() as u32)]);
+    assert_eq!(rig.dev.latest_stats().unwrap().actual_pages, 300);
+    rig.dev.write_config(4, &20u32.to_le_bytes());
+    assert_eq!(
+        rig.dev.latest_stats().unwrap().actual_pages,
+        300,
+        "until the next report"
+    );
 
     assert!(rig.dev.request_stats());
     assert_eq!(rig.queues[2].take_used(&rig.mem).len(), 1);

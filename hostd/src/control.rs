@@ -52,6 +52,8 @@ struct Subject {
     socket: Option<PathBuf>,
     pid: Option<i32>,
     last: Readings,
+    /// The guest keeps ballooned pages in its total memory (see `GuestStats::ballooned_in_total`).
+    deflate_on_oom: bool,
 }
 
 /// What one VMM answered this tick.
@@ -146,7 +148,9 @@ impl Controller {
             },
             target_mib: target,
             current_mib: current,
-            stats: stats.filter(|st| st.age_ms.is_some()).map(guest_stats),
+            stats: stats
+                .filter(|st| st.age_ms.is_some())
+                .map(|st| guest_stats(st, s.deflate_on_oom)),
             rss_mib: s.pid.and_then(procfs::rss_kib).map(|k| k / 1024),
             deflate_on_oom_events,
         }
@@ -294,6 +298,7 @@ fn snapshot(d: &Daemon) -> (crate::registry::HostSettings, Vec<Subject>) {
             socket: v.record.as_ref().map(|r| r.api_socket.clone()),
             pid: v.record.as_ref().map(|r| r.vmm.pid),
             last: v.readings,
+            deflate_on_oom: v.spec.balloon.deflate_on_oom,
         })
         .collect();
     (reg.host, subjects)
@@ -406,8 +411,16 @@ fn readings(obs: &VmObservation, answer: Option<&VmmAnswer>, reached: bool) -> R
 }
 
 /// The balloon's statistics as the policy reads them (same names, same units).
-fn guest_stats(s: BalloonStats) -> GuestStats {
+fn guest_stats(s: BalloonStats, deflate_on_oom: bool) -> GuestStats {
+    const PAGE: u64 = 4096;
     GuestStats {
+        ballooned_in_total: s.actual_pages_at_report.map(|pages| {
+            if deflate_on_oom {
+                pages.saturating_mul(PAGE)
+            } else {
+                0
+            }
+        }),
         swap_in: s.swap_in,
         swap_out: s.swap_out,
         major_faults: s.major_faults,

@@ -1,8 +1,9 @@
 //! The policy itself: one tick, observations in, a [`Plan`] out.
 //!
 //! Conventions in this file: `lo`/`hi` are a VM's effective min/max (MiB); `used` is its working
-//! set, the size it had when it made its report minus what it said was available (free plus
-//! reclaimable cache); `wanted` is `used` plus the buffer plus the projected growth, within
+//! set: the guest's total minus the balloon's share of it minus what it said was available (free
+//! plus reclaimable cache), all from one report (else estimated from the VM's size at the
+//! report, see [`own_report`]); `wanted` is `used` plus the buffer plus the projected growth, within
 //! `lo..=hi`; `band` is the hysteresis: a target in `wanted..=wanted + band` is left alone.
 //!
 //! A tick runs in three passes: [`assess`] proposes a target for each VM on its own (grow under
@@ -125,17 +126,12 @@ struct Reading {
 /// Reads the report in `vm.stats` (known to be fresh), updating the VM's memory when it is new.
 fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) -> Reading {
     let stats = vm.stats.unwrap_or_default();
-    let available = stats.available_memory.unwrap_or(0) / MIB;
+    let (available, own_used) = own_report(&stats);
+    let available = available / MIB;
     let at = now.saturating_sub(Duration::from_millis(stats.age_ms.unwrap_or(0)));
-    // The guest's available memory is from the report; its size must be too, or a balloon
-    // moving between the report and now reads as the working set moving.
-    let used = size_at(memory.size_seen, vm.current_mib, at).saturating_sub(available);
-    // Plugged memory the guest has not onlined yet is in the VMM's size but not in the guest's
-    // MemTotal, nor in its available memory: the guest's own total, from the same report, bounds
-    // the working set (with deflate-on-OOM it also counts ballooned pages, so it is only a bound).
-    let used = match stats.total_memory {
-        Some(total) => used.min((total / MIB).saturating_sub(available)),
-        None => used,
+    let used = match own_used {
+        Some(used) => used / MIB,
+        None => estimated_used(&stats, available, memory, vm.current_mib, at),
     };
     let cache = match (stats.free_memory, stats.disk_caches) {
         (Some(free), caches) => available
@@ -197,6 +193,46 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
         cache,
         counter_pressure: memory.counter_pressure,
         trend_mib_per_s: memory.trend_mib_per_s,
+    }
+}
+
+/// The guest's available memory and, when the report says how much of the guest's total the
+/// balloon holds, its working set, bytes. All of one moment, from the guest: what it has onlined
+/// (plugged memory not onlined yet, or offlined for an unplug, is not in its total), minus the
+/// balloon's pages it still counts, minus what it could free. Available memory is never more than
+/// that usable total: a report that says otherwise is inconsistent, and less available memory
+/// must never read as a smaller working set plus cache.
+fn own_report(stats: &crate::GuestStats) -> (u64, Option<u64>) {
+    let available = stats.available_memory.unwrap_or(0);
+    match (stats.total_memory, stats.ballooned_in_total) {
+        (Some(total), Some(ballooned)) => {
+            let usable = total.saturating_sub(ballooned);
+            let available = available.min(usable);
+            (available, Some(usable - available))
+        }
+        (Some(total), None) => (available.min(total), None),
+        (None, _) => (available, None),
+    }
+}
+
+/// The working set without the balloon's share of the guest's total: the VM's size as the policy
+/// saw it around the report, minus `available` (MiB), bounded by the guest's own total.
+fn estimated_used(
+    stats: &crate::GuestStats,
+    available: u64,
+    memory: &VmMemory,
+    current: u64,
+    at: Duration,
+) -> u64 {
+    // The guest's available memory is from the report; its size must be too, or a balloon
+    // moving between the report and now reads as the working set moving.
+    let used = size_at(memory.size_seen, current, at).saturating_sub(available);
+    // Plugged memory the guest has not onlined yet is in the VMM's size but not in the guest's
+    // MemTotal, nor in its available memory: the guest's own total, from the same report, bounds
+    // the working set (with deflate-on-OOM it also counts ballooned pages, so it is only a bound).
+    match stats.total_memory {
+        Some(total) => used.min((total / MIB).saturating_sub(available)),
+        None => used,
     }
 }
 

@@ -61,6 +61,13 @@ pub struct GuestStats {
     pub async_reclaim: Option<u64>,
     /// Tag 15 (Linux 6.12): pages reclaimed in direct reclaim (cumulative).
     pub direct_reclaim: Option<u64>,
+    /// Memory the guest counts in `total_memory` but cannot use, bytes, at the time of the report:
+    /// the balloon's pages when deflate-on-OOM is on (Linux then keeps ballooned pages in its
+    /// total, as used), 0 when it is off (they leave the total). With it the working set is read
+    /// from the guest's own report alone (total - available - this), whatever the balloon and
+    /// virtio-mem did since; without it (`None`) the policy estimates the guest's size at the
+    /// report from the sizes it saw.
+    pub ballooned_in_total: Option<u64>,
     /// Age of this report in milliseconds when the caller read it. `None` (no report yet) or older
     /// than [`crate::Params::stale_after_ms`] means the statistics are unknown.
     pub age_ms: Option<u64>,

@@ -35,10 +35,15 @@ fn stats(current: u64) -> impl Strategy<Value = Option<GuestStats>> {
         0u64..100,
         0u64..40_000,
         any::<bool>(),
+        // The guest's own total and its ballooned pages at the report (either may be missing).
+        prop::option::of(0..=current + 1024),
+        prop::option::of(0u64..2048),
     )
         .prop_map(
-            |(avail, faults, swap, oom, stall, age, no_age)| GuestStats {
+            |(avail, faults, swap, oom, stall, age, no_age, total, ballooned)| GuestStats {
                 available_memory: Some(avail * MIB),
+                total_memory: total.map(|t| t * MIB),
+                ballooned_in_total: ballooned.map(|b| b * MIB),
                 free_memory: Some(avail * MIB / 2),
                 disk_caches: Some(avail * MIB / 2),
                 major_faults: Some(faults),
@@ -170,11 +175,22 @@ proptest! {
     fn working_sets_are_cut_last(vms in fleet(6), budget in 0u64..40_000) {
         let p = Params::default();
         let plan = decide(&p, &host(budget), &vms, &mut PolicyState::new(), Duration::from_secs(5));
-        // The working set each VM reports, within its limits (fresh statistics only).
+        // The working set each VM reports, within its limits (fresh statistics only): from its
+        // own total when it gives the balloon's share of it, else from its size.
         let working_set = |v: &VmObservation| {
             let (lo, hi) = bounds(v);
-            let available = v.stats.and_then(|s| s.available_memory).unwrap_or(0) / MIB;
-            v.current_mib.saturating_sub(available).clamp(lo, hi)
+            let s = v.stats.unwrap_or_default();
+            let total = s.total_memory.unwrap_or(u64::MAX);
+            let used = match s.ballooned_in_total {
+                Some(ballooned) if s.total_memory.is_some() => {
+                    let usable = total.saturating_sub(ballooned);
+                    usable - s.available_memory.unwrap_or(0).min(usable)
+                }
+                // Bounded by the guest's total: plugged memory it has not onlined is not used.
+                _ => (v.current_mib * MIB).min(total)
+                    .saturating_sub(s.available_memory.unwrap_or(0).min(total)),
+            } / MIB;
+            used.clamp(lo, hi)
         };
         let fresh: Vec<(&VmObservation, &Decision)> = vms
             .iter()

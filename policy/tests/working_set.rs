@@ -170,3 +170,52 @@ fn plugged_memory_not_yet_online_is_not_read_as_working_set() {
     let d = tick(v, &mut state, 10_000);
     assert_eq!(d.wanted_mib, Some(212 + 256), "{d:?}");
 }
+
+/// With the balloon's size at the report (`ballooned_in_total`) the working set is read from the
+/// guest's report alone: deflate-on-OOM keeps ballooned pages in the guest's total as used, and
+/// the VM's size now (the balloon and virtio-mem moved since the report) does not enter it.
+#[test]
+fn the_guests_own_report_gives_the_working_set_whatever_the_size_does() {
+    for current in [300, 624, 1024, 1536] {
+        let mut state = PolicyState::new();
+        // Total 1024 MiB, 300 available, 400 of it in the balloon: 324 MiB used.
+        let mut v = vm(current, current, 300, 500);
+        let stats = v.stats.as_mut().unwrap();
+        stats.total_memory = Some(1024 * MIB);
+        stats.ballooned_in_total = Some(400 * MIB);
+        let d = tick(v, &mut state, 10_000);
+        assert_eq!(d.wanted_mib, Some(324 + 256), "size {current}: {d:?}");
+    }
+}
+
+/// A guest allocating while virtio-mem plugs under it: each report's total grows as the guest
+/// onlines memory, and the working set follows what it touched, not the plugged size.
+#[test]
+fn an_allocating_guest_is_read_by_what_it_touched_while_memory_is_plugged() {
+    let mut state = PolicyState::new();
+    let mut last = None;
+    for i in 0..5u64 {
+        // Touched 100 MiB more each second; the guest onlined 128 MiB blocks as they came, and
+        // the VMM has already plugged the next two (not in the guest's total yet).
+        let used = 500 + 100 * i;
+        let total = 640 + 128 * i;
+        let mut v = vm(total + 256, total + 256, total - used, 300);
+        let stats = v.stats.as_mut().unwrap();
+        stats.total_memory = Some(total * MIB);
+        stats.ballooned_in_total = Some(0);
+        let d = tick(v, &mut state, 10_000 + i * 1000);
+        let wanted = d.wanted_mib.unwrap();
+        assert!(
+            wanted >= used + 256,
+            "second {i}: used {used}, wanted {wanted}: {d:?}"
+        );
+        if i >= 2 {
+            assert!(
+                wanted >= used + 256 + 400,
+                "5 s of 100 MiB/s ahead: {wanted}: {d:?}"
+            );
+        }
+        last = Some(d);
+    }
+    assert!(last.unwrap().target_mib >= 900 + 256);
+}

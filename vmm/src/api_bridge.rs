@@ -212,6 +212,7 @@ impl VmView {
             s.async_reclaim = st.get(StatTag::AsyncReclaims);
             s.direct_reclaim = st.get(StatTag::DirectReclaims);
             s.age_ms = Some(st.age().as_millis() as u64);
+            s.actual_pages_at_report = Some(u64::from(st.actual_pages));
         }
         Ok(s)
     }

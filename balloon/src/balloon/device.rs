@@ -522,7 +522,11 @@ impl Balloon {
             });
         }
         if filled >= ENTRY_SIZE {
-            self.latest_stats = Some(BalloonStats::parse(&bytes[..filled], Instant::now()));
+            self.latest_stats = Some(BalloonStats::parse(
+                &bytes[..filled],
+                Instant::now(),
+                self.actual,
+            ));
             self.counters.stats_updates += 1;
         }
         Disposition::Hold

@@ -81,6 +81,10 @@ pub struct BalloonStats {
     pub values: [Option<u64>; 16],
     /// When the device received them.
     pub received_at: Instant,
+    /// The driver's `actual` (pages in its balloon) when they arrived. With deflate-on-OOM Linux
+    /// keeps ballooned pages in its total memory, counted as used: the working set is the total
+    /// minus available minus these, all of one moment.
+    pub actual_pages: u32,
     /// Entries with tags the device does not know (ignored).
     pub unknown_tags: u32,
 }
@@ -98,7 +102,8 @@ impl BalloonStats {
 
     /// Parses packed entries; a trailing partial entry is ignored (the caller counts it). The last
     /// value of a repeated tag wins.
-    pub fn parse(bytes: &[u8], received_at: Instant) -> Self {
+    /// `actual_pages` is the balloon's size at that moment.
+    pub fn parse(bytes: &[u8], received_at: Instant, actual_pages: u32) -> Self {
         let mut values = [None; 16];
         let mut unknown_tags = 0;
         for entry in bytes.chunks_exact(ENTRY_SIZE) {
@@ -113,6 +118,7 @@ impl BalloonStats {
         BalloonStats {
             values,
             received_at,
+            actual_pages,
             unknown_tags,
         }
     }
@@ -130,7 +136,7 @@ mod tests {
             b.extend_from_slice(&val.to_le_bytes());
         }
         b.extend_from_slice(&[1, 2, 3]);
-        let s = BalloonStats::parse(&b, Instant::now());
+        let s = BalloonStats::parse(&b, Instant::now(), 0);
         assert_eq!(s.get(StatTag::FreeMemory), Some(200));
         assert_eq!(s.get(StatTag::DirectReclaims), Some(7));
         assert_eq!(s.get(StatTag::SwapIn), None);

@@ -193,7 +193,9 @@ impl Guest {
             available_memory: Some(((self.free() + self.cache) * MIB) as u64),
             free_memory: Some((self.free() * MIB) as u64),
             disk_caches: Some((self.cache * MIB) as u64),
+            // The simulated guest's total is its size: its balloon leaves the total.
             total_memory: Some((self.size * MIB) as u64),
+            ballooned_in_total: Some(0),
             major_faults: Some(self.major_faults),
             swap_in: Some(0),
             oom_kill: Some(self.oom_kill),
