@@ -82,11 +82,15 @@ pub fn decide_into(
     plan.total_target_mib = 0;
     plan.decisions.truncate(vms.len());
     for (i, (vm, a)) in vms.iter().zip(assessed).enumerate() {
-        // Only the policy's own choice to take idle memory can have gone too far (a back-off's
-        // trigger); a budget squeeze is forced on the VM, and pressure after it is the budget's.
-        if a.proposed < vm.target_mib && a.reason == Reason::IdleReclaim {
+        if a.proposed < vm.target_mib {
             if let Some(memory) = state.vms.get_mut(&vm.id) {
-                memory.last_shrink_at = Some(now);
+                memory.lowered_at = Some(now);
+                // Only the policy's own choice to take idle memory can have gone too far (a
+                // back-off's trigger); a budget squeeze is forced on the VM, and pressure after
+                // it is the budget's.
+                if a.reason == Reason::IdleReclaim {
+                    memory.last_shrink_at = Some(now);
+                }
             }
         }
         plan.total_target_mib = plan.total_target_mib.saturating_add(a.proposed);
@@ -169,8 +173,12 @@ fn read_stats(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Durati
                 _ => 0.0,
             };
             let grew = |new: Option<u64>, old: Option<u64>| rate(new, old) > 0.0;
-            // A balloon that is inflating makes the guest reclaim, so stalls then are ours.
-            let inflating = vm.current_mib > vm.target_mib;
+            // A balloon that is inflating makes the guest reclaim, so stalls then are ours: now,
+            // or in this report's span when the target was lowered in it (a step of a few dozen
+            // MiB is done within the tick; a longer margin hid real stalls of VMs squeezed at
+            // every tick: the simulation's leaky trace changed targets 25% more often).
+            let inflating = vm.current_mib > vm.target_mib
+                || memory.lowered_at.is_some_and(|lowered| lowered >= last.at);
             memory.counter_pressure = rate(report.major_faults, last.major_faults)
                 > p.major_fault_rate as f64
                 || rate(report.swap_in, last.swap_in) / 1024.0 > p.swap_in_kib_rate as f64
@@ -334,6 +342,7 @@ fn assess(p: &Params, vm: &VmObservation, memory: &mut VmMemory, now: Duration) 
         wanted: Some(wanted),
         need,
         comfort: wanted.clamp(need, proposed),
+        spare: need.saturating_sub(used),
         // From the working set and the guest's counters, not from the size (available memory
         // changes with the target), so that on constant input it stays put.
         busy: reading.trend_mib_per_s >= BUSY_TREND || reading.counter_pressure || deflated_on_oom,
@@ -379,6 +388,7 @@ fn assess_frozen(
         wanted: None,
         need: proposed,
         comfort: proposed,
+        spare: 0,
         busy: false,
     }
 }

@@ -98,8 +98,11 @@ pub(crate) struct VmMemory {
     pub size_seen: Option<(Duration, u64)>,
     /// Deflate-on-OOM count at the last tick.
     pub deflate_on_oom_events: Option<u64>,
-    /// When the policy last lowered this VM's target.
+    /// When the policy last lowered this VM's target to take idle memory (a back-off's trigger).
     pub last_shrink_at: Option<Duration>,
+    /// When the policy last lowered this VM's target for any reason: its balloon inflates right
+    /// after, and allocation stalls in a report that spans that are the balloon's doing.
+    pub lowered_at: Option<Duration>,
     /// No idle reclaim before this time.
     pub backoff_until: Option<Duration>,
     /// Back-offs in a row (each doubles the next, up to 16x); reset after a quiet spell.

@@ -380,3 +380,91 @@ fn a_growing_guest_gets_its_buffer_before_an_idle_guest_keeps_its_own() {
     assert_eq!(b.target_mib, 256, "{plan:?}");
     assert_eq!(a.target_mib, 1700 - 256, "{plan:?}");
 }
+
+/// The nested scenario's end: a has just allocated 700 MiB and holds it (working set 800 MiB, no
+/// longer growing); b and c idle at their minimum (256 MiB) with a 90 MiB working set, so their
+/// minimum already gives them 166 MiB of headroom. The buffers that remain are shared counting
+/// that headroom: a keeps almost all of the room above its working set, instead of a third.
+#[test]
+fn headroom_a_minimum_already_gives_counts_as_buffer_in_a_squeeze() {
+    let vms = vec![vm("a", 1024, 224), vm("b", 256, 166), vm("c", 256, 166)];
+    let plan = decide(
+        &Params::default(),
+        &host(1536),
+        &vms,
+        &mut PolicyState::new(),
+        Duration::from_secs(10),
+    );
+    let t: Vec<u64> = plan.decisions.iter().map(|d| d.target_mib).collect();
+    assert!(t.iter().sum::<u64>() <= 1536, "{plan:?}");
+    // 1536 - 3 * 256 floors - 544 of a's working set above its floor = 224 MiB of room; counting
+    // b's and c's 166 MiB each, (224 + 332) / 3 = 185 each: a 185, b and c 19 each.
+    assert!(t[0] >= 800 + 180, "a: {plan:?}");
+    assert!(t[1] <= 256 + 32 && t[2] <= 256 + 32, "b, c: {plan:?}");
+}
+
+/// A squeeze lowers b's target; its balloon inflates within the next second, and the guest's
+/// allocation-stall counter rises while it does. The next report, which spans that inflate,
+/// comes in after the balloon got there (current = target): the stalls were the balloon's, not
+/// pressure.
+#[test]
+fn stalls_while_a_squeeze_inflated_the_balloon_are_not_pressure() {
+    let mut state = PolicyState::new();
+    let stats = |avail: u64, stall: u64, age_ms: u64| {
+        let mut v = vm("b", 0, avail).stats.unwrap();
+        v.alloc_stall = Some(stall);
+        v.age_ms = Some(age_ms);
+        v
+    };
+    let obs = |target: u64, s: GuestStats| VmObservation {
+        stats: Some(s),
+        ..vm("b", target, 0)
+    };
+    let p = Params::default();
+    // A report at 9.5 s; the budget squeezes b from 600 MiB at 10 s.
+    let plan = decide(
+        &p,
+        &host(700),
+        &[vm("a", 400, 100), obs(600, stats(500, 7, 500))],
+        &mut state,
+        Duration::from_secs(10),
+    );
+    let lowered = plan.decisions[1].target_mib;
+    assert!(lowered < 600, "{plan:?}");
+    // The next report, at 11.5 s: 12 more stalls; b is at its new target.
+    let plan = decide(
+        &p,
+        &host(700),
+        &[
+            vm("a", 400, 100),
+            obs(lowered, stats(lowered - 100, 19, 500)),
+        ],
+        &mut state,
+        Duration::from_secs(12),
+    );
+    assert!(!plan.decisions[1].flags.pressure, "{plan:?}");
+    let lowered = plan.decisions[1].target_mib;
+    assert_eq!(lowered, 256, "at its minimum now: {plan:?}");
+    // A quiet report; then stalls in a report whose span saw no change of target: pressure.
+    decide(
+        &p,
+        &host(700),
+        &[
+            vm("a", 400, 100),
+            obs(lowered, stats(lowered - 100, 19, 500)),
+        ],
+        &mut state,
+        Duration::from_secs(16),
+    );
+    let plan = decide(
+        &p,
+        &host(700),
+        &[
+            vm("a", 400, 100),
+            obs(lowered, stats(lowered - 100, 40, 500)),
+        ],
+        &mut state,
+        Duration::from_secs(20),
+    );
+    assert!(plan.decisions[1].flags.pressure, "{plan:?}");
+}
