@@ -467,6 +467,7 @@ async fn balloon_statistics_get_and_patch() {
         "oom_kill",
         "direct_reclaim",
         "age_ms",
+        "actual_pages_at_report",
     ] {
         assert!(v.get(field).is_some(), "{field} missing from {v}");
     }

@@ -347,7 +347,7 @@ fn print_stats(s: &BalloonStats) {
         "balloon actual:      {} MiB ({} pages)",
         s.actual_mib, s.actual_pages
     );
-    let rows: [(&str, Option<u64>, bool); 17] = [
+    let rows: [(&str, Option<u64>, bool); 18] = [
         ("swap_in", s.swap_in, true),
         ("swap_out", s.swap_out, true),
         ("major_faults", s.major_faults, false),
@@ -365,6 +365,7 @@ fn print_stats(s: &BalloonStats) {
         ("async_reclaim", s.async_reclaim, false),
         ("direct_reclaim", s.direct_reclaim, false),
         ("age_ms", s.age_ms, false),
+        ("actual_pages_at_report", s.actual_pages_at_report, false),
     ];
     for (name, value, bytes) in rows {
         match value {
