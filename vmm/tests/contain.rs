@@ -333,3 +333,63 @@ fn uid_zero_is_refused_as_a_usage_error() {
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("--gid"), "{stderr}");
 }
+
+#[test]
+fn configured_through_the_api_after_the_drop_it_boots_as_that_user() {
+    if !kvm_usable() || !is_root() {
+        eprintln!("SKIPPED: privilege drop through the API: needs /dev/kvm and root");
+        return;
+    }
+    let dir = scratch("drop-api");
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    // The kernel is opened after the drop: it must be readable by that user.
+    let kernel = dir.join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf(&SLEEP)).unwrap();
+    let socket = dir.join("api.sock");
+    let id = NOBODY.to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--api-socket", socket.to_str().unwrap()])
+        .args(["--uid", &id, "--gid", &id])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vmm = Vmm { child, socket };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&vmm.socket).is_err() {
+        assert!(Instant::now() < deadline, "the API never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let put = |path: &str, body: &str| {
+        let mut s = UnixStream::connect(&vmm.socket).unwrap();
+        write!(
+            s,
+            "PUT {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    let src = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
+    assert!(put("/boot-source", &src).starts_with("HTTP/1.1 204"));
+    let mc = r#"{"vcpu_count":1,"mem_size_mib":32}"#;
+    assert!(put("/machine-config", mc).starts_with("HTTP/1.1 204"));
+    let r = put("/actions", r#"{"action_type":"InstanceStart"}"#);
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    vmm.wait_running();
+    assert!(vmm.status(None, "Uid").split_whitespace().all(|u| u == id));
+    assert_eq!(vmm.status(None, "CapEff"), "0000000000000000");
+    let threads = vmm.threads_seccomp();
+    assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait(Duration::from_secs(10));
+    let stderr = vmm.stderr();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(
+        !vmm.socket.exists(),
+        "the API socket was left behind: {stderr}"
+    );
+}
