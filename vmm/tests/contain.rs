@@ -122,6 +122,20 @@ impl Vmm {
             .to_string()
     }
 
+    /// (name, Seccomp field) of every thread of ours once they all show filter mode (2), or as
+    /// they are after 5 s. The main thread installs its filter just before the event loop's
+    /// first turn, a moment after the API already says the VM runs.
+    fn threads_filtered(&self) -> Vec<(String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let t = self.threads_seccomp();
+            if t.iter().all(|(_, s)| s == "2") || Instant::now() > deadline {
+                return t;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// (name, Seccomp field) of every thread of ours (not KVM's kernel threads, which the task
     /// list shows too).
     fn threads_seccomp(&self) -> Vec<(String, String)> {
@@ -194,7 +208,7 @@ fn every_thread_runs_filtered_and_a_working_run_logs_nothing() {
     vmm.wait_running();
     // Seccomp 2: filter mode, on every thread (the kernel's own view). The main thread's name
     // in /proc is the process's, "vmm"; KVM's own kernel thread for the VM is listed too.
-    let threads = vmm.threads_seccomp();
+    let threads = vmm.threads_filtered();
     for name in ["vmm", "vcpu0", "vmm-api", "vmm-signals"] {
         assert!(
             threads.iter().any(|(n, _)| n == name),
@@ -301,7 +315,7 @@ fn started_as_root_with_uid_it_runs_as_that_user_with_no_capabilities() {
         assert_eq!(vmm.status(None, cap), "0000000000000000", "{cap}");
     }
     assert_eq!(vmm.status(None, "NoNewPrivs"), "1");
-    let threads = vmm.threads_seccomp();
+    let threads = vmm.threads_filtered();
     assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
     // The socket is the VMM's user's, so it can remove it on exit.
     use std::os::unix::fs::MetadataExt;
@@ -382,7 +396,7 @@ fn configured_through_the_api_after_the_drop_it_boots_as_that_user() {
     vmm.wait_running();
     assert!(vmm.status(None, "Uid").split_whitespace().all(|u| u == id));
     assert_eq!(vmm.status(None, "CapEff"), "0000000000000000");
-    let threads = vmm.threads_seccomp();
+    let threads = vmm.threads_filtered();
     assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
     vmm.signal(libc::SIGTERM);
     let status = vmm.wait(Duration::from_secs(10));
