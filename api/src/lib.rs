@@ -45,8 +45,8 @@ pub use requests::*;
 pub use responses::*;
 pub use routes::{routes, Fault, FaultBody, WakeFn};
 pub use server::{
-    spawn_server, spawn_server_task, ApiArgs, Error, ServerConfig, ServerHandle, ServerTask,
-    SocketFile,
+    bind_server, spawn_server, spawn_server_task, ApiArgs, BoundServer, Error, ServerConfig,
+    ServerHandle, ServerTask, SocketFile,
 };
 
 /// The OpenAPI document, the contract of this API.

@@ -1,10 +1,12 @@
 //! The HTTP server: its own thread, a single-threaded tokio runtime, a Unix socket and optionally
 //! a TCP listener.
 
+use std::ffi::CString;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -224,10 +226,7 @@ fn clear_socket_path(path: &Path) -> Result<(), Error> {
 /// one path cannot silently steal it from each other.
 fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let parent = socket_dir(path);
     let tmp_dir = parent.join(format!(
         ".api-{}-{}",
         std::process::id(),
@@ -272,14 +271,25 @@ fn bind_private(path: &Path) -> Result<(UnixListener, (u64, u64)), Error> {
 /// The socket file a server created: [`SocketFile::remove`] removes it only while it is still
 /// that file (not one another server bound at the same path since). For a process that exits
 /// without [`ServerHandle::shutdown`] (a signal, a fatal error).
+///
+/// It holds its directory open (`O_PATH`), and removes the file relative to it: a process that
+/// dropped its privileges after binding still removes its socket when it may write to the
+/// socket's directory, even if it may no longer reach that directory by its path.
 #[derive(Debug, Clone)]
 pub struct SocketFile {
     path: PathBuf,
     /// (device, inode) of the file this server linked into place.
     id: (u64, u64),
+    /// The socket's directory, when it could be opened.
+    dir: Option<Arc<OwnedFd>>,
 }
 
 impl SocketFile {
+    fn new(path: PathBuf, id: (u64, u64)) -> Self {
+        let dir = open_dir_path(socket_dir(&path)).ok().map(Arc::new);
+        Self { path, id, dir }
+    }
+
     /// Where the socket file is.
     pub fn path(&self) -> &Path {
         &self.path
@@ -287,13 +297,63 @@ impl SocketFile {
 
     /// Removes the socket file if it is still ours; true if it did.
     pub fn remove(&self) -> bool {
-        match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) if (meta.dev(), meta.ino()) == self.id => {
-                std::fs::remove_file(&self.path).is_ok()
+        let name = self
+            .path
+            .file_name()
+            .and_then(|n| CString::new(n.as_bytes()).ok());
+        let (Some(dir), Some(name)) = (&self.dir, name) else {
+            return match std::fs::symlink_metadata(&self.path) {
+                Ok(meta) if (meta.dev(), meta.ino()) == self.id => {
+                    std::fs::remove_file(&self.path).is_ok()
+                }
+                _ => false,
+            };
+        };
+        // SAFETY: `st` is plain data the kernel fills; `name` is a NUL-terminated string and
+        // `dir` a descriptor we own, both alive for the calls.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) != 0
+            {
+                return false;
             }
-            _ => false,
+            if (st.st_dev, st.st_ino) != self.id {
+                return false;
+            }
+            libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) == 0
         }
     }
+}
+
+/// The directory a socket path is in ("." for a bare name).
+fn socket_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC)`: a handle to name files relative to.
+fn open_dir_path(dir: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `c` is a NUL-terminated path alive for the call; the descriptor returned is new
+    // and owned by the OwnedFd alone.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A running server. Dropping it shuts it down too; [`ServerHandle::shutdown`] reports errors.
@@ -389,10 +449,7 @@ fn bind(cfg: ServerConfig, tx: Sender<ApiMessage>, wake: WakeFn) -> Result<Bound
         None => None,
     };
     let (unix, socket_id) = bind_private(&cfg.socket_path)?;
-    let socket = SocketFile {
-        path: cfg.socket_path.clone(),
-        id: socket_id,
-    };
+    let socket = SocketFile::new(cfg.socket_path.clone(), socket_id);
     let nonblocking = unix.set_nonblocking(true).and_then(|()| match &tcp {
         Some(l) => l.set_nonblocking(true),
         None => Ok(()),
@@ -450,33 +507,76 @@ pub fn spawn_server(
     tx: Sender<ApiMessage>,
     wake: WakeFn,
 ) -> Result<ServerHandle, Error> {
-    let b = bind(cfg, tx, wake)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| {
-            b.socket.remove();
-            Error::Runtime(e)
-        })?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (unix, tcp, shared, limits) = (b.unix, b.tcp, b.shared.clone(), b.limits);
-    let thread = std::thread::Builder::new()
-        .name("vmm-api".into())
-        .spawn(move || {
-            runtime.block_on(serve(unix, tcp, shared, stop_rx, limits));
-        })
-        .map_err(|e| {
-            b.socket.remove();
-            Error::Runtime(e)
-        })?;
-    Ok(ServerHandle {
-        socket: b.socket,
-        tcp_addr: b.tcp_addr,
-        stop: stop_tx,
-        thread: Some(thread),
-        shared: b.shared,
+    bind_server(cfg, tx, wake)?.spawn(Box::new(|| ()))
+}
+
+/// A server whose sockets are bound but that serves no one yet: [`BoundServer::spawn`] starts
+/// its thread. Between the two the process can drop privileges (the socket was bound by the
+/// user that started it); clients that connect meanwhile wait in the listen backlog.
+pub struct BoundServer {
+    bound: Bound,
+}
+
+impl std::fmt::Debug for BoundServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundServer")
+            .field("socket_path", &self.bound.socket.path)
+            .field("tcp_addr", &self.bound.tcp_addr)
+            .finish()
+    }
+}
+
+/// Binds the server's sockets (errors come back here) without starting it; see
+/// [`BoundServer`].
+pub fn bind_server(
+    cfg: ServerConfig,
+    tx: Sender<ApiMessage>,
+    wake: WakeFn,
+) -> Result<BoundServer, Error> {
+    Ok(BoundServer {
+        bound: bind(cfg, tx, wake)?,
     })
+}
+
+impl BoundServer {
+    /// The socket file, to remove on an exit that skips [`ServerHandle::shutdown`].
+    pub fn socket_file(&self) -> SocketFile {
+        self.bound.socket.clone()
+    }
+
+    /// Starts serving on a thread of its own (`vmm-api`). `on_thread_start` runs first on that
+    /// thread, before any connection is accepted (the VMM installs its seccomp filter there).
+    /// The runtime is built here, on the calling thread.
+    pub fn spawn(self, on_thread_start: Box<dyn FnOnce() + Send>) -> Result<ServerHandle, Error> {
+        let b = self.bound;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                b.socket.remove();
+                Error::Runtime(e)
+            })?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (unix, tcp, shared, limits) = (b.unix, b.tcp, b.shared.clone(), b.limits);
+        let thread = std::thread::Builder::new()
+            .name("vmm-api".into())
+            .spawn(move || {
+                on_thread_start();
+                runtime.block_on(serve(unix, tcp, shared, stop_rx, limits));
+            })
+            .map_err(|e| {
+                b.socket.remove();
+                Error::Runtime(e)
+            })?;
+        Ok(ServerHandle {
+            socket: b.socket,
+            tcp_addr: b.tcp_addr,
+            stop: stop_tx,
+            thread: Some(thread),
+            shared: b.shared,
+        })
+    }
 }
 
 /// A server running as a task on the caller's tokio runtime (see [`spawn_server_task`]).

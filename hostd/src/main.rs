@@ -70,6 +70,14 @@ struct Cli {
     /// Log level on stderr: error, warn, info, debug or trace [default: $HOSTD_LOG, else info].
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<log::LevelFilter>,
+    /// Run every VMM as this user: started as root, it opens /dev/kvm, its kernel, initramfs,
+    /// console and API socket, then drops to this uid with no capabilities (`vmm --uid`).
+    /// Needs --vmm-gid.
+    #[arg(long, value_name = "UID", requires = "vmm_gid")]
+    vmm_uid: Option<u32>,
+    /// The group for --vmm-uid (`vmm --gid`).
+    #[arg(long, value_name = "GID", requires = "vmm_uid")]
+    vmm_gid: Option<u32>,
     /// The VMMs' log level (their stderr goes to STATE_DIR/vms/ID/vmm.log).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     vmm_log_level: log::LevelFilter,
@@ -140,6 +148,12 @@ fn host_settings(cli: &Cli, state: &StateDir) -> Result<HostSettings, String> {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    if let (Some(uid), Some(gid)) = (cli.vmm_uid, cli.vmm_gid) {
+        if uid == 0 || gid == 0 {
+            return Err("--vmm-uid/--vmm-gid: 0 is root; name an unprivileged user".into());
+        }
+        monitor::set_vmm_user(uid, gid);
+    }
     let state = StateDir::open(&cli.state_dir).map_err(|e| {
         format!(
             "cannot use the state directory {}: {e}",

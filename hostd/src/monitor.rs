@@ -12,9 +12,11 @@
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::procfs::ProcessId;
@@ -22,6 +24,16 @@ use crate::statedir::{unix_ms, ExitRecord, VmDir, VmmRecord};
 
 /// The hidden first argument that makes `hostd` run as a monitor.
 pub const MONITOR_ARG: &str = "__monitor";
+
+/// The user and group every VMM drops to once it has opened its files (`hostd --vmm-uid
+/// --vmm-gid`); unset, VMMs keep the daemon's user.
+static VMM_USER: OnceLock<(u32, u32)> = OnceLock::new();
+
+/// Makes every VMM started from now on run as `uid`:`gid` (`vmm --uid --gid`: it opens
+/// /dev/kvm, its kernel, initramfs, console and socket first). Set once, at start-up.
+pub fn set_vmm_user(uid: u32, gid: u32) {
+    let _ = VMM_USER.set((uid, gid));
+}
 
 /// Starts the monitor of the VM in `dir`, which starts `vmm ARGS`. Returns once the monitor has
 /// recorded the VMM (or its failure to start), within `timeout`.
@@ -37,11 +49,11 @@ pub fn start(
         .append(true)
         .open(dir.monitor_log())?;
     let mut cmd = Command::new(hostd);
-    cmd.arg(MONITOR_ARG)
-        .arg(&dir.path)
-        .arg(vmm)
-        .args(args)
-        .stdin(Stdio::null())
+    cmd.arg(MONITOR_ARG).arg(&dir.path).arg(vmm).args(args);
+    if let Some((uid, gid)) = VMM_USER.get() {
+        cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
     // SAFETY: setsid(2) is async-signal-safe and touches no memory of ours; between fork and
@@ -162,6 +174,12 @@ fn supervise(dir: &VmDir, vmm: &Path, args: &[OsString]) -> io::Result<()> {
     dir.write_vmm(&record)?;
     eprintln!("hostd monitor: VMM pid {pid} started");
     let status = child.wait()?;
+    // A VMM running as another user cannot remove its socket from this directory (it may not
+    // write here); remove it for it, before the end is recorded and a new VMM may start here.
+    let socket = dir.api_socket();
+    if std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&socket);
+    }
     let exit = ExitRecord {
         code: status.code(),
         signal: status.signal(),

@@ -259,3 +259,87 @@ fn a_hung_vmm_does_not_stall_the_loop_for_the_others() {
     let text = request(&h.socket, "GET", "/metrics", None).unwrap().1;
     assert!(!text.contains("hostd_vmm_unreachable_total 0\n"), "{text}");
 }
+
+/// `--vmm-uid/--vmm-gid`: each VMM the daemon starts runs as that user with no capabilities,
+/// under its seccomp filters, and is still read and stopped by the daemon; its socket is gone
+/// after it ends (the monitor removes it: the VMM may not write in its state directory).
+#[test]
+fn vmms_run_as_the_configured_user_with_no_capabilities() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if !kvm_usable() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPED: control_tiny: needs /dev/kvm and root ***\n");
+        return;
+    }
+    let s = Scratch::new("contained");
+    let kernel = s.path.join("tiny.elf");
+    std::fs::write(&kernel, tiny_elf(&SLEEP)).unwrap();
+    let vmm = vmm_binary();
+    let args = [
+        "--budget-mib",
+        "1024",
+        "--tick-ms",
+        "200",
+        "--vmm-uid",
+        "65534",
+        "--vmm-gid",
+        "65534",
+    ];
+    let h = Hostd::start(&s.state(), &vmm, &args);
+    let vm = h.expect(
+        "POST",
+        "/vms",
+        Some(&vm_json("c", &kernel, 64, 32, 192)),
+        201,
+    );
+    let pid = vm["pid"].as_i64().unwrap();
+    let v = h.wait_vm("c", "running and read", Duration::from_secs(30), |v| {
+        v["state"] == "running" && v["memory"]["reachable"] == true
+    });
+    assert!(v["memory"]["rss_mib"].as_u64().unwrap() > 0, "{v}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name}: {status}"))
+            .trim()
+            .to_string()
+    };
+    assert!(
+        field("Uid").split_whitespace().all(|u| u == "65534"),
+        "{status}"
+    );
+    assert!(
+        field("Gid").split_whitespace().all(|g| g == "65534"),
+        "{status}"
+    );
+    for cap in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(field(cap), "0000000000000000", "{cap}: {status}");
+    }
+    assert_eq!(field("Seccomp"), "2", "{status}");
+
+    h.expect("DELETE", "/vms/c", None, 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.call("GET", "/vms/c", None).0 != 404 {
+        assert!(std::time::Instant::now() < deadline, "not stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A guest that resets itself at once (keyboard controller: out 0x64, 0xfe): its VMM ends
+    // on its own, its directory stays, and its socket is gone.
+    let reset = s.path.join("reset.elf");
+    std::fs::write(&reset, tiny_elf(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4])).unwrap();
+    h.expect(
+        "POST",
+        "/vms",
+        Some(&vm_json("r", &reset, 64, 32, 192)),
+        201,
+    );
+    let v = h.wait_vm("r", "exited", Duration::from_secs(30), |v| {
+        v["state"] == "exited"
+    });
+    assert_eq!(v["exit"]["code"], 2, "a guest reset: {v}");
+    let socket = s.state().join("vms/r/api.sock");
+    assert!(s.state().join("vms/r").is_dir());
+    assert!(!socket.exists(), "the VMM's socket was left behind: {v}");
+}

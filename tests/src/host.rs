@@ -214,9 +214,19 @@ impl TestHost {
 
     /// Starts `vmm VMM_ARGS...`. The VMM's API socket, if any, is taken from `--api-sock PATH`
     /// (or `--api-socket PATH`) in the arguments.
+    ///
+    /// `E2E_SECCOMP=on|log|off` adds `--seccomp=MODE` (default: the VMM's own default, on). With
+    /// `log` a missing system call does not end the VMM: it is logged, and the test fails when
+    /// its [`Vm`] is dropped (see [`Vm::seccomp_lines`]), so one run lists every missing call.
     pub fn start_vm(&self, vmm_args: &[&str]) -> Result<Vm, Error> {
         let vmm = self.vmm.clone().map_err(Error::Unavailable)?;
         let mut argv = vec![vmm.as_str()];
+        let mode = std::env::var("E2E_SECCOMP")
+            .ok()
+            .map(|m| format!("--seccomp={m}"));
+        if let Some(m) = &mode {
+            argv.push(m);
+        }
         argv.extend(vmm_args);
         self.start_process(&argv)
     }

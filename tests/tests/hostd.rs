@@ -225,24 +225,30 @@ fn start_hostd(host: &e2e::TestHost, state: &str, socket: &str) -> e2e::Vm {
     };
     let budget = BUDGET_MIB.to_string();
     let log = format!("{state}.log");
+    let hostd = hostd_binary(host);
     // Its log in a file beside the state directory (both daemons append), read with `cat`.
-    let d = host
-        .start_process(&[
-            "sh",
-            "-c",
-            "exec \"$@\" 2>>\"$0\"",
-            &log,
-            &hostd_binary(host),
-            "--state-dir",
-            state,
-            "--socket",
-            socket,
-            "--vmm",
-            &vmm,
-            "--budget-mib",
-            &budget,
-        ])
-        .expect("start hostd");
+    let mut argv = vec![
+        "sh",
+        "-c",
+        "exec \"$@\" 2>>\"$0\"",
+        &log,
+        &hostd,
+        "--state-dir",
+        state,
+        "--socket",
+        socket,
+        "--vmm",
+        &vmm,
+        "--budget-mib",
+        &budget,
+    ];
+    // Where the daemon runs as root (always in the test host) its VMMs run contained, as in
+    // production: as nobody, with no capabilities (docs/security.md).
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if host.mode() == e2e::Mode::Nested || unsafe { libc::geteuid() } == 0 {
+        argv.extend(["--vmm-uid", "65534", "--vmm-gid", "65534"]);
+    }
+    let d = host.start_process(&argv).expect("start hostd");
     d.set_api_socket(socket);
     let t0 = Instant::now();
     while !matches!(d.api("GET", "/", None), Ok((200, _))) {

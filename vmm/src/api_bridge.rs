@@ -660,9 +660,28 @@ impl ApiHandler {
     }
 }
 
+/// /proc/self/statm, opened by [`open_process_stats`] (before the seccomp filters, which allow
+/// no `open`) and read in place from then on.
+static STATM: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Opens /proc/self/statm for [`process_rss_bytes`] while the process may still open files.
+pub fn open_process_stats() -> std::io::Result<()> {
+    let f = std::fs::File::open("/proc/self/statm")?;
+    let _ = STATM.set(f);
+    Ok(())
+}
+
 /// The VMM process's resident set, from /proc/self/statm.
 pub fn process_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let s = match STATM.get() {
+        Some(f) => {
+            use std::os::unix::fs::FileExt;
+            let mut buf = [0u8; 256];
+            let n = f.read_at(&mut buf, 0).ok()?;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }
+        None => std::fs::read_to_string("/proc/self/statm").ok()?,
+    };
     let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * PAGE)
 }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use api::rules::{self, Field, RuleError, StatsQueue};
 use clap::Parser;
+
+use crate::seccomp::SeccompMode;
 use serde::Deserialize;
 
 /// Default kernel command line: console on COM1, reset through the keyboard controller, reboot
@@ -22,7 +24,15 @@ pub const MIN_MEMORY_MIB: u64 = api::MIN_MEM_MIB;
 
 /// Command line of the `vmm` binary.
 #[derive(Parser, Debug)]
-#[command(name = "vmm", version, about = "A KVM virtual machine monitor", long_about = None)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM virtual machine monitor",
+    long_about = None,
+    after_help = "Exit status: 0 guest powered off, 2 guest reset, 128+N stopped by signal N, \
+                  1 error while starting or running, 64 command line refused, 70 a thread made \
+                  a system call outside its seccomp filter (docs/security.md)."
+)]
 pub struct Cli {
     /// JSON file with the same fields as the flags (kernel, initramfs, cmdline, vcpus,
     /// memory_mib, serial, thp, balloon, hotplug); flags given as well override it.
@@ -64,9 +74,30 @@ pub struct Cli {
     /// Log level on stderr: error, warn, info, debug or trace (default: $VMM_LOG, else warn).
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
+    /// Seccomp filters, one per thread kind: `on` (a call outside the thread's filter ends the
+    /// VMM with exit status 70), `log` (it is logged on stderr and fails with ENOSYS), `off`
+    /// (no filters: for debugging only).
+    #[arg(long, value_name = "on|log|off", value_enum, default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
+    /// Started as root: become this user once /dev/kvm, the kernel, initramfs, serial file and
+    /// API socket are open (no groups, no capabilities, no_new_privs). Needs --gid.
+    #[arg(long, value_name = "UID", requires = "gid", value_parser = parse_non_root_id)]
+    pub uid: Option<u32>,
+    /// The group for --uid.
+    #[arg(long, value_name = "GID", requires = "uid", value_parser = parse_non_root_id)]
+    pub gid: Option<u32>,
     /// The REST API (`--api-socket PATH`, `--api-tcp ADDR`, ...).
     #[command(flatten)]
     pub api: api::server::ApiArgs,
+}
+
+/// `--uid`/`--gid`: a number other than 0 (dropping to root would drop nothing).
+fn parse_non_root_id(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 is root: name an unprivileged id".into()),
+        Ok(id) => Ok(id),
+        Err(_) => Err(format!("{s:?} is not a numeric id")),
+    }
 }
 
 /// A VM description still being assembled: the JSON config file's shape, then flags and REST API

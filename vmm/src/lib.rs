@@ -15,7 +15,9 @@ pub mod event_loop;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory_timer;
+pub mod privileges;
 pub mod resize;
+pub mod seccomp;
 pub mod slots;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -49,6 +49,8 @@ struct Inner {
     /// Held from the first exit on, so a second thread exiting at the same time waits for the
     /// first (libc's `exit` must not run twice at once).
     cleanup: Mutex<Cleanup>,
+    /// The exit signals' signalfd until the signal thread takes it.
+    signalfd: Mutex<Option<OwnedFd>>,
 }
 
 /// The process-wide state the signal thread and the main thread share. Cheap to clone.
@@ -61,18 +63,48 @@ impl Process {
     /// Blocks the exit signals in this thread and every thread spawned after it, and starts the
     /// thread that reads them. Call it before any other thread exists.
     pub fn start() -> std::io::Result<Self> {
+        let process = Self::new()?;
+        process.spawn_signal_thread()?;
+        Ok(process)
+    }
+
+    /// Blocks the exit signals in this thread and every thread spawned after it, without
+    /// starting the thread that reads them yet ([`Process::spawn_signal_thread`]): a signal
+    /// that arrives meanwhile waits, and is acted on as soon as that thread runs. Call it before
+    /// any other thread exists.
+    pub fn new() -> std::io::Result<Self> {
         let fd = block_exit_signals()?;
-        let process = Self {
+        Ok(Self {
             inner: Arc::new(Inner {
                 phase: Mutex::new(Phase::Configuring),
                 cleanup: Mutex::new(Cleanup::default()),
+                signalfd: Mutex::new(Some(fd)),
             }),
+        })
+    }
+
+    /// Starts the signal thread (`vmm-signals`); it installs its seccomp filter before it reads
+    /// the first signal. Once only: later calls do nothing.
+    pub fn spawn_signal_thread(&self) -> std::io::Result<()> {
+        let Some(fd) = self
+            .inner
+            .signalfd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(());
         };
-        let p = process.clone();
+        let p = self.clone();
         std::thread::Builder::new()
             .name("vmm-signals".into())
-            .spawn(move || p.watch_signals(fd))?;
-        Ok(process)
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::enter(crate::seccomp::ThreadKind::Signals) {
+                    p.fail(&e.to_string());
+                }
+                p.watch_signals(fd)
+            })?;
+        Ok(())
     }
 
     /// The API socket to remove on exit.

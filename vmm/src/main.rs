@@ -1,20 +1,26 @@
 //! `vmm`: boot a Linux guest on KVM. See `vmm --help`.
 //!
-//! Start-up: parse and check flags (and `--config`), start the signal thread and the REST API if
-//! asked, wait for the API to configure and start the VM when no kernel was given on the command
-//! line, then build the VM, start it, and serve devices and API until it stops. The exit code
-//! says why it stopped: 0 guest power off, 2 guest reset, 128+N signal N, 1 error, 64 a command
-//! line refused before anything started. Signals work in every phase (`lifecycle`), and every
-//! exit path removes the API socket.
+//! Start-up: parse and check flags (and `--config`); block the exit signals; bind the API
+//! socket; with a kernel on the command line build and load the VM (else open /dev/kvm if a drop
+//! is asked); drop to `--uid`/`--gid` while this is the only thread; then each thread installs
+//! its seccomp filter as it starts (signal thread, API thread, vCPUs) and the main thread its
+//! own before the event loop's first turn (docs/security.md). Without a kernel on the command
+//! line the API configures and starts the VM. The exit code says why it stopped: 0 guest power
+//! off, 2 guest reset, 128+N signal N, 1 error, 64 a command line refused before anything
+//! started, 70 a system call outside a thread's filter. Signals work in every phase
+//! (`lifecycle`), and every exit path but the last removes the API socket.
 
 use std::io::IsTerminal;
 use std::sync::{mpsc, Arc};
 
 use api::ApiResponse;
 use clap::Parser;
+use std::os::unix::fs::OpenOptionsExt;
 use vmm::api_bridge::{configure_until_start, ApiHandler, RunningVm, StartDecision};
 use vmm::config::{Cli, PartialConfig, VmConfig};
 use vmm::lifecycle::{Process, EXIT_USAGE};
+use vmm::privileges::Credentials;
+use vmm::seccomp::ThreadKind;
 use vmm::vm::Vm;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -23,6 +29,11 @@ fn main() {
     let _ = vmm::vcpu::PROCESS_START.set(std::time::Instant::now());
     let cli = parse_command_line();
     env_logger_init(cli.log_level);
+    let seccomp_mode = cli.seccomp;
+    let drop_to = cli
+        .uid
+        .zip(cli.gid)
+        .map(|(uid, gid)| Credentials { uid, gid });
     let server_cfg = cli.api.server_config();
     let has_kernel = cli.kernel.is_some() || cli.config.is_some();
     let api_only = server_cfg.is_some() && !has_kernel;
@@ -31,16 +42,20 @@ fn main() {
     let config = (!api_only).then(|| {
         VmConfig::from_partial(partial.clone()).unwrap_or_else(|e| usage_error(&e.to_string()))
     });
-    // Before any other thread exists, so every thread inherits the blocked signal mask.
-    let process = Process::start().unwrap_or_else(|e| {
+    // Before any other thread exists, so every thread inherits the blocked signal mask. The
+    // signal thread itself starts once the process is contained (a signal waits until then).
+    let process = Process::new().unwrap_or_else(|e| {
         eprintln!("vmm: error: cannot set up signal handling: {e}");
         std::process::exit(1)
     });
 
+    // 1. Open what needs the starting user's rights: the API socket, and /dev/kvm with the
+    //    VM's files (a kernel on the command line: the VM is built and loaded now; configured
+    //    through the API: /dev/kvm only, the files named later are opened as --uid).
     let (tx, rx) = mpsc::channel();
     let wake =
         EventFd::new(EFD_NONBLOCK).unwrap_or_else(|e| process.fail(&format!("eventfd: {e}")));
-    let server = match server_cfg {
+    let bound = match server_cfg {
         Some(cfg) => {
             let w = wake
                 .try_clone()
@@ -48,10 +63,10 @@ fn main() {
             let wake_fn: api::WakeFn = Arc::new(move || {
                 let _ = w.write(1);
             });
-            match api::spawn_server(cfg, tx, wake_fn) {
-                Ok(h) => {
-                    process.remove_on_exit(h.socket_file());
-                    Some(h)
+            match api::bind_server(cfg, tx, wake_fn) {
+                Ok(b) => {
+                    process.remove_on_exit(b.socket_file());
+                    Some(b)
                 }
                 Err(e) => process.fail(&format!("cannot start the API server: {e}")),
             }
@@ -61,12 +76,73 @@ fn main() {
             None
         }
     };
-
-    let (mut vm, reply) = match config {
-        None => boot_from_api(&process, &rx, partial),
+    let mut kvm = None;
+    let built = match config {
         Some(config) => {
             let mut vm = Vm::new(config).unwrap_or_else(|e| process.fail(&e.to_string()));
-            if let Err(e) = vm.start() {
+            if let Err(e) = vm.load() {
+                process.fail(&e.to_string());
+            }
+            Some(vm)
+        }
+        None => {
+            if drop_to.is_some() {
+                kvm = Some(open_kvm().unwrap_or_else(|e| process.fail(&e)));
+            }
+            None
+        }
+    };
+
+    if let Err(e) = vmm::api_bridge::open_process_stats() {
+        process.fail(&format!("cannot open /proc/self/statm: {e}"));
+    }
+
+    // 2. Drop to --uid/--gid while this is the only thread.
+    if let Some(creds) = drop_to {
+        if let Some(b) = &bound {
+            // The socket's owner, so the VMM may remove it on exit from a sticky directory
+            // (/tmp); removing it also needs write access to its directory.
+            let path = b.socket_file().path().to_owned();
+            if let Err(e) = std::os::unix::fs::chown(&path, Some(creds.uid), Some(creds.gid)) {
+                process.fail(&format!(
+                    "cannot chown the API socket {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+        if let Err(e) = vmm::privileges::drop_to(creds) {
+            process.fail(&e.to_string());
+        }
+        log::info!(
+            "running as uid {} gid {}, no capabilities",
+            creds.uid,
+            creds.gid
+        );
+    }
+
+    // 3. Filters: each thread installs its own before it handles input.
+    if let Err(e) = vmm::seccomp::configure(seccomp_mode) {
+        process.fail(&e.to_string());
+    }
+    if let Err(e) = process.spawn_signal_thread() {
+        process.fail(&format!("cannot start the signal thread: {e}"));
+    }
+    let server = bound.map(|b| {
+        let p = process.clone();
+        let filter = Box::new(move || {
+            if let Err(e) = vmm::seccomp::enter(ThreadKind::Api) {
+                p.fail(&e.to_string());
+            }
+        });
+        b.spawn(filter)
+            .unwrap_or_else(|e| process.fail(&format!("cannot start the API server: {e}")))
+    });
+
+    // 4. Run the VM.
+    let (mut vm, reply) = match built {
+        None => boot_from_api(&process, &rx, partial, kvm.as_ref()),
+        Some(mut vm) => {
+            if let Err(e) = vm.start_vcpus() {
                 process.fail(&e.to_string());
             }
             (vm, None)
@@ -121,6 +197,7 @@ fn boot_from_api(
     process: &Process,
     rx: &mpsc::Receiver<api::ApiMessage>,
     mut partial: PartialConfig,
+    kvm: Option<&std::fs::File>,
 ) -> (Vm, Option<api::bridge::Responder>) {
     eprintln!("vmm: waiting for the API to configure and start the VM");
     loop {
@@ -129,7 +206,15 @@ fn boot_from_api(
                 process.fail("the API server stopped before the VM started")
             }
             StartDecision::Start { config, reply } => {
-                let started = Vm::new(config).and_then(|mut vm| vm.start().map(|()| vm));
+                let vm = match kvm {
+                    // Opened before the privilege drop; each attempt gets its own descriptor.
+                    Some(f) => f
+                        .try_clone()
+                        .map_err(vmm::vm::VmError::Io)
+                        .and_then(|f| Vm::with_kvm(config, kvm_from_file(f))),
+                    None => Vm::new(config),
+                };
+                let started = vm.and_then(|mut vm| vm.start().map(|()| vm));
                 match started {
                     Ok(vm) => return (vm, reply),
                     Err(e) => {
@@ -141,6 +226,24 @@ fn boot_from_api(
             }
         }
     }
+}
+
+/// /dev/kvm, opened before the privilege drop for a VM configured later through the API.
+fn open_kvm() -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kvm")
+        .map_err(|e| {
+            format!("cannot open /dev/kvm: {e} (is KVM available and do you have access to it?)")
+        })
+}
+
+fn kvm_from_file(f: std::fs::File) -> kvm_ioctls::Kvm {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the descriptor is an open /dev/kvm that the File gave up; Kvm owns it from here.
+    unsafe { kvm_ioctls::Kvm::from_raw_fd(f.into_raw_fd()) }
 }
 
 /// The command line, or exit: 0 after `--help`/`--version`, [`EXIT_USAGE`] after clap's own

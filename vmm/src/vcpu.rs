@@ -104,6 +104,12 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, ctx: Arc<VcpuContext>) -> std::io::Result
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            // The filter goes on before the guest runs: every exit it serves is filtered.
+            if let Err(e) = crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu) {
+                error!("vCPU {id}: {e}");
+                ctx.exit.request(ExitReason::Error);
+                return;
+            }
             let reason = run(id, &mut vcpu, &ctx);
             ctx.exit.request(reason);
         })

@@ -161,13 +161,19 @@ pub struct Vm {
     balloon: Option<Arc<Mutex<Balloon>>>,
     virtio_mem: Option<Arc<Mutex<VirtioMem>>>,
     vcpu_threads: Vec<std::thread::JoinHandle<()>>,
+    /// Loaded and configured, not yet running ([`Vm::load`], [`Vm::start_vcpus`]).
+    loaded_vcpus: Vec<kvm_ioctls::VcpuFd>,
 }
 
 impl Vm {
     /// Steps 1 to 3 for the platform devices. Virtio devices are added with
     /// [`Vm::add_virtio_device`] before [`Vm::run`].
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        Self::with_kvm(config, Kvm::new().map_err(VmError::KvmOpen)?)
+    }
+
+    /// [`Vm::new`] on an open /dev/kvm (opened before the process dropped its privileges).
+    pub fn with_kvm(config: VmConfig, kvm: Kvm) -> Result<Self, VmError> {
         let max = kvm.get_max_vcpus();
         if config.vcpus as usize > max {
             return Err(VmError::TooManyVcpus {
@@ -252,6 +258,7 @@ impl Vm {
             balloon: None,
             virtio_mem: None,
             vcpu_threads: Vec::new(),
+            loaded_vcpus: Vec::new(),
         };
         if let Some(opts) = balloon_opts {
             vm.add_balloon(&opts)?;
@@ -352,6 +359,14 @@ impl Vm {
 
     /// Steps 4 and 5: load the guest and start the vCPUs. A failure leaves no vCPU running.
     pub fn start(&mut self) -> Result<(), VmError> {
+        self.load()?;
+        self.start_vcpus()
+    }
+
+    /// Step 4 and the first half of 5: write the ACPI tables, load the kernel, initramfs and
+    /// command line, create and configure the vCPUs; nothing runs yet. The files are read here:
+    /// a VMM that drops its privileges does so after this ([`Vm::start_vcpus`] then).
+    pub fn load(&mut self) -> Result<(), VmError> {
         let tables = acpi::build(self.config.vcpus, &self.virtio)?;
         tables.write(&self.mem)?;
         let boot = boot::load(
@@ -383,15 +398,27 @@ impl Vm {
             )?;
             vcpus.push(fd);
         }
+        info!("loaded: {} vCPU(s), entry {:?}", vcpus.len(), boot.entry);
+        self.loaded_vcpus = vcpus;
+        Ok(())
+    }
 
+    /// The second half of step 5: start a thread per loaded vCPU ([`Vm::load`] first).
+    pub fn start_vcpus(&mut self) -> Result<(), VmError> {
+        let vcpus = std::mem::take(&mut self.loaded_vcpus);
+        if vcpus.is_empty() {
+            return Err(VmError::Device(
+                "no vCPUs to start: the VM was not loaded".into(),
+            ));
+        }
         let ctx = Arc::new(VcpuContext {
             pio: Arc::new(std::mem::take(&mut self.pio)),
             mmio: Arc::new(std::mem::take(&mut self.mmio)),
             exit: self.exit.clone(),
         });
         info!(
-            "starting {} vCPU(s) with {} MiB, entry {:?}",
-            self.config.vcpus, self.config.memory_mib, boot.entry
+            "starting {} vCPU(s) with {} MiB",
+            self.config.vcpus, self.config.memory_mib
         );
         vcpu::install_kick_handler()?;
         for (id, fd) in vcpus.into_iter().enumerate() {
@@ -408,7 +435,14 @@ impl Vm {
             Ok(control) => {
                 self.event_manager
                     .add_subscriber(Arc::new(Mutex::new(control)));
-                self.serve()
+                // The filter goes on before the first turn: every event served is filtered.
+                match crate::seccomp::enter(crate::seccomp::ThreadKind::Vmm) {
+                    Ok(()) => self.serve(),
+                    Err(e) => {
+                        self.exit.request(ExitReason::Error);
+                        Err(VmError::EventLoop(e.to_string()))
+                    }
+                }
             }
             Err(e) => {
                 self.exit.request(ExitReason::Error);
