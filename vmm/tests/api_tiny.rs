@@ -4,28 +4,12 @@
 //! stops the VM cleanly.
 
 mod common;
-use common::{kvm_usable, scratch, tiny_elf};
+use common::{kvm_usable, scratch, tiny_elf, Vmm, SLEEP};
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// `cli; hlt; jmp hlt`: the vCPU sleeps in KVM for good.
-const SLEEP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
-
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl Vmm {
     fn start(dir: &Path, args: &[&str]) -> Vmm {
@@ -44,29 +28,6 @@ impl Vmm {
             std::thread::sleep(Duration::from_millis(20));
         }
         Vmm { child, socket }
-    }
-
-    /// One HTTP/1.1 request; returns (status, body).
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let body = body.unwrap_or("");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp[9..12].parse().unwrap();
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|x| x.1)
-            .unwrap_or("")
-            .to_string();
-        (status, body)
     }
 
     fn json(&self, path: &str) -> serde_json::Value {

@@ -5,34 +5,19 @@
 //! user. Tiny guests on /dev/kvm (SKIPPED without it); the privilege tests need root.
 
 mod common;
-use common::{kvm_usable, scratch, tiny_elf};
+use common::{kvm_usable, scratch, tiny_elf, Vmm, SLEEP};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// `cli; hlt; jmp hlt`: the vCPU sleeps in KVM for good.
-const SLEEP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
 
 /// The documented exit status of a seccomp violation.
 const EXIT_SECCOMP: i32 = 70;
 
 /// A user and group that exist on every Debian system and own nothing (nobody, nogroup).
 const NOBODY: u32 = 65534;
-
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl Vmm {
     /// Starts `vmm --kernel tiny --api-socket DIR/api.sock ARGS` with `env`.
@@ -60,51 +45,14 @@ impl Vmm {
             if let Some(st) = self.child.try_wait().unwrap() {
                 panic!("vmm exited {st:?} before its VM ran: {}", self.stderr());
             }
-            if UnixStream::connect(&self.socket).is_ok() && self.get("/").contains("Running") {
+            if UnixStream::connect(&self.socket).is_ok()
+                && self.call("GET", "/", None).1.contains("Running")
+            {
                 return;
             }
             assert!(Instant::now() < deadline, "the VM never ran");
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Waits for the process to exit within `limit`.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(t0.elapsed() < limit, "vmm did not exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// `GET path`; the whole response (status line, headers, body).
-    fn get(&self, path: &str) -> String {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        let _ = s.read_to_string(&mut resp);
-        resp
     }
 
     /// A field of /proc/PID/status (or of one of its threads' with `task`).
@@ -163,7 +111,7 @@ fn violation_ends_the_vmm(kind: &str, thread: &str) {
     }
     let dir = scratch(&format!("seccomp-{kind}"));
     let mut vmm = Vmm::spawn(&dir, &[], &[("VMM_SECCOMP_SELFTEST", kind)]);
-    let status = vmm.wait(Duration::from_secs(20));
+    let status = vmm.wait(Duration::from_secs(20), "its end").0;
     let stderr = vmm.stderr();
     assert_eq!(status.code(), Some(EXIT_SECCOMP), "{status:?}: {stderr}");
     let want = format!(
@@ -223,10 +171,10 @@ fn every_thread_runs_filtered_and_a_working_run_logs_nothing() {
         "/balloon",
         "/balloon/statistics",
     ] {
-        assert!(vmm.get(path).starts_with("HTTP/1.1 200"), "{path}");
+        assert_eq!(vmm.call("GET", path, None).0, 200, "{path}");
     }
     vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10));
+    let status = vmm.wait(Duration::from_secs(10), "its end").0;
     let stderr = vmm.stderr();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(!stderr.contains("seccomp"), "{stderr}");
@@ -243,7 +191,7 @@ fn log_mode_reports_a_forbidden_call_and_goes_on() {
     let mut vmm = Vmm::spawn(&dir, &["--seccomp=log"], &[("VMM_SECCOMP_SELFTEST", "api")]);
     vmm.wait_running();
     vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10));
+    let status = vmm.wait(Duration::from_secs(10), "its end").0;
     let stderr = vmm.stderr();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     // socket(AF_INET, SOCK_STREAM, 0); the fourth register is whatever was there.
@@ -272,7 +220,7 @@ fn seccomp_off_filters_nothing_and_says_so() {
     let threads = vmm.threads_seccomp();
     assert!(threads.iter().all(|(_, s)| s == "0"), "{threads:?}");
     vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10));
+    let status = vmm.wait(Duration::from_secs(10), "its end").0;
     let stderr = vmm.stderr();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(
@@ -321,7 +269,7 @@ fn started_as_root_with_uid_it_runs_as_that_user_with_no_capabilities() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&vmm.socket).unwrap().uid(), NOBODY);
     vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10));
+    let status = vmm.wait(Duration::from_secs(10), "its end").0;
     let stderr = vmm.stderr();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(
@@ -399,7 +347,7 @@ fn configured_through_the_api_after_the_drop_it_boots_as_that_user() {
     let threads = vmm.threads_filtered();
     assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
     vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10));
+    let status = vmm.wait(Duration::from_secs(10), "its end").0;
     let stderr = vmm.stderr();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
     assert!(

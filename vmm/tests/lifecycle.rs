@@ -4,32 +4,17 @@
 //! need /dev/kvm (they say SKIPPED without it); the rest need no VM at all.
 
 mod common;
-use common::{kvm_usable, scratch, tiny_elf};
+use common::{kvm_usable, scratch, tiny_elf, Vmm, SLEEP};
 
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-
-/// `cli; hlt; jmp hlt`: the vCPU sleeps in KVM for good.
-const SLEEP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
 
 /// Exit status of a refused command line.
 const EXIT_USAGE: i32 = 64;
-
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 impl Vmm {
     /// Starts `vmm --api-socket DIR/api.sock ARGS` and waits until the API answers.
@@ -64,53 +49,6 @@ impl Vmm {
             std::thread::sleep(Duration::from_millis(20));
         }
         vmm
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// Waits for the process to exit, failing after `limit`.
-    fn wait(&mut self, limit: Duration, what: &str) -> (ExitStatus, Duration) {
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return (s, t0.elapsed());
-            }
-            assert!(
-                t0.elapsed() < limit,
-                "vmm did not exit within {limit:?}: {what}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// One HTTP/1.1 request; returns (status, body).
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let body = body.unwrap_or("");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp[9..12].parse().unwrap();
-        let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
-        (status, body)
     }
 }
 

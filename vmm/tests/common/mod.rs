@@ -56,3 +56,77 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// `cli; hlt; jmp hlt`: the vCPU sleeps in KVM for good.
+pub const SLEEP: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfd];
+
+/// A `vmm` child process and its API socket; killed and reaped when dropped. Each test binary
+/// adds its own ways to start one.
+pub struct Vmm {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Vmm {
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the process to exit, failing after `limit`; its status and how long it took.
+    pub fn wait(
+        &mut self,
+        limit: std::time::Duration,
+        what: &str,
+    ) -> (std::process::ExitStatus, std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s, t0.elapsed());
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "vmm did not exit within {limit:?}: {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the process wrote on stderr (read once: it waits for the pipe to close).
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// One HTTP/1.1 request on the API socket; returns (status, body).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let body = body.unwrap_or("");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+        (status, body)
+    }
+}
