@@ -197,6 +197,9 @@ pub struct MemoryRegionInfo {
     pub size_bytes: u64,
     /// Offline pages inside this region (any reason but `discarded`, which is a subset).
     pub offline_pages: u64,
+    /// Host-resident bytes of this region's backing (mincore): a hot-add region with nothing
+    /// plugged holds none.
+    pub resident_bytes: u64,
 }
 
 /// A run of consecutive offline pages.

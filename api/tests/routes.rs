@@ -684,9 +684,14 @@ async fn memory_map_pages_through_runs() {
     assert_eq!(
         regions[1],
         json!({"kind": "hotplug", "guest_phys_addr": 1u64 << 32, "size_bytes": 2048u64 << 20,
-               "offline_pages": 2048 * 256})
+               "offline_pages": 2048 * 256, "resident_bytes": 0})
     );
     assert_eq!(regions[0]["offline_pages"], 100 * 256);
+    // The regions' resident bytes make up the guest memory's whole.
+    assert_eq!(
+        regions[0]["resident_bytes"].as_u64().unwrap(),
+        v["host"]["guest_rss_bytes"].as_u64().unwrap()
+    );
     assert_eq!(v["totals"]["ballooned_bytes"], 100u64 << 20);
     assert_eq!(v["totals"]["unplugged_bytes"], 2048u64 << 20);
     assert_eq!(v["totals"]["online_bytes"], 924u64 << 20);

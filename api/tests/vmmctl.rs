@@ -209,10 +209,14 @@ fn memory_table_and_metrics() {
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("REGION"), "{out}");
     let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
-    assert_eq!(words(lines[1]), "ram 0x000000000000 1 GiB 64 MiB", "{out}");
+    // The RAM's resident figure is whatever the headless VMM touched; the region holds none.
+    assert!(
+        words(lines[1]).starts_with("ram 0x000000000000 1 GiB 64 MiB "),
+        "{out}"
+    );
     assert_eq!(
         words(lines[2]),
-        "hotplug 0x000100000000 2 GiB 2 GiB",
+        "hotplug 0x000100000000 2 GiB 2 GiB 0 B",
         "{out}"
     );
     assert!(

@@ -479,8 +479,11 @@ impl ApiHandler {
     fn memory_map(&self, q: &MemoryQuery) -> Result<MemoryMap, ApiError> {
         let m = lock(&self.manager);
         let stats = m.stats();
+        let resident = m
+            .resident_bytes_by_region()
+            .map_err(|e| ApiError::new(api::ApiErrorKind::Internal, format!("mincore: {e}")))?;
         let mut regions = Vec::new();
-        for r in m.regions() {
+        for (r, resident_bytes) in m.regions().into_iter().zip(resident.iter().copied()) {
             let range = PageRange::new(r.guest_addr / PAGE, r.size / PAGE);
             let offline_pages = m
                 .offline_runs(None, Some(range), usize::MAX)
@@ -495,6 +498,7 @@ impl ApiHandler {
                 guest_phys_addr: r.guest_addr,
                 size_bytes: r.size,
                 offline_pages,
+                resident_bytes,
             });
         }
         // The query was validated by the server (pfn_end above pfn_start, both in range).
@@ -524,9 +528,7 @@ impl ApiHandler {
                 next_pfn,
             });
         }
-        let guest_rss_bytes = m
-            .resident_bytes()
-            .map_err(|e| ApiError::new(api::ApiErrorKind::Internal, format!("mincore: {e}")))?;
+        let guest_rss_bytes = resident.iter().sum();
         // Lock order is device before manager (vCPU threads resetting a device take both):
         // release the manager before the counters lock the devices.
         drop(m);

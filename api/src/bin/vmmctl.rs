@@ -411,18 +411,19 @@ fn memory_table(m: &MemoryMap) -> String {
     let page = m.page_size;
     let _ = writeln!(
         out,
-        "{:<9} {:<16} {:>9} {:>9}",
-        "REGION", "GUEST ADDRESS", "SIZE", "OFFLINE"
+        "{:<9} {:<16} {:>9} {:>9} {:>9}",
+        "REGION", "GUEST ADDRESS", "SIZE", "OFFLINE", "RESIDENT"
     );
     for r in &m.regions {
         let kind = serde_json::to_value(r.kind).unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<9} {:<16} {:>9} {:>9}",
+            "{:<9} {:<16} {:>9} {:>9} {:>9}",
             kind.as_str().unwrap_or("?"),
             format!("{:#014x}", r.guest_phys_addr),
             human_bytes(r.size_bytes),
             human_bytes(r.offline_pages * page),
+            human_bytes(r.resident_bytes),
         );
     }
     let t = &m.totals;

@@ -573,11 +573,16 @@ impl MemoryManager {
 
     /// Host-resident bytes of guest memory (mincore over every region).
     pub fn resident_bytes(&self) -> std::io::Result<u64> {
-        let mut pages = 0;
-        for g in &self.regions {
-            pages += sys::resident_pages(g.mmap(), 0, g.spec.size)?;
-        }
-        Ok(pages * PAGE_SIZE)
+        Ok(self.resident_bytes_by_region()?.iter().sum())
+    }
+
+    /// Host-resident bytes of each region, in the order of [`MemoryManager::regions`]: what a
+    /// hot-add region costs the host is its own figure, apart from boot RAM's.
+    pub fn resident_bytes_by_region(&self) -> std::io::Result<Vec<u64>> {
+        self.regions
+            .iter()
+            .map(|g| Ok(sys::resident_pages(g.mmap(), 0, g.spec.size)? * PAGE_SIZE))
+            .collect()
     }
 
     /// Blocks the backing file occupies, for file-backed regions (tests; feature `testing`).
