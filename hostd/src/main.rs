@@ -78,6 +78,10 @@ struct Cli {
     /// The group for --vmm-uid (`vmm --gid`).
     #[arg(long, value_name = "GID", requires = "vmm_uid")]
     vmm_gid: Option<u32>,
+    /// With --vmm-uid: every VMM also moves into a mount namespace of its own with an empty,
+    /// read-only root before it drops root, so it can open no host file (`vmm --jail`).
+    #[arg(long, requires = "vmm_uid")]
+    vmm_jail: bool,
     /// The VMMs' log level (their stderr goes to STATE_DIR/vms/ID/vmm.log).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     vmm_log_level: log::LevelFilter,
@@ -152,7 +156,11 @@ fn run(cli: Cli) -> Result<(), String> {
         if uid == 0 || gid == 0 {
             return Err("--vmm-uid/--vmm-gid: 0 is root; name an unprivileged user".into());
         }
-        monitor::set_vmm_user(uid, gid);
+        monitor::set_vmm_user(monitor::VmmUser {
+            uid,
+            gid,
+            jail: cli.vmm_jail,
+        });
     }
     let state = StateDir::open(&cli.state_dir).map_err(|e| {
         format!(

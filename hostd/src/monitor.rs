@@ -25,14 +25,26 @@ use crate::statedir::{unix_ms, ExitRecord, VmDir, VmmRecord};
 /// The hidden first argument that makes `hostd` run as a monitor.
 pub const MONITOR_ARG: &str = "__monitor";
 
-/// The user and group every VMM drops to once it has opened its files (`hostd --vmm-uid
-/// --vmm-gid`); unset, VMMs keep the daemon's user.
-static VMM_USER: OnceLock<(u32, u32)> = OnceLock::new();
+/// How every VMM is contained (`hostd --vmm-uid --vmm-gid [--vmm-jail]`); unset, VMMs keep
+/// the daemon's user.
+static VMM_USER: OnceLock<VmmUser> = OnceLock::new();
 
-/// Makes every VMM started from now on run as `uid`:`gid` (`vmm --uid --gid`: it opens
-/// /dev/kvm, its kernel, initramfs, console and socket first). Set once, at start-up.
-pub fn set_vmm_user(uid: u32, gid: u32) {
-    let _ = VMM_USER.set((uid, gid));
+/// The user every VMM drops to once it has opened its files, and whether it first moves into
+/// an empty root of its own (`vmm --jail`).
+#[derive(Debug, Clone, Copy)]
+pub struct VmmUser {
+    /// `vmm --uid`.
+    pub uid: u32,
+    /// `vmm --gid`.
+    pub gid: u32,
+    /// `vmm --jail`.
+    pub jail: bool,
+}
+
+/// Makes every VMM started from now on run as `user` (`vmm --uid --gid`: it opens /dev/kvm,
+/// its kernel, initramfs, console and socket first). Set once, at start-up.
+pub fn set_vmm_user(user: VmmUser) {
+    let _ = VMM_USER.set(user);
 }
 
 /// Starts the monitor of the VM in `dir`, which starts `vmm ARGS`. Returns once the monitor has
@@ -50,8 +62,11 @@ pub fn start(
         .open(dir.monitor_log())?;
     let mut cmd = Command::new(hostd);
     cmd.arg(MONITOR_ARG).arg(&dir.path).arg(vmm).args(args);
-    if let Some((uid, gid)) = VMM_USER.get() {
-        cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+    if let Some(u) = VMM_USER.get() {
+        cmd.args(["--uid", &u.uid.to_string(), "--gid", &u.gid.to_string()]);
+        if u.jail {
+            cmd.arg("--jail");
+        }
     }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -260,9 +260,10 @@ fn a_hung_vmm_does_not_stall_the_loop_for_the_others() {
     assert!(!text.contains("hostd_vmm_unreachable_total 0\n"), "{text}");
 }
 
-/// `--vmm-uid/--vmm-gid`: each VMM the daemon starts runs as that user with no capabilities,
-/// under its seccomp filters, and is still read and stopped by the daemon; its socket is gone
-/// after it ends (the monitor removes it: the VMM may not write in its state directory).
+/// `--vmm-uid/--vmm-gid --vmm-jail`: each VMM the daemon starts runs as that user with no
+/// capabilities, under its seccomp filters, in an empty root of its own, and is still read and
+/// stopped by the daemon; its socket is gone after it ends (the monitor removes it: the VMM may
+/// not write in its state directory).
 #[test]
 fn vmms_run_as_the_configured_user_with_no_capabilities() {
     // SAFETY: geteuid has no arguments and cannot fail.
@@ -283,6 +284,7 @@ fn vmms_run_as_the_configured_user_with_no_capabilities() {
         "65534",
         "--vmm-gid",
         "65534",
+        "--vmm-jail",
     ];
     let h = Hostd::start(&s.state(), &vmm, &args);
     let vm = h.expect(
@@ -317,6 +319,12 @@ fn vmms_run_as_the_configured_user_with_no_capabilities() {
         assert_eq!(field(cap), "0000000000000000", "{cap}: {status}");
     }
     assert_eq!(field("Seccomp"), "2", "{status}");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert_eq!(
+        mounts.lines().count(),
+        1,
+        "the VMM sees more than its empty root: {mounts}"
+    );
 
     h.expect("DELETE", "/vms/c", None, 202);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

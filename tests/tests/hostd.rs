@@ -243,10 +243,11 @@ fn start_hostd(host: &e2e::TestHost, state: &str, socket: &str) -> e2e::Vm {
         &budget,
     ];
     // Where the daemon runs as root (always in the test host) its VMMs run contained, as in
-    // production: as nobody, with no capabilities (docs/security.md).
+    // production: as nobody, with no capabilities, each in an empty root of its own
+    // (docs/security.md).
     // SAFETY: geteuid has no arguments and cannot fail.
     if host.mode() == e2e::Mode::Nested || unsafe { libc::geteuid() } == 0 {
-        argv.extend(["--vmm-uid", "65534", "--vmm-gid", "65534"]);
+        argv.extend(["--vmm-uid", "65534", "--vmm-gid", "65534", "--vmm-jail"]);
     }
     let d = host.start_process(&argv).expect("start hostd");
     d.set_api_socket(socket);

@@ -86,6 +86,12 @@ pub struct Cli {
     /// The group for --uid.
     #[arg(long, value_name = "GID", requires = "uid", value_parser = parse_non_root_id)]
     pub gid: Option<u32>,
+    /// With --uid: before dropping root, move into a mount namespace of the VMM's own whose
+    /// root is empty and read-only, so no host file can be opened from then on. Needs the VM
+    /// on the command line (--kernel or --config): files named through the API later could not
+    /// be opened.
+    #[arg(long, requires = "uid")]
+    pub jail: bool,
     /// The REST API (`--api-socket PATH`, `--api-tcp ADDR`, ...).
     #[command(flatten)]
     pub api: api::server::ApiArgs,

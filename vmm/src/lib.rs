@@ -12,6 +12,7 @@ pub mod config;
 pub mod configure;
 pub mod devices;
 pub mod event_loop;
+pub mod jail;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory_timer;

@@ -2,9 +2,10 @@
 //!
 //! Start-up: parse and check flags (and `--config`); block the exit signals; bind the API
 //! socket; with a kernel on the command line build and load the VM (else open /dev/kvm if a drop
-//! is asked); drop to `--uid`/`--gid` while this is the only thread; then each thread installs
-//! its seccomp filter as it starts (signal thread, API thread, vCPUs) and the main thread its
-//! own before the event loop's first turn (docs/security.md). Without a kernel on the command
+//! is asked); drop to `--uid`/`--gid` (with `--jail` into an empty root first) while this is
+//! the only thread; then each thread installs its seccomp filter as it starts (signal thread,
+//! API thread, vCPUs) and the main thread its own before the event loop's first turn
+//! (docs/security.md). Without a kernel on the command
 //! line the API configures and starts the VM. The exit code says why it stopped: 0 guest power
 //! off, 2 guest reset, 128+N signal N, 1 error, 64 a command line refused before anything
 //! started, 70 a system call outside a thread's filter. Signals work in every phase
@@ -34,9 +35,16 @@ fn main() {
         .uid
         .zip(cli.gid)
         .map(|(uid, gid)| Credentials { uid, gid });
+    let jail = cli.jail;
     let server_cfg = cli.api.server_config();
     let has_kernel = cli.kernel.is_some() || cli.config.is_some();
     let api_only = server_cfg.is_some() && !has_kernel;
+    if jail && !has_kernel {
+        usage_error(
+            "--jail needs the VM on the command line (--kernel or --config): a jailed VMM \
+             cannot open the files an API client names later",
+        );
+    }
     let partial = PartialConfig::from_cli(cli).unwrap_or_else(|e| usage_error(&e.to_string()));
     // With a kernel on the command line the whole configuration is checked before anything starts.
     let config = (!api_only).then(|| {
@@ -97,7 +105,8 @@ fn main() {
         process.fail(&format!("cannot open /proc/self/statm: {e}"));
     }
 
-    // 2. Drop to --uid/--gid while this is the only thread.
+    // 2. Drop to --uid/--gid while this is the only thread (with --jail, into an empty root
+    //    first).
     if let Some(creds) = drop_to {
         if let Some(b) = &bound {
             // The socket's owner, so the VMM may remove it on exit from a sticky directory
@@ -110,13 +119,14 @@ fn main() {
                 ));
             }
         }
-        if let Err(e) = vmm::privileges::drop_to(creds) {
+        if let Err(e) = vmm::privileges::drop_to(creds, jail) {
             process.fail(&e.to_string());
         }
         log::info!(
-            "running as uid {} gid {}, no capabilities",
+            "running as uid {} gid {}, no capabilities{}",
             creds.uid,
-            creds.gid
+            creds.gid,
+            if jail { ", in an empty root" } else { "" }
         );
     }
 

@@ -42,6 +42,9 @@ pub enum DropError {
         /// The system's error.
         source: io::Error,
     },
+    /// The jail could not be entered.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// After the drop the process still holds something.
     #[error("privileges still held after the drop: {0}")]
     StillHeld(String),
@@ -74,8 +77,10 @@ struct CapData {
     inheritable: u32,
 }
 
-/// Becomes `creds` for good. Call with only the calling thread running.
-pub fn drop_to(creds: Credentials) -> Result<(), DropError> {
+/// Becomes `creds` for good; with `jail`, first moves into an empty root of its own
+/// ([`crate::jail`]), which needs the root it is about to give up. Call with only the calling
+/// thread running.
+pub fn drop_to(creds: Credentials, jail: bool) -> Result<(), DropError> {
     // SAFETY: geteuid has no arguments and cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
@@ -85,7 +90,12 @@ pub fn drop_to(creds: Credentials) -> Result<(), DropError> {
             euid,
         });
     }
-    let threads = status_field("Threads").and_then(|t| t.parse::<u64>().ok());
+    // Opened now: after a jail no path reaches /proc, and the checks below read it again.
+    let status = std::fs::File::open("/proc/self/status").map_err(|source| DropError::Call {
+        what: "open(/proc/self/status)",
+        source,
+    })?;
+    let threads = status_field(&status, "Threads").and_then(|t| t.parse::<u64>().ok());
     if let Some(n) = threads.filter(|&n| n != 1) {
         return Err(DropError::Threads(n));
     }
@@ -94,6 +104,9 @@ pub fn drop_to(creds: Credentials) -> Result<(), DropError> {
         .ok()
         .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
         .unwrap_or(63);
+    if jail {
+        crate::jail::enter_empty_root()?;
+    }
     for cap in 0..=last_cap {
         // SAFETY: prctl with integer arguments only.
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
@@ -136,11 +149,12 @@ pub fn drop_to(creds: Credentials) -> Result<(), DropError> {
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     check("prctl(PR_SET_NO_NEW_PRIVS)", rc as libc::c_long)?;
-    verify(creds)
+    verify(creds, &status)
 }
 
 /// Reads back what the kernel says the process holds now.
-fn verify(creds: Credentials) -> Result<(), DropError> {
+fn verify(creds: Credentials, status: &std::fs::File) -> Result<(), DropError> {
+    let status_field = |name: &str| status_field(status, name);
     let mut held = Vec::new();
     for (field, want) in [
         ("CapEff", "0000000000000000"),
@@ -178,10 +192,19 @@ fn verify(creds: Credentials) -> Result<(), DropError> {
     }
 }
 
-/// A field of /proc/self/status, trimmed.
-fn status_field(name: &str) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    text.lines().find_map(|l| {
+/// A field of /proc/self/status (read afresh through `status`, an open descriptor), trimmed.
+fn status_field(status: &std::fs::File, name: &str) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = status.read_at(&mut buf, text.len() as u64).ok()?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&text).lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         (k == name).then(|| v.trim().to_string())
     })

@@ -279,6 +279,89 @@ fn started_as_root_with_uid_it_runs_as_that_user_with_no_capabilities() {
 }
 
 #[test]
+fn jailed_it_sees_no_host_file_and_still_serves_its_vm() {
+    if !kvm_usable() || !is_root() {
+        eprintln!("SKIPPED: jail: needs /dev/kvm and root");
+        return;
+    }
+    let dir = scratch("jail");
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let id = NOBODY.to_string();
+    let mut vmm = Vmm::spawn(&dir, &["--uid", &id, "--gid", &id, "--jail"], &[]);
+    vmm.wait_running();
+    let pid = vmm.child.id();
+    // Its mount namespace is its own and holds one mount: the empty, read-only root.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("self"),
+        "still in the host's mount namespace"
+    );
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let lines: Vec<&str> = mounts.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "more than the empty root is mounted: {mounts}"
+    );
+    let fields: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(fields[4], "/", "{mounts}");
+    assert!(
+        fields[5].split(',').any(|o| o == "ro"),
+        "not read-only: {mounts}"
+    );
+    assert!(lines[0].contains(" - tmpfs "), "{mounts}");
+    let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .collect();
+    assert!(root.is_empty(), "its root is not empty: {root:?}");
+    // Dropped as without the jail, every thread filtered.
+    assert!(vmm.status(None, "Uid").split_whitespace().all(|x| x == id));
+    assert_eq!(vmm.status(None, "CapEff"), "0000000000000000");
+    assert_eq!(vmm.status(None, "CapBnd"), "0000000000000000");
+    let threads = vmm.threads_filtered();
+    assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
+    // What it opened before keeps working: the API, and its own figures from /proc/self/statm.
+    let (code, body) = vmm.call("GET", "/vm/memory?limit=1", None);
+    assert_eq!(code, 200, "{body}");
+    let map: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        map["host"]["process_rss_bytes"].as_u64().unwrap_or(0) > 0,
+        "{body}"
+    );
+    vmm.signal(libc::SIGTERM);
+    let status = vmm.wait(Duration::from_secs(10), "its end").0;
+    let stderr = vmm.stderr();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(
+        !vmm.socket.exists(),
+        "the API socket was left behind: {stderr}"
+    );
+}
+
+#[test]
+fn jail_without_uid_or_a_kernel_is_refused_as_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--kernel", "/nonexistent", "--jail"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--uid"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--api-socket", "/nonexistent/api.sock"])
+        .args(["--uid", "1000", "--gid", "1000", "--jail"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--jail needs the VM on the command line (--kernel or --config)"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn uid_zero_is_refused_as_a_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["--kernel", "/nonexistent", "--uid", "0", "--gid", "0"])
