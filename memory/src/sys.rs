@@ -237,6 +237,88 @@ pub fn advise_hugepages(region: &MmapRegion<()>) -> io::Result<()> {
     madvise(region, 0, region.size() as u64, libc::MADV_HUGEPAGE)
 }
 
+/// Address space reserved with `mmap(PROT_NONE, MAP_NORESERVE)`: no memory and no commit
+/// charge, only ranges that no other mapping takes while they are held. Unmapped when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    /// (address, length) of each reserved range; a length of 0 is no range.
+    ranges: [(usize, usize); 2],
+}
+
+impl Reservation {
+    /// Reserves `len` bytes (a multiple of the page size) wherever the kernel finds room.
+    pub fn new(len: usize) -> io::Result<Self> {
+        if len == 0 || len as u64 & (PAGE_SIZE - 1) != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot reserve 0x{len:x} bytes: not a non-zero multiple of 4 KiB"),
+            ));
+        }
+        // SAFETY: a new private anonymous mapping with no access, at an address the kernel
+        // chooses (no MAP_FIXED): it replaces nothing, and nothing else refers to it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            ranges: [(addr as usize, len), (0, 0)],
+        })
+    }
+
+    /// The first reserved address.
+    pub fn addr(&self) -> usize {
+        self.ranges[0].0
+    }
+
+    /// Unmaps `len` bytes at `offset` of a reservation made by [`Reservation::new`], so that
+    /// the next mapping may take them; what is below and above them stays reserved.
+    pub fn give_back(mut self, offset: usize, len: usize) -> io::Result<Self> {
+        let (addr, total) = self.ranges[0];
+        let end = offset.checked_add(len);
+        if self.ranges[1].1 != 0
+            || len == 0
+            || (offset | len) as u64 & (PAGE_SIZE - 1) != 0
+            || end.is_none_or(|e| e > total)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "0x{offset:x}+0x{len:x} is not a page-aligned part of a \
+                     0x{total:x}-byte reservation"
+                ),
+            ));
+        }
+        // SAFETY: the range lies inside this reservation (checked above): a PROT_NONE mapping
+        // of ours that no reference points into.
+        if unsafe { libc::munmap((addr + offset) as *mut libc::c_void, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.ranges = [(addr, offset), (addr + offset + len, total - offset - len)];
+        Ok(self)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for (addr, len) in self.ranges {
+            if len != 0 {
+                // SAFETY: a range of this reservation's own PROT_NONE mapping, which no
+                // reference points into.
+                unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +365,27 @@ mod tests {
                 assert!(resident(&m, 3 * i + 2), "gap after range {i} kept");
             }
         }
+    }
+
+    #[test]
+    fn a_reservation_gives_back_one_inner_range_and_keeps_the_rest() {
+        let page = PAGE_SIZE as usize;
+        assert!(Reservation::new(0).is_err());
+        assert!(Reservation::new(page + 1).is_err());
+        let r = Reservation::new(8 * page).unwrap();
+        let a = r.addr();
+        assert!(Reservation::new(8 * page)
+            .unwrap()
+            .give_back(4 * page, 5 * page)
+            .is_err());
+        assert!(Reservation::new(8 * page)
+            .unwrap()
+            .give_back(page + 1, page)
+            .is_err());
+        let r = r.give_back(2 * page, 3 * page).unwrap();
+        assert_eq!(r.ranges, [(a, 2 * page), (a + 5 * page, 3 * page)]);
+        assert_eq!(r.addr(), a);
+        assert!(r.give_back(0, page).is_err(), "given back once only");
     }
 
     #[test]

@@ -127,8 +127,9 @@ pub enum Backing {
     /// `MAP_PRIVATE | MAP_ANONYMOUS`; discarded with `madvise(MADV_DONTNEED)`.
     PrivateAnonymous,
     /// `MAP_PRIVATE | MAP_ANONYMOUS` with `madvise(MADV_HUGEPAGE)`: backed by 2 MiB transparent
-    /// huge pages where the kernel has them (THP `enabled` must be `always` or `madvise`, and the
-    /// guest address must be 2 MiB-aligned for guest and host huge pages to coincide); discarded
+    /// huge pages where the kernel has them (THP `enabled` must be `always` or `madvise`; the
+    /// manager maps every region at a host address with its guest address's offset in a 2 MiB
+    /// page, so guest and host huge pages coincide); discarded
     /// with `madvise(MADV_DONTNEED)` like [`Backing::PrivateAnonymous`].
     ///
     /// The trade-off (see balloon/README.md for figures): an offline run that covers whole 2 MiB

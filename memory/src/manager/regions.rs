@@ -174,11 +174,13 @@ pub(super) fn map_region(s: &RegionSpec) -> Result<(MmapRegion<()>, Option<File>
             } else {
                 libc::MAP_PRIVATE
             };
-            let m = MmapRegionBuilder::new(size)
-                .with_mmap_prot(prot)
-                .with_mmap_flags(share | libc::MAP_ANONYMOUS | noreserve)
-                .build()
-                .map_err(mmap_err)?;
+            let m = map_huge_aligned(s, || {
+                MmapRegionBuilder::new(size)
+                    .with_mmap_prot(prot)
+                    .with_mmap_flags(share | libc::MAP_ANONYMOUS | noreserve)
+                    .build()
+                    .map_err(mmap_err)
+            })?;
             if s.backing == Backing::PrivateAnonymousHuge {
                 // Not fatal: without THP the region is plain 4 KiB memory.
                 if let Err(e) = sys::advise_hugepages(&m) {
@@ -201,16 +203,89 @@ pub(super) fn map_region(s: &RegionSpec) -> Result<(MmapRegion<()>, Option<File>
         Backing::SharedMemfd | Backing::HugetlbFs => {
             let huge = s.backing == Backing::HugetlbFs;
             let file = memfd(huge)?;
-            let m = MmapRegionBuilder::new(size)
-                .with_mmap_prot(prot)
-                .with_mmap_flags(libc::MAP_SHARED | noreserve)
-                .with_file_offset(FileOffset::new(dup(&file)?, 0))
-                .with_hugetlbfs(huge)
-                .build()
-                .map_err(mmap_err)?;
+            let build = || {
+                MmapRegionBuilder::new(size)
+                    .with_mmap_prot(prot)
+                    .with_mmap_flags(libc::MAP_SHARED | noreserve)
+                    .with_file_offset(FileOffset::new(dup(&file)?, 0))
+                    .with_hugetlbfs(huge)
+                    .build()
+                    .map_err(mmap_err)
+            };
+            // hugetlbfs mappings are huge-page aligned by the kernel itself.
+            let m = if huge {
+                build()?
+            } else {
+                map_huge_aligned(s, build)?
+            };
             (m, Some(file))
         }
     })
+}
+
+/// How many mappings [`map_huge_aligned`] makes before it keeps one that is not where it asked.
+const PLACEMENT_TRIES: usize = 8;
+
+/// Maps region `s` with `build` (vm-memory's `mmap(NULL, ...)`, which owns the mapping) at a host
+/// address congruent to `s.guest_addr` modulo 2 MiB, so that every 2 MiB-aligned piece of guest
+/// RAM is one 2 MiB-aligned piece of host memory: only then can the kernel back it with one
+/// transparent huge page (THP `always`, or `MADV_HUGEPAGE`) and KVM map it with one large page
+/// in the guest's nested page tables. Older kernels (the nested test host's 6.1) place an
+/// anonymous mapping with no regard to 2 MiB boundaries, so where guest RAM landed depended on
+/// what the process had mapped before it (thread stacks, malloc arenas): there, the VMM booted
+/// its guest about 5% later, with 5 MiB more of it resident, once its start-up order changed
+/// to build the VM before starting its other threads (README, "Boot").
+///
+/// How: reserve `size` + 2 MiB + 4 KiB with `PROT_NONE` (address space only), give back the
+/// `size` bytes at the aligned address inside it, so that they are a hole exactly `size` long
+/// with the reservation's rest mapped on both sides, and let `build` map. A mapping of `size`
+/// bytes that lands in that hole lands at its start, whichever way the kernel searches for
+/// room; one that lands in another, earlier-searched hole is kept mapped while `build` tries
+/// again (so that hole is taken), up to [`PLACEMENT_TRIES`] mappings, and then unmapped. The
+/// reservation's rest is unmapped before returning. Nothing here maps with `MAP_FIXED`:
+/// `build`'s mapping is owned by its `MmapRegion` alone, as it would be without this function.
+/// Where no mapping lands in the hole (another thread mapped there first, or there was no room
+/// to reserve), the region is mapped wherever `build` maps it, as before.
+fn map_huge_aligned(
+    s: &RegionSpec,
+    mut build: impl FnMut() -> Result<MmapRegion<()>, Error>,
+) -> Result<MmapRegion<()>, Error> {
+    let align = HUGE_PAGE_SIZE as usize;
+    let size = s.size as usize;
+    if size < align {
+        return build();
+    }
+    let Some(total) = size.checked_add(align + PAGE_SIZE as usize) else {
+        return build();
+    };
+    let Ok(reserved) = sys::Reservation::new(total) else {
+        return build();
+    };
+    // The first address past the reservation's first page with the guest address's offset in
+    // a 2 MiB page: at least one page of the reservation stays below the hole and one above.
+    let first = reserved.addr() + PAGE_SIZE as usize;
+    let want = (s.guest_addr as usize).wrapping_sub(first) & (align - 1);
+    let target = first + want;
+    let offset = target - reserved.addr();
+    let Ok(_rest) = reserved.give_back(offset, size) else {
+        return build();
+    };
+    let mut elsewhere = Vec::new();
+    loop {
+        let m = build()?;
+        if m.as_ptr() as usize == target || elsewhere.len() + 1 == PLACEMENT_TRIES {
+            if m.as_ptr() as usize != target {
+                log::debug!(
+                    "memory: guest RAM at 0x{:x} mapped at {:p}, not at {target:#x} as reserved",
+                    s.guest_addr,
+                    m.as_ptr()
+                );
+            }
+            // `elsewhere`'s mappings and the reservation's rest are unmapped here.
+            return Ok(m);
+        }
+        elsewhere.push(m);
+    }
 }
 
 /// Splits `a..b` by region: `(Some(r), a, b)` inside region `r`, `(None, a, b)` outside guest
