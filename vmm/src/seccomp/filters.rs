@@ -72,6 +72,12 @@ fn allow_bits_clear(r: &mut Rules, nr: i64, arg: u8, mask: u64) -> Result<()> {
 
 /// What every thread needs: locks, memory allocation, logging, and ending.
 fn common(r: &mut Rules) -> Result<()> {
+    // Debug builds only: the standard library checks that a descriptor is open before it
+    // closes or adopts one (fcntl(F_GETFD), under debug assertions). Release builds, which
+    // users run and the counts in the README are of, never make this call.
+    if cfg!(debug_assertions) {
+        allow_arg_in(r, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64])?;
+    }
     // Mutexes, condition variables, channels, thread joins.
     allow(r, libc::SYS_futex);
     // Log lines to stderr (the `log` crate), and the SIGSYS handler's own message.
@@ -187,6 +193,10 @@ fn vmm(r: &mut Rules) -> Result<()> {
 /// The API thread: a single-threaded tokio runtime serving HTTP on the listening sockets that
 /// were bound before it started.
 fn api(r: &mut Rules) -> Result<()> {
+    // Debug builds only: tokio checks that a listener it adopts is non-blocking (F_GETFL).
+    if cfg!(debug_assertions) {
+        allow_arg_in(r, libc::SYS_fcntl, 1, &[libc::F_GETFL as u64])?;
+    }
     // tokio's reactor.
     allow(r, libc::SYS_epoll_wait);
     allow(r, libc::SYS_epoll_ctl);
