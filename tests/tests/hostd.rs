@@ -65,6 +65,49 @@ fn build_hostd() {
     assert!(st.success(), "cargo build --release -p hostd -p vmm failed");
 }
 
+/// Where the daemon runs as root (always in the test host) its VMMs run contained, as in
+/// production: as nobody, with no capabilities, each in an empty root of its own
+/// (docs/security.md).
+fn contained(host: &e2e::TestHost) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    host.mode() == e2e::Mode::Nested || unsafe { libc::geteuid() } == 0
+}
+
+/// Each running VMM, seen from the host: nobody, no capabilities, filtered, and one mount (its
+/// empty root) in its view.
+fn assert_contained(host: &e2e::TestHost, pids: &[i64]) {
+    for pid in pids {
+        let read = |file: &str| {
+            host.exec(
+                &["cat", &format!("/proc/{pid}/{file}")],
+                Duration::from_secs(60),
+            )
+            .map(|(_, out)| out)
+            .unwrap_or_default()
+        };
+        let status = read("status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("VMM {pid}: no {name} in its status: {status}"))
+        };
+        assert!(
+            field("Uid").split_whitespace().all(|u| u == "65534"),
+            "VMM {pid}: {status}"
+        );
+        assert_eq!(field("CapEff"), "0000000000000000", "VMM {pid}: {status}");
+        assert_eq!(field("Seccomp"), "2", "VMM {pid}: {status}");
+        let mounts = read("mountinfo");
+        assert_eq!(
+            mounts.lines().count(),
+            1,
+            "VMM {pid} sees more than its empty root: {mounts}"
+        );
+    }
+}
+
 /// A guest console in hostd's state directory.
 struct Console<'h> {
     host: &'h e2e::TestHost,
@@ -242,11 +285,7 @@ fn start_hostd(host: &e2e::TestHost, state: &str, socket: &str) -> e2e::Vm {
         "--budget-mib",
         &budget,
     ];
-    // Where the daemon runs as root (always in the test host) its VMMs run contained, as in
-    // production: as nobody, with no capabilities, each in an empty root of its own
-    // (docs/security.md).
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if host.mode() == e2e::Mode::Nested || unsafe { libc::geteuid() } == 0 {
+    if contained(host) {
         argv.extend(["--vmm-uid", "65534", "--vmm-gid", "65534", "--vmm-jail"]);
     }
     let d = host.start_process(&argv).expect("start hostd");
@@ -359,6 +398,9 @@ fn three_guests_share_a_budget_idle_ones_shrink_and_a_busy_one_gets_700_mib() {
     let dump = DumpOnPanic(host, &state, &d);
     let mut g = launch(host, &d, &state);
     let _cleanup = KillOnDrop(host, g.pids.clone());
+    if contained(host) {
+        assert_contained(host, &g.pids);
+    }
     write_and_touch(&d, &mut g);
     idle(&d, &g);
     allocate(&d, &g);
@@ -434,6 +476,16 @@ fn launch<'h>(host: &'h e2e::TestHost, d: &e2e::Vm, state: &str) -> Guests<'h> {
         .collect();
     let t_boot = Instant::now();
     for c in &consoles {
+        // A VMM that ended while its guest booted fails the test at once, with its cause.
+        while !c.text().contains(e2e::READY) && t_boot.elapsed() < BOOT {
+            let v = get(d, &format!("/vms/{}", c.id));
+            assert_ne!(
+                v["state"], "exited",
+                "guest {} ended before it was ready: {v}",
+                c.id
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
         c.wait_for(e2e::READY, 0, BOOT);
     }
     eprintln!(

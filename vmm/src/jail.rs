@@ -8,7 +8,9 @@
 //! How: a fresh tmpfs made with the mount API (`fsopen`/`fsmount`, Linux 5.2) is attached over
 //! `/` and the process's working directory set to it; `pivot_root(".", ".")` makes it the root
 //! and stacks the old root beneath it, which `umount2(MNT_DETACH)` then takes away. No
-//! directory of the host is needed for this.
+//! directory of the host is needed for this. A host that runs from its initial ramfs (as the
+//! nested test host does) cannot pivot away from it: there the process `chroot`s into the new
+//! root, and the old root stays mounted beneath it, unreachable by any path.
 
 use std::ffi::CStr;
 use std::io;
@@ -131,26 +133,39 @@ pub fn enter_empty_root() -> Result<(), JailError> {
         )
     })?;
     // SAFETY: NUL-terminated string literals.
-    check("pivot_root(., .)", unsafe {
-        libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr())
-    })?;
-    // The old root now lies beneath the new one at the same place: detach it.
-    // SAFETY: a NUL-terminated string literal and an integer flag.
-    let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-    check("umount2(old root, MNT_DETACH)", rc.into())?;
+    let pivoted = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
+    if pivoted == 0 {
+        // The old root now lies beneath the new one at the same place: detach it.
+        // SAFETY: a NUL-terminated string literal and an integer flag.
+        let rc = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+        check("umount2(old root, MNT_DETACH)", rc.into())?;
+    } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // The host runs from its initial ramfs, which cannot be pivoted away from: make the
+        // new root this process's root instead. The old one stays mounted beneath it, in this
+        // namespace only, where no path leads (`..` of a root is itself) and nothing can be
+        // mounted or chrooted again (no capabilities after the drop; the filters allow neither).
+        // SAFETY: a NUL-terminated string literal.
+        let rc = unsafe { libc::chroot(c".".as_ptr()) };
+        check("chroot(.)", rc.into())?;
+        log::info!("--jail: the host's root is its initial ramfs: chroot into the empty root");
+    } else {
+        check("pivot_root(., .)", pivoted)?;
+    }
     // SAFETY: a NUL-terminated string literal.
     let rc = unsafe { libc::chdir(c"/".as_ptr()) };
     check("chdir(/)", rc.into())?;
 
-    let left: Vec<String> = std::fs::read_dir("/")
-        .map_err(|source| JailError::Call {
-            what: "reading the new root",
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect();
-    if !left.is_empty() {
-        return Err(JailError::NotEmpty(left.join(", ")));
+    for dir in ["/", "/.."] {
+        let left: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|source| JailError::Call {
+                what: "reading the new root",
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        if !left.is_empty() {
+            return Err(JailError::NotEmpty(format!("{dir}: {}", left.join(", "))));
+        }
     }
     Ok(())
 }
