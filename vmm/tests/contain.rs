@@ -229,6 +229,37 @@ fn seccomp_off_filters_nothing_and_says_so() {
     );
 }
 
+impl Vmm {
+    /// Runs as nobody: that uid and gid, no groups, no capabilities in any set, no_new_privs,
+    /// and every thread filtered.
+    fn assert_dropped_to_nobody(&self) {
+        let id = NOBODY.to_string();
+        for field in ["Uid", "Gid"] {
+            let v = self.status(None, field);
+            assert!(v.split_whitespace().all(|x| x == id), "{field} {v}");
+        }
+        assert_eq!(self.status(None, "Groups"), "");
+        for cap in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+            assert_eq!(self.status(None, cap), "0000000000000000", "{cap}");
+        }
+        assert_eq!(self.status(None, "NoNewPrivs"), "1");
+        let threads = self.threads_filtered();
+        assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
+    }
+
+    /// SIGTERM ends it with 128 + 15, and its API socket goes with it.
+    fn assert_sigterm_ends_it_and_removes_its_socket(&mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait(Duration::from_secs(10), "its end").0;
+        let stderr = self.stderr();
+        assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+        assert!(
+            !self.socket.exists(),
+            "the API socket was left behind: {stderr}"
+        );
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -247,35 +278,11 @@ fn started_as_root_with_uid_it_runs_as_that_user_with_no_capabilities() {
     let id = NOBODY.to_string();
     let mut vmm = Vmm::spawn(&dir, &["--uid", &id, "--gid", &id], &[]);
     vmm.wait_running();
-    let all = |v: String| v.split_whitespace().all(|x| x == id);
-    assert!(
-        all(vmm.status(None, "Uid")),
-        "Uid {}",
-        vmm.status(None, "Uid")
-    );
-    assert!(
-        all(vmm.status(None, "Gid")),
-        "Gid {}",
-        vmm.status(None, "Gid")
-    );
-    assert_eq!(vmm.status(None, "Groups"), "");
-    for cap in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
-        assert_eq!(vmm.status(None, cap), "0000000000000000", "{cap}");
-    }
-    assert_eq!(vmm.status(None, "NoNewPrivs"), "1");
-    let threads = vmm.threads_filtered();
-    assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
+    vmm.assert_dropped_to_nobody();
     // The socket is the VMM's user's, so it can remove it on exit.
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&vmm.socket).unwrap().uid(), NOBODY);
-    vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10), "its end").0;
-    let stderr = vmm.stderr();
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
-    assert!(
-        !vmm.socket.exists(),
-        "the API socket was left behind: {stderr}"
-    );
+    vmm.assert_sigterm_ends_it_and_removes_its_socket();
 }
 
 #[test]
@@ -316,11 +323,7 @@ fn jailed_it_sees_no_host_file_and_still_serves_its_vm() {
         .collect();
     assert!(root.is_empty(), "its root is not empty: {root:?}");
     // Dropped as without the jail, every thread filtered.
-    assert!(vmm.status(None, "Uid").split_whitespace().all(|x| x == id));
-    assert_eq!(vmm.status(None, "CapEff"), "0000000000000000");
-    assert_eq!(vmm.status(None, "CapBnd"), "0000000000000000");
-    let threads = vmm.threads_filtered();
-    assert!(threads.iter().all(|(_, s)| s == "2"), "{threads:?}");
+    vmm.assert_dropped_to_nobody();
     // What it opened before keeps working: the API, and its own figures from /proc/self/statm.
     let (code, body) = vmm.call("GET", "/vm/memory?limit=1", None);
     assert_eq!(code, 200, "{body}");
@@ -329,14 +332,7 @@ fn jailed_it_sees_no_host_file_and_still_serves_its_vm() {
         map["host"]["process_rss_bytes"].as_u64().unwrap_or(0) > 0,
         "{body}"
     );
-    vmm.signal(libc::SIGTERM);
-    let status = vmm.wait(Duration::from_secs(10), "its end").0;
-    let stderr = vmm.stderr();
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
-    assert!(
-        !vmm.socket.exists(),
-        "the API socket was left behind: {stderr}"
-    );
+    vmm.assert_sigterm_ends_it_and_removes_its_socket();
 }
 
 #[test]
