@@ -307,6 +307,60 @@ impl Reservation {
     }
 }
 
+/// One `PROT_NONE` page right below and one right above a mapping, where nothing was mapped
+/// yet (`MAP_FIXED_NOREPLACE`: nothing is ever replaced). Unmapped when dropped.
+#[derive(Debug, Default)]
+pub struct GuardPages {
+    pages: Vec<usize>,
+}
+
+impl GuardPages {
+    /// Guards `region`'s two ends; an end something else already lies against stays as it is.
+    pub fn around(region: &MmapRegion<()>) -> Self {
+        let start = region.as_ptr() as usize;
+        let end = start + region.size();
+        let page = PAGE_SIZE as usize;
+        let mut pages = Vec::new();
+        for want in [start.checked_sub(page), Some(end)].into_iter().flatten() {
+            // SAFETY: MAP_FIXED_NOREPLACE maps at `want` only where nothing is mapped (EEXIST
+            // otherwise), so no mapping of ours is touched; the page has no access rights.
+            let got = unsafe {
+                libc::mmap(
+                    want as *mut libc::c_void,
+                    page,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE
+                        | libc::MAP_ANONYMOUS
+                        | libc::MAP_NORESERVE
+                        | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                continue;
+            }
+            if got as usize != want {
+                // A kernel before 4.17 takes the address as a hint only: not where asked.
+                // SAFETY: the page just mapped, referenced by nothing.
+                unsafe { libc::munmap(got, page) };
+                continue;
+            }
+            pages.push(want);
+        }
+        Self { pages }
+    }
+}
+
+impl Drop for GuardPages {
+    fn drop(&mut self) {
+        for &p in &self.pages {
+            // SAFETY: a guard page this value mapped, referenced by nothing.
+            unsafe { libc::munmap(p as *mut libc::c_void, PAGE_SIZE as usize) };
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         for (addr, len) in self.ranges {

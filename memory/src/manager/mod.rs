@@ -151,7 +151,7 @@ impl MemoryManager {
         let mut regions = Vec::with_capacity(sorted.len());
         let mut tracker = Tracker::new();
         for s in &sorted {
-            let (mmap, file) = map_region(s)?;
+            let (mmap, file, guards) = map_region(s)?;
             let mapping = Arc::new(
                 GuestRegionMmap::new(mmap, GuestAddress(s.guest_addr))
                     .expect("region end checked against the address space"),
@@ -178,6 +178,7 @@ impl MemoryManager {
                 file,
                 first_slot,
                 block_pages,
+                _guards: guards,
             });
         }
         let guest_memory =
