@@ -237,12 +237,49 @@ pub fn advise_hugepages(region: &MmapRegion<()>) -> io::Result<()> {
     madvise(region, 0, region.size() as u64, libc::MADV_HUGEPAGE)
 }
 
-/// Address space reserved with `mmap(PROT_NONE, MAP_NORESERVE)`: no memory and no commit
-/// charge, only ranges that no other mapping takes while they are held. Unmapped when dropped.
-#[derive(Debug)]
+/// Maps `len` bytes of `PROT_NONE` private anonymous memory with `MAP_NORESERVE` (address space
+/// only: no memory, no commit charge): anywhere, or exactly at `at` if nothing is mapped there
+/// (`MAP_FIXED_NOREPLACE`: nothing is ever replaced). The address, or `None` where `at` is taken.
+fn map_none(at: Option<usize>, len: usize) -> io::Result<Option<usize>> {
+    let (hint, fixed) = match at {
+        Some(a) => (a as *mut libc::c_void, libc::MAP_FIXED_NOREPLACE),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: a new mapping with no access rights, where the kernel chooses or (with
+    // MAP_FIXED_NOREPLACE) only where nothing is mapped: it replaces nothing, and nothing else
+    // refers to it.
+    let got = unsafe {
+        libc::mmap(
+            hint,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+            -1,
+            0,
+        )
+    };
+    if got == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EEXIST) if at.is_some() => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if at.is_some_and(|a| a != got as usize) {
+        // A kernel before 4.17 takes the address as a hint only: not where asked.
+        // SAFETY: the range just mapped, referenced by nothing.
+        unsafe { libc::munmap(got, len) };
+        return Ok(None);
+    }
+    Ok(Some(got as usize))
+}
+
+/// `PROT_NONE` address space held by [`map_none`]: ranges no other mapping takes while they are
+/// held (a placement's reservation, guard pages around guest RAM). Unmapped when dropped.
+#[derive(Debug, Default)]
 pub struct Reservation {
-    /// (address, length) of each reserved range; a length of 0 is no range.
-    ranges: [(usize, usize); 2],
+    /// (address, length) of each reserved range.
+    ranges: Vec<(usize, usize)>,
 }
 
 impl Reservation {
@@ -254,40 +291,44 @@ impl Reservation {
                 format!("cannot reserve 0x{len:x} bytes: not a non-zero multiple of 4 KiB"),
             ));
         }
-        // SAFETY: a new private anonymous mapping with no access, at an address the kernel
-        // chooses (no MAP_FIXED): it replaces nothing, and nothing else refers to it.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let addr = map_none(None, len)?.expect("the kernel chooses the address");
         Ok(Self {
-            ranges: [(addr as usize, len), (0, 0)],
+            ranges: vec![(addr, len)],
         })
+    }
+
+    /// One page right below and one right above `region`, where nothing lies against it yet
+    /// (an end something else already lies against stays as it is): no other mapping is placed
+    /// against it (and merged into its VMA), and an access running off either end faults.
+    pub fn guard_pages(region: &MmapRegion<()>) -> Self {
+        let start = region.as_ptr() as usize;
+        let end = start + region.size();
+        let page = PAGE_SIZE as usize;
+        let ranges = [start.checked_sub(page), Some(end)]
+            .into_iter()
+            .flatten()
+            .filter_map(|at| map_none(Some(at), page).ok().flatten())
+            .map(|a| (a, page))
+            .collect();
+        Self { ranges }
     }
 
     /// The first reserved address.
     pub fn addr(&self) -> usize {
-        self.ranges[0].0
+        self.ranges.first().map_or(0, |r| r.0)
     }
 
     /// Unmaps `len` bytes at `offset` of a reservation made by [`Reservation::new`], so that
     /// the next mapping may take them; what is below and above them stays reserved.
     pub fn give_back(mut self, offset: usize, len: usize) -> io::Result<Self> {
-        let (addr, total) = self.ranges[0];
+        let &[(addr, total)] = self.ranges.as_slice() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only a reservation in one piece gives back part of it",
+            ));
+        };
         let end = offset.checked_add(len);
-        if self.ranges[1].1 != 0
-            || len == 0
-            || (offset | len) as u64 & (PAGE_SIZE - 1) != 0
-            || end.is_none_or(|e| e > total)
+        if len == 0 || (offset | len) as u64 & (PAGE_SIZE - 1) != 0 || end.is_none_or(|e| e > total)
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -302,73 +343,20 @@ impl Reservation {
         if unsafe { libc::munmap((addr + offset) as *mut libc::c_void, len) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.ranges = [(addr, offset), (addr + offset + len, total - offset - len)];
+        self.ranges = [(addr, offset), (addr + offset + len, total - offset - len)]
+            .into_iter()
+            .filter(|r| r.1 != 0)
+            .collect();
         Ok(self)
-    }
-}
-
-/// One `PROT_NONE` page right below and one right above a mapping, where nothing was mapped
-/// yet (`MAP_FIXED_NOREPLACE`: nothing is ever replaced). Unmapped when dropped.
-#[derive(Debug, Default)]
-pub struct GuardPages {
-    pages: Vec<usize>,
-}
-
-impl GuardPages {
-    /// Guards `region`'s two ends; an end something else already lies against stays as it is.
-    pub fn around(region: &MmapRegion<()>) -> Self {
-        let start = region.as_ptr() as usize;
-        let end = start + region.size();
-        let page = PAGE_SIZE as usize;
-        let mut pages = Vec::new();
-        for want in [start.checked_sub(page), Some(end)].into_iter().flatten() {
-            // SAFETY: MAP_FIXED_NOREPLACE maps at `want` only where nothing is mapped (EEXIST
-            // otherwise), so no mapping of ours is touched; the page has no access rights.
-            let got = unsafe {
-                libc::mmap(
-                    want as *mut libc::c_void,
-                    page,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE
-                        | libc::MAP_ANONYMOUS
-                        | libc::MAP_NORESERVE
-                        | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if got == libc::MAP_FAILED {
-                continue;
-            }
-            if got as usize != want {
-                // A kernel before 4.17 takes the address as a hint only: not where asked.
-                // SAFETY: the page just mapped, referenced by nothing.
-                unsafe { libc::munmap(got, page) };
-                continue;
-            }
-            pages.push(want);
-        }
-        Self { pages }
-    }
-}
-
-impl Drop for GuardPages {
-    fn drop(&mut self) {
-        for &p in &self.pages {
-            // SAFETY: a guard page this value mapped, referenced by nothing.
-            unsafe { libc::munmap(p as *mut libc::c_void, PAGE_SIZE as usize) };
-        }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        for (addr, len) in self.ranges {
-            if len != 0 {
-                // SAFETY: a range of this reservation's own PROT_NONE mapping, which no
-                // reference points into.
-                unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-            }
+        for &(addr, len) in &self.ranges {
+            // SAFETY: a range of this reservation's own PROT_NONE mapping, which no reference
+            // points into.
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
         }
     }
 }

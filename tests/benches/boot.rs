@@ -7,6 +7,9 @@
 //! - VMM memory overhead: the VMM's RSS minus the host-resident guest memory, both from
 //!   `GET /vm/memory` once the guest is up.
 //!
+//! `BOOT_BENCH_PROBE=1` prints, after each boot, guest RAM's mapping in the VMM (smaps) and KVM's
+//! nested-paging counters ([`probe`]).
+//!
 //! Nested-host figures compare only with runs made in the same host. To compare two builds,
 //! name the other VMM binary in `E2E_VMM_BASELINE`: each run then boots it and the VMM under
 //! test one after the other in the same test host, and both series are reported.
@@ -58,6 +61,9 @@ fn boot_once(host: &e2e::TestHost, vmm: Option<&str>) -> Result<Run, String> {
     .map_err(|e| format!("the VMM did not start: {e}"))?;
     vm.wait_for(e2e::READY, Duration::from_secs(300))
         .map_err(|e| format!("the guest did not boot: {e}"))?;
+    if std::env::var_os("BOOT_BENCH_PROBE").is_some() {
+        probe(host);
+    }
     let uptime: f64 = vm
         .console_value("GUEST-UPTIME")
         .and_then(|v| v.parse().ok())
@@ -83,6 +89,23 @@ fn boot_once(host: &e2e::TestHost, vmm: Option<&str>) -> Result<Run, String> {
     vm.signal(15);
     let _ = vm.wait_exit(Duration::from_secs(30));
     Ok(run)
+}
+
+/// With `BOOT_BENCH_PROBE=1`, once the guest is up, what the host says of it: the VMM's largest
+/// mapping (guest RAM here) from /proc/PID/smaps (its size, RSS and transparent huge pages, in
+/// KiB: a VMA larger than the RAM has a neighbour merged in), and KVM's debugfs counters (4 KiB
+/// and 2 MiB nested mappings, faults fixed, exits; summed over live VMs, so this one's alone).
+/// Needs root where the VMM runs (always in the test host).
+fn probe(host: &e2e::TestHost) {
+    let script = r#"p=$(pidof vmm vmm-baseline | cut -d' ' -f1)
+awk '/^[0-9a-f]+-/{h=$1} /^Size:/{sz=$2} /^Rss:/{r=$2}
+  /^AnonHugePages:/{if (sz>max){max=sz; l=h" size "sz" rss "r" thp "$2}} END{print "guest RAM", l}' /proc/$p/smaps
+[ -d /sys/kernel/debug/kvm ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+for f in pages_4k pages_2m pf_fixed exits; do echo "kvm $f $(cat /sys/kernel/debug/kvm/$f 2>/dev/null)"; done"#;
+    match host.exec(&["sh", "-c", script], Duration::from_secs(30)) {
+        Ok((_, out)) => println!("probe: {}", out.trim().replace('\n', "; ")),
+        Err(e) => println!("probe failed: {e}"),
+    }
 }
 
 /// The figures of one VMM's boots.

@@ -145,8 +145,9 @@ impl Console<'_> {
     }
 
     /// Waits for a console line containing `needle` after byte `from`; returns the text after
-    /// `from` up to and including that line.
-    fn wait_for(&self, needle: &str, from: usize, timeout: Duration) -> String {
+    /// `from` up to and including that line. `alive` runs at every poll and fails the test at
+    /// once when the guest can no longer print it.
+    fn wait_for(&self, needle: &str, from: usize, timeout: Duration, alive: impl Fn()) -> String {
         let t0 = Instant::now();
         loop {
             let text = self.text();
@@ -155,6 +156,7 @@ impl Console<'_> {
                 let end = tail[i..].find('\n').map_or(tail.len(), |e| i + e);
                 return tail[..end].to_string();
             }
+            alive();
             assert!(
                 t0.elapsed() < timeout,
                 "guest {}: no {needle:?} within {timeout:?}; console tail:\n{}",
@@ -180,7 +182,7 @@ impl Console<'_> {
 
     /// Waits for the command `start` typed; returns its status and output.
     fn finish(&self, (n, from): (u64, usize), timeout: Duration) -> (i32, String) {
-        let out = self.wait_for(&format!("HD-DONE-{n} "), from, timeout);
+        let out = self.wait_for(&format!("HD-DONE-{n} "), from, timeout, || {});
         let status = out
             .rsplit(&format!("HD-DONE-{n} "))
             .next()
@@ -477,16 +479,14 @@ fn launch<'h>(host: &'h e2e::TestHost, d: &e2e::Vm, state: &str) -> Guests<'h> {
     let t_boot = Instant::now();
     for c in &consoles {
         // A VMM that ended while its guest booted fails the test at once, with its cause.
-        while !c.text().contains(e2e::READY) && t_boot.elapsed() < BOOT {
+        c.wait_for(e2e::READY, 0, BOOT, || {
             let v = get(d, &format!("/vms/{}", c.id));
             assert_ne!(
                 v["state"], "exited",
                 "guest {} ended before it was ready: {v}",
                 c.id
             );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        c.wait_for(e2e::READY, 0, BOOT);
+        });
     }
     eprintln!(
         "e2e-hostd: three guests ready {:.1} s after POST",

@@ -50,7 +50,7 @@ pub(super) struct Region {
     /// merged into its VMA and backed by its transparent huge pages, which cost 2 MiB of VMM
     /// memory in the nested boot benchmark once guest RAM was placed 2 MiB-aligned; and an
     /// access running off either end faults.
-    pub _guards: sys::GuardPages,
+    pub _guards: sys::Reservation,
 }
 
 impl Region {
@@ -150,7 +150,7 @@ pub(super) fn validate_spec(i: usize, s: &RegionSpec) -> Result<(), Error> {
 }
 
 /// A region's mapping, its memfd for the file backings, and the guard pages around it.
-pub(super) type Mapped = (MmapRegion<()>, Option<File>, sys::GuardPages);
+pub(super) type Mapped = (MmapRegion<()>, Option<File>, sys::Reservation);
 
 pub(super) fn map_region(s: &RegionSpec) -> Result<Mapped, Error> {
     let hotplug = matches!(s.kind, RegionKind::Hotplug { .. });
@@ -198,7 +198,7 @@ pub(super) fn map_region(s: &RegionSpec) -> Result<Mapped, Error> {
                         s.guest_addr
                     );
                 }
-                if (m.as_ptr() as u64 ^ s.guest_addr) & (HUGE_PAGE_SIZE - 1) != 0 {
+                if !congruent(&m, s.guest_addr) {
                     log::warn!(
                         "memory: guest RAM at 0x{:x} is mapped at {:p}, not 2 MiB-aligned with it: \
                          guest and host huge pages do not coincide",
@@ -207,7 +207,7 @@ pub(super) fn map_region(s: &RegionSpec) -> Result<Mapped, Error> {
                     );
                 }
             }
-            let guards = sys::GuardPages::around(&m);
+            let guards = sys::Reservation::guard_pages(&m);
             (m, None, guards)
         }
         Backing::SharedMemfd | Backing::HugetlbFs => {
@@ -228,10 +228,15 @@ pub(super) fn map_region(s: &RegionSpec) -> Result<Mapped, Error> {
             } else {
                 map_huge_aligned(s, build)?
             };
-            let guards = sys::GuardPages::around(&m);
+            let guards = sys::Reservation::guard_pages(&m);
             (m, Some(file), guards)
         }
     })
+}
+
+/// Whether `m` starts at the same offset in a 2 MiB page as guest address `guest_addr`.
+fn congruent(m: &MmapRegion<()>, guest_addr: u64) -> bool {
+    (m.as_ptr() as u64 ^ guest_addr) & (HUGE_PAGE_SIZE - 1) == 0
 }
 
 /// How many mappings [`map_huge_aligned`] makes before it keeps one that is not where it asked.
@@ -255,8 +260,8 @@ const PLACEMENT_TRIES: usize = 8;
 /// again (so that hole is taken), up to [`PLACEMENT_TRIES`] mappings, and then unmapped. The
 /// reservation's rest is unmapped before returning (the caller guards the ends: the gaps it
 /// leaves would otherwise be taken by the next mappings, right against guest RAM). Nothing
-/// here maps with `MAP_FIXED`:
-/// `build`'s mapping is owned by its `MmapRegion` alone, as it would be without this function.
+/// here maps with `MAP_FIXED`: `build`'s mapping is owned by its `MmapRegion` alone, as it
+/// would be without this function.
 /// Where no mapping lands in the hole (another thread mapped there first, or there was no room
 /// to reserve), the region is mapped wherever `build` maps it, as before.
 fn map_huge_aligned(
@@ -272,7 +277,7 @@ fn map_huge_aligned(
     // at once; then nothing more is done, as before this function. A first mapping elsewhere
     // is held below, so that its gap is taken.
     let first_try = build()?;
-    if (first_try.as_ptr() as usize ^ s.guest_addr as usize) & (align - 1) == 0 {
+    if congruent(&first_try, s.guest_addr) {
         return Ok(first_try);
     }
     let Some(total) = size.checked_add(align + PAGE_SIZE as usize) else {
